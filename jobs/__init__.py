@@ -1,0 +1,1 @@
+"""Background work: the inbox worker, reconciliation, backfill and the free-plan refill."""

@@ -1,0 +1,1 @@
+"""stripe-credits: credit balances kept from Stripe billing, spent through an HTTP API."""

@@ -1,0 +1,275 @@
+"""The HTTP API: translates requests into ledger calls and results into JSON. No domain logic here."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException
+
+from service import accounts, idempotency, ledger, logs
+from service.accounts import AccountNotFound
+from service.db import transaction
+from service.models import utcnow
+from service.runtime import Runtime
+from service.schemas import GrantRequest, SpendRequest, balance_view, entry_view, grant_view
+
+log = logs.get("api")
+bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": code, "message": …}` with its HTTP status."""
+
+    def __init__(self, status_code: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status_code, self.code, self.message, self.extra = status_code, code, message, extra
+
+
+def runtime(request: Request) -> Runtime:
+    """The app's loaded configuration and database sessions."""
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def _matches(given: str, secret: Any) -> bool:
+    return secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
+
+
+def require_api(creds: Credentials, rt: RuntimeDep) -> str:
+    """Any valid token (the admin token may do what the API token does)."""
+    if creds is None:
+        raise ApiError(401, "unauthorized", "Authorization: Bearer <token> is required")
+    if _matches(creds.credentials, rt.settings.credits_admin_token):
+        return "admin"
+    if _matches(creds.credentials, rt.settings.credits_api_token):
+        return "api"
+    raise ApiError(401, "unauthorized", "the bearer token is not valid")
+
+
+def require_admin(role: Annotated[str, Depends(require_api)]) -> str:
+    """Only the admin token."""
+    if role != "admin":
+        raise ApiError(403, "forbidden", "this route needs the admin token")
+    return role
+
+
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", description="Required on every POST; a retry reuses it.")
+]
+
+
+def _key(value: str | None) -> str:
+    if not value or len(value) > idempotency.MAX_KEY_LENGTH:
+        raise ApiError(400, "idempotency_key_required", "an Idempotency-Key header of 1-255 characters is required")
+    return value
+
+
+def _once(
+    rt: Runtime,
+    request: Request,
+    key: str | None,
+    body: BaseModel,
+    work: Callable[[Session], tuple[int, dict[str, Any]]],
+) -> JSONResponse:
+    """Run `work` in one transaction under the request's Idempotency-Key, replaying an earlier outcome."""
+    client_key = _key(key)
+    digest = idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
+    try:
+        with transaction(rt.sessions) as session:
+            outcome = idempotency.run_once(session, client_key, digest, lambda: work(session))
+    except idempotency.KeyReused as exc:
+        raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request") from exc
+    except idempotency.KeyInFlight as exc:
+        raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still running") from exc
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@health.get("/readyz")
+def readyz(rt: RuntimeDep) -> JSONResponse:
+    """The process can reach its database (200), or not (503)."""
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except DBAPIError:
+        return JSONResponse({"status": "unavailable", "error": "database_unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+v1 = APIRouter(prefix="/v1", tags=["accounts"], dependencies=[Depends(require_api)])
+
+
+@v1.get("/accounts/{account}/balance")
+def get_balance(account: str, rt: RuntimeDep) -> dict[str, Any]:
+    """The spendable balance and the grants it is made of, soonest-expiring first."""
+    with transaction(rt.sessions) as session:
+        return balance_view(session, _account(session, account))
+
+
+@v1.get("/accounts/{account}/ledger")
+def get_ledger(
+    account: str,
+    rt: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor from the previous page")] = None,
+) -> dict[str, Any]:
+    """Ledger entries, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    if cursor is not None and not cursor.isdigit():
+        raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor value from an earlier page")
+    with transaction(rt.sessions) as session:
+        entries = ledger.history(session, _account(session, account), limit + 1, int(cursor) if cursor else None)
+    page = entries[:limit]
+    return {
+        "entries": [entry_view(e) for e in page],
+        "next_cursor": str(page[-1].id) if len(entries) > limit else None,
+    }
+
+
+@v1.post("/accounts/{account}/grants", status_code=201, dependencies=[Depends(require_admin)])
+def post_grant(
+    account: str, body: GrantRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
+) -> JSONResponse:
+    """Grant credits by hand (admin token). Creates the account when it is new."""
+    if body.expires_at is not None and body.expires_at <= utcnow():
+        raise ApiError(422, "invalid_request", "expires_at must be in the future")
+
+    def work(session: Session) -> tuple[int, dict[str, Any]]:
+        acct = accounts.get_or_create(session, account)
+        structlog.contextvars.bind_contextvars(account_id=acct.public_id)
+        posted = ledger.grant(
+            session,
+            acct,
+            body.amount,
+            source="admin",
+            key=f"grant:{acct.public_id}:{key}",
+            reason=body.reason,
+            actor="api:admin",
+            expires_at=body.expires_at,
+        )
+        created = session.scalars(ledger.grant_of(posted.entry)).one()
+        view = balance_view(session, acct)
+        return 201, {**view, "entry_id": posted.entry.id, "grant": grant_view(created)}
+
+    return _once(rt, request, key, body, work)
+
+
+@v1.post(
+    "/accounts/{account}/spend",
+    responses={402: {"description": "insufficient_credits: nothing was spent"}},
+)
+def post_spend(
+    account: str, body: SpendRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
+) -> JSONResponse:
+    """Spend credits, soonest-expiring first. 402 when the balance is short; nothing is then spent."""
+
+    def work(session: Session) -> tuple[int, dict[str, Any]]:
+        acct = _account(session, account)
+        try:
+            posted = ledger.spend(
+                session, acct, body.amount, key=f"spend:{acct.public_id}:{key}", reason=body.reason, actor="api"
+            )
+        except ledger.InsufficientCredits as exc:
+            log.info("spend.refused", balance=exc.balance, requested=exc.requested)
+            return 402, {"error": "insufficient_credits", "balance": exc.balance, "requested": exc.requested}
+        return 200, {"balance": ledger.balance(session, acct), "spent": body.amount, "entry_id": posted.entry.id}
+
+    return _once(rt, request, key, body, work)
+
+
+def _account(session: Session, ref: str) -> Any:
+    account = accounts.get(session, ref)
+    structlog.contextvars.bind_contextvars(account_id=account.public_id)
+    return account
+
+
+def _error(status_code: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure is JSON with a stable `error` code; a database outage is 503 so clients retry."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status_code, exc.code, exc.message, **exc.extra)
+
+    @app.exception_handler(AccountNotFound)
+    async def _not_found(_: Request, exc: AccountNotFound) -> JSONResponse:
+        return _error(404, "account_not_found", f"no account or Stripe customer {exc.args[0]!r}")
+
+    @app.exception_handler(ledger.IdempotencyConflict)
+    async def _conflict(_: Request, exc: ledger.IdempotencyConflict) -> JSONResponse:
+        return _error(409, "idempotency_conflict", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return _error(422, "invalid_request", "the request is not valid", details=details)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database.unavailable", error=str(exc.orig).splitlines()[0] if exc.orig else "")
+        return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request.failed")
+        return _error(500, "internal_error", "unexpected error; it has been logged")
+
+
+async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Bind a request id to every log line of the request, and log one line per request."""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    response = await call_next(request)
+    response.headers["X-Request-Id"] = request_id
+    log.info(
+        "request",
+        method=request.method,
+        path=request.url.path,
+        status=response.status_code,
+        duration_ms=round((time.perf_counter() - started) * 1000, 1),
+    )
+    return response
+
+
+def create_app(rt: Runtime) -> FastAPI:
+    """The ASGI app for a loaded runtime."""
+    app = FastAPI(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.")
+    app.state.runtime = rt
+    install_error_handlers(app)
+    app.middleware("http")(request_context)
+    app.include_router(health)
+    app.include_router(v1)
+    return app

@@ -1,0 +1,186 @@
+"""The `credits` command: serve the API, migrate, and the support views over the ledger.
+
+Commands only translate arguments into domain calls and results into tables or JSON; each command is one
+transaction. A mistyped command or a missing argument is a usage message (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from pydantic import SecretStr
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import OperationalError
+
+from service import accounts, ledger, logs, runtime
+from service.accounts import AccountNotFound
+from service.catalogue import CatalogueError
+from service.config import Settings
+from service.db import make_engine, transaction
+from service.schemas import _aware_utc, balance_view, entry_view
+
+app = typer.Typer(
+    name="credits",
+    help="stripe-credits: credit balances kept from Stripe billing.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class Failure(Exception):
+    """A command that cannot do what was asked; printed as one line, exit code 1."""
+
+
+@app.callback()
+def _setup() -> None:
+    logs.configure(Settings().log_format)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    dev: Annotated[bool, typer.Option("--dev", help="Invent and print API tokens when none are set.")] = False,
+) -> None:
+    """Serve the HTTP API (and the Stripe webhook endpoint)."""
+    import uvicorn
+
+    from service.api import create_app
+
+    settings = Settings()
+    if dev and settings.token_problem():
+        settings = settings.model_copy(
+            update={
+                "credits_api_token": SecretStr(secrets.token_urlsafe(24)),
+                "credits_admin_token": SecretStr(secrets.token_urlsafe(24)),
+            }
+        )
+        out.print("[bold]dev tokens[/bold] (set CREDITS_API_TOKEN / CREDITS_ADMIN_TOKEN to choose your own):")
+        out.print(f"  CREDITS_API_TOKEN={settings.credits_api_token.get_secret_value()}")  # type: ignore[union-attr]
+        out.print(f"  CREDITS_ADMIN_TOKEN={settings.credits_admin_token.get_secret_value()}")  # type: ignore[union-attr]
+    problem = settings.token_problem()
+    if problem:
+        raise Failure(f"{problem} (or run `credits serve --dev` to use invented tokens)")
+    rt = runtime.load(settings)
+    out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}")
+    uvicorn.run(create_app(rt), host=host, port=port, access_log=False, log_config=None)
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the newest revision."""
+    from service.migrate import upgrade
+
+    settings = Settings()
+    upgrade(make_engine(settings.database_url))
+    out.print("database is at the newest revision")
+
+
+@app.command()
+def balance(account: Annotated[str, typer.Argument(help="Account id or Stripe customer id.")], as_json: AsJson = False) -> None:
+    """Show an account's spendable balance and its grants."""
+    with transaction(runtime.load().sessions) as session:
+        view = balance_view(session, accounts.get(session, account))
+    if as_json:
+        _print_json(view)
+        return
+    table = Table("grant", "source", "amount", "remaining", "expires at", title=f"{view['account_id']}: {view['balance']} credits")
+    for g in view["grants"]:
+        table.add_row(str(g["id"]), g["source"], str(g["amount"]), str(g["remaining"]), g["expires_at"] or "-")
+    out.print(table)
+
+
+@app.command(name="ledger")
+def show_ledger(
+    account: Annotated[str, typer.Argument(help="Account id or Stripe customer id.")],
+    limit: Annotated[int, typer.Option(min=1, help="Newest entries to show.")] = 50,
+    as_json: AsJson = False,
+) -> None:
+    """Show an account's ledger entries, newest first, with who did what and why."""
+    with transaction(runtime.load().sessions) as session:
+        entries = [entry_view(e) for e in ledger.history(session, accounts.get(session, account), limit)]
+    if as_json:
+        _print_json({"entries": entries})
+        return
+    table = Table("id", "when", "kind", "amount", "reason", "actor", "idempotency key", title=account)
+    for e in entries:
+        table.add_row(
+            str(e["id"]), e["created_at"][:19], e["kind"], f"{e['amount']:+d}", e["reason"] or "", e["actor"] or "", e["idempotency_key"]
+        )
+    out.print(table)
+
+
+@app.command()
+def grant(
+    account: Annotated[str, typer.Argument(help="Account id or Stripe customer id; created when new.")],
+    amount: Annotated[int, typer.Argument(min=1, help="Credits to grant.")],
+    reason: Annotated[str, typer.Option(help="Why (shown in the ledger).")],
+    actor: Annotated[str, typer.Option(help="Who is granting (shown in the ledger).")],
+    expires_at: Annotated[datetime | None, typer.Option(help="When the credits expire (UTC unless an offset is given).")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Makes a retried command grant once; a fresh one is made if omitted.")
+    ] = None,
+) -> None:
+    """Grant credits by hand."""
+    key = idempotency_key or uuid.uuid4().hex
+    with transaction(runtime.load().sessions) as session:
+        acct = accounts.get_or_create(session, account)
+        posted = ledger.grant(
+            session,
+            acct,
+            amount,
+            source="admin",
+            key=f"grant:{acct.public_id}:{key}",
+            reason=reason,
+            actor=actor,
+            expires_at=_aware_utc(expires_at) if expires_at else None,
+        )
+        total = ledger.balance(session, acct)
+    verb = "granted" if posted.created else "already granted (same idempotency key); nothing changed"
+    out.print(f"{acct.public_id}: {verb} {amount} credits; balance {total} (entry {posted.entry.id})")
+
+
+@app.command()
+def check() -> None:
+    """Recompute every balance and grant from the ledger; exit 1 on any drift."""
+    with transaction(runtime.load().sessions) as session:
+        drifts = ledger.check(session)
+    if not drifts:
+        out.print("ledger consistent: every balance and grant agrees with its entries")
+        return
+    table = Table("account", "what", "ledger says", "stored", title=f"{len(drifts)} drift(s)")
+    for d in drifts:
+        table.add_row(d.account, d.what, str(d.expected), str(d.actual))
+    out.print(table)
+    raise typer.Exit(1)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def main() -> None:
+    """Console-script entry point: known failures become one line on stderr and exit 1."""
+    try:
+        app()
+    except (Failure, CatalogueError, ledger.LedgerError) as exc:
+        err.print(f"error: {exc}")
+        sys.exit(1)
+    except AccountNotFound as exc:
+        err.print(f"error: no account or Stripe customer {exc.args[0]!r}")
+        sys.exit(1)
+    except OperationalError as exc:
+        err.print(f"error: the database is unavailable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
+        sys.exit(1)

@@ -1,0 +1,52 @@
+"""Environment configuration (DESIGN.md, Configuration), read once per entry point."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob the service reads from its environment; names match DESIGN.md."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///./credits.db"
+    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_api_key: SecretStr = SecretStr("")
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_livemode: bool = False
+    credits_config: Path = Path("credits.toml")
+    credits_api_token: SecretStr | None = None
+    credits_admin_token: SecretStr | None = None
+    referral_link_base: str = "https://example.com/r/"
+    log_format: str = "auto"
+
+    @field_validator("database_url")
+    @classmethod
+    def _use_psycopg3(cls, url: str) -> str:
+        """`postgresql://` (what people paste) means psycopg 3 here, not SQLAlchemy's psycopg2 default."""
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @cached_property
+    def webhook_secrets(self) -> list[str]:
+        """All accepted signing secrets: during a rotation Stripe signs with old and new."""
+        raw = self.stripe_webhook_secret.get_secret_value()
+        return [s.strip() for s in raw.split(",") if s.strip()]
+
+    def token_problem(self) -> str | None:
+        """Why the API cannot start with these tokens, or None when they are usable."""
+        api, admin = self.credits_api_token, self.credits_admin_token
+        if api is None or not api.get_secret_value():
+            return "CREDITS_API_TOKEN is not set"
+        if admin is None or not admin.get_secret_value():
+            return "CREDITS_ADMIN_TOKEN is not set"
+        if api.get_secret_value() == admin.get_secret_value():
+            return "CREDITS_ADMIN_TOKEN must differ from CREDITS_API_TOKEN"
+        return None

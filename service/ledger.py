@@ -1,0 +1,376 @@
+"""The credit ledger: grant, spend, expire, reverse and balance, each idempotent by key.
+
+Every write locks the account row first, so the check ("is there enough?") and the write that depends on
+it can never interleave with another transaction's. Every entry carries a UNIQUE idempotency key: the
+same key again returns the first entry and writes nothing; the same key for something else is a conflict.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from service import accounts, logs
+from service.db import insert
+from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
+
+# The grant column each kind of debit moves credits into.
+DEBIT_COLUMNS = {"spend": "spent", "expire": "expired", "reverse": "reversed"}
+log = logs.get("ledger")
+NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
+
+
+class LedgerError(Exception):
+    """A ledger operation that cannot be done as asked."""
+
+
+class InsufficientCredits(LedgerError):
+    """The spend would take the balance below zero; nothing was written."""
+
+    def __init__(self, balance: int, requested: int) -> None:
+        super().__init__(f"balance {balance} is less than {requested}")
+        self.balance = balance
+        self.requested = requested
+
+
+class IdempotencyConflict(LedgerError):
+    """The key was already used for a different operation."""
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A ledger entry and whether this call wrote it (False: an earlier call with the same key did)."""
+
+    entry: LedgerEntry
+    created: bool
+
+
+def balance(session: Session, account: Account, now: datetime | None = None) -> int:
+    """Credits the account can spend now: the unexpired remainder of its grants."""
+    return sum(g.remaining for g in open_grants(session, account, now))
+
+
+def open_grants(session: Session, account: Account, now: datetime | None = None) -> list[Grant]:
+    """Unexpired grants with credits left, in the order spends consume them (soonest-expiring first)."""
+    now = now or utcnow()
+    grants = session.scalars(
+        select(Grant).where(Grant.account_id == account.id, Grant.remaining > 0).order_by(Grant.id)
+    ).all()
+    live = [g for g in grants if g.expires_at is None or g.expires_at > now]
+    return sorted(live, key=lambda g: (spend_deadline(g, account, now), g.id))
+
+
+def spend_deadline(grant: Grant, account: Account, now: datetime) -> datetime:
+    """When a grant's credits stop being spendable, for ordering spends.
+
+    Credits under a rollover policy may be cut at the next renewal, so they count as expiring at the end
+    of the current period (the subscription's, else the calendar month) even without an `expires_at`.
+    """
+    deadline = grant.expires_at or NEVER
+    if grant.rollover:
+        deadline = min(deadline, period_end(account, now))
+    return deadline
+
+
+def period_end(account: Account, now: datetime) -> datetime:
+    """End of the account's current billing period: its subscription's, else the calendar month's."""
+    if account.period_end is not None and account.period_end > now:
+        return account.period_end
+    last_day = calendar.monthrange(now.year, now.month)[1]
+    return now.replace(day=last_day, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+
+
+def grant(
+    session: Session,
+    account: Account,
+    amount: int,
+    *,
+    source: str,
+    key: str,
+    reason: str | None = None,
+    actor: str | None = None,
+    expires_at: datetime | None = None,
+    rollover: bool = False,
+    meta: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Posted:
+    """Give `amount` credits to the account, once per `key`."""
+    if amount <= 0:
+        raise LedgerError("a grant must be positive")
+    now = now or utcnow()
+    accounts.lock(session, account)
+    posted = _post(session, account, "grant", amount, key, reason, actor, {"source": source, **(meta or {})}, now)
+    if posted.created:
+        session.add(
+            Grant(
+                account_id=account.id,
+                entry_id=posted.entry.id,
+                source=source,
+                amount=amount,
+                remaining=amount,
+                spent=0,
+                expired=0,
+                reversed=0,
+                expires_at=expires_at,
+                rollover=rollover,
+                created_at=now,
+            )
+        )
+        session.flush()
+    return posted
+
+
+def spend(
+    session: Session,
+    account: Account,
+    amount: int,
+    *,
+    key: str,
+    reason: str | None = None,
+    actor: str | None = None,
+    meta: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Posted:
+    """Consume `amount` credits, soonest-expiring first, once per `key`; never below zero."""
+    if amount <= 0:
+        raise LedgerError("a spend must be positive")
+    now = now or utcnow()
+    account = accounts.lock(session, account)
+    earlier = _find(session, key, account, "spend", -amount)
+    if earlier is not None:
+        return Posted(earlier, created=False)
+    expire_due(session, account, now)
+    grants = open_grants(session, account, now)
+    available = sum(g.remaining for g in grants)
+    if available < amount:
+        raise InsufficientCredits(available, amount)
+    return _debit(session, account, "spend", _take(grants, amount), key, reason, actor, meta or {}, now)
+
+
+def expire_due(session: Session, account: Account, now: datetime | None = None) -> list[LedgerEntry]:
+    """Expire what is left of every grant whose `expires_at` has passed (one entry per grant)."""
+    now = now or utcnow()
+    due = session.scalars(
+        select(Grant)
+        .where(Grant.account_id == account.id, Grant.remaining > 0, Grant.expires_at <= now)
+        .order_by(Grant.id)
+    ).all()
+    return [
+        expire(session, account, g, g.remaining, key=f"expire:grant:{g.id}", reason="expired", now=now).entry
+        for g in due
+    ]
+
+
+def expire(
+    session: Session,
+    account: Account,
+    grant_row: Grant,
+    amount: int,
+    *,
+    key: str,
+    reason: str,
+    meta: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Posted:
+    """Expire `amount` of one grant's remainder (whole expiry, or the part a rollover cap cuts)."""
+    accounts.lock(session, account)
+    earlier = _find(session, key, account, "expire", -amount)
+    if earlier is not None:
+        return Posted(earlier, created=False)
+    if not 0 < amount <= grant_row.remaining:
+        raise LedgerError(f"cannot expire {amount} of grant {grant_row.id} holding {grant_row.remaining}")
+    return _debit(session, account, "expire", [(grant_row, amount)], key, reason, None, meta or {}, now or utcnow())
+
+
+def reverse(
+    session: Session,
+    account: Account,
+    grants: Iterable[Grant],
+    amount: int,
+    *,
+    key: str,
+    reason: str,
+    actor: str | None = None,
+    meta: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Posted:
+    """Take back up to `amount` unspent credits from `grants` (a refund, a lost dispute, a clawback).
+
+    Credits already spent cannot be taken back: the part that could not be reversed is recorded in the
+    entry's metadata as `shortfall`, so reconciliation can report it. The entry is written even when
+    nothing could be taken, so the shortfall is on record and a retry changes nothing.
+    """
+    if amount <= 0:
+        raise LedgerError("a reversal must be positive")
+    account = accounts.lock(session, account)
+    earlier = session.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+    if earlier is not None:
+        _same_operation(earlier, account, "reverse", None)
+        return Posted(earlier, created=False)
+    ordered = sorted((g for g in grants if g.remaining > 0), key=lambda g: g.id)
+    take = _take(ordered, min(amount, sum(g.remaining for g in ordered)))
+    taken = sum(part for _, part in take)
+    info = {"requested": amount, "shortfall": amount - taken, **(meta or {})}
+    return _debit(session, account, "reverse", take, key, reason, actor, info, now or utcnow())
+
+
+def _take(grants: list[Grant], amount: int) -> list[tuple[Grant, int]]:
+    """Split `amount` over `grants` in their order."""
+    parts: list[tuple[Grant, int]] = []
+    left = amount
+    for g in grants:
+        if left == 0:
+            break
+        part = min(g.remaining, left)
+        parts.append((g, part))
+        left -= part
+    return parts
+
+
+def _debit(
+    session: Session,
+    account: Account,
+    kind: str,
+    parts: list[tuple[Grant, int]],
+    key: str,
+    reason: str | None,
+    actor: str | None,
+    meta: dict[str, Any],
+    now: datetime,
+) -> Posted:
+    """Write one debit entry, its allocations, and move the credits out of each grant's remainder."""
+    total = sum(part for _, part in parts)
+    posted = _post(session, account, kind, -total, key, reason, actor, meta, now)
+    if not posted.created:
+        return posted
+    column = DEBIT_COLUMNS[kind]
+    for g, part in parts:
+        session.add(Allocation(entry_id=posted.entry.id, grant_id=g.id, amount=part))
+        g.remaining -= part
+        setattr(g, column, getattr(g, column) + part)
+    session.flush()
+    return posted
+
+
+def _post(
+    session: Session,
+    account: Account,
+    kind: str,
+    amount: int,
+    key: str,
+    reason: str | None,
+    actor: str | None,
+    meta: dict[str, Any],
+    now: datetime,
+) -> Posted:
+    """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
+    new_id = session.scalar(
+        insert(session, LedgerEntry)
+        .values(
+            account_id=account.id,
+            kind=kind,
+            amount=amount,
+            idempotency_key=key,
+            reason=reason,
+            actor=actor,
+            meta=meta,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(LedgerEntry.id)
+    )
+    if new_id is not None:
+        log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
+        return Posted(session.get_one(LedgerEntry, new_id), created=True)
+    earlier = session.scalars(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).one()
+    _same_operation(earlier, account, kind, amount)
+    return Posted(earlier, created=False)
+
+
+def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:
+    """The entry already holding `key`, checked to be the same operation; None when the key is new."""
+    earlier = session.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+    if earlier is not None:
+        _same_operation(earlier, account, kind, amount)
+    return earlier
+
+
+def _same_operation(entry: LedgerEntry, account: Account, kind: str, amount: int | None) -> None:
+    """Raise IdempotencyConflict unless `entry` is the same operation as the one asked for again."""
+    if entry.account_id != account.id or entry.kind != kind or (amount is not None and entry.amount != amount):
+        raise IdempotencyConflict(
+            f"idempotency key {entry.idempotency_key!r} was already used for a {entry.kind} of {entry.amount}"
+        )
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A place where stored state disagrees with what the ledger says it should be."""
+
+    account: str
+    what: str
+    expected: int
+    actual: int
+
+
+def check(session: Session) -> list[Drift]:
+    """Recompute every balance and grant from the ledger; return every disagreement (empty: all good).
+
+    Per account, the sum of entries equals the sum of grant remainders (grants whose expiry has passed but
+    not yet been swept still count: the ledger has not yet said they expired). Per grant, its amount
+    equals its grant entry, and spent/expired/reversed equal its allocations by kind.
+    """
+    drifts: list[Drift] = []
+    names = dict(session.execute(select(Account.id, Account.public_id)).all())
+    entry_sums = dict(
+        session.execute(select(LedgerEntry.account_id, func.sum(LedgerEntry.amount)).group_by(LedgerEntry.account_id))
+        
+        .all()
+    )
+    remaining_sums = dict(
+        session.execute(select(Grant.account_id, func.sum(Grant.remaining)).group_by(Grant.account_id)).all()
+    )
+    for account_id in sorted(set(entry_sums) | set(remaining_sums)):
+        expected, actual = int(entry_sums.get(account_id) or 0), int(remaining_sums.get(account_id) or 0)
+        if expected != actual:
+            drifts.append(Drift(names[account_id], "balance", expected, actual))
+
+    moved = {
+        (grant_id, kind): int(total)
+        for grant_id, kind, total in session.execute(
+            select(Allocation.grant_id, LedgerEntry.kind, func.sum(Allocation.amount))
+            .join(LedgerEntry, LedgerEntry.id == Allocation.entry_id)
+            .group_by(Allocation.grant_id, LedgerEntry.kind)
+        )
+    }
+    rows = session.execute(select(Grant, LedgerEntry.amount).join(LedgerEntry, LedgerEntry.id == Grant.entry_id))
+    for g, granted in rows:
+        owner = names[g.account_id]
+        if g.amount != granted:
+            drifts.append(Drift(owner, f"grant {g.id} amount", granted, g.amount))
+        for kind, column in DEBIT_COLUMNS.items():
+            if getattr(g, column) != moved.get((g.id, kind), 0):
+                drifts.append(Drift(owner, f"grant {g.id} {column}", moved.get((g.id, kind), 0), getattr(g, column)))
+        rebuilt = g.amount - sum(moved.get((g.id, kind), 0) for kind in DEBIT_COLUMNS)
+        if g.remaining != rebuilt:
+            drifts.append(Drift(owner, f"grant {g.id} remaining", rebuilt, g.remaining))
+    return drifts
+
+
+def history(session: Session, account: Account, limit: int, before_id: int | None = None) -> list[LedgerEntry]:
+    """The account's entries, newest first, at most `limit`, older than entry `before_id` when given."""
+    query = select(LedgerEntry).where(LedgerEntry.account_id == account.id)
+    if before_id is not None:
+        query = query.where(LedgerEntry.id < before_id)
+    return list(session.scalars(query.order_by(LedgerEntry.id.desc()).limit(limit)))
+
+
+def grant_of(entry: LedgerEntry) -> Select[tuple[Grant]]:
+    """The grant a grant entry created."""
+    return select(Grant).where(Grant.entry_id == entry.id)

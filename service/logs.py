@@ -1,0 +1,47 @@
+"""structlog, configured once per entry point: JSON lines in production, readable lines on a terminal.
+
+Context (request_id, account_id, event_id, idempotency_key) is bound with structlog.contextvars by the
+edge that knows it, so every line below carries it without being passed around.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+# Keys whose values must never reach a log line, whatever a caller binds.
+SECRET_KEYS = frozenset({"authorization", "token", "secret", "signature", "stripe_signature", "api_key", "password"})
+
+
+def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in event.keys() & SECRET_KEYS:
+        event[key] = "[redacted]"
+    return event
+
+
+def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
+    """Configure structlog (and route stdlib logging, e.g. uvicorn's, through the same output)."""
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info if as_json else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+
+
+def get(name: str | None = None) -> Any:
+    """A structlog logger; `name` is bound as `logger`."""
+    return structlog.get_logger(name) if name else structlog.get_logger()

@@ -1,0 +1,34 @@
+"""What every entry point loads first: settings, the validated catalogue and the database sessions.
+
+Loading everything up front is what makes a bad catalogue or URL fail at start-up, not at a webhook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import catalogue
+from service.catalogue import Catalogue
+from service.config import Settings
+from service.db import make_engine, make_sessionmaker
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The loaded configuration and database handles shared by the API, the CLI and the jobs."""
+
+    settings: Settings
+    catalogue: Catalogue
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+
+def load(settings: Settings | None = None) -> Runtime:
+    """Read the environment and the catalogue (raising CatalogueError on a bad one) and open the engine."""
+    settings = settings or Settings()
+    cat = catalogue.load(settings.credits_config)
+    engine = make_engine(settings.database_url)
+    return Runtime(settings, cat, engine, make_sessionmaker(engine))

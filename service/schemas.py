@@ -1,0 +1,83 @@
+"""The API's request bodies and the JSON views of ledger rows (one place for the wire format)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from sqlalchemy.orm import Session
+
+from service import ledger
+from service.models import Account, Grant, LedgerEntry
+
+MAX_AMOUNT = 10**12
+
+
+def _aware_utc(value: datetime) -> datetime:
+    """Naive timestamps are taken as UTC; all are normalised to UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT, description="Credits, a positive integer.")]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+UTCDatetime = Annotated[datetime, AfterValidator(_aware_utc)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GrantRequest(_Body):
+    """An admin grant: support credits, a goodwill gesture, a manual correction."""
+
+    amount: Amount
+    reason: Text
+    expires_at: UTCDatetime | None = None
+
+
+class SpendRequest(_Body):
+    """A spend of credits by the product."""
+
+    amount: Amount
+    reason: Text | None = None
+
+
+def grant_view(grant: Grant) -> dict[str, Any]:
+    """A grant as the API shows it."""
+    return {
+        "id": grant.id,
+        "source": grant.source,
+        "amount": grant.amount,
+        "remaining": grant.remaining,
+        "expires_at": _iso(grant.expires_at),
+    }
+
+
+def entry_view(entry: LedgerEntry) -> dict[str, Any]:
+    """A ledger entry as the API and `credits ledger --json` show it."""
+    return {
+        "id": entry.id,
+        "kind": entry.kind,
+        "amount": entry.amount,
+        "idempotency_key": entry.idempotency_key,
+        "reason": entry.reason,
+        "actor": entry.actor,
+        "metadata": entry.meta,
+        "created_at": _iso(entry.created_at),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def balance_view(session: Session, account: Account) -> dict[str, Any]:
+    """What GET …/balance and `credits balance` show: the spendable total and the grants it is made of."""
+    grants = ledger.open_grants(session, account)
+    return {
+        "account_id": account.public_id,
+        "balance": sum(g.remaining for g in grants),
+        "grants": [grant_view(g) for g in grants],
+    }

@@ -1,0 +1,140 @@
+"""Fixtures: every database test runs twice, on SQLite and on PostgreSQL.
+
+PostgreSQL comes from TEST_DATABASE_URL, else 127.0.0.1:5432; when nothing answers there, a throwaway
+cluster is started from the installed binaries (pytest-postgresql). Only when PostgreSQL is not installed
+at all are its cases skipped, with a loud reason; with CI=true that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from service import catalogue
+from service.api import create_app
+from service.config import Settings
+from service.db import make_engine, make_sessionmaker
+from service.migrate import upgrade
+from service.models import Base
+from service.runtime import Runtime
+
+DATA = Path(__file__).parent / "data"
+API_TOKEN = "test-api-token"
+ADMIN_TOKEN = "test-admin-token"
+DEFAULT_PG = "postgresql+psycopg://root@127.0.0.1:5432/test"
+
+
+def _answers(url: str) -> bool:
+    engine = create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> str:
+    """A PostgreSQL URL that answers, or a loud skip (a failure under CI=true)."""
+    url = Settings(database_url=os.environ.get("TEST_DATABASE_URL", DEFAULT_PG)).database_url
+    if _answers(url):
+        return url
+    try:
+        proc = request.getfixturevalue("postgresql_proc")
+    except Exception as exc:  # noqa: BLE001 - any reason PostgreSQL cannot be started is reported the same way
+        reason = f"PostgreSQL is not reachable at {url} and no throwaway cluster could start: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(f"!!! SKIPPING EVERY POSTGRESQL CASE: {reason}")
+    return f"postgresql+psycopg://{proc.user}@{proc.host}:{proc.port}/postgres"
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> Iterator[Engine]:
+    """A database of its own for this test run, migrated to head; dropped at the end."""
+    name = f"credits_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(make_url(pg_server).set(database=name).render_as_string(hide_password=False))
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to head once; each test gets a copy."""
+    path = tmp_path_factory.mktemp("template") / "credits.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()  # the last connection to close checkpoints the WAL into the file
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An empty, migrated database: a fresh SQLite copy, or the run's PostgreSQL database truncated."""
+    if request.param == "sqlite":
+        if request.node.get_closest_marker("postgresql_only"):
+            pytest.skip("needs PostgreSQL row locks; SQLite serialises writers instead")
+        path = tmp_path / "credits.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        sqlite_engine = make_engine(f"sqlite:///{path}")
+        yield sqlite_engine
+        sqlite_engine.dispose()
+        return
+    pg: Engine = request.getfixturevalue("pg_template")
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with pg.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    yield pg
+
+
+@pytest.fixture
+def settings(engine: Engine) -> Settings:
+    return Settings(
+        database_url=engine.url.render_as_string(hide_password=False),
+        credits_config=DATA / "catalogue.toml",
+        credits_api_token=SecretStr(API_TOKEN),
+        credits_admin_token=SecretStr(ADMIN_TOKEN),
+        stripe_webhook_secret=SecretStr("whsec_test_current,whsec_test_previous"),
+        stripe_api_key=SecretStr("sk_test_123"),
+        stripe_api_base="https://stripe.test",
+    )
+
+
+@pytest.fixture
+def rt(settings: Settings, engine: Engine) -> Runtime:
+    return Runtime(settings, catalogue.load(settings.credits_config), engine, make_sessionmaker(engine))
+
+
+@pytest.fixture
+def sessions(rt: Runtime):  # type: ignore[no-untyped-def]
+    return rt.sessions
+
+
+@pytest.fixture
+def client(rt: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(rt), headers={"Authorization": f"Bearer {API_TOKEN}"}) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -22,6 +22,11 @@ def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """Write to whatever sys.stderr is now (it is swapped by test capture and daemon redirection)."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     """Configure structlog (and route stdlib logging, e.g. uvicorn's, through the same output)."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -36,7 +41,7 @@ def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")

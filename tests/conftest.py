@@ -91,8 +91,6 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """An empty, migrated database: a fresh SQLite copy, or the run's PostgreSQL database truncated."""
     if request.param == "sqlite":
-        if request.node.get_closest_marker("postgresql_only"):
-            pytest.skip("needs PostgreSQL row locks; SQLite serialises writers instead")
         path = tmp_path / "credits.db"
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
         sqlite_engine = make_engine(f"sqlite:///{path}")

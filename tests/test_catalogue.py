@@ -1,0 +1,80 @@
+"""The catalogue is validated at start-up; a bad one is refused with the line and key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service import catalogue
+from service.catalogue import CatalogueError
+
+ROOT = Path(__file__).parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "credits.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_sample_catalogue_is_valid() -> None:
+    cat = catalogue.load(ROOT / "credits.toml")
+    assert cat.plan_for_price("price_starter_monthly") == ("starter", cat.plans["starter"])
+    assert cat.pack_for_price("price_boost_1000") == ("boost", cat.packs["boost"])
+    assert cat.referrals.referrer_credits == 3000
+
+
+def test_a_legacy_plan_id_finds_its_plan() -> None:
+    cat = catalogue.load(ROOT / "credits.toml")
+    assert cat.plan_for_price("plan_starter")[0] == "starter"  # type: ignore[index]
+
+
+def test_an_unknown_price_finds_nothing() -> None:
+    assert catalogue.load(ROOT / "credits.toml").plan_for_price("price_nope") is None
+
+
+def test_negative_credits_name_the_line_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plans.a]\nprices = ["p"]\ncredits = -5\n')
+    with pytest.raises(CatalogueError, match=r"credits.toml:3: plans\.a\.credits: .*greater than or equal to 0"):
+        catalogue.load(path)
+
+
+def test_an_unknown_key_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plans.a]\nprices = ["p"]\ncredits = 1\ncolour = "red"\n')
+    with pytest.raises(CatalogueError, match=r"credits.toml:4: plans\.a\.colour: Extra inputs"):
+        catalogue.load(path)
+
+
+def test_an_unknown_table_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[free]\ncredits = 1\n\n[bogus]\nx = 1\n")
+    with pytest.raises(CatalogueError, match=r"credits.toml:4: bogus: Extra inputs"):
+        catalogue.load(path)
+
+
+def test_a_price_in_two_plans_names_both_and_the_second_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plans.a]\nprices = ["p"]\ncredits = 1\n\n[plans.b]\nprices = ["p"]\ncredits = 2\n')
+    with pytest.raises(CatalogueError, match=r"credits.toml:6: .*price 'p' is in both plans\.a and plans\.b"):
+        catalogue.load(path)
+
+
+def test_a_bad_rollover_policy_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[free]\ncredits = 1\nrollover = "sometimes"\n')
+    with pytest.raises(CatalogueError, match=r"credits.toml:3: free\.rollover"):
+        catalogue.load(path)
+
+
+def test_invalid_toml_is_refused_with_its_position(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match=r"not valid TOML: .*line 2"):
+        catalogue.load(write(tmp_path, "[free]\ncredits = \n"))
+
+
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match="cannot read the catalogue"):
+        catalogue.load(tmp_path / "absent.toml")
+
+
+def test_the_rollover_policy_gives_the_carry_limit() -> None:
+    assert catalogue.Plan(prices=["p"], credits=2000, rollover="cap", rollover_cap=2.0).carry_limit() == 4000
+    assert catalogue.Plan(prices=["p"], credits=2000, rollover="none").carry_limit() == 2000
+    assert catalogue.Plan(prices=["p"], credits=2000, rollover="all").carry_limit() is None

@@ -1,0 +1,109 @@
+"""The `credits` command as support uses it: exit codes, tables, JSON, and usage errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from sqlalchemy import text
+
+from service import cli
+from service.config import Settings
+from service.db import transaction
+
+
+@pytest.fixture
+def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run `credits ARGS…` in-process against the test database; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CREDITS_CONFIG", str(settings.credits_config))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["credits", *args])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return invoke
+
+
+def test_grant_then_balance_as_json(run) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run("grant", "acct_1", "100", "--reason", "apology for outage", "--actor", "ana")
+    assert (code, "granted 100 credits; balance 100" in out) == (0, True)
+    code, out, _ = run("balance", "acct_1", "--json")
+    assert code == 0
+    assert json.loads(out)["balance"] == 100
+
+
+def test_grant_with_the_same_idempotency_key_twice_grants_once(run) -> None:  # type: ignore[no-untyped-def]
+    args = ("grant", "acct_1", "100", "--reason", "r", "--actor", "ana", "--idempotency-key", "ticket-42")
+    run(*args)
+    code, out, _ = run(*args)
+    assert (code, "already granted" in out) == (0, True)
+    assert json.loads(run("balance", "acct_1", "--json")[1])["balance"] == 100
+
+
+def test_ledger_shows_reason_and_actor(run) -> None:  # type: ignore[no-untyped-def]
+    run("grant", "acct_1", "100", "--reason", "apology", "--actor", "ana")
+    code, out, _ = run("ledger", "acct_1")
+    assert code == 0
+    assert "apology" in out and "ana" in out and "+100" in out
+    entries = json.loads(run("ledger", "acct_1", "--json")[1])["entries"]
+    assert [(e["kind"], e["amount"], e["reason"], e["actor"]) for e in entries] == [("grant", 100, "apology", "ana")]
+
+
+def test_grant_without_reason_is_a_usage_error(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("grant", "acct_1", "100", "--actor", "ana")
+    assert code == 2
+    assert "Missing option '--reason'" in err
+
+
+def test_a_missing_argument_is_a_usage_error_not_a_traceback(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("balance")
+    assert code == 2
+    assert "Missing argument" in err and "Traceback" not in err
+
+
+def test_a_mistyped_command_is_a_usage_error(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("balanse", "acct_1")
+    assert code == 2
+    assert "No such command" in err
+
+
+def test_a_non_positive_amount_is_a_usage_error(run) -> None:  # type: ignore[no-untyped-def]
+    assert run("grant", "acct_1", "0", "--reason", "r", "--actor", "a")[0] == 2
+
+
+def test_an_unknown_account_is_one_line_and_exit_1(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("balance", "nobody")
+    assert (code, err.strip()) == (1, "error: no account or Stripe customer 'nobody'")
+
+
+def test_check_passes_on_a_consistent_ledger(run) -> None:  # type: ignore[no-untyped-def]
+    run("grant", "acct_1", "100", "--reason", "r", "--actor", "a")
+    code, out, _ = run("check")
+    assert (code, "ledger consistent" in out) == (0, True)
+
+
+def test_check_exits_1_on_drift(run, sessions) -> None:  # type: ignore[no-untyped-def]
+    run("grant", "acct_1", "100", "--reason", "r", "--actor", "a")
+    with transaction(sessions) as s:
+        s.execute(text("UPDATE credit_grants SET remaining = 90, expired = 10"))
+    code, out, _ = run("check")
+    assert code == 1
+    assert "balance" in out and "grant 1 expired" in out
+
+
+def test_a_bad_catalogue_stops_the_command_naming_the_line(run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[free]\ncredits = -1\n")
+    monkeypatch.setenv("CREDITS_CONFIG", str(bad))
+    code, _, err = run("balance", "acct_1")
+    assert code == 1
+    assert "bad.toml:2: free.credits" in err

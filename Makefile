@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # The embedded SQLite database and the shipped sample catalogue; dev tokens are printed at start.
 run: install
 	$(BIN)/credits migrate
-	$(BIN)/credits serve --host 127.0.0.1 --port 8000
+	$(BIN)/credits serve --dev --host 127.0.0.1 --port 8000
 
 # Runs every test on SQLite and on PostgreSQL (TEST_DATABASE_URL, else 127.0.0.1:5432,
 # else a throwaway cluster from the installed PostgreSQL binaries).

@@ -1,0 +1,158 @@
+"""The one outbound Stripe client (DESIGN.md, house rule 5): every call the service makes to Stripe goes here.
+
+It wraps `stripe.StripeClient` on `stripe.HTTPXClient`, so tests intercept it with respx, and puts every call
+behind a single tenacity policy: 429, 5xx and connection errors are retried with jittered exponential backoff
+a bounded number of times, then the original stripe exception is raised. Stripe's own `max_network_retries`
+is 0 so the two retry loops never multiply. Results are plain JSON-shaped dicts, the same shape a webhook
+payload has, so handlers, reconciliation and backfill never depend on `StripeObject`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeVar
+
+import stripe
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity.wait import WaitBaseT
+
+from service.config import Settings
+
+# The API version this SDK release was generated for; pinning it means a dashboard default change cannot
+# reshape the objects we read. It moves only when the pinned `stripe` dependency is upgraded.
+STRIPE_API_VERSION: Final[str] = stripe.api_version
+MAX_ATTEMPTS: Final = 5
+# The largest page Stripe serves; fewer round trips for a reconciliation window.
+PAGE_SIZE: Final = 100
+# Per request, so MAX_ATTEMPTS bounds the worst case of a call; Stripe's SDK default (80 s) would stall a worker.
+TIMEOUT_SECONDS: Final = 20.0
+
+T = TypeVar("T")
+RetryHook = Callable[[BaseException], None]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying can help: rate limited, Stripe-side failure, or the request never got an answer.
+
+    Every other 4xx (bad request, auth, not found, card) would fail identically again, so it is raised at once.
+    """
+    if isinstance(exc, (stripe.RateLimitError, stripe.APIConnectionError)):
+        return True
+    return isinstance(exc, stripe.APIError) and (exc.http_status or 0) >= 500
+
+
+# The service's one retry policy; each gateway uses a copy carrying its own retry hook (and, in tests, a zero wait).
+RETRY_POLICY: Final = Retrying(
+    retry=retry_if_exception(is_transient),
+    wait=wait_random_exponential(multiplier=0.5, max=8),
+    stop=stop_after_attempt(MAX_ATTEMPTS),
+    reraise=True,
+)
+
+
+class StripeGateway:
+    """Read access to Stripe for the webhook handlers and reconciliation, retried by `RETRY_POLICY`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_retry: RetryHook | None = None,
+        retry_wait: WaitBaseT | None = None,
+    ) -> None:
+        """`on_retry` sees each exception about to be retried (a metric hooks in here); `retry_wait` replaces
+        the backoff, so tests can retry without sleeping."""
+        self._client = stripe.StripeClient(
+            settings.stripe_api_key.get_secret_value(),
+            base_addresses={"api": settings.stripe_api_base},
+            http_client=stripe.HTTPXClient(timeout=TIMEOUT_SECONDS, allow_sync_methods=True),
+            max_network_retries=0,
+            stripe_version=STRIPE_API_VERSION,
+        )
+        self._on_retry = on_retry
+        overrides: dict[str, Any] = {"before_sleep": self._before_retry}
+        if retry_wait is not None:
+            overrides["wait"] = retry_wait
+        self._retrying = RETRY_POLICY.copy(**overrides)
+
+    def retrieve_customer(self, customer_id: str) -> dict[str, Any]:
+        """The customer (or its `deleted: true` stub), for `metadata.account_id` / `metadata.referral_code`."""
+        return self._call(self._client.v1.customers.retrieve, customer_id).to_dict(for_json=True)
+
+    def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]:
+        """The subscription as Stripe holds it now, for its metadata and plan."""
+        return self._call(self._client.v1.subscriptions.retrieve, subscription_id).to_dict(for_json=True)
+
+    def retrieve_invoice(self, invoice_id: str) -> dict[str, Any]:
+        """The invoice, for the refill and referral qualification of a charge or refund that names it."""
+        return self._call(self._client.v1.invoices.retrieve, invoice_id).to_dict(for_json=True)
+
+    def list_checkout_session_line_items(self, session_id: str) -> list[dict[str, Any]]:
+        """All line items of a Checkout session: webhooks omit them, and a pack without `metadata.pack` is
+        recognised by its price."""
+        line_items = self._client.v1.checkout.sessions.line_items
+        return list(self._pages(lambda params: line_items.list(session_id, params), {}))
+
+    def iterate_events(
+        self,
+        *,
+        created_gte: int | None = None,
+        created_lte: int | None = None,
+        types: list[str] | None = None,
+        delivery_success: bool | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Events in the window, newest first, one page in memory at a time.
+
+        `delivery_success=False` is how reconciliation finds what never reached the webhook endpoint.
+        """
+        params: dict[str, Any] = {}
+        if created := _range(created_gte, created_lte):
+            params["created"] = created
+        if types:
+            params["types"] = types
+        if delivery_success is not None:
+            params["delivery_success"] = delivery_success
+        return self._pages(self._client.v1.events.list, params)
+
+    def iterate_invoices(
+        self,
+        status: str = "paid",
+        *,
+        created_gte: int | None = None,
+        created_lte: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Invoices with `status` in the window, newest first, one page in memory at a time."""
+        params: dict[str, Any] = {"status": status}
+        if created := _range(created_gte, created_lte):
+            params["created"] = created
+        return self._pages(self._client.v1.invoices.list, params)
+
+    def _pages(
+        self, list_page: Callable[[dict[str, Any]], stripe.ListObject[Any]], params: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        """Lazily walk a list endpoint with `starting_after`, each page its own retried request.
+
+        Paging by hand rather than with `auto_paging_iter` keeps every page request inside the retry policy.
+        """
+        params = {**params, "limit": PAGE_SIZE}
+        while True:
+            page = self._call(list_page, params)
+            for item in page.data:
+                yield item.to_dict(for_json=True)
+            if not page.has_more or not page.data:
+                return
+            params = {**params, "starting_after": page.data[-1].id}
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._retrying(fn, *args)
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if self._on_retry is not None and exc is not None:
+            self._on_retry(exc)
+
+
+def _range(gte: int | None, lte: int | None) -> dict[str, int]:
+    """Stripe's `created[gte]` / `created[lte]` filter, with only the bounds given."""
+    bounds = {"gte": gte, "lte": lte}
+    return {key: value for key, value in bounds.items() if value is not None}

@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
+from service import logs
 from service.db import insert
-from service.models import Account, utcnow
+from service.models import Account, LedgerEntry, Payment, utcnow
+
+log = logs.get("accounts")
 
 
 class AccountNotFound(LookupError):
     """No account answers to this id or Stripe customer id."""
+
+
+class AccountConflict(Exception):
+    """Stripe says two different things about who an account is; a person has to decide."""
+
+
+class Unresolvable(Exception):
+    """The Stripe objects name neither an account nor a customer (yet): retry when a later event links it."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What Stripe objects say about whose money this is: the customer, and the account id from
+    `metadata.account_id` or Checkout's `client_reference_id` when one carries it."""
+
+    customer: str | None = None
+    account_id: str | None = None
+    email: str | None = None
+
+
+@dataclass(frozen=True)
+class CustomerRecord:
+    """What the service reads from a Stripe customer it has not linked yet."""
+
+    account_id: str | None
+    email: str | None
+
+
+CustomerLookup = Callable[[str], CustomerRecord]
 
 
 def find(session: Session, ref: str) -> Account | None:
@@ -60,3 +95,72 @@ def lock_many(session: Session, accounts: list[Account]) -> list[Account]:
     """Lock several accounts in ascending id order, the one order every caller uses, so two
     transactions locking overlapping sets never deadlock."""
     return [lock(session, a) for a in sorted(accounts, key=lambda a: a.id)]
+
+
+def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
+    """The account these Stripe objects belong to, created and linked to the customer as needed.
+
+    An account id carried by the objects wins; else a customer already linked keeps its account; else the
+    customer is retrieved from Stripe (`lookup`) for its `metadata.account_id`; else the customer id is the
+    account id. A customer first keyed by its own id is re-keyed when an account id for it turns up.
+    """
+    linked = _by_customer(session, who.customer) if who.customer else None
+    wanted, email = who.account_id, who.email
+    if wanted is None and who.customer and linked is None:
+        record = lookup(who.customer)
+        wanted, email = record.account_id, email or record.email
+    if linked is not None:
+        account = _rekey(session, linked, wanted) if wanted and wanted != linked.public_id else linked
+    elif wanted is None and who.customer is None:
+        raise Unresolvable("the objects name no account id and no customer")
+    else:
+        account = get_or_create(session, wanted or who.customer)  # type: ignore[arg-type]
+        if who.customer and account.stripe_customer_id is None:
+            account.stripe_customer_id = who.customer
+            log.info("account.linked", account_id=account.public_id, customer=who.customer)
+        elif who.customer and account.stripe_customer_id != who.customer:
+            raise AccountConflict(
+                f"account {account.public_id!r} is linked to {account.stripe_customer_id}, not {who.customer}"
+            )
+    if email and not account.email:
+        account.email = email
+    session.flush()
+    return account
+
+
+def _by_customer(session: Session, customer: str) -> Account | None:
+    return session.scalar(select(Account).where(Account.stripe_customer_id == customer))
+
+
+def _rekey(session: Session, account: Account, wanted: str) -> Account:
+    """Give an account keyed by its customer id the real account id, ledger and all.
+
+    The ledger refers to the account's internal id, so renaming touches one row. When the real id already
+    names another account, the customer moves to it only if the customer-keyed account holds nothing.
+    """
+    if account.public_id != account.stripe_customer_id:
+        raise AccountConflict(
+            f"customer {account.stripe_customer_id} belongs to account {account.public_id!r}, not {wanted!r}"
+        )
+    target = session.scalar(select(Account).where(Account.public_id == wanted))
+    if target is None:
+        log.info("account.rekeyed", account_id=wanted, previous=account.public_id)
+        account.public_id = wanted
+        return account
+    if target.stripe_customer_id is None and not _holds_anything(session, account):
+        customer = account.stripe_customer_id
+        session.delete(account)
+        session.flush()
+        target.stripe_customer_id = customer
+        log.info("account.linked", account_id=target.public_id, customer=customer)
+        return target
+    raise AccountConflict(
+        f"customer {account.stripe_customer_id} has its own ledger and account {wanted!r} exists too; merge by hand"
+    )
+
+
+def _holds_anything(session: Session, account: Account) -> bool:
+    return bool(
+        session.scalar(select(exists().where(LedgerEntry.account_id == account.id)))
+        or session.scalar(select(exists().where(Payment.account_id == account.id)))
+    )

@@ -25,6 +25,7 @@ from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
 from service.schemas import GrantRequest, SpendRequest, balance_view, entry_view, grant_view
+from webhooks.router import router as webhooks_router
 
 log = logs.get("api")
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
@@ -272,4 +273,5 @@ def create_app(rt: Runtime) -> FastAPI:
     app.middleware("http")(request_context)
     app.include_router(health)
     app.include_router(v1)
+    app.include_router(webhooks_router)
     return app

@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import sys
+import threading
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+import uvicorn
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
+from jobs import worker as inbox_worker
 from service import accounts, ledger, logs, runtime
 from service.accounts import AccountNotFound
+from service.api import create_app
 from service.catalogue import CatalogueError
 from service.config import Settings
 from service.db import make_engine, transaction
+from service.migrate import upgrade
+from service.models import StripeEvent
+from webhooks import dispatch, inbox
 from service.schemas import _aware_utc, balance_view, entry_view
 
 app = typer.Typer(
@@ -55,10 +63,6 @@ def serve(
     dev: Annotated[bool, typer.Option("--dev", help="Invent and print API tokens when none are set.")] = False,
 ) -> None:
     """Serve the HTTP API (and the Stripe webhook endpoint)."""
-    import uvicorn
-
-    from service.api import create_app
-
     settings = Settings()
     if dev and settings.token_problem():
         settings = settings.model_copy(
@@ -81,8 +85,6 @@ def serve(
 @app.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision."""
-    from service.migrate import upgrade
-
     settings = Settings()
     upgrade(make_engine(settings.database_url))
     out.print("database is at the newest revision")
@@ -165,6 +167,71 @@ def check() -> None:
         table.add_row(d.account, d.what, str(d.expected), str(d.actual))
     out.print(table)
     raise typer.Exit(1)
+
+
+events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)
+app.add_typer(events, name="events")
+
+
+@app.command()
+def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due, then exit.")] = False) -> None:
+    """Process inbox events that are due (unprocessed, or failed and past their backoff)."""
+    rt = runtime.load()
+    if once:
+        counts = inbox_worker.drain(rt)
+        out.print("processed: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"))
+        return
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    inbox_worker.run(rt, stop)
+
+
+@events.command("list")
+def events_list(
+    status: Annotated[str | None, typer.Option(help="pending, processed, ignored, failed or dead.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    as_json: AsJson = False,
+) -> None:
+    """List inbox events, newest first."""
+    if status is not None and status not in inbox.STATUSES:
+        raise typer.BadParameter(f"must be one of {', '.join(inbox.STATUSES)}", param_hint="--status")
+    with transaction(runtime.load().sessions) as session:
+        rows = [_event_view(e) for e in inbox.listing(session, status, limit)]
+    if as_json:
+        _print_json({"events": rows})
+        return
+    table = Table("event", "type", "status", "attempts", "outcome / last error", "received")
+    for r in rows:
+        table.add_row(r["id"], r["type"], r["status"], str(r["attempts"]), r["last_error"] or r["outcome"] or "", r["received_at"][:19])
+    out.print(table)
+
+
+@events.command("replay")
+def events_replay(event_id: Annotated[str, typer.Argument(help="The Stripe event id (evt_…).")]) -> None:
+    """Process one stored event again, whatever its status (handlers are idempotent: nothing doubles)."""
+    rt = runtime.load()
+    status = dispatch.process(rt, event_id, replay=True)
+    if status is None:
+        raise Failure(f"no stored event {event_id!r} (or another process holds it right now)")
+    with transaction(rt.sessions) as session:
+        event = session.get_one(StripeEvent, event_id)
+        out.print(f"{event_id}: {event.status} — {event.last_error or event.outcome}")
+    if status in ("failed", "dead"):
+        raise typer.Exit(1)
+
+
+def _event_view(event: Any) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "type": event.type,
+        "status": event.status,
+        "attempts": event.attempts,
+        "outcome": event.outcome,
+        "last_error": event.last_error,
+        "received_at": event.received_at.isoformat(),
+        "next_attempt_at": event.next_attempt_at.isoformat(),
+    }
 
 
 def _print_json(data: Any) -> None:

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     credits_admin_token: SecretStr | None = None
     referral_link_base: str = "https://example.com/r/"
     log_format: str = "auto"
+    worker_max_attempts: int = 8
+    worker_backoff_seconds: float = 30.0
 
     @field_validator("database_url")
     @classmethod

@@ -80,6 +80,10 @@ class Account(Base):
     plan: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(32), default="active")
     period_end: Mapped[datetime | None]
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
+    # `created` of the newest subscription event applied: an older event never overwrites newer state.
+    subscription_as_of: Mapped[datetime | None]
+    email: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -134,6 +138,61 @@ class Allocation(Base):
     entry_id: Mapped[int] = mapped_column(ForeignKey("ledger_entries.id"), index=True)
     grant_id: Mapped[int] = mapped_column(ForeignKey("credit_grants.id"), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class StripeEvent(Base):
+    """The inbox: every verified Stripe event, stored before it is answered, processed at least once.
+
+    `status` is pending → processed | ignored, or failed (retried at `next_attempt_at`) → dead after the
+    configured number of attempts. It is written in the handler's own transaction, so "processed" and the
+    credits it caused commit together.
+    """
+
+    __tablename__ = "stripe_events"
+    __table_args__ = (Index("ix_stripe_events_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    object_type: Mapped[str | None] = mapped_column(String(100))
+    object_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    api_version: Mapped[str | None] = mapped_column(String(64))
+    livemode: Mapped[bool] = mapped_column(default=False)
+    created: Mapped[datetime]
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None]
+
+
+class Payment(Base):
+    """Money received from Stripe, keyed by the money's own id (an invoice, or a pack's payment intent).
+
+    Several events describe the same money; this row and the grant key (`invoice:{id}` / `purchase:{pi}`)
+    are what make them count once. It also maps charges and payment intents back to what they paid for,
+    so a refund or dispute finds the credits to reverse, and records outcomes such as an unknown price.
+    """
+
+    __tablename__ = "payments"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(8))
+    payment_intent: Mapped[str | None] = mapped_column(String(255), index=True)
+    charge: Mapped[str | None] = mapped_column(String(255), index=True)
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
+    billing_reason: Mapped[str | None] = mapped_column(String(64))
+    product: Mapped[str | None] = mapped_column(String(100))
+    credits: Mapped[int] = mapped_column(BigInteger, default=0)
+    outcome: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    paid_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ApiRequest(Base):

@@ -14,6 +14,7 @@ from service import catalogue
 from service.catalogue import Catalogue
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
+from service.stripe_client import StripeGateway
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Runtime:
     catalogue: Catalogue
     engine: Engine
     sessions: sessionmaker[Session]
+    stripe: StripeGateway
 
 
 def load(settings: Settings | None = None) -> Runtime:
@@ -31,4 +33,4 @@ def load(settings: Settings | None = None) -> Runtime:
     settings = settings or Settings()
     cat = catalogue.load(settings.credits_config)
     engine = make_engine(settings.database_url)
-    return Runtime(settings, cat, engine, make_sessionmaker(engine))
+    return Runtime(settings, cat, engine, make_sessionmaker(engine), StripeGateway(settings))

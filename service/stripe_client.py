@@ -87,6 +87,12 @@ class StripeGateway:
         """The invoice, for the refill and referral qualification of a charge or refund that names it."""
         return self._call(self._client.v1.invoices.retrieve, invoice_id).to_dict(for_json=True)
 
+    def invoice_for_payment_intent(self, payment_intent: str) -> str | None:
+        """The invoice a payment intent paid, through the invoice's payments (charges lost `invoice` in 2025)."""
+        params = {"payment": {"type": "payment_intent", "payment_intent": payment_intent}, "limit": 1}
+        page = self._call(self._client.v1.invoice_payments.list, params)
+        return next((ref_id(item.invoice) for item in page.data), None)
+
     def list_checkout_session_line_items(self, session_id: str) -> list[dict[str, Any]]:
         """All line items of a Checkout session: webhooks omit them, and a pack without `metadata.pack` is
         recognised by its price."""
@@ -150,6 +156,11 @@ class StripeGateway:
         exc = state.outcome.exception() if state.outcome is not None else None
         if self._on_retry is not None and exc is not None:
             self._on_retry(exc)
+
+
+def ref_id(value: Any) -> str | None:
+    """An expandable field's id, whether Stripe sent the id or the expanded object."""
+    return value if isinstance(value, str) else getattr(value, "id", None)
 
 
 def _range(gte: int | None, lte: int | None) -> dict[str, int]:

@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import respx
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from tenacity import wait_none
 
 from service import catalogue
 from service.api import create_app
@@ -27,6 +29,8 @@ from service.db import make_engine, make_sessionmaker
 from service.migrate import upgrade
 from service.models import Base
 from service.runtime import Runtime
+from service.stripe_client import StripeGateway
+from tests import stripe_events
 
 DATA = Path(__file__).parent / "data"
 API_TOKEN = "test-api-token"
@@ -119,7 +123,8 @@ def settings(engine: Engine) -> Settings:
 
 @pytest.fixture
 def rt(settings: Settings, engine: Engine) -> Runtime:
-    return Runtime(settings, catalogue.load(settings.credits_config), engine, make_sessionmaker(engine))
+    gateway = StripeGateway(settings, retry_wait=wait_none())
+    return Runtime(settings, catalogue.load(settings.credits_config), engine, make_sessionmaker(engine), gateway)
 
 
 @pytest.fixture
@@ -131,6 +136,26 @@ def sessions(rt: Runtime):  # type: ignore[no-untyped-def]
 def client(rt: Runtime) -> Iterator[TestClient]:
     with TestClient(create_app(rt), headers={"Authorization": f"Bearer {API_TOKEN}"}) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def deliver(client: TestClient):  # type: ignore[no-untyped-def]
+    """POST a Stripe event to the webhook endpoint, signed as Stripe signs it (or as a test says)."""
+
+    def post(evt: dict | None = None, *, raw: bytes | None = None, secret: str = stripe_events.SECRET,
+             at: int | None = None, header: str | None = None):  # type: ignore[no-untyped-def]
+        body = raw if raw is not None else stripe_events.encode(evt or {})
+        signature = header if header is not None else stripe_events.sign(body, secret, at)
+        return client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": signature})
+
+    return post
+
+
+@pytest.fixture
+def stripe_api() -> Iterator[respx.MockRouter]:
+    """Stripe's API as respx sees it; a call a test did not expect fails the handler (and so the test)."""
+    with respx.mock(base_url="https://stripe.test", assert_all_called=False) as router:
+        yield router
 
 
 @pytest.fixture

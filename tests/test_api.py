@@ -32,7 +32,7 @@ def test_readyz_is_200_when_the_database_answers(client: TestClient) -> None:
 
 def test_readyz_is_503_when_the_database_does_not_answer(rt: Runtime) -> None:
     dead = make_engine("postgresql+psycopg://root@127.0.0.1:1/none?connect_timeout=1")
-    down = Runtime(rt.settings, rt.catalogue, dead, make_sessionmaker(dead))
+    down = Runtime(rt.settings, rt.catalogue, dead, make_sessionmaker(dead), rt.stripe)
     response = TestClient(create_app(down)).get("/readyz")
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")
 

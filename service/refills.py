@@ -1,0 +1,99 @@
+"""Plan refills: a paid invoice grants its plan's credits once (`invoice:{id}`), after the rollover policy
+has cut what the account carries over; an upgrade's invoice tops the period up to the new plan's allowance.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import accounts, ledger, logs, payments, rollover
+from service.catalogue import Catalogue
+from service.models import Account, Grant, LedgerEntry
+from service.stripe_objects import InvoiceFacts
+
+log = logs.get("refills")
+
+
+def refill(session: Session, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> str:
+    """Grant the plan's credits for `invoice` once; return what happened, for the event's outcome."""
+    account = accounts.lock(session, account)
+    key = f"invoice:{invoice.id}"
+    if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None:
+        return f"already granted ({key})"
+    record = _recorder(session, account, invoice, now)
+    if invoice.amount_paid <= 0:
+        record("no_credits", detail="amount_paid is 0 (trial or fully discounted)")
+        return "no credits: amount_paid is 0"
+    found = next((hit for hit in map(catalogue.plan_for_price, invoice.price_ids) if hit), None)
+    if found is None:
+        prices = ", ".join(invoice.price_ids) or "none"
+        record("unknown_price", detail=f"no plan in the catalogue for price(s) {prices}")
+        log.warning("refill.unknown_price", invoice=invoice.id, prices=invoice.price_ids, account_id=account.public_id)
+        return f"unknown price: {prices}"
+    name, plan = found
+    credits = plan.credits
+    if invoice.billing_reason == "subscription_update":
+        credits = max(0, plan.credits - _granted_for_period(session, account, invoice.period_end))
+    else:
+        rollover.apply(session, account, plan, plan.credits, key=f"rollover:{invoice.id}", now=now)
+    if credits > 0:
+        ledger.grant(
+            session,
+            account,
+            credits,
+            source="plan",
+            key=key,
+            reason=f"{name} plan, invoice {invoice.id}",
+            actor="stripe",
+            rollover=True,
+            meta={
+                "invoice": invoice.id,
+                "plan": name,
+                "billing_reason": invoice.billing_reason,
+                "period_end": invoice.period_end.isoformat() if invoice.period_end else None,
+            },
+            now=now,
+        )
+    account.plan = name
+    if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
+        account.period_end = invoice.period_end
+    record("granted", product=name, credits=credits)
+    return f"granted {credits} credits ({name})"
+
+
+def _granted_for_period(session: Session, account: Account, period_end: datetime | None) -> int:
+    """Plan credits already granted for the billing period that ends at `period_end` (for upgrade top-ups)."""
+    if period_end is None:
+        return 0
+    rows = session.execute(
+        select(Grant.amount, LedgerEntry.meta)
+        .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
+        .where(Grant.account_id == account.id, Grant.source == "plan")
+    ).all()
+    return sum(amount for amount, meta in rows if (meta or {}).get("period_end") == period_end.isoformat())
+
+
+def _recorder(session: Session, account: Account, invoice: InvoiceFacts, now: datetime):  # type: ignore[no-untyped-def]
+    """Record the invoice's payment row with an outcome (and what else is known by then)."""
+
+    def record(outcome: str, **extra: object) -> None:
+        payments.record(
+            session,
+            invoice.id,
+            account,
+            kind="invoice",
+            amount=invoice.amount_paid,
+            currency=invoice.currency,
+            payment_intent=invoice.payment_intent,
+            charge=invoice.charge,
+            subscription_id=invoice.subscription_id,
+            billing_reason=invoice.billing_reason,
+            paid_at=invoice.paid_at or now,
+            outcome=outcome,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    return record

@@ -1,0 +1,73 @@
+"""Process one stored event: claim it, run its handler, and mark it — all in one transaction.
+
+A failing handler's transaction rolls back (no partial credits) and the failure is recorded in a fresh
+one, with a retry time or, after the configured attempts, status `dead`. The same function serves the
+request that received the event (right after its 2xx), the worker, and `credits events replay`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+from sqlalchemy.exc import DBAPIError
+
+from service import logs
+from service.db import transaction
+from service.models import StripeEvent, utcnow
+from service.runtime import Runtime
+from webhooks import inbox
+from webhooks.handlers import HANDLERS, Context
+
+log = logs.get("dispatch")
+
+
+def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime | None = None) -> str | None:
+    """Handle the event if it is due (or any status, with `replay`); returns its new status, or None when
+    there was nothing to do (already handled, or another process holds it)."""
+    now = now or utcnow()
+    structlog.contextvars.bind_contextvars(event_id=event_id)
+    try:
+        with transaction(rt.sessions) as session:
+            event = inbox.claim(session, event_id, any_status=replay)
+            if event is None:
+                return None
+            structlog.contextvars.bind_contextvars(event_type=event.type)
+            status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
+            inbox.finish(event, status, outcome, now)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried, none may be lost
+        return _failed(rt, event_id, exc, now)
+    log.info("event.handled", status=status, outcome=outcome)
+    return status
+
+
+def _handle(ctx: Context, rt: Runtime) -> tuple[str, str]:
+    event: StripeEvent = ctx.event
+    if event.livemode != rt.settings.stripe_livemode:
+        return "ignored", f"livemode={event.livemode} but this service runs livemode={rt.settings.stripe_livemode}"
+    entry = HANDLERS.get(event.type)
+    if entry is None:
+        return "ignored", f"no handler for {event.type}"
+    expected, handler = entry
+    obj = (event.payload.get("data") or {}).get("object")
+    if not isinstance(obj, dict) or obj.get("object") != expected:
+        found = obj.get("object") if isinstance(obj, dict) else type(obj).__name__
+        return "ignored", f"data.object is {found!r}, not {expected!r}"
+    return "processed", handler(ctx, obj)
+
+
+def _failed(rt: Runtime, event_id: str, exc: Exception, now: datetime) -> str | None:
+    try:
+        status = inbox.record_failure(
+            rt.sessions,
+            event_id,
+            exc,
+            max_attempts=rt.settings.worker_max_attempts,
+            backoff_seconds=rt.settings.worker_backoff_seconds,
+            now=now,
+        )
+    except DBAPIError:
+        log.exception("event.failure_not_recorded")  # still pending or failed: the worker will retry it
+        return None
+    log.warning("event.failed", status=status, error=f"{type(exc).__name__}: {exc}")
+    return status

@@ -1,0 +1,181 @@
+"""One handler per Stripe event type, in one greppable registry (HANDLERS).
+
+Handlers translate a Stripe object into domain calls and return a one-line outcome for the inbox. They
+run inside the event's transaction and never commit. Raising means "try again later" (the worker retries
+with backoff): a missing link between objects that arrive out of order is a retry, not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from service import accounts, payments, purchases, refills, reversals
+from service import stripe_objects as so
+from service.accounts import CustomerRecord, Identity
+from service.catalogue import Catalogue
+from service.models import Account, Payment, StripeEvent
+from service.stripe_client import StripeGateway
+
+
+class PaymentNotFound(LookupError):
+    """A refund or dispute names money the service has not recorded (yet): retried until it is."""
+
+
+@dataclass
+class Context:
+    """What a handler may use: the event's transaction, the catalogue, Stripe, and the event's clock."""
+
+    session: Session
+    catalogue: Catalogue
+    stripe: StripeGateway
+    event: StripeEvent
+    now: datetime
+
+    def account(self, who: Identity) -> Account:
+        """Resolve (and link) the account, asking Stripe about a customer only when it is not linked yet."""
+        return accounts.resolve(self.session, who, self._customer_record)
+
+    def _customer_record(self, customer_id: str) -> CustomerRecord:
+        customer = so.customer(self.stripe.retrieve_customer(customer_id))
+        return CustomerRecord(customer.metadata.get("account_id"), customer.email)
+
+
+Handler = Callable[[Context, so.Obj], str]
+
+
+def invoice_paid(ctx: Context, obj: so.Obj) -> str:
+    """invoice.paid / invoice.payment_succeeded: the plan refill, once per invoice."""
+    invoice = so.invoice(obj)
+    carried = invoice.metadata.get("account_id") or (invoice.subscription_metadata or {}).get("account_id")
+    account = ctx.account(Identity(invoice.customer, carried, invoice.customer_email))
+    return refills.refill(ctx.session, ctx.catalogue, account, invoice, ctx.now)
+
+
+def checkout_completed(ctx: Context, obj: so.Obj) -> str:
+    """checkout.session.completed / .async_payment_succeeded: link the account; grant a paid pack."""
+    checkout = so.checkout_session(obj)
+    carried = checkout.client_reference_id or checkout.metadata.get("account_id")
+    account = ctx.account(Identity(checkout.customer, carried, checkout.email))
+    if checkout.mode != "payment":
+        return f"linked {account.public_id} ({checkout.mode} checkout)"
+    if checkout.payment_status != "paid":
+        return f"linked {account.public_id}; payment_status {checkout.payment_status}: no credits until it is paid"
+    if not checkout.payment_intent:
+        return f"linked {account.public_id}; paid session without a payment intent to key a grant on"
+    purchase = purchases.Purchase(
+        checkout.payment_intent, checkout.amount_total, checkout.currency, None, checkout.metadata.get("pack")
+    )
+
+    def prices() -> list[str]:
+        items = ctx.stripe.list_checkout_session_line_items(checkout.id)
+        return [p for p in (so.ref(item.get("price")) for item in items) if p]
+
+    return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, prices, ctx.now)
+
+
+def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
+    """payment_intent.succeeded with metadata.pack: the same grant, under the same key, as Checkout's."""
+    intent = so.payment_intent(obj)
+    pack = intent.metadata.get("pack")
+    if not pack:
+        return "not a pack purchase (no metadata.pack)"
+    who = Identity(intent.customer, intent.metadata.get("account_id"))
+    known = ctx.session.get(Payment, intent.id)
+    if who.customer is None and who.account_id is None and known is not None:
+        account = ctx.session.get_one(Account, known.account_id)
+    else:
+        account = ctx.account(who)
+    purchase = purchases.Purchase(intent.id, intent.amount_received, intent.currency, intent.charge, pack)
+    return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, list, ctx.now)
+
+
+def charge_refunded(ctx: Context, obj: so.Obj) -> str:
+    """charge.refunded: reverse the refunded share of the payment's unspent credits."""
+    charge = so.charge(obj)
+    payment = _payment(ctx, charge=charge.id, payment_intent=charge.payment_intent, invoice=charge.invoice)
+    key = f"reverse:{charge.latest_refund}" if charge.latest_refund else f"reverse:{charge.id}:{charge.amount_refunded}"
+    return reversals.reverse_payment(
+        ctx.session,
+        payment,
+        charge.amount_refunded,
+        charge.amount or payment.amount,
+        key=key,
+        reason=f"refund of {payment.id}",
+        now=ctx.now,
+    )
+
+
+def dispute_closed(ctx: Context, obj: so.Obj) -> str:
+    """charge.dispute.closed: a lost dispute reverses like a refund of the disputed amount."""
+    dispute = so.dispute(obj)
+    if dispute.status != "lost":
+        return f"dispute {dispute.status}: nothing to reverse"
+    payment = _payment(ctx, charge=dispute.charge, payment_intent=dispute.payment_intent, invoice=None)
+    return reversals.reverse_payment(
+        ctx.session,
+        payment,
+        dispute.amount,
+        payment.amount,
+        key=f"reverse:{dispute.id}",
+        reason=f"lost dispute {dispute.id} of {payment.id}",
+        now=ctx.now,
+    )
+
+
+def customer_changed(ctx: Context, obj: so.Obj) -> str:
+    """customer.created / .updated: keep the customer ↔ account link (the object is at hand: no look-up)."""
+    customer = so.customer(obj)
+    if customer.deleted:
+        return "customer deleted: link kept for history"
+    record = CustomerRecord(customer.metadata.get("account_id"), customer.email)
+    account = accounts.resolve(ctx.session, Identity(customer.id, record.account_id, customer.email), lambda _: record)
+    return f"linked {account.public_id}"
+
+
+def subscription_changed(ctx: Context, obj: so.Obj) -> str:
+    """customer.subscription.*: the account's plan, status and period; an older event never wins."""
+    sub = so.subscription(obj)
+    account = ctx.account(Identity(sub.customer, sub.metadata.get("account_id")))
+    if account.subscription_as_of and ctx.event.created < account.subscription_as_of:
+        return f"older than the state applied at {account.subscription_as_of.isoformat()}: skipped"
+    deleted = ctx.event.type == "customer.subscription.deleted"
+    plan = next((hit[0] for hit in map(ctx.catalogue.plan_for_price, sub.price_ids) if hit), None)
+    account.status = "canceled" if deleted else (sub.status or account.status)
+    account.plan = None if deleted else plan or account.plan
+    account.subscription_id = sub.id
+    account.subscription_as_of = ctx.event.created
+    if sub.current_period_end and not deleted:
+        account.period_end = sub.current_period_end
+    return f"{account.public_id}: plan {account.plan}, status {account.status}"
+
+
+def _payment(ctx: Context, *, charge: str | None, payment_intent: str | None, invoice: str | None) -> Payment:
+    """The recorded payment behind a charge, asking Stripe which invoice a payment intent paid if needed."""
+    found = payments.find(ctx.session, charge=charge, payment_intent=payment_intent, invoice=invoice)
+    if found is None and payment_intent and not invoice:
+        paid_invoice = ctx.stripe.invoice_for_payment_intent(payment_intent)
+        found = payments.find(ctx.session, charge=None, payment_intent=None, invoice=paid_invoice)
+    if found is None:
+        raise PaymentNotFound(f"no recorded payment for charge {charge}, payment intent {payment_intent}, invoice {invoice}")
+    return found
+
+
+# event type → (the data.object.object it must carry, its handler). Any other type is stored and ignored.
+HANDLERS: dict[str, tuple[str, Handler]] = {
+    "invoice.paid": ("invoice", invoice_paid),
+    "invoice.payment_succeeded": ("invoice", invoice_paid),
+    "checkout.session.completed": ("checkout.session", checkout_completed),
+    "checkout.session.async_payment_succeeded": ("checkout.session", checkout_completed),
+    "payment_intent.succeeded": ("payment_intent", payment_intent_succeeded),
+    "charge.refunded": ("charge", charge_refunded),
+    "charge.dispute.closed": ("dispute", dispute_closed),
+    "customer.created": ("customer", customer_changed),
+    "customer.updated": ("customer", customer_changed),
+    "customer.subscription.created": ("subscription", subscription_changed),
+    "customer.subscription.updated": ("subscription", subscription_changed),
+    "customer.subscription.deleted": ("subscription", subscription_changed),
+}

@@ -1,0 +1,111 @@
+"""The inbox of Stripe events (table stripe_events): store once, claim, mark, retry with backoff.
+
+Storing is INSERT … ON CONFLICT DO NOTHING on the event id, so a redelivery or a concurrent duplicate is a
+no-op. Claiming is SELECT … FOR UPDATE SKIP LOCKED on PostgreSQL, so API replicas and workers share the
+work without processing an event twice at once; on SQLite the write lock serialises them instead.
+"""
+
+from __future__ import annotations
+
+import traceback
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import insert, is_postgresql, transaction
+from service.models import StripeEvent
+from service.stripe_objects import ref, timestamp
+
+DUE = ("pending", "failed")
+STATUSES = ("pending", "processed", "ignored", "failed", "dead")
+
+
+def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
+    """Store a verified event; False when it was already there (a redelivery)."""
+    obj = (event.get("data") or {}).get("object") or {}
+    stored = session.scalar(
+        insert(session, StripeEvent)
+        .values(
+            id=event["id"],
+            type=event["type"],
+            object_type=obj.get("object") if isinstance(obj, dict) else None,
+            object_id=ref(obj) if isinstance(obj, dict) else None,
+            api_version=event.get("api_version") if isinstance(event.get("api_version"), str) else None,
+            livemode=event.get("livemode") is True,
+            created=timestamp(event.get("created")) or now,
+            payload=event,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            received_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(StripeEvent.id)
+    )
+    return stored is not None
+
+
+def due(session: Session, now: datetime, limit: int) -> list[str]:
+    """Ids of events waiting to be (re)processed, oldest first."""
+    return list(
+        session.scalars(
+            select(StripeEvent.id)
+            .where(StripeEvent.status.in_(DUE), StripeEvent.next_attempt_at <= now)
+            .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at)
+            .limit(limit)
+        )
+    )
+
+
+def claim(session: Session, event_id: str, *, any_status: bool = False) -> StripeEvent | None:
+    """Lock the event for processing; None when another process holds it or it needs nothing more."""
+    query = select(StripeEvent).where(StripeEvent.id == event_id)
+    if not any_status:
+        query = query.where(StripeEvent.status.in_(DUE))
+    if is_postgresql(session):
+        query = query.with_for_update(skip_locked=True)
+    return session.scalar(query.execution_options(populate_existing=True))
+
+
+def finish(event: StripeEvent, status: str, outcome: str | None, now: datetime) -> None:
+    """Mark the event handled, in the handler's own transaction."""
+    event.status, event.outcome, event.processed_at = status, outcome, now
+    event.attempts += 1
+    event.last_error = None
+
+
+def record_failure(
+    sessions: sessionmaker[Session],
+    event_id: str,
+    error: BaseException,
+    *,
+    max_attempts: int,
+    backoff_seconds: float,
+    now: datetime,
+) -> str:
+    """In a fresh transaction (the handler's was rolled back): count the attempt, keep the error, and
+    schedule a retry with exponential backoff, or declare the event dead. Returns the new status."""
+    with transaction(sessions) as session:
+        event = session.get_one(StripeEvent, event_id, with_for_update=True)
+        attempts = event.attempts + 1
+        status = "dead" if attempts >= max_attempts else "failed"
+        delay = min(backoff_seconds * 2 ** (attempts - 1), 6 * 3600)
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        session.execute(
+            update(StripeEvent)
+            .where(StripeEvent.id == event_id)
+            .values(attempts=attempts, status=status, last_error=detail[:4000], next_attempt_at=now + timedelta(seconds=delay))
+        )
+    return status
+
+
+def listing(session: Session, status: str | None, limit: int) -> list[StripeEvent]:
+    """Events newest first, optionally of one status."""
+    query = select(StripeEvent).order_by(StripeEvent.received_at.desc(), StripeEvent.id).limit(limit)
+    if status:
+        query = query.where(StripeEvent.status == status)
+    return list(session.scalars(query))
+
+

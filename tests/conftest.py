@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from tenacity import wait_none
 
-from service import catalogue
+from service import catalogue, cli
 from service.api import create_app
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
@@ -156,6 +157,26 @@ def stripe_api() -> Iterator[respx.MockRouter]:
     """Stripe's API as respx sees it; a call a test did not expect fails the handler (and so the test)."""
     with respx.mock(base_url="https://stripe.test", assert_all_called=False) as router:
         yield router
+
+
+@pytest.fixture
+def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run `credits ARGS…` in-process against the test database; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CREDITS_CONFIG", str(settings.credits_config))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["credits", *args])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return invoke
 
 
 @pytest.fixture

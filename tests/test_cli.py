@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-
-import pytest
 from sqlalchemy import text
 
-from service import cli
-from service.config import Settings
+from service.models import utcnow
+from tests import stripe_events as se
+from webhooks import inbox
+
 from service.db import transaction
-
-
-@pytest.fixture
-def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    """Run `credits ARGS…` in-process against the test database; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("CREDITS_CONFIG", str(settings.credits_config))
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["credits", *args])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return invoke
 
 
 def test_grant_then_balance_as_json(run) -> None:  # type: ignore[no-untyped-def]
@@ -107,3 +86,37 @@ def test_a_bad_catalogue_stops_the_command_naming_the_line(run, tmp_path, monkey
     code, _, err = run("balance", "acct_1")
     assert code == 1
     assert "bad.toml:2: free.credits" in err
+
+
+def test_worker_once_drains_what_is_due_and_events_list_shows_it(run, sessions) -> None:  # type: ignore[no-untyped-def]
+    inv = se.invoice("2017", invoice_id="in_1", customer="cus_1", price="plan_starter", amount_paid=2000)
+    inv["metadata"] = {"account_id": "acct_1"}
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.payment_succeeded", inv, event_id="evt_1", era="2017"), utcnow())
+    assert run("worker", "--once")[1].strip() == "processed: 1 processed"
+    code, out, _ = run("events", "list", "--status", "processed", "--json")
+    assert code == 0
+    assert [(e["id"], e["status"], e["outcome"]) for e in json.loads(out)["events"]] == [
+        ("evt_1", "processed", "granted 2000 credits (starter)")
+    ]
+
+
+def test_events_list_refuses_an_unknown_status(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("events", "list", "--status", "deadish")
+    assert code == 2
+    assert "must be one of" in err
+
+
+def test_events_replay_reprocesses_one_event(run, sessions) -> None:  # type: ignore[no-untyped-def]
+    inv = se.invoice("2020", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
+                     subscription_metadata={"account_id": "acct_1"})
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.paid", inv, event_id="evt_1", era="2020"), utcnow())
+    code, out, _ = run("events", "replay", "evt_1")
+    assert (code, out.strip()) == (0, "evt_1: processed — granted 2000 credits (starter)")
+    assert run("events", "replay", "evt_1")[1].strip() == "evt_1: processed — already granted (invoice:in_1)"
+
+
+def test_events_replay_of_an_unknown_event_is_exit_1(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("events", "replay", "evt_nope")
+    assert (code, "no stored event 'evt_nope'" in err) == (1, True)

@@ -1,0 +1,92 @@
+"""The inbox's life cycle: a failed handler is retried with backoff, dead after N attempts, replayable;
+an event stored but never processed (the process died) is picked up by the worker."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from jobs import worker
+from service.db import transaction
+from service.models import StripeEvent, utcnow
+from service.runtime import Runtime
+from tests import stripe_events as se
+from tests.helpers import balance_of, state
+from webhooks import dispatch, inbox
+
+
+def unlinked_invoice(invoice_id: str = "in_1") -> dict:
+    """An invoice whose customer is not linked yet, so the handler must ask Stripe about the customer."""
+    return se.invoice("2025", invoice_id=invoice_id, customer="cus_1", price="price_starter_monthly", amount_paid=2000)
+
+
+def event_row(sessions, event_id: str) -> StripeEvent:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return s.scalars(select(StripeEvent).where(StripeEvent.id == event_id)).one()
+
+
+def test_a_failing_handler_leaves_no_credits_and_schedules_a_retry(deliver, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    deliver(se.event("invoice.paid", unlinked_invoice(), event_id="evt_1"))
+    row = event_row(sessions, "evt_1")
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert "InvalidRequestError" in (row.last_error or "")
+    assert row.next_attempt_at > utcnow() + timedelta(seconds=25)
+    with sessions() as s:
+        assert s.scalars(select(StripeEvent.id)).all() == ["evt_1"]
+    assert stripe_api.calls.call_count == 1
+
+
+def test_the_worker_retries_a_failed_event_once_its_backoff_has_passed(deliver, rt: Runtime, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    route = stripe_api.get("/v1/customers/cus_1")
+    route.respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    deliver(se.event("invoice.paid", unlinked_invoice(), event_id="evt_1"))
+    route.respond(json=se.customer("cus_1", metadata={"account_id": "acct_1"}))
+    assert worker.drain(rt) == {}  # not due yet
+    later = utcnow() + timedelta(minutes=1)
+    assert dispatch.process(rt, "evt_1", now=later) == "processed"
+    assert (event_row(sessions, "evt_1").status, event_row(sessions, "evt_1").attempts) == ("processed", 2)
+    assert balance_of(sessions, "acct_1") == 2000
+
+
+def test_an_event_is_dead_after_the_configured_attempts(deliver, rt: Runtime, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error"}})
+    deliver(se.event("invoice.paid", unlinked_invoice(), event_id="evt_1"))
+    now = utcnow()
+    for _ in range(rt.settings.worker_max_attempts - 1):
+        now += timedelta(days=1)
+        dispatch.process(rt, "evt_1", now=now)
+    row = event_row(sessions, "evt_1")
+    assert (row.status, row.attempts) == ("dead", rt.settings.worker_max_attempts)
+    assert dispatch.process(rt, "evt_1", now=now + timedelta(days=1)) is None  # dead events are not retried
+
+
+def test_a_dead_event_can_be_replayed_by_hand(deliver, rt: Runtime, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    route = stripe_api.get("/v1/customers/cus_1")
+    route.respond(400, json={"error": {"type": "invalid_request_error"}})
+    deliver(se.event("invoice.paid", unlinked_invoice(), event_id="evt_1"))
+    with transaction(sessions) as s:
+        s.get_one(StripeEvent, "evt_1").status = "dead"
+    route.respond(json=se.customer("cus_1", metadata={"account_id": "acct_1"}))
+    assert dispatch.process(rt, "evt_1", replay=True) == "processed"
+    assert balance_of(sessions, "acct_1") == 2000
+
+
+def test_replaying_a_processed_event_changes_nothing(deliver, rt: Runtime, sessions) -> None:  # type: ignore[no-untyped-def]
+    inv = se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
+                     subscription_metadata={"account_id": "acct_1"})
+    deliver(se.event("invoice.paid", inv, event_id="evt_1"))
+    assert dispatch.process(rt, "evt_1", replay=True) == "processed"
+    assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
+
+
+def test_an_event_stored_but_never_processed_is_picked_up_by_the_worker(rt: Runtime, sessions) -> None:  # type: ignore[no-untyped-def]
+    """The receiving process died between committing the event and processing it."""
+    inv = se.invoice("2017", invoice_id="in_1", customer="cus_1", price="plan_starter", amount_paid=2000)
+    inv["metadata"] = {"account_id": "acct_1"}
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.payment_succeeded", inv, event_id="evt_1", era="2017"), utcnow())
+    assert worker.drain(rt) == {"processed": 1}
+    assert worker.drain(rt) == {}
+    assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]

@@ -1,0 +1,146 @@
+"""POST /webhooks/stripe: what is accepted, what is refused (and then stored nowhere), and durability."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from service.api import create_app
+from service.models import StripeEvent
+from service.runtime import Runtime
+from tests import stripe_events as se
+from tests.helpers import balance_of, state
+
+
+def starter_invoice(era: str = "2025", invoice_id: str = "in_1", customer: str = "cus_1") -> dict:
+    return se.invoice(era, invoice_id=invoice_id, customer=customer, price="price_starter_monthly", amount_paid=2000,
+                      subscription_metadata={"account_id": "acct_1"})
+
+
+def stored(sessions) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return [(e.id, e.status) for e in s.scalars(select(StripeEvent).order_by(StripeEvent.received_at))]
+
+
+def test_a_signed_event_is_stored_processed_and_answered_200(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    evt = se.event("invoice.paid", starter_invoice(), event_id="evt_1")
+    response = deliver(evt)
+    assert (response.status_code, response.json()) == (200, {"received": True, "duplicate": False})
+    assert stored(sessions) == [("evt_1", "processed")]
+    assert balance_of(sessions, "acct_1") == 2000
+
+
+def test_a_bad_signature_is_400_and_nothing_is_stored(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    response = deliver(se.event("invoice.paid", starter_invoice()), secret="whsec_wrong")
+    assert (response.status_code, response.json()["error"]) == (400, "refused")
+    assert stored(sessions) == []
+
+
+def test_a_missing_signature_is_400(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(se.event("invoice.paid", starter_invoice()), header="").status_code == 400
+    assert stored(sessions) == []
+
+
+def test_a_signature_older_than_five_minutes_is_400(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(se.event("invoice.paid", starter_invoice()), at=int(time.time()) - 301).status_code == 400
+    assert stored(sessions) == []
+
+
+def test_a_signature_from_the_future_is_400(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(se.event("invoice.paid", starter_invoice()), at=int(time.time()) + 301).status_code == 400
+    assert stored(sessions) == []
+
+
+def test_a_reserialised_body_does_not_verify(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    evt = se.event("invoice.paid", starter_invoice())
+    header = se.sign(se.encode(evt))
+    respaced = se.encode(evt).replace(b'": ', b'":')
+    assert deliver(raw=respaced, header=header).status_code == 400
+    assert stored(sessions) == []
+
+
+def test_the_previous_secret_still_verifies_during_a_rotation(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(se.event("invoice.paid", starter_invoice()), secret="whsec_test_previous").status_code == 200
+    assert balance_of(sessions, "acct_1") == 2000
+
+
+def test_any_matching_v1_in_the_header_verifies(deliver) -> None:  # type: ignore[no-untyped-def]
+    body = se.encode(se.event("invoice.paid", starter_invoice()))
+    good = se.sign(body)
+    t, v1 = good.split(",")
+    assert deliver(raw=body, header=f"{t},v1={'0' * 64},{v1}").status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"id": "evt_1"}', b'{"type": "invoice.paid"}', b"\xff\xfe"])
+def test_a_signed_body_that_is_not_an_event_is_400(deliver, sessions, raw: bytes) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(raw=raw).status_code == 400
+    assert stored(sessions) == []
+
+
+def test_a_body_over_one_mebibyte_is_413(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    raw = b'{"id": "evt_big", "type": "x", "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    assert deliver(raw=raw).status_code == 413
+    assert stored(sessions) == []
+
+
+def test_a_redelivery_is_200_and_changes_nothing(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    evt = se.event("invoice.paid", starter_invoice(), event_id="evt_1")
+    deliver(evt)
+    again = deliver(evt)
+    assert (again.status_code, again.json()["duplicate"]) == (200, True)
+    assert stored(sessions) == [("evt_1", "processed")]
+    assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
+
+
+def test_an_unknown_event_type_is_stored_ignored_and_answered_200(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    evt = se.event("invoice.created", starter_invoice(), event_id="evt_1")
+    assert deliver(evt).status_code == 200
+    assert stored(sessions) == [("evt_1", "ignored")]
+
+
+def test_an_event_of_the_other_livemode_is_ignored(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    deliver(se.event("invoice.paid", starter_invoice(), event_id="evt_1", livemode=True))
+    assert stored(sessions) == [("evt_1", "ignored")]
+
+
+def test_an_event_whose_object_is_not_the_expected_type_is_ignored(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    deliver(se.event("invoice.paid", se.customer("cus_1"), event_id="evt_1"))
+    assert stored(sessions) == [("evt_1", "ignored")]
+
+
+def test_a_database_outage_is_503_so_stripe_retries(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    def down(*_args: object) -> bool:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr("webhooks.router._store", down)
+    body = se.encode(se.event("invoice.paid", starter_invoice()))
+    response = TestClient(create_app(rt)).post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)})
+    assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")
+
+
+def test_concurrent_duplicate_deliveries_store_and_grant_once(client: TestClient, sessions) -> None:  # type: ignore[no-untyped-def]
+    body = se.encode(se.event("invoice.paid", starter_invoice(), event_id="evt_1"))
+    start = threading.Barrier(8)
+
+    def post(_: int) -> int:
+        start.wait()
+        return client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)}).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(post, range(8)))
+    assert codes == [200] * 8
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(StripeEvent)) == 1
+    assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
+
+
+def test_invoice_paid_and_payment_succeeded_for_one_invoice_grant_once(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    deliver(se.event("invoice.paid", starter_invoice()))
+    deliver(se.event("invoice.payment_succeeded", starter_invoice()))
+    assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]

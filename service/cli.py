@@ -7,6 +7,7 @@ transaction. A mistyped command or a missing argument is a usage message (exit 2
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import signal
 import sys
@@ -15,8 +16,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
+import httpx
 import typer
 import uvicorn
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 from jobs import worker as inbox_worker
 from service import accounts, ledger, logs, runtime
+from service import demo as demo_story
 from service.accounts import AccountNotFound
 from service.api import create_app
 from service.catalogue import CatalogueError
@@ -167,6 +171,41 @@ def check() -> None:
         table.add_row(d.account, d.what, str(d.expected), str(d.actual))
     out.print(table)
     raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    url: Annotated[str | None, typer.Option(help="Post to a running service instead of an in-process one.")] = None,
+) -> None:
+    """Post a realistic signed sequence (signup, renewals with rollover, a pack, a refund) and show the result."""
+    settings = Settings()
+    logs.configure(settings.log_format, level=logging.WARNING)  # the tables are the output, not the log
+    secret = (settings.webhook_secrets or ["whsec_demo"])[0]
+    api_token = settings.credits_api_token.get_secret_value() if settings.credits_api_token else "demo-api-token"
+    if url is None:
+        settings = settings.model_copy(update={
+            "stripe_webhook_secret": SecretStr(secret),
+            "credits_api_token": SecretStr(api_token),
+            "credits_admin_token": SecretStr(api_token + "-admin"),
+        })
+        rt = runtime.load(settings)
+        upgrade(rt.engine)
+        client: Any = TestClient(create_app(rt))
+    else:
+        rt, client = runtime.load(settings), httpx.Client(base_url=url, timeout=30)
+
+    def post(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+        response = client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+        return response.status_code, response.json()
+
+    account, steps = demo_story.run(rt.catalogue, post, secret, api_token)
+    for label, status in steps:
+        out.print(f"  {'✓' if status < 300 else '✗'} {label} [dim](HTTP {status})[/dim]")
+    if url is not None:
+        out.print(f"account {account}: see `credits ledger {account}` against that service's database")
+        return
+    balance(account, as_json=False)
+    show_ledger(account, limit=50, as_json=False)
 
 
 events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
 from pydantic import SecretStr, field_validator
@@ -36,7 +35,7 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
 
-    @cached_property
+    @property
     def webhook_secrets(self) -> list[str]:
         """All accepted signing secrets: during a rotation Stripe signs with old and new."""
         raw = self.stripe_webhook_secret.get_secret_value()

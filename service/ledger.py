@@ -185,7 +185,7 @@ def expire(
         return Posted(earlier, created=False)
     if not 0 < amount <= grant_row.remaining:
         raise LedgerError(f"cannot expire {amount} of grant {grant_row.id} holding {grant_row.remaining}")
-    return _debit(session, account, "expire", [(grant_row, amount)], key, reason, None, meta or {}, now or utcnow())
+    return _debit(session, account, "expire", [(grant_row, amount)], key, reason, "system", meta or {}, now or utcnow())
 
 
 def reverse(

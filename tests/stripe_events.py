@@ -10,16 +10,14 @@ Eras: "2017" — localstripe's 2017-08-15 shapes (`plan.id`, `invoice.subscripti
 from __future__ import annotations
 
 import copy
-import hashlib
-import hmac
 import itertools
 import json
-import time
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from service import demo
 from tests.helpers import T0
 
 DATA = Path(__file__).parent / "data" / "stripe"
@@ -211,10 +209,8 @@ def subscription(era: str = "2025", *, subscription_id: str = "sub_1", customer:
 
 
 def sign(body: bytes, secret: str = SECRET, at: int | None = None) -> str:
-    """A Stripe-Signature header for `body`, as Stripe computes it."""
-    at = int(time.time()) if at is None else at
-    digest = hmac.new(secret.encode(), f"{at}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={at},v1={digest}"
+    """A Stripe-Signature header for `body`, signed with the test secret unless told otherwise."""
+    return demo.sign(body, secret, at)
 
 
 def encode(evt: dict[str, Any]) -> bytes:

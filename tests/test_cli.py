@@ -120,3 +120,10 @@ def test_events_replay_reprocesses_one_event(run, sessions) -> None:  # type: ig
 def test_events_replay_of_an_unknown_event_is_exit_1(run) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run("events", "replay", "evt_nope")
     assert (code, "no stored event 'evt_nope'" in err) == (1, True)
+
+
+def test_demo_posts_the_whole_story_and_shows_the_ledger(run) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run("demo")
+    assert code == 0
+    assert out.count("✓") == 7 and "✗" not in out
+    assert "rollover (cap) at renewal" in out and "reverse:re_demo_" in out

@@ -1,5 +1,5 @@
 """The inbox worker: processes every event that is due — never processed (the receiving process died
-before it could), or failed and now past its backoff — until stopped.
+before it could), or failed and now past its backoff — and retries referral payouts left one-sided.
 
 Several workers (and the API replicas, which process what they receive) share the inbox safely: each
 event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from service import logs
+from service import logs, referrals
 from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
@@ -34,6 +34,10 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
                 break
             seen.add(event_id)  # a failure is rescheduled; it is not retried again within this drain
             counts[dispatch.process(rt, event_id) or "skipped"] += 1
+    with transaction(rt.sessions) as session:
+        retried = referrals.retry_unpaid(session, rt.catalogue)
+    if retried:
+        counts["referrals retried"] += retried
     return counts
 
 

@@ -43,6 +43,7 @@ class CustomerRecord:
 
     account_id: str | None
     email: str | None
+    referral_code: str | None = None
 
 
 CustomerLookup = Callable[[str], CustomerRecord]

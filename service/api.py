@@ -19,12 +19,20 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from service import accounts, idempotency, ledger, logs
+from service import accounts, idempotency, ledger, logs, referrals
 from service.accounts import AccountNotFound
 from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
-from service.schemas import GrantRequest, SpendRequest, balance_view, entry_view, grant_view
+from service.schemas import (
+    GrantRequest,
+    NoBody,
+    ReferralRequest,
+    SpendRequest,
+    balance_view,
+    entry_view,
+    grant_view,
+)
 from webhooks.router import router as webhooks_router
 
 log = logs.get("api")
@@ -200,6 +208,54 @@ def post_spend(
         return 200, {"balance": ledger.balance(session, acct), "spent": body.amount, "entry_id": posted.entry.id}
 
     return _once(rt, request, key, body, work)
+
+
+@v1.post("/accounts/{account}/referral-code", tags=["referrals"])
+def post_referral_code(account: str, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
+    """The account's referral code and link; always the same code for the same account (created when new)."""
+
+    def work(session: Session) -> tuple[int, dict[str, Any]]:
+        acct = accounts.get_or_create(session, account)
+        code = referrals.code_for(session, acct)
+        return 200, {"code": code, "link": referrals.link(code, rt.settings.referral_link_base)}
+
+    return _once(rt, request, key, NoBody(), work)
+
+
+@v1.post(
+    "/referrals",
+    status_code=201,
+    tags=["referrals"],
+    responses={200: {"description": "the same attribution again"}, 404: {"description": "unknown code"},
+               409: {"description": "the referee is attributed to someone else"}, 422: {"description": "self-referral"}},
+)
+def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
+    """Attribute a referee to a referral code at signup. The first attribution wins and is locked."""
+
+    def work(session: Session) -> tuple[int, dict[str, Any]]:
+        referee = accounts.get_or_create(session, body.referee_account_id)
+        structlog.contextvars.bind_contextvars(account_id=referee.public_id)
+        try:
+            made = referrals.attribute(session, rt.catalogue, referee, body.code, source="api", email=body.email)
+        except referrals.UnknownCode:
+            return 404, {"error": "unknown_code", "message": f"no account has the referral code {body.code!r}"}
+        except referrals.AlreadyAttributed:
+            return 409, {"error": "already_attributed", "message": "the referee keeps its first attribution"}
+        referral = made.referral
+        view = {"referral_id": referral.id, "referee_account_id": referee.public_id, "status": referral.status,
+                "reason": referral.reason}
+        if referral.status == "rejected":
+            return 422, {"error": "self_referral", **view}
+        return (201 if made.created else 200), view
+
+    return _once(rt, request, key, body, work)
+
+
+@v1.get("/accounts/{account}/referrals", tags=["referrals"])
+def get_referrals(account: str, rt: RuntimeDep) -> dict[str, Any]:
+    """Settings → Referrals: the code and link, credits earned, and every referral with its status."""
+    with transaction(rt.sessions) as session:
+        return referrals.view(session, _account(session, account), rt.settings.referral_link_base)
 
 
 def _account(session: Session, ref: str) -> Any:

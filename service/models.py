@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -84,6 +85,7 @@ class Account(Base):
     # `created` of the newest subscription event applied: an older event never overwrites newer state.
     subscription_as_of: Mapped[datetime | None]
     email: Mapped[str | None] = mapped_column(String(320))
+    referral_code: Mapped[str | None] = mapped_column(String(16), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -193,6 +195,39 @@ class Payment(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     paid_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Referral(Base):
+    """One referee's attribution to a referrer, and what became of it.
+
+    A referee has at most one live attribution (the first wins and is locked: a partial unique index
+    ignores rejected ones). The payouts are ledger grants keyed `referral:{id}:referrer` and
+    `referral:{id}:referee`, so each side is paid at most once, whoever triggers it.
+    """
+
+    __tablename__ = "referrals"
+    __table_args__ = (
+        Index(
+            "uq_referrals_live_referee",
+            "referee_id",
+            unique=True,
+            postgresql_where=text("status <> 'rejected'"),
+            sqlite_where=text("status <> 'rejected'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    referrer_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    referee_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    code: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(32))
+    email: Mapped[str | None] = mapped_column(String(320))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    qualifying_payment: Mapped[str | None] = mapped_column(String(255))
+    attributed_at: Mapped[datetime]
+    qualified_at: Mapped[datetime | None]
+    paid_at: Mapped[datetime | None]
 
 
 class ApiRequest(Base):

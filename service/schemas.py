@@ -44,6 +44,18 @@ class SpendRequest(_Body):
     reason: Text | None = None
 
 
+class NoBody(_Body):
+    """A POST that takes no fields (its Idempotency-Key still makes a retry safe)."""
+
+
+class ReferralRequest(_Body):
+    """An attribution captured at signup: the referee used this code."""
+
+    code: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+    referee_account_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+    email: Annotated[str, StringConstraints(strip_whitespace=True, max_length=320)] | None = None
+
+
 def grant_view(grant: Grant) -> dict[str, Any]:
     """A grant as the API shows it."""
     return {

@@ -8,12 +8,12 @@ with backoff): a missing link between objects that arrive out of order is a retr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from service import accounts, payments, purchases, refills, reversals
+from service import accounts, payments, purchases, referrals, refills, reversals
 from service import stripe_objects as so
 from service.accounts import CustomerRecord, Identity
 from service.catalogue import Catalogue
@@ -34,14 +34,35 @@ class Context:
     stripe: StripeGateway
     event: StripeEvent
     now: datetime
+    looked_up: dict[str, CustomerRecord] = field(default_factory=dict)
 
     def account(self, who: Identity) -> Account:
         """Resolve (and link) the account, asking Stripe about a customer only when it is not linked yet."""
         return accounts.resolve(self.session, who, self._customer_record)
 
+    def refer(self, referee: Account, *codes: str | None, source: str, email: str | None = None) -> str:
+        """Attribute the referee to the first referral code carried by the objects (or by the customer
+        looked up at Stripe), then settle whatever is due. Attribution problems are outcomes, not errors."""
+        looked_up = [r.referral_code for r in self.looked_up.values()]
+        code = next((c for c in (*codes, *looked_up) if c), None)
+        note = ""
+        if code:
+            source = source if any(codes) else "customer"
+            try:
+                attribution = referrals.attribute(self.session, self.catalogue, referee, code, source=source, email=email, now=self.now)
+                note = f"; referral {attribution.referral.status}"
+            except referrals.UnknownCode:
+                note = f"; unknown referral code {code!r}"
+            except referrals.AlreadyAttributed as exc:
+                note = f"; referral code {code!r} ignored: {exc}"
+        settled = referrals.settle(self.session, self.catalogue, referee, self.now)
+        return note + (f"; referral {settled.status}" if settled is not None and not note else "")
+
     def _customer_record(self, customer_id: str) -> CustomerRecord:
         customer = so.customer(self.stripe.retrieve_customer(customer_id))
-        return CustomerRecord(customer.metadata.get("account_id"), customer.email)
+        record = CustomerRecord(customer.metadata.get("account_id"), customer.email, customer.metadata.get("referral_code"))
+        self.looked_up[customer_id] = record
+        return record
 
 
 Handler = Callable[[Context, so.Obj], str]
@@ -52,7 +73,9 @@ def invoice_paid(ctx: Context, obj: so.Obj) -> str:
     invoice = so.invoice(obj)
     carried = invoice.metadata.get("account_id") or (invoice.subscription_metadata or {}).get("account_id")
     account = ctx.account(Identity(invoice.customer, carried, invoice.customer_email))
-    return refills.refill(ctx.session, ctx.catalogue, account, invoice, ctx.now)
+    outcome = refills.refill(ctx.session, ctx.catalogue, account, invoice, ctx.now)
+    code = (invoice.subscription_metadata or {}).get("referral_code") or invoice.metadata.get("referral_code")
+    return outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email)
 
 
 def checkout_completed(ctx: Context, obj: so.Obj) -> str:
@@ -60,8 +83,9 @@ def checkout_completed(ctx: Context, obj: so.Obj) -> str:
     checkout = so.checkout_session(obj)
     carried = checkout.client_reference_id or checkout.metadata.get("account_id")
     account = ctx.account(Identity(checkout.customer, carried, checkout.email))
+    referral = ctx.refer(account, checkout.metadata.get("referral_code"), source="checkout", email=checkout.email)
     if checkout.mode != "payment":
-        return f"linked {account.public_id} ({checkout.mode} checkout)"
+        return f"linked {account.public_id} ({checkout.mode} checkout){referral}"
     if checkout.payment_status != "paid":
         return f"linked {account.public_id}; payment_status {checkout.payment_status}: no credits until it is paid"
     if not checkout.payment_intent:
@@ -74,7 +98,7 @@ def checkout_completed(ctx: Context, obj: so.Obj) -> str:
         items = ctx.stripe.list_checkout_session_line_items(checkout.id)
         return [p for p in (so.ref(item.get("price")) for item in items) if p]
 
-    return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, prices, ctx.now)
+    return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, prices, ctx.now) + referral
 
 
 def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
@@ -98,15 +122,12 @@ def charge_refunded(ctx: Context, obj: so.Obj) -> str:
     charge = so.charge(obj)
     payment = _payment(ctx, charge=charge.id, payment_intent=charge.payment_intent, invoice=charge.invoice)
     key = f"reverse:{charge.latest_refund}" if charge.latest_refund else f"reverse:{charge.id}:{charge.amount_refunded}"
-    return reversals.reverse_payment(
-        ctx.session,
-        payment,
-        charge.amount_refunded,
-        charge.amount or payment.amount,
-        key=key,
-        reason=f"refund of {payment.id}",
-        now=ctx.now,
+    total = charge.amount or payment.amount
+    outcome = reversals.reverse_payment(
+        ctx.session, payment, charge.amount_refunded, total, key=key, reason=f"refund of {payment.id}", now=ctx.now
     )
+    clawback = referrals.claw_back(ctx.session, ctx.catalogue, payment, total - charge.amount_refunded, ctx.now)
+    return outcome + (f"; {clawback}" if clawback else "")
 
 
 def dispute_closed(ctx: Context, obj: so.Obj) -> str:
@@ -115,15 +136,12 @@ def dispute_closed(ctx: Context, obj: so.Obj) -> str:
     if dispute.status != "lost":
         return f"dispute {dispute.status}: nothing to reverse"
     payment = _payment(ctx, charge=dispute.charge, payment_intent=dispute.payment_intent, invoice=None)
-    return reversals.reverse_payment(
-        ctx.session,
-        payment,
-        dispute.amount,
-        payment.amount,
-        key=f"reverse:{dispute.id}",
-        reason=f"lost dispute {dispute.id} of {payment.id}",
-        now=ctx.now,
+    outcome = reversals.reverse_payment(
+        ctx.session, payment, dispute.amount, payment.amount, key=f"reverse:{dispute.id}",
+        reason=f"lost dispute {dispute.id} of {payment.id}", now=ctx.now,
     )
+    clawback = referrals.claw_back(ctx.session, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now)
+    return outcome + (f"; {clawback}" if clawback else "")
 
 
 def customer_changed(ctx: Context, obj: so.Obj) -> str:
@@ -133,7 +151,9 @@ def customer_changed(ctx: Context, obj: so.Obj) -> str:
         return "customer deleted: link kept for history"
     record = CustomerRecord(customer.metadata.get("account_id"), customer.email)
     account = accounts.resolve(ctx.session, Identity(customer.id, record.account_id, customer.email), lambda _: record)
-    return f"linked {account.public_id}"
+    return f"linked {account.public_id}" + ctx.refer(
+        account, customer.metadata.get("referral_code"), source="customer", email=customer.email
+    )
 
 
 def subscription_changed(ctx: Context, obj: so.Obj) -> str:
@@ -150,7 +170,8 @@ def subscription_changed(ctx: Context, obj: so.Obj) -> str:
     account.subscription_as_of = ctx.event.created
     if sub.current_period_end and not deleted:
         account.period_end = sub.current_period_end
-    return f"{account.public_id}: plan {account.plan}, status {account.status}"
+    referral = ctx.refer(account, sub.metadata.get("referral_code"), source="subscription")
+    return f"{account.public_id}: plan {account.plan}, status {account.status}{referral}"
 
 
 def _payment(ctx: Context, *, charge: str | None, payment_intent: str | None, invoice: str | None) -> Payment:

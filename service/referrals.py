@@ -1,0 +1,314 @@
+"""Referrals: stable codes, first-wins attribution, qualification on the referee's first paid invoice (or
+at signup), two independent payouts, guards (self-referral, the referrer's monthly cap) and clawback.
+
+Qualification is a function of state, not of which event arrives first: `settle()` looks at the referee's
+attribution and recorded payments and pays whatever is due, so an invoice before its attribution, an
+attribution before its invoice, redeliveries and replays all end in the same two grants.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service import accounts, ledger, logs
+from service.catalogue import Catalogue
+from service.models import Account, Grant, LedgerEntry, Payment, Referral, utcnow
+
+log = logs.get("referrals")
+ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, no 1/I: read aloud or typed, nothing is ambiguous
+CODE_LENGTH = 8
+SIDES = ("referee", "referrer")
+GMAIL = {"gmail.com", "googlemail.com"}
+
+
+class UnknownCode(LookupError):
+    """No account has this referral code."""
+
+
+class AlreadyAttributed(Exception):
+    """The referee is attributed to another referrer already; the first attribution is locked."""
+
+    def __init__(self, referral: Referral) -> None:
+        super().__init__(f"already attributed to another referrer (referral {referral.id})")
+        self.referral = referral
+
+
+@dataclass(frozen=True)
+class Attribution:
+    referral: Referral
+    created: bool
+
+
+def code_for(session: Session, account: Account) -> str:
+    """The account's referral code, made on first use; unguessable, so codes cannot be enumerated."""
+    account = accounts.lock(session, account)  # two first requests at once must not hand out two codes
+    while account.referral_code is None:
+        candidate = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
+        if session.scalar(select(Account.id).where(Account.referral_code == candidate)) is None:
+            account.referral_code = candidate
+            session.flush()
+    return account.referral_code
+
+
+def normalize_code(code: str) -> str:
+    """Codes are case-insensitive and forgive stray spaces and dashes."""
+    return code.strip().replace("-", "").replace(" ", "").upper()
+
+
+def normalize_email(email: str | None) -> str | None:
+    """The mailbox an address reaches: lowercased, `+tag` removed, and dots removed for Gmail."""
+    if not email or "@" not in email:
+        return None
+    local, _, domain = email.strip().lower().rpartition("@")
+    local = local.split("+", 1)[0]
+    if domain in GMAIL:
+        local, domain = local.replace(".", ""), "gmail.com"
+    return f"{local}@{domain}"
+
+
+def attribute(
+    session: Session,
+    catalogue: Catalogue,
+    referee: Account,
+    code: str,
+    *,
+    source: str,
+    email: str | None = None,
+    now: datetime | None = None,
+) -> Attribution:
+    """Attribute `referee` to the owner of `code` (first attribution wins) and settle what is due.
+
+    A self-referral is stored as `rejected` with its reason (and is not the referee's one attribution).
+    """
+    now = now or utcnow()
+    normalized = normalize_code(code)
+    referrer = session.scalar(select(Account).where(Account.referral_code == normalized))
+    if referrer is None:
+        raise UnknownCode(code)
+    accounts.lock_many(session, [referrer, referee])
+    if email and not referee.email:
+        referee.email = email
+    live = live_referral(session, referee)
+    if live is not None:
+        if live.referrer_id != referrer.id:
+            raise AlreadyAttributed(live)
+        return Attribution(live, created=False)
+    reason = _self_referral(referrer, referee, email)
+    referral = Referral(
+        referrer_id=referrer.id,
+        referee_id=referee.id,
+        code=normalized,
+        source=source,
+        email=normalize_email(email or referee.email),
+        status="rejected" if reason else "attributed",
+        reason=reason,
+        attributed_at=now,
+    )
+    session.add(referral)
+    session.flush()
+    _log_status(referral, None, referrer, referee)
+    if reason is None:
+        settle(session, catalogue, referee, now)
+    return Attribution(referral, created=True)
+
+
+def live_referral(session: Session, referee: Account) -> Referral | None:
+    """The referee's attribution that counts (not a rejected one), if any."""
+    return session.scalar(select(Referral).where(Referral.referee_id == referee.id, Referral.status != "rejected"))
+
+
+def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> Referral | None:
+    """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent."""
+    now = now or utcnow()
+    referral = live_referral(session, referee)
+    if referral is None or referral.status in ("paid", "reversed"):
+        return referral
+    terms = catalogue.referrals
+    if referral.qualified_at is None:
+        if terms.qualify_on == "signup":
+            _qualify(referral, "signup", now)
+        else:
+            invoice = _first_qualifying_invoice(session, referee, terms.min_amount)
+            if invoice is None:
+                return referral
+            _qualify(referral, invoice.id, now)
+    pay(session, catalogue, referral, now)
+    return referral
+
+
+def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False) -> None:
+    """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops
+    the other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
+    terms = catalogue.referrals
+    referrer = session.get_one(Account, referral.referrer_id)
+    referee = session.get_one(Account, referral.referee_id)
+    amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
+    before = referral.status
+    held = None
+    for side in SIDES:
+        if amounts[side] <= 0 or side_paid(session, referral, side):
+            continue
+        if side == "referrer" and not override_cap and _over_cap(session, referral, terms.max_rewards_per_referrer_per_month, now):
+            held = f"referrer reached {terms.max_rewards_per_referrer_per_month} rewards this month"
+            continue
+        owner = referrer if side == "referrer" else referee
+        try:
+            with session.begin_nested():
+                ledger.grant(
+                    session,
+                    owner,
+                    amounts[side],
+                    source="referral",
+                    key=f"referral:{referral.id}:{side}",
+                    reason=f"referral {referral.id} ({side})",
+                    actor="referrals",
+                    rollover=True,
+                    meta={"referral": referral.id, "side": side},
+                    now=now,
+                )
+        except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
+            log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
+    unpaid = [s for s in SIDES if amounts[s] > 0 and not side_paid(session, referral, s)]
+    if not unpaid:
+        referral.status, referral.reason, referral.paid_at = "paid", None, referral.paid_at or now
+    elif held:
+        referral.status, referral.reason = "held", held
+    else:
+        referral.status, referral.reason = "qualified", f"unpaid: {', '.join(unpaid)} (will be retried)"
+    if referral.status != before:
+        _log_status(referral, before, referrer, referee)
+
+
+def side_paid(session: Session, referral: Referral, side: str) -> bool:
+    """Whether this side's grant exists (the ledger, not a flag, is the truth)."""
+    key = f"referral:{referral.id}:{side}"
+    return session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None
+
+
+def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded_to: int, now: datetime) -> str | None:
+    """If `payment` qualified a referral and, refunded down to `refunded_to`, no longer qualifies — within
+    `clawback_days` of being paid — reverse both payouts' unspent credits."""
+    referral = session.scalar(select(Referral).where(Referral.qualifying_payment == payment.id))
+    terms = catalogue.referrals
+    if referral is None or referral.status == "reversed" or refunded_to >= max(terms.min_amount, 1):
+        return None
+    if now - payment.paid_at > timedelta(days=terms.clawback_days):
+        return f"referral {referral.id} kept: refunded after the {terms.clawback_days}-day clawback window"
+    before = referral.status
+    shortfall = 0
+    for side in SIDES:
+        grant_row = _side_grant(session, referral, side)
+        if grant_row is None:
+            continue
+        owner = session.get_one(Account, grant_row.account_id)
+        posted = ledger.reverse(
+            session, owner, [grant_row], grant_row.amount, key=f"clawback:{referral.id}:{side}",
+            reason=f"clawback of referral {referral.id} ({side}): {payment.id} refunded", actor="referrals",
+            meta={"referral": referral.id, "side": side, "payment": payment.id}, now=now,
+        )
+        shortfall += int(posted.entry.meta.get("shortfall", 0))
+    referral.status, referral.reason = "reversed", f"{payment.id} refunded" + (f"; shortfall {shortfall}" if shortfall else "")
+    _log_status(referral, before, None, None)
+    return f"referral {referral.id} clawed back" + (f" (shortfall {shortfall})" if shortfall else "")
+
+
+def retry_unpaid(session: Session, catalogue: Catalogue, now: datetime | None = None) -> int:
+    """Pay the sides of qualified referrals that are still unpaid (not held ones: those wait for support)."""
+    pending = session.scalars(select(Referral).where(Referral.status == "qualified")).all()
+    for referral in pending:
+        pay(session, catalogue, referral, now or utcnow())
+    return len(pending)
+
+
+def view(session: Session, account: Account, link_base: str) -> dict[str, Any]:
+    """What Settings → Referrals shows: the code and link, credits earned, and each referral's state."""
+    code = code_for(session, account)
+    rows = session.scalars(select(Referral).where(Referral.referrer_id == account.id).order_by(Referral.id)).all()
+    referrals = []
+    for r in rows:
+        grant_row = _side_grant(session, r, "referrer")
+        earned = grant_row.amount - grant_row.reversed if grant_row else 0
+        referrals.append({
+            "referee_account_id": session.get_one(Account, r.referee_id).public_id,
+            "status": r.status,
+            "reason": r.reason,
+            "credits_earned": earned,
+            "attributed_at": r.attributed_at.isoformat(),
+            "paid_at": r.paid_at.isoformat() if r.paid_at else None,
+        })
+    return {
+        "code": code,
+        "link": link(code, link_base),
+        "credits_earned": sum(r["credits_earned"] for r in referrals),
+        "referrals": referrals,
+    }
+
+
+def link(code: str, base: str) -> str:
+    """The shareable link for a code."""
+    return f"{base}{code}"
+
+
+def _qualify(referral: Referral, payment_id: str, now: datetime) -> None:
+    referral.qualifying_payment, referral.qualified_at = payment_id, now
+    before, referral.status = referral.status, "qualified"
+    _log_status(referral, before, None, None)
+
+
+def _first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> Payment | None:
+    """The referee's first paid invoice worth at least `min_amount` (never a $0 trial invoice)."""
+    return session.scalars(
+        select(Payment)
+        .where(Payment.account_id == referee.id, Payment.kind == "invoice", Payment.amount >= max(min_amount, 1))
+        .order_by(Payment.paid_at, Payment.id)
+    ).first()
+
+
+def _self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
+    if referrer.id == referee.id:
+        return "self-referral: same account"
+    if referrer.stripe_customer_id and referrer.stripe_customer_id == referee.stripe_customer_id:
+        return "self-referral: same Stripe customer"
+    mine, theirs = normalize_email(referrer.email), normalize_email(email or referee.email)
+    if mine and mine == theirs:
+        return "self-referral: same email"
+    return None
+
+
+def _over_cap(session: Session, referral: Referral, cap: int, now: datetime) -> bool:
+    """Whether the referrer already got `cap` referral rewards this calendar month."""
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    paid = session.scalar(
+        select(func.count())
+        .select_from(LedgerEntry)
+        .where(
+            LedgerEntry.account_id == referral.referrer_id,
+            LedgerEntry.kind == "grant",
+            LedgerEntry.idempotency_key.like("referral:%:referrer"),
+            LedgerEntry.created_at >= month_start,
+        )
+    )
+    return (paid or 0) >= cap
+
+
+def _side_grant(session: Session, referral: Referral, side: str) -> Grant | None:
+    key = f"referral:{referral.id}:{side}"
+    return session.scalar(select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key == key))
+
+
+def _log_status(referral: Referral, before: str | None, referrer: Account | None, referee: Account | None) -> None:
+    log.info(
+        "referral.status",
+        referral=referral.id,
+        status=referral.status,
+        previous=before,
+        reason=referral.reason,
+        **({"referrer": referrer.public_id} if referrer else {}),
+        **({"referee": referee.public_id} if referee else {}),
+    )

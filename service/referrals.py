@@ -127,7 +127,7 @@ def settle(session: Session, catalogue: Catalogue, referee: Account, now: dateti
     """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent."""
     now = now or utcnow()
     referral = live_referral(session, referee)
-    if referral is None or referral.status in ("paid", "reversed"):
+    if referral is None or referral.status in ("paid", "reversed", "held"):  # held waits for support
         return referral
     terms = catalogue.referrals
     if referral.qualified_at is None:
@@ -273,8 +273,6 @@ def _first_qualifying_invoice(session: Session, referee: Account, min_amount: in
 def _self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
     if referrer.id == referee.id:
         return "self-referral: same account"
-    if referrer.stripe_customer_id and referrer.stripe_customer_id == referee.stripe_customer_id:
-        return "self-referral: same Stripe customer"
     mine, theirs = normalize_email(referrer.email), normalize_email(email or referee.email)
     if mine and mine == theirs:
         return "self-referral: same email"

@@ -145,7 +145,7 @@ def test_an_unknown_code_is_404(client) -> None:  # type: ignore[no-untyped-def]
     ("referee", "email", "reason"),
     [
         ("acct_ana", None, "self-referral: same account"),
-        ("cus_ana", None, "self-referral: same account"),
+        ("cus_ana", None, "self-referral: same account"),  # the same Stripe customer names the same account
         ("acct_alias", "Ana.Smith+promo@GoogleMail.com", "self-referral: same email"),
     ],
 )

@@ -86,6 +86,9 @@ class Account(Base):
     subscription_as_of: Mapped[datetime | None]
     email: Mapped[str | None] = mapped_column(String(320))
     referral_code: Mapped[str | None] = mapped_column(String(16), unique=True)
+    # Support's one-time extension: at the next renewal, what the rollover policy would cut is kept until then.
+    rollover_extended_until: Mapped[datetime | None]
+    rollover_extensions: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -228,6 +231,58 @@ class Referral(Base):
     attributed_at: Mapped[datetime]
     qualified_at: Mapped[datetime | None]
     paid_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """A support action: who did what to which account, why, under which ticket, and what changed."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    ticket: Mapped[str | None] = mapped_column(String(255))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ReconcileRun(Base):
+    """One run of `credits reconcile`: its window, whether it fixed, and the summary it reported."""
+
+    __tablename__ = "reconcile_runs"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    since: Mapped[datetime]
+    until: Mapped[datetime]
+    fix: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Finding(Base):
+    """Something reconciliation found, by stable kind and subject, with its history across runs."""
+
+    __tablename__ = "findings"
+    __table_args__ = (Index("uq_findings_kind_subject", "kind", "subject", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    accounts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    stripe_ids: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    credits: Mapped[int] = mapped_column(BigInteger, default=0)
+    detail: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    first_run_id: Mapped[int] = mapped_column(ForeignKey("reconcile_runs.id"))
+    last_run_id: Mapped[int] = mapped_column(ForeignKey("reconcile_runs.id"))
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None]
 
 
 class ApiRequest(Base):

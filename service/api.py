@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from service import accounts, idempotency, ledger, logs, referrals
+from service import accounts, findings, idempotency, ledger, logs, referrals
 from service.accounts import AccountNotFound
 from service.db import transaction
 from service.models import utcnow
@@ -258,6 +258,16 @@ def get_referrals(account: str, rt: RuntimeDep) -> dict[str, Any]:
         return referrals.view(session, _account(session, account), rt.settings.referral_link_base)
 
 
+admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@admin.get("/findings")
+def get_findings(rt: RuntimeDep) -> dict[str, Any]:
+    """Open reconciliation findings, oldest first, with when each was first and last seen."""
+    with transaction(rt.sessions) as session:
+        return {"findings": findings.open_findings(session)}
+
+
 def _account(session: Session, ref: str) -> Any:
     account = accounts.get(session, ref)
     structlog.contextvars.bind_contextvars(account_id=account.public_id)
@@ -329,5 +339,6 @@ def create_app(rt: Runtime) -> FastAPI:
     app.middleware("http")(request_context)
     app.include_router(health)
     app.include_router(v1)
+    app.include_router(admin)
     app.include_router(webhooks_router)
     return app

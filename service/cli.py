@@ -13,18 +13,23 @@ import signal
 import sys
 import threading
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+import stripe
 import typer
 import uvicorn
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
+from jobs import reconcile as reconcile_job
+from jobs import report
 from jobs import worker as inbox_worker
 from service import accounts, ledger, logs, runtime
 from service import demo as demo_story
@@ -34,7 +39,7 @@ from service.catalogue import CatalogueError
 from service.config import Settings
 from service.db import make_engine, transaction
 from service.migrate import upgrade
-from service.models import StripeEvent
+from service.models import StripeEvent, utcnow
 from webhooks import dispatch, inbox
 from service.schemas import _aware_utc, balance_view, entry_view
 
@@ -188,6 +193,8 @@ def demo(
             "credits_api_token": SecretStr(api_token),
             "credits_admin_token": SecretStr(api_token + "-admin"),
         })
+        from fastapi.testclient import TestClient  # only the demo needs it (starlette warns when it is imported)
+
         rt = runtime.load(settings)
         upgrade(rt.engine)
         client: Any = TestClient(create_app(rt))
@@ -206,6 +213,50 @@ def demo(
         return
     balance(account, as_json=False)
     show_ledger(account, limit=50, as_json=False)
+
+
+class ReportFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+@app.command()
+def reconcile(
+    since: Annotated[datetime | None, typer.Option(help="Window start (UTC unless an offset is given); default 3 days ago.")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Window end; default now.")] = None,
+    fmt: Annotated[ReportFormat, typer.Option("--format", help="text (a table), json or markdown.")] = ReportFormat.text,
+    output: Annotated[Path | None, typer.Option(help="Write the report to this file instead of stdout.")] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what is safe through the normal handlers.")] = False,
+) -> None:
+    """Compare Stripe with the ledger; exit 0 when clean, 1 when findings remain, 2 on error."""
+    end = _aware_utc(until) if until else utcnow()
+    start = _aware_utc(since) if since else end - timedelta(days=3)
+    if start >= end:
+        raise typer.BadParameter("--since must be before --until", param_hint="--since")
+    rt = runtime.load()
+    try:
+        with _progress() as progress:
+            task = progress.add_task("scanning", total=None)
+            result = reconcile_job.run(rt, start, end, fix=fix, tick=lambda what: progress.update(task, advance=1, description=what))
+    except stripe.StripeError as exc:
+        err.print(f"error: Stripe could not be read after retries: {type(exc).__name__}: {exc.user_message or exc}")
+        raise typer.Exit(2) from exc
+    rendered = {"json": report.as_json, "markdown": report.as_markdown}.get(fmt.value)
+    if output is not None:
+        output.write_text(rendered(result) if rendered else report.as_markdown(result), encoding="utf-8")
+        out.print(f"report written to {output}")
+    elif rendered:
+        sys.stdout.write(rendered(result))
+    else:
+        report.print_table(result, out)
+    raise typer.Exit(1 if result.remaining else 0)
+
+
+def _progress() -> Progress:
+    """A progress display on a terminal; silent under cron."""
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True, disable=not err.is_terminal)
 
 
 events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)

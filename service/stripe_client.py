@@ -99,6 +99,11 @@ class StripeGateway:
         line_items = self._client.v1.checkout.sessions.line_items
         return list(self._pages(lambda params: line_items.list(session_id, params), {}))
 
+    def iterate_customer_paid_invoices(self, customer_id: str) -> Iterator[dict[str, Any]]:
+        """One customer's paid invoices, newest first, whenever paid: a support backfill looks there for the
+        referee's first qualifying invoice when no webhook ever recorded it."""
+        return self._pages(self._client.v1.invoices.list, {"customer": customer_id, "status": "paid"})
+
     def iterate_events(
         self,
         *,
@@ -132,6 +137,10 @@ class StripeGateway:
         if created := _range(created_gte, created_lte):
             params["created"] = created
         return self._pages(self._client.v1.invoices.list, params)
+
+    def iterate_checkout_sessions(self, *, subscription: str) -> Iterator[dict[str, Any]]:
+        """The Checkout sessions that created a subscription, for a `metadata.referral_code` set there."""
+        return self._pages(self._client.v1.checkout.sessions.list, {"subscription": subscription})
 
     def _pages(
         self, list_page: Callable[[dict[str, Any]], stripe.ListObject[Any]], params: dict[str, Any]

@@ -30,6 +30,7 @@ from service.db import make_engine, make_sessionmaker
 from service.migrate import upgrade
 from service.models import Base
 from service.runtime import Runtime
+from service import stripe_client
 from service.stripe_client import StripeGateway
 from tests import stripe_events
 
@@ -165,6 +166,9 @@ def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("CREDITS_CONFIG", str(settings.credits_config))
     monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("STRIPE_API_BASE", settings.stripe_api_base)
+    monkeypatch.setenv("STRIPE_API_KEY", settings.stripe_api_key.get_secret_value())
+    monkeypatch.setattr(stripe_client, "RETRY_POLICY", stripe_client.RETRY_POLICY.copy(wait=wait_none()))
 
     def invoke(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["credits", *args])

@@ -6,7 +6,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
@@ -19,13 +19,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from service import accounts, findings, idempotency, ledger, logs, referrals
+from service import accounts, findings, idempotency, ledger, logs, referrals, spending, usage
 from service.accounts import AccountNotFound
 from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
 from service.schemas import (
     GrantRequest,
+    MemberRequest,
     NoBody,
     ReferralRequest,
     SpendRequest,
@@ -189,25 +190,82 @@ def post_grant(
 
 @v1.post(
     "/accounts/{account}/spend",
-    responses={402: {"description": "insufficient_credits: nothing was spent"}},
+    responses={402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
+               404: {"description": "unknown account or member"}, 422: {"description": "unknown action"}},
 )
 def post_spend(
     account: str, body: SpendRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
 ) -> JSONResponse:
-    """Spend credits, soonest-expiring first. 402 when the balance is short; nothing is then spent."""
+    """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
+    `resource`, once per (action, resource) in the account; with a `member_id`, from that member's
+    allocation or within its limit. 402 when short; nothing is then spent."""
+
+    def work(session: Session) -> tuple[int, dict[str, Any]]:
+        acct = _account(session, account)
+        charge = spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
+        try:
+            spent = spending.spend(session, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
+        except ledger.InsufficientCredits as exc:
+            log.info("spend.refused", balance=exc.balance, requested=exc.requested)
+            return 402, {"error": "insufficient_credits", "balance": exc.balance, "requested": exc.requested}
+        except spending.MemberLimitReached as exc:
+            return 402, {"error": "member_limit_reached", "limit": exc.limit, "used": exc.used, "requested": exc.requested}
+        except spending.UnknownMember:
+            return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {acct.public_id}"}
+        except spending.UnknownAction as exc:
+            return 422, {"error": "unknown_action", "message": str(exc), "known_actions": exc.known}
+        echo = {k: v for k, v in (("action", body.action), ("quantity", body.quantity if body.action else None),
+                                  ("resource", body.resource), ("member_id", body.member_id)) if v is not None}
+        return 200, {"balance": spent.balance, "spent": spent.charged, "charged": spent.charged,
+                     "entry_id": spent.entry_id, **echo}
+
+    return _once(rt, request, key, body, work)
+
+
+@v1.post("/accounts/{account}/members", dependencies=[Depends(require_admin)], tags=["members"])
+def post_member(account: str, body: MemberRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
+    """Add or update a team member (admin token). An allocation larger than the pool is 422."""
 
     def work(session: Session) -> tuple[int, dict[str, Any]]:
         acct = _account(session, account)
         try:
-            posted = ledger.spend(
-                session, acct, body.amount, key=f"spend:{acct.public_id}:{key}", reason=body.reason, actor="api"
-            )
-        except ledger.InsufficientCredits as exc:
-            log.info("spend.refused", balance=exc.balance, requested=exc.requested)
-            return 402, {"error": "insufficient_credits", "balance": exc.balance, "requested": exc.requested}
-        return 200, {"balance": ledger.balance(session, acct), "spent": body.amount, "entry_id": posted.entry.id}
+            spending.set_member(session, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period)
+        except spending.AllocationTooLarge as exc:
+            return 422, {"error": "allocation_too_large", "message": str(exc)}
+        return 200, _members_view(session, rt, acct)
 
     return _once(rt, request, key, body, work)
+
+
+@v1.get("/accounts/{account}/members", tags=["members"])
+def get_members(account: str, rt: RuntimeDep) -> dict[str, Any]:
+    """The account's members with their allocation, limit and usage this period, and the shared pool."""
+    with transaction(rt.sessions) as session:
+        return _members_view(session, rt, _account(session, account))
+
+
+@v1.delete("/accounts/{account}/members/{member_id}", dependencies=[Depends(require_admin)], tags=["members"])
+def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any]:
+    """Remove a member (admin token); its unspent allocation returns to the pool."""
+    with transaction(rt.sessions) as session:
+        acct = _account(session, account)
+        try:
+            spending.remove_member(session, acct, member_id)
+        except spending.UnknownMember as exc:
+            raise ApiError(404, "member_not_found", f"no member {member_id!r} in {acct.public_id}") from exc
+        return _members_view(session, rt, acct)
+
+
+@v1.get("/accounts/{account}/usage", tags=["accounts"])
+def get_usage(account: str, rt: RuntimeDep, period: Annotated[Literal["current", "previous"], Query()] = "current") -> dict[str, Any]:
+    """Credits granted, spent (by action and member), expired, reversed and remaining in a billing period."""
+    with transaction(rt.sessions) as session:
+        return usage.report(session, rt.catalogue, _account(session, account), period)
+
+
+def _members_view(session: Session, rt: Runtime, acct: Any) -> dict[str, Any]:
+    return {"account_id": acct.public_id, "pool": spending.pool(session, acct, utcnow()),
+            "members": spending.members(session, rt.catalogue, acct)}
 
 
 @v1.post("/accounts/{account}/referral-code", tags=["referrals"])

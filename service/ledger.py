@@ -7,7 +7,6 @@ same key again returns the first entry and writes nothing; the same key for some
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,7 +15,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from service import accounts, logs
+from service import accounts, logs, periods
 from service.db import insert
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
@@ -74,16 +73,8 @@ def spend_deadline(grant: Grant, account: Account, now: datetime) -> datetime:
     """
     deadline = grant.expires_at or NEVER
     if grant.rollover:
-        deadline = min(deadline, period_end(account, now))
+        deadline = min(deadline, periods.current_end(account, now))
     return deadline
-
-
-def period_end(account: Account, now: datetime) -> datetime:
-    """End of the account's current billing period: its subscription's, else the calendar month's."""
-    if account.period_end is not None and account.period_end > now:
-        return account.period_end
-    last_day = calendar.monthrange(now.year, now.month)[1]
-    return now.replace(day=last_day, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
 
 
 def grant(

@@ -285,6 +285,41 @@ class Finding(Base):
     closed_at: Mapped[datetime | None]
 
 
+class Member(Base):
+    """A team member of an account: shares the pool, or spends only an allocation, or up to a limit.
+
+    `allocation` is the member's own unspent credits, reserved out of the account's pool (the credits stay
+    in the account's grants; the pool simply cannot spend what is reserved). Shrinking it or removing the
+    member returns the difference to the pool.
+    """
+
+    __tablename__ = "members"
+    __table_args__ = (Index("uq_members_account_member", "account_id", "member_id", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    member_id: Mapped[str] = mapped_column(String(255))
+    allocation: Mapped[int | None] = mapped_column(BigInteger)
+    limit_per_period: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ResourceCharge(Base):
+    """The one charge for an (action, resource) in an account: unlocking a prospect again costs nothing,
+    even for a colleague. The unique index is what makes it once under concurrency."""
+
+    __tablename__ = "resource_charges"
+    __table_args__ = (Index("uq_resource_charges", "account_id", "action", "resource", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    action: Mapped[str] = mapped_column(String(100))
+    resource: Mapped[str] = mapped_column(String(255))
+    entry_id: Mapped[int] = mapped_column(ForeignKey("ledger_entries.id"))
+    member_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ApiRequest(Base):
     """An API POST's Idempotency-Key, the fingerprint of its body and the response it got."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 from sqlalchemy.orm import Session
 
@@ -37,11 +37,36 @@ class GrantRequest(_Body):
     expires_at: UTCDatetime | None = None
 
 
-class SpendRequest(_Body):
-    """A spend of credits by the product."""
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
 
-    amount: Amount
+
+class SpendRequest(_Body):
+    """A spend: an `amount`, or an `action` (× `quantity`) priced by the catalogue; optionally once per
+    `resource`, and by a team `member_id`."""
+
+    amount: Amount | None = None
+    action: Name | None = None
+    quantity: Annotated[StrictInt, Field(gt=0, le=100_000)] = 1
+    resource: Name | None = None
+    member_id: Name | None = None
     reason: Text | None = None
+
+    @model_validator(mode="after")
+    def _amount_or_action(self) -> SpendRequest:
+        if (self.amount is None) == (self.action is None):
+            raise ValueError("give either amount or action")
+        if self.action is None and (self.quantity != 1 or self.resource is not None):
+            raise ValueError("quantity and resource go with an action")
+        return self
+
+
+class MemberRequest(_Body):
+    """A team member: with an allocation (its own credits out of the pool), a limit per billing period,
+    or neither (it shares the pool)."""
+
+    member_id: Name
+    allocation: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
+    limit_per_period: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
 
 
 class NoBody(_Body):

@@ -95,7 +95,7 @@ def test_spend_answers_the_new_balance(client: TestClient, admin_headers) -> Non
     grant(client, admin_headers, "acct_1", 100, "g1")
     response = spend(client, "acct_1", 30, "s1")
     assert response.status_code == 200
-    assert response.json() == {"balance": 70, "spent": 30, "entry_id": 2}
+    assert response.json() == {"balance": 70, "spent": 30, "charged": 30, "entry_id": 2}
 
 
 def test_spend_beyond_the_balance_is_402_and_spends_nothing(client: TestClient, admin_headers) -> None:

@@ -77,7 +77,7 @@ def test_expired_credits_are_never_spent_even_before_the_sweep(session, acct) ->
 
 
 def test_rollover_credits_count_as_expiring_at_period_end(session, acct) -> None:
-    acct.period_end = T0 + timedelta(days=5)
+    acct.plan, acct.period_end = "starter", T0 + timedelta(days=5)
     ledger.grant(session, acct, 50, source="pack", key="pack", expires_at=T0 + timedelta(days=30), now=T0)
     ledger.grant(session, acct, 50, source="plan", key="plan", rollover=True, now=T0)
     ledger.spend(session, acct, 60, key="s1", now=T0)

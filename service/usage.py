@@ -1,0 +1,57 @@
+"""Usage for a billing period — what each member sees: the organisation's credits, their own usage this
+period, and on an annual plan a monthly goal (what is left ÷ members ÷ months left)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service import ledger, periods
+from service.catalogue import Catalogue
+from service.models import Account, LedgerEntry, Member, utcnow
+
+
+def report(session: Session, catalogue: Catalogue, account: Account, which: str = "current",
+           now: datetime | None = None) -> dict[str, Any]:
+    """Granted (by source), spent (by action and by member), expired, reversed and remaining in the period."""
+    now = now or utcnow()
+    months = periods.months_of(catalogue, account)
+    start, end = periods.bounds(account, which, now, months)
+    granted: dict[str, int] = defaultdict(int)
+    by_action: dict[str, int] = defaultdict(int)
+    by_member: dict[str, int] = defaultdict(int)
+    totals: dict[str, int] = defaultdict(int)
+    entries = session.scalars(select(LedgerEntry).where(
+        LedgerEntry.account_id == account.id, LedgerEntry.created_at >= start, LedgerEntry.created_at < end))
+    for entry in entries:
+        if entry.kind == "grant":
+            granted[entry.meta.get("source", "unknown")] += entry.amount
+        elif entry.kind == "spend":
+            by_action[entry.meta.get("action", "amount")] -= entry.amount
+            by_member[entry.meta.get("member_id", "pool")] -= entry.amount
+        totals[entry.kind] -= entry.amount
+    remaining = ledger.balance(session, account, now) if which == "current" else int(session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+            LedgerEntry.account_id == account.id, LedgerEntry.created_at < end)) or 0)
+    result: dict[str, Any] = {
+        "account_id": account.public_id,
+        "period": {"which": which, "start": start.isoformat(), "end": end.isoformat()},
+        "granted": dict(granted),
+        "granted_total": sum(granted.values()),
+        "spent": {"total": totals["spend"], "by_action": dict(by_action), "by_member": dict(by_member)},
+        "expired": totals["expire"],
+        "reversed": totals["reverse"],
+        "remaining": remaining,
+        "monthly_goal": None,
+    }
+    if months == 12 and which == "current":
+        members = session.scalar(select(func.count()).select_from(Member).where(Member.account_id == account.id)) or 1
+        months_left = max(1, math.ceil((end - now).days / 30.44))
+        result["monthly_goal"] = {"credits_per_member_per_month": remaining // members // months_left,
+                                  "members": members, "months_left": months_left}
+    return result

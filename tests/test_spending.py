@@ -1,0 +1,175 @@
+"""Spending like the products that inspired this: priced actions, once-per-resource charges, members with
+allocations and limits, and usage per billing period — on both databases, under concurrency too."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from itertools import count
+
+import pytest
+from sqlalchemy import select
+
+from service import accounts, ledger, spending
+from service.db import transaction
+from service.models import LedgerEntry, utcnow
+from tests import stripe_events as se
+from tests.helpers import balance_of, state
+
+_keys = count()
+
+
+def spend(client, body: dict, account: str = "acct_1"):  # type: ignore[no-untyped-def]
+    return client.post(f"/v1/accounts/{account}/spend", json=body, headers={"Idempotency-Key": f"k{next(_keys)}"})
+
+
+def member(client, admin_headers, body: dict, account: str = "acct_1"):  # type: ignore[no-untyped-def]
+    return client.post(f"/v1/accounts/{account}/members", json=body, headers={**admin_headers, "Idempotency-Key": f"m{next(_keys)}"})
+
+
+@pytest.fixture
+def funded(client, admin_headers):  # type: ignore[no-untyped-def]
+    """acct_1 with 100 credits."""
+    client.post("/v1/accounts/acct_1/grants", json={"amount": 100, "reason": "seed"}, headers={**admin_headers, "Idempotency-Key": "seed"})
+
+
+def spend_meta(sessions) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return [(e.amount, e.meta) for e in s.scalars(select(LedgerEntry).where(LedgerEntry.kind == "spend").order_by(LedgerEntry.id))]
+
+
+def test_an_action_is_priced_by_the_catalogue_and_recorded(client, funded, sessions) -> None:  # type: ignore[no-untyped-def]
+    response = spend(client, {"action": "handwritten_note", "quantity": 3})
+    assert response.json() == {"balance": 85, "spent": 15, "charged": 15, "entry_id": 2, "action": "handwritten_note", "quantity": 3}
+    assert spend_meta(sessions) == [(-15, {"action": "handwritten_note", "quantity": 3})]
+
+
+def test_an_unknown_action_is_422_naming_the_known_ones(client, funded) -> None:  # type: ignore[no-untyped-def]
+    response = spend(client, {"action": "fax"})
+    assert response.status_code == 422
+    assert response.json()["known_actions"] == ["handwritten_note", "postcard_intl", "postcard_us", "unlock_prospect"]
+
+
+@pytest.mark.parametrize("body", [{"amount": 1, "action": "postcard_us"}, {}, {"amount": 1, "quantity": 2}, {"amount": 1, "resource": "p:1"}])
+def test_a_spend_needs_exactly_one_of_amount_or_action(client, funded, body: dict) -> None:  # type: ignore[no-untyped-def]
+    assert spend(client, body).status_code == 422
+
+
+def test_a_resource_is_charged_once_per_account_even_for_a_colleague(client, admin_headers, funded, sessions) -> None:  # type: ignore[no-untyped-def]
+    member(client, admin_headers, {"member_id": "ana"})
+    member(client, admin_headers, {"member_id": "bob"})
+    first = spend(client, {"action": "unlock_prospect", "resource": "prospect:123", "member_id": "ana"})
+    again = spend(client, {"action": "unlock_prospect", "resource": "prospect:123", "member_id": "bob"})
+    assert first.json()["charged"] == 1
+    assert again.json() == {"balance": 99, "spent": 0, "charged": 0, "entry_id": None, "action": "unlock_prospect",
+                            "quantity": 1, "resource": "prospect:123", "member_id": "bob"}
+    assert spend(client, {"action": "unlock_prospect", "resource": "prospect:124"}).json()["charged"] == 1
+    assert [amount for amount, _ in spend_meta(sessions)] == [-1, -1]
+
+
+def test_a_resource_is_charged_once_under_concurrency(sessions, rt) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as s:
+        ledger.grant(s, accounts.get_or_create(s, "acct_1"), 100, source="admin", key="g")
+    start = threading.Barrier(10)
+
+    def unlock(n: int) -> int:
+        start.wait()
+        with transaction(sessions) as s:
+            charge = spending.Charge(action="unlock_prospect", resource="prospect:9")
+            return spending.spend(s, rt.catalogue, accounts.get(s, "acct_1"), charge, key=f"s{n}").charged
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        assert sorted(pool.map(unlock, range(10))) == [0] * 9 + [1]
+    assert balance_of(sessions, "acct_1") == 99
+
+
+def test_an_allocation_is_the_members_own_and_the_pool_cannot_touch_it(client, admin_headers, funded) -> None:  # type: ignore[no-untyped-def]
+    assert member(client, admin_headers, {"member_id": "ana", "allocation": 30}).json()["pool"] == 70
+    refused = spend(client, {"amount": 71})
+    assert (refused.status_code, refused.json()["balance"]) == (402, 70)
+    assert spend(client, {"amount": 20, "member_id": "ana"}).status_code == 200
+    short = spend(client, {"amount": 11, "member_id": "ana"})
+    assert (short.status_code, short.json()) == (402, {"error": "insufficient_credits", "balance": 10, "requested": 11})
+    view = client.get("/v1/accounts/acct_1/members").json()
+    assert view["members"] == [{"member_id": "ana", "allocation": 10, "limit_per_period": None, "spent_this_period": 20}]
+    assert view["pool"] == 70
+
+
+def test_shrinking_an_allocation_or_removing_the_member_returns_credits_to_the_pool(client, admin_headers, funded) -> None:  # type: ignore[no-untyped-def]
+    member(client, admin_headers, {"member_id": "ana", "allocation": 30})
+    assert member(client, admin_headers, {"member_id": "ana", "allocation": 10}).json()["pool"] == 90
+    removed = client.delete("/v1/accounts/acct_1/members/ana", headers=admin_headers)
+    assert (removed.json()["pool"], removed.json()["members"]) == (100, [])
+
+
+def test_an_allocation_larger_than_the_pool_is_422(client, admin_headers, funded) -> None:  # type: ignore[no-untyped-def]
+    member(client, admin_headers, {"member_id": "ana", "allocation": 60})
+    response = member(client, admin_headers, {"member_id": "bob", "allocation": 41})
+    assert (response.status_code, response.json()["error"]) == (422, "allocation_too_large")
+
+
+def test_a_member_limit_per_period_is_enforced(client, admin_headers, funded) -> None:  # type: ignore[no-untyped-def]
+    member(client, admin_headers, {"member_id": "ana", "limit_per_period": 10})
+    assert spend(client, {"amount": 6, "member_id": "ana"}).status_code == 200
+    refused = spend(client, {"amount": 5, "member_id": "ana"})
+    assert (refused.status_code, refused.json()) == (402, {"error": "member_limit_reached", "limit": 10, "used": 6, "requested": 5})
+    assert spend(client, {"amount": 5}).status_code == 200  # the pool itself is not limited
+
+
+def test_an_unknown_member_is_404(client, funded) -> None:  # type: ignore[no-untyped-def]
+    response = spend(client, {"amount": 1, "member_id": "ghost"})
+    assert (response.status_code, response.json()["error"]) == (404, "member_not_found")
+
+
+def test_only_the_admin_token_manages_members(client, funded) -> None:  # type: ignore[no-untyped-def]
+    response = client.post("/v1/accounts/acct_1/members", json={"member_id": "ana"}, headers={"Idempotency-Key": "m"})
+    assert response.status_code == 403
+
+
+def test_concurrent_member_spends_never_exceed_an_allocation_or_a_limit(sessions, rt) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as s:
+        acct = accounts.get_or_create(s, "acct_1")
+        ledger.grant(s, acct, 1000, source="admin", key="g")
+        spending.set_member(s, acct, "alloc", allocation=7, limit_per_period=None)
+        spending.set_member(s, acct, "limited", allocation=None, limit_per_period=5)
+    start = threading.Barrier(20)
+
+    def one(n: int) -> str:
+        start.wait()
+        who = "alloc" if n % 2 else "limited"
+        try:
+            with transaction(sessions) as s:
+                spending.spend(s, rt.catalogue, accounts.get(s, "acct_1"), spending.Charge(amount=1, member_id=who), key=f"s{n}")
+        except (ledger.InsufficientCredits, spending.MemberLimitReached):
+            return f"{who}:refused"
+        return f"{who}:ok"
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = list(pool.map(one, range(20)))
+    assert (outcomes.count("alloc:ok"), outcomes.count("limited:ok")) == (7, 5)
+    assert balance_of(sessions, "acct_1") == 1000 - 12
+
+
+def test_usage_reports_the_current_period_by_source_action_and_member(client, admin_headers, funded, deliver) -> None:  # type: ignore[no-untyped-def]
+    member(client, admin_headers, {"member_id": "ana"})
+    spend(client, {"action": "postcard_intl", "quantity": 2, "member_id": "ana"})
+    spend(client, {"amount": 10})
+    usage = client.get("/v1/accounts/acct_1/usage").json()
+    assert usage["granted"] == {"admin": 100}
+    assert usage["spent"] == {"total": 14, "by_action": {"postcard_intl": 4, "amount": 10}, "by_member": {"ana": 4, "pool": 10}}
+    assert (usage["expired"], usage["reversed"], usage["remaining"], usage["monthly_goal"]) == (0, 0, 86, None)
+    previous = client.get("/v1/accounts/acct_1/usage", params={"period": "previous"}).json()
+    assert (previous["granted"], previous["remaining"]) == ({}, 0)
+
+
+def test_an_annual_plan_shows_a_monthly_goal_per_member(client, admin_headers, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    now = utcnow()
+    year = (now - timedelta(days=1), now - timedelta(days=1) + timedelta(days=365))
+    deliver(se.event("invoice.paid", se.invoice("2025", invoice_id="in_y", customer="cus_1", price="price_pro_annual", amount_paid=99000,
+                                                period=year, subscription_metadata={"account_id": "acct_1"})))
+    for name in ("ana", "bob", "cy"):
+        member(client, admin_headers, {"member_id": name})
+    goal = client.get("/v1/accounts/acct_1/usage").json()["monthly_goal"]
+    assert goal == {"credits_per_member_per_month": 60000 // 3 // 12, "members": 3, "months_left": 12}
+    assert state(sessions, "acct_1")[0] == [("grant", 60000, "invoice:in_y")]

@@ -21,6 +21,9 @@ from service.models import Account, Payment, StripeEvent
 from service.stripe_client import StripeGateway
 
 
+PAYING = frozenset({"active", "trialing", "past_due"})
+
+
 class PaymentNotFound(LookupError):
     """A refund or dispute names money the service has not recorded (yet): retried until it is."""
 
@@ -165,7 +168,8 @@ def subscription_changed(ctx: Context, obj: so.Obj) -> str:
     deleted = ctx.event.type == "customer.subscription.deleted"
     plan = next((hit[0] for hit in map(ctx.catalogue.plan_for_price, sub.price_ids) if hit), None)
     account.status = "canceled" if deleted else (sub.status or account.status)
-    account.plan = None if deleted else plan or account.plan
+    paying = not deleted and account.status in PAYING  # an `incomplete` first payment has not paid for anything
+    account.plan = (plan or account.plan) if paying else None
     account.subscription_id = sub.id
     account.subscription_as_of = ctx.event.created
     if sub.current_period_end and not deleted:

@@ -33,6 +33,7 @@ from jobs import report
 from jobs import worker as inbox_worker
 from service import accounts, ledger, logs, runtime
 from service import demo as demo_story
+from service import audit, support_cli
 from service.accounts import AccountNotFound
 from service.api import create_app
 from service.catalogue import CatalogueError
@@ -144,7 +145,7 @@ def grant(
         str | None, typer.Option(help="Makes a retried command grant once; a fresh one is made if omitted.")
     ] = None,
 ) -> None:
-    """Grant credits by hand."""
+    """Grant credits by hand (recorded in the audit trail)."""
     key = idempotency_key or uuid.uuid4().hex
     with transaction(runtime.load().sessions) as session:
         acct = accounts.get_or_create(session, account)
@@ -159,6 +160,12 @@ def grant(
             expires_at=_aware_utc(expires_at) if expires_at else None,
         )
         total = ledger.balance(session, acct)
+        entry_key = posted.entry.idempotency_key
+        audit.record(
+            session, actor=actor, action="grant", reason=reason, account=acct,
+            details={"amount": amount, "idempotency_key": entry_key, "created": [entry_key] if posted.created else [],
+                     "changed": posted.created, "balance": total},
+        )
     verb = "granted" if posted.created else "already granted (same idempotency key); nothing changed"
     out.print(f"{acct.public_id}: {verb} {amount} credits; balance {total} (entry {posted.entry.id})")
 
@@ -215,6 +222,9 @@ def demo(
     show_ledger(account, limit=50, as_json=False)
 
 
+ISO_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S"]
+
+
 class ReportFormat(str, Enum):
     text = "text"
     json = "json"
@@ -223,8 +233,8 @@ class ReportFormat(str, Enum):
 
 @app.command()
 def reconcile(
-    since: Annotated[datetime | None, typer.Option(help="Window start (UTC unless an offset is given); default 3 days ago.")] = None,
-    until: Annotated[datetime | None, typer.Option(help="Window end; default now.")] = None,
+    since: Annotated[datetime | None, typer.Option(formats=ISO_FORMATS, help="Window start (UTC unless an offset is given); default 3 days ago.")] = None,
+    until: Annotated[datetime | None, typer.Option(formats=ISO_FORMATS, help="Window end; default now.")] = None,
     fmt: Annotated[ReportFormat, typer.Option("--format", help="text (a table), json or markdown.")] = ReportFormat.text,
     output: Annotated[Path | None, typer.Option(help="Write the report to this file instead of stdout.")] = None,
     fix: Annotated[bool, typer.Option("--fix", help="Repair what is safe through the normal handlers.")] = False,
@@ -261,6 +271,10 @@ def _progress() -> Progress:
 
 events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)
 app.add_typer(events, name="events")
+app.add_typer(support_cli.backfill, name="backfill")
+app.add_typer(support_cli.rollover_app, name="rollover")
+app.add_typer(support_cli.jobs_app, name="jobs")
+app.command(name="audit")(support_cli.audit_trail)
 
 
 @app.command()

@@ -99,7 +99,7 @@ def attribute(
         if live.referrer_id != referrer.id:
             raise AlreadyAttributed(live)
         return Attribution(live, created=False)
-    reason = _self_referral(referrer, referee, email)
+    reason = self_referral(referrer, referee, email)
     referral = Referral(
         referrer_id=referrer.id,
         referee_id=referee.id,
@@ -134,7 +134,7 @@ def settle(session: Session, catalogue: Catalogue, referee: Account, now: dateti
         if terms.qualify_on == "signup":
             _qualify(referral, "signup", now)
         else:
-            invoice = _first_qualifying_invoice(session, referee, terms.min_amount)
+            invoice = first_qualifying_invoice(session, referee, terms.min_amount)
             if invoice is None:
                 return referral
             _qualify(referral, invoice.id, now)
@@ -261,8 +261,9 @@ def _qualify(referral: Referral, payment_id: str, now: datetime) -> None:
     _log_status(referral, before, None, None)
 
 
-def _first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> Payment | None:
-    """The referee's first paid invoice worth at least `min_amount` (never a $0 trial invoice)."""
+def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> Payment | None:
+    """The referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial invoice);
+    public because a support backfill looks here before it asks Stripe."""
     return session.scalars(
         select(Payment)
         .where(Payment.account_id == referee.id, Payment.kind == "invoice", Payment.amount >= max(min_amount, 1))
@@ -270,7 +271,9 @@ def _first_qualifying_invoice(session: Session, referee: Account, min_amount: in
     ).first()
 
 
-def _self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
+def self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
+    """Why this would be a self-referral, or None: attribution stores it rejected, and a support backfill
+    refuses it before it feeds anything through the inbox."""
     if referrer.id == referee.id:
         return "self-referral: same account"
     mine, theirs = normalize_email(referrer.email), normalize_email(email or referee.email)

@@ -3,6 +3,9 @@
 `none`: everything held under the policy expires. `cap`: once the new grant lands, credits under the policy
 come to at most `rollover_cap × credits`; the excess expires first from the soonest-expiring grants. `all`:
 nothing expires. Purchased packs and admin grants are never under the policy.
+
+Support may grant a one-time extension (`credits rollover extend`): the next renewal then keeps what it
+would cut, as a grant outside the policy that expires at the extension's date.
 """
 
 from __future__ import annotations
@@ -12,34 +15,87 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import ledger
+from service import accounts, ledger
 from service.catalogue import RolloverPolicy
 from service.models import Account, Grant
+
+
+class ExtensionRefused(Exception):
+    """The extension cannot be granted as asked (already used once, or a date that is not ahead)."""
 
 
 def apply(
     session: Session, account: Account, policy: RolloverPolicy, incoming: int, *, key: str, now: datetime
 ) -> int:
-    """Expire what the policy cuts before `incoming` credits land; returns the credits expired.
+    """Cut what the policy cuts before `incoming` credits land; returns the credits cut.
 
-    Each cut is its own expire entry keyed `{key}:{grant id}`, so a retried renewal cuts nothing twice.
+    Each cut is its own expire entry keyed `{key}:{grant id}`, so a retried renewal cuts nothing twice. Under
+    a support extension still ahead of `now`, the credits cut are given back at once as one grant keyed
+    `{key}:extension`, outside the policy and expiring at the extension's date: the balance keeps them and
+    the ledger says why. The extension is used up by this renewal, whatever it cuts.
     """
+    kept_until = _take_extension(account, now)
     limit = policy.carry_limit()
     if limit is None:
         return 0
     held = _held(session, account, now)
     carry = max(0, limit - incoming)  # under "none" the limit is the new grant itself: nothing carries
     excess = sum(g.remaining for g in held) - carry
-    expired = 0
+    if kept_until is None:
+        reason = f"rollover ({policy.rollover}) at renewal"
+    else:
+        reason = f"kept under support extension until {kept_until:%Y-%m-%d %H:%M} UTC"
+    cut = 0
     for grant in held:
         if excess <= 0:
             break
-        cut = min(grant.remaining, excess)
-        reason = f"rollover ({policy.rollover}) at renewal"
-        ledger.expire(session, account, grant, cut, key=f"{key}:{grant.id}", reason=reason, now=now)
-        excess -= cut
-        expired += cut
-    return expired
+        part = min(grant.remaining, excess)
+        ledger.expire(session, account, grant, part, key=f"{key}:{grant.id}", reason=reason, now=now)
+        excess -= part
+        cut += part
+    if kept_until is not None and cut > 0:
+        ledger.grant(
+            session,
+            account,
+            cut,
+            source="extension",
+            key=f"{key}:extension",
+            reason=f"rollover extension: {cut} credits a renewal would cut, kept until {kept_until:%Y-%m-%d %H:%M} UTC",
+            actor="rollover",
+            expires_at=kept_until,
+            meta={"renewal": key},
+            now=now,
+        )
+    return cut
+
+
+def extend(session: Session, account: Account, until: datetime, *, force: bool, now: datetime) -> datetime | None:
+    """Grant the one-time extension: the next renewal keeps what it would cut until `until`.
+
+    Once per account (support's promise is one extension, and the count makes a second ask visible) unless
+    `force`. Returns the extension it replaces, if one was still pending.
+    """
+    account = accounts.lock(session, account)
+    if until <= now:
+        raise ExtensionRefused(f"--until {until.isoformat()} is not in the future")
+    if account.rollover_extensions and not force:
+        raise ExtensionRefused(
+            f"{account.public_id} already had {account.rollover_extensions} rollover extension(s); use --force to grant another"
+        )
+    previous = account.rollover_extended_until
+    account.rollover_extended_until = until
+    account.rollover_extensions += 1
+    session.flush()
+    return previous
+
+
+def _take_extension(account: Account, now: datetime) -> datetime | None:
+    """The pending extension's date, cleared because this renewal uses it up; None when there is none."""
+    until = account.rollover_extended_until
+    if until is None or until <= now:
+        return None
+    account.rollover_extended_until = None
+    return until
 
 
 def _held(session: Session, account: Account, now: datetime) -> list[Grant]:

@@ -270,3 +270,8 @@ def test_open_findings_are_stored_and_listed_for_admins(run, client, admin_heade
     assert client.get("/v1/admin/findings").status_code == 403
     run("reconcile", "--fix")
     assert client.get("/v1/admin/findings", headers=admin_headers).json()["findings"] == []
+
+
+def test_the_window_accepts_iso_timestamps_with_a_zone(run, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run("reconcile", "--since", "2026-11-20T03:17:00Z", "--until", "2026-11-21T03:17:00+00:00")
+    assert code == 0 and "2026-11-20T03:17 → 2026-11-21T03:17" in out

@@ -151,3 +151,18 @@ def test_list_checkout_session_line_items_returns_the_items(
     )
 
     assert gateway.list_checkout_session_line_items("cs_1") == items
+
+
+def test_a_customers_paid_invoices_are_listed_page_by_page(stripe_api: respx.MockRouter, gateway: StripeGateway) -> None:
+    def page(ids: list[str], has_more: bool) -> httpx.Response:
+        invoices = [{"id": i, "object": "invoice", "customer": "cus_1", "status": "paid"} for i in ids]
+        return httpx.Response(200, json={"object": "list", "url": "/v1/invoices", "has_more": has_more, "data": invoices})
+
+    route = stripe_api.get("/v1/invoices").mock(
+        side_effect=[_error(429, "invalid_request_error", "Too many requests"), page(["in_2"], True), page(["in_1"], False)]
+    )
+
+    assert [i["id"] for i in gateway.iterate_customer_paid_invoices("cus_1")] == ["in_2", "in_1"]
+    first = {"customer": "cus_1", "status": "paid", "limit": str(PAGE_SIZE)}
+    sent = [dict(call.request.url.params) for call in route.calls]
+    assert sent == [first, first, {**first, "starting_after": "in_2"}]

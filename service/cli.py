@@ -31,9 +31,8 @@ from sqlalchemy.exc import OperationalError
 from jobs import reconcile as reconcile_job
 from jobs import report
 from jobs import worker as inbox_worker
-from service import accounts, ledger, logs, runtime
+from service import accounts, audit, ledger, logs, runtime, support_cli, usage
 from service import demo as demo_story
-from service import audit, support_cli
 from service.accounts import AccountNotFound
 from service.api import create_app
 from service.catalogue import CatalogueError
@@ -41,8 +40,8 @@ from service.config import Settings
 from service.db import make_engine, transaction
 from service.migrate import upgrade
 from service.models import StripeEvent, utcnow
+from service.schemas import aware_utc, balance_view, entry_view
 from webhooks import dispatch, inbox
-from service.schemas import _aware_utc, balance_view, entry_view
 
 app = typer.Typer(
     name="credits",
@@ -157,7 +156,7 @@ def grant(
             key=f"grant:{acct.public_id}:{key}",
             reason=reason,
             actor=actor,
-            expires_at=_aware_utc(expires_at) if expires_at else None,
+            expires_at=aware_utc(expires_at) if expires_at else None,
         )
         total = ledger.balance(session, acct)
         entry_key = posted.entry.idempotency_key
@@ -168,6 +167,38 @@ def grant(
         )
     verb = "granted" if posted.created else "already granted (same idempotency key); nothing changed"
     out.print(f"{acct.public_id}: {verb} {amount} credits; balance {total} (entry {posted.entry.id})")
+
+
+@app.command(name="usage")
+def show_usage(
+    account: Annotated[str, typer.Argument(help="Account id or Stripe customer id.")],
+    period: Annotated[str, typer.Option(help="current or previous billing period.")] = "current",
+    as_json: AsJson = False,
+) -> None:
+    """Credits granted, spent (by action and member), expired, reversed and remaining in a billing period."""
+    if period not in ("current", "previous"):
+        raise typer.BadParameter("must be current or previous", param_hint="--period")
+    rt = runtime.load()
+    with transaction(rt.sessions) as session:
+        view = usage.report(session, rt.catalogue, accounts.get(session, account), period)
+    if as_json:
+        _print_json(view)
+        return
+    span = f"{view['period']['start'][:10]} → {view['period']['end'][:10]}"
+    table = Table("", "credits", title=f"{view['account_id']}: {period} period {span}")
+    for source, amount in sorted(view["granted"].items()):
+        table.add_row(f"granted ({source})", str(amount))
+    for action, amount in sorted(view["spent"]["by_action"].items()):
+        table.add_row(f"spent on {action}", str(amount))
+    for who, amount in sorted(view["spent"]["by_member"].items()):
+        table.add_row(f"spent by {who}", str(amount))
+    table.add_row("expired", str(view["expired"]))
+    table.add_row("reversed", str(view["reversed"]))
+    table.add_row("[bold]remaining[/bold]", f"[bold]{view['remaining']}[/bold]")
+    if view["monthly_goal"]:
+        goal = view["monthly_goal"]
+        table.add_row("monthly goal per member", f"{goal['credits_per_member_per_month']} ({goal['members']} members, {goal['months_left']} months left)")
+    out.print(table)
 
 
 @app.command()
@@ -240,8 +271,8 @@ def reconcile(
     fix: Annotated[bool, typer.Option("--fix", help="Repair what is safe through the normal handlers.")] = False,
 ) -> None:
     """Compare Stripe with the ledger; exit 0 when clean, 1 when findings remain, 2 on error."""
-    end = _aware_utc(until) if until else utcnow()
-    start = _aware_utc(since) if since else end - timedelta(days=3)
+    end = aware_utc(until) if until else utcnow()
+    start = aware_utc(since) if since else end - timedelta(days=3)
     if start >= end:
         raise typer.BadParameter("--since must be before --until", param_hint="--since")
     rt = runtime.load()

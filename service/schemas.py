@@ -15,14 +15,14 @@ from service.models import Account, Grant, LedgerEntry
 MAX_AMOUNT = 10**12
 
 
-def _aware_utc(value: datetime) -> datetime:
+def aware_utc(value: datetime) -> datetime:
     """Naive timestamps are taken as UTC; all are normalised to UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT, description="Credits, a positive integer.")]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
-UTCDatetime = Annotated[datetime, AfterValidator(_aware_utc)]
+UTCDatetime = Annotated[datetime, AfterValidator(aware_utc)]
 
 
 class _Body(BaseModel):

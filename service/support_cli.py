@@ -24,7 +24,7 @@ from jobs import refill_free as refill_job
 from service import accounts, audit, rollover, runtime
 from service.db import transaction
 from service.models import utcnow
-from service.schemas import _aware_utc
+from service.schemas import aware_utc
 
 backfill = typer.Typer(help="Repair one support case by hand: a dry run unless --apply.", no_args_is_help=True)
 rollover_app = typer.Typer(help="Support's levers on the rollover policy.", no_args_is_help=True)
@@ -94,7 +94,7 @@ def rollover_extend(
     force: Annotated[bool, typer.Option("--force", help="Grant another although the account had one.")] = False,
 ) -> None:
     """Grant the one-time rollover extension: the next renewal keeps what it would cut, until --until."""
-    until = _aware_utc(until)
+    until = aware_utc(until)
     with transaction(runtime.load().sessions) as session:
         acct = accounts.get(session, account)
         try:

@@ -173,3 +173,11 @@ def test_an_annual_plan_shows_a_monthly_goal_per_member(client, admin_headers, d
     goal = client.get("/v1/accounts/acct_1/usage").json()["monthly_goal"]
     assert goal == {"credits_per_member_per_month": 60000 // 3 // 12, "members": 3, "months_left": 12}
     assert state(sessions, "acct_1")[0] == [("grant", 60000, "invoice:in_y")]
+
+
+def test_credits_usage_prints_the_period_as_a_table(client, funded, run) -> None:  # type: ignore[no-untyped-def]
+    spend(client, {"action": "postcard_us", "quantity": 4})
+    code, out, _ = run("usage", "acct_1")
+    assert code == 0
+    assert "granted (admin)" in out and "spent on postcard_us" in out and "remaining" in out and "96" in out
+    assert run("usage", "acct_1", "--period", "someday")[0] == 2

@@ -13,13 +13,14 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Securit
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from service import accounts, findings, idempotency, ledger, logs, referrals, spending, usage
+from service import accounts, findings, idempotency, ledger, logs, metrics, referrals, spending, usage
 from service.accounts import AccountNotFound
 from service.db import transaction
 from service.models import utcnow
@@ -389,14 +390,59 @@ async def request_context(request: Request, call_next: Callable[[Request], Await
     return response
 
 
+@health.get("/metrics", include_in_schema=False)
+def get_metrics(request: Request, creds: Credentials, rt: RuntimeDep) -> Response:
+    """Prometheus metrics; behind METRICS_TOKEN when one is set."""
+    token = rt.settings.metrics_token
+    if token is not None and (creds is None or not _matches(creds.credentials, token)):
+        raise ApiError(401, "unauthorized", "Authorization: Bearer $METRICS_TOKEN is required")
+    return Response(metrics.exposition(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+MAX_BODY = 1024 * 1024
+
+
+class BodyLimit:
+    """Refuse request bodies over 1 MiB with 413 before anything reads them (declared or streamed)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            await _error(413, "body_too_large", "request bodies are limited to 1 MiB")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:
+                raise ApiError(413, "body_too_large", "request bodies are limited to 1 MiB")
+            return message  # type: ignore[no-any-return]
+
+        await self.app(scope, limited, send)
+
+
 def create_app(rt: Runtime) -> FastAPI:
-    """The ASGI app for a loaded runtime."""
+    """The ASGI app for a loaded runtime; refuses tokens that would let the API token act as admin."""
+    problem = rt.settings.token_problem()
+    if problem:
+        raise ValueError(problem)
     app = FastAPI(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.")
     app.state.runtime = rt
+    app.state.metrics = CollectorRegistry()
+    app.state.metrics.register(metrics.DatabaseCollector(rt.sessions, rt.settings.inbox_alert_seconds))
     install_error_handlers(app)
     app.middleware("http")(request_context)
     app.include_router(health)
     app.include_router(v1)
     app.include_router(admin)
     app.include_router(webhooks_router)
+    app.add_middleware(BodyLimit)
     return app

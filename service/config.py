@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     credits_admin_token: SecretStr | None = None
     referral_link_base: str = "https://example.com/r/"
     log_format: str = "auto"
+    metrics_token: SecretStr | None = None
+    inbox_alert_seconds: float = 300.0
     worker_max_attempts: int = 8
     worker_backoff_seconds: float = 30.0
 

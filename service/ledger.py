@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from service import accounts, logs, periods
+from service import accounts, logs, metrics, periods
 from service.db import insert
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
@@ -98,6 +98,7 @@ def grant(
     accounts.lock(session, account)
     posted = _post(session, account, "grant", amount, key, reason, actor, {"source": source, **(meta or {})}, now)
     if posted.created:
+        metrics.count_credits(session, "grant", source, amount)
         session.add(
             Grant(
                 account_id=account.id,
@@ -242,6 +243,7 @@ def _debit(
         return posted
     column = DEBIT_COLUMNS[kind]
     for g, part in parts:
+        metrics.count_credits(session, kind, g.source, part)
         session.add(Allocation(entry_id=posted.entry.id, grant_id=g.id, amount=part))
         g.remaining -= part
         setattr(g, column, getattr(g, column) + part)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import catalogue
+from service import catalogue, metrics
 from service.catalogue import Catalogue
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
@@ -33,4 +33,4 @@ def load(settings: Settings | None = None) -> Runtime:
     settings = settings or Settings()
     cat = catalogue.load(settings.credits_config)
     engine = make_engine(settings.database_url)
-    return Runtime(settings, cat, engine, make_sessionmaker(engine), StripeGateway(settings))
+    return Runtime(settings, cat, engine, make_sessionmaker(engine), StripeGateway(settings, on_retry=metrics.stripe_retry))

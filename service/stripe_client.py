@@ -16,6 +16,7 @@ import stripe
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.wait import WaitBaseT
 
+from service import metrics
 from service.config import Settings
 
 # The API version this SDK release was generated for; pinning it means a dashboard default change cannot
@@ -159,7 +160,13 @@ class StripeGateway:
             params = {**params, "starting_after": page.data[-1].id}
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._retrying(fn, *args)
+        try:
+            result = self._retrying(fn, *args)
+        except Exception:
+            metrics.STRIPE_CALLS.labels("error").inc()
+            raise
+        metrics.STRIPE_CALLS.labels("ok").inc()
+        return result
 
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

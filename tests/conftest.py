@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from tenacity import wait_none
 
-from service import catalogue, cli
+from service import catalogue, cli, metrics
 from service.api import create_app
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
@@ -125,7 +125,7 @@ def settings(engine: Engine) -> Settings:
 
 @pytest.fixture
 def rt(settings: Settings, engine: Engine) -> Runtime:
-    gateway = StripeGateway(settings, retry_wait=wait_none())
+    gateway = StripeGateway(settings, retry_wait=wait_none(), on_retry=metrics.stripe_retry)
     return Runtime(settings, catalogue.load(settings.credits_config), engine, make_sessionmaker(engine), gateway)
 
 

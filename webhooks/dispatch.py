@@ -7,12 +7,13 @@ request that received the event (right after its 2xx), the worker, and `credits 
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from service import logs
+from service import logs, metrics
 from service.db import transaction
 from service.models import StripeEvent, utcnow
 from service.runtime import Runtime
@@ -27,16 +28,21 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
     there was nothing to do (already handled, or another process holds it)."""
     now = now or utcnow()
     structlog.contextvars.bind_contextvars(event_id=event_id)
+    started, event_type = time.perf_counter(), "unknown"
     try:
         with transaction(rt.sessions) as session:
             event = inbox.claim(session, event_id, any_status=replay)
             if event is None:
                 return None
-            structlog.contextvars.bind_contextvars(event_type=event.type)
+            event_type = event.type
+            structlog.contextvars.bind_contextvars(event_type=event_type)
             status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
             inbox.finish(event, status, outcome, now)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried, none may be lost
-        return _failed(rt, event_id, exc, now)
+        failed = _failed(rt, event_id, exc, now)
+        metrics.PROCESSING.labels(event_type, failed or "unrecorded").observe(time.perf_counter() - started)
+        return failed
+    metrics.PROCESSING.labels(event_type, status).observe(time.perf_counter() - started)
     log.info("event.handled", status=status, outcome=outcome)
     return status
 

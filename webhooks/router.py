@@ -14,9 +14,10 @@ from typing import Any
 import stripe
 from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
-from service import logs
+from service import logs, metrics
 from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
@@ -45,9 +46,15 @@ async def receive(request: Request, background: BackgroundTasks) -> JSONResponse
         body = await _read_capped(request)
         event = _verified_event(body, request.headers.get("stripe-signature"), rt.settings.webhook_secrets)
     except Refused as refused:
+        metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
         log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)
         return JSONResponse({"error": "refused", "message": refused.reason}, status_code=refused.status_code)
-    new = await run_in_threadpool(_store, rt, event)
+    try:
+        new = await run_in_threadpool(_store, rt, event)
+    except DBAPIError:
+        metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
+        raise
+    metrics.WEBHOOKS.labels(event["type"], "stored" if new else "duplicate").inc()
     log.info("webhook.received", event_id=event["id"], event_type=event["type"], duplicate=not new)
     if new:
         background.add_task(dispatch.process, rt, event["id"])

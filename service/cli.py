@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobs import reconcile as reconcile_job
 from jobs import report
@@ -275,13 +275,16 @@ def reconcile(
     start = aware_utc(since) if since else end - timedelta(days=3)
     if start >= end:
         raise typer.BadParameter("--since must be before --until", param_hint="--since")
-    rt = runtime.load()
     try:
+        rt = runtime.load()
         with _progress() as progress:
             task = progress.add_task("scanning", total=None)
             result = reconcile_job.run(rt, start, end, fix=fix, tick=lambda what: progress.update(task, advance=1, description=what))
     except stripe.StripeError as exc:
         err.print(f"error: Stripe could not be read after retries: {type(exc).__name__}: {exc.user_message or exc}")
+        raise typer.Exit(2) from exc
+    except (CatalogueError, DBAPIError) as exc:  # exit 1 means findings; a broken setup must not look like one
+        err.print(f"error: {exc if isinstance(exc, CatalogueError) else 'the database is unavailable'}")
         raise typer.Exit(2) from exc
     rendered = {"json": report.as_json, "markdown": report.as_markdown}.get(fmt.value)
     if output is not None:

@@ -6,7 +6,9 @@ finds the credits it should reverse, and so that an unknown price is a stored, r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -48,6 +50,11 @@ def record(
     payment.product = product or payment.product
     session.flush()
     return payment
+
+
+def recorder(session: Session, payment_id: str, account: Account, **known: Any) -> Callable[..., Payment]:
+    """`record` with the facts already known bound, so a handler only names the outcome (and extras)."""
+    return lambda outcome, **extra: record(session, payment_id, account, outcome=outcome, **known, **extra)
 
 
 def find(session: Session, *, charge: str | None, payment_intent: str | None, invoice: str | None) -> Payment | None:

@@ -41,20 +41,10 @@ def grant_pack(
     account = accounts.lock(session, account)
     key = f"purchase:{purchase.payment_intent}"
 
-    def record(outcome: str, **extra: object) -> None:
-        payments.record(
-            session,
-            purchase.payment_intent,
-            account,
-            kind="purchase",
-            amount=purchase.amount,
-            currency=purchase.currency,
-            payment_intent=purchase.payment_intent,
-            charge=purchase.charge,
-            paid_at=now,
-            outcome=outcome,
-            **extra,  # type: ignore[arg-type]
-        )
+    record = payments.recorder(
+        session, purchase.payment_intent, account, kind="purchase", amount=purchase.amount, currency=purchase.currency,
+        payment_intent=purchase.payment_intent, charge=purchase.charge, paid_at=now,
+    )
 
     if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None:
         record("granted")

@@ -23,7 +23,11 @@ def refill(session: Session, catalogue: Catalogue, account: Account, invoice: In
     key = f"invoice:{invoice.id}"
     if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None:
         return f"already granted ({key})"
-    record = _recorder(session, account, invoice, now)
+    record = payments.recorder(
+        session, invoice.id, account, kind="invoice", amount=invoice.amount_paid, currency=invoice.currency,
+        payment_intent=invoice.payment_intent, charge=invoice.charge, subscription_id=invoice.subscription_id,
+        billing_reason=invoice.billing_reason, paid_at=invoice.paid_at or now,
+    )
     if invoice.amount_paid <= 0:
         record("no_credits", detail="amount_paid is 0 (trial or fully discounted)")
         return "no credits: amount_paid is 0"
@@ -74,26 +78,3 @@ def _granted_for_period(session: Session, account: Account, period_end: datetime
         .where(Grant.account_id == account.id, Grant.source == "plan")
     ).all()
     return sum(amount for amount, meta in rows if (meta or {}).get("period_end") == period_end.isoformat())
-
-
-def _recorder(session: Session, account: Account, invoice: InvoiceFacts, now: datetime):  # type: ignore[no-untyped-def]
-    """Record the invoice's payment row with an outcome (and what else is known by then)."""
-
-    def record(outcome: str, **extra: object) -> None:
-        payments.record(
-            session,
-            invoice.id,
-            account,
-            kind="invoice",
-            amount=invoice.amount_paid,
-            currency=invoice.currency,
-            payment_intent=invoice.payment_intent,
-            charge=invoice.charge,
-            subscription_id=invoice.subscription_id,
-            billing_reason=invoice.billing_reason,
-            paid_at=invoice.paid_at or now,
-            outcome=outcome,
-            **extra,  # type: ignore[arg-type]
-        )
-
-    return record

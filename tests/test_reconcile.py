@@ -275,3 +275,9 @@ def test_open_findings_are_stored_and_listed_for_admins(run, client, admin_heade
 def test_the_window_accepts_iso_timestamps_with_a_zone(run, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run("reconcile", "--since", "2026-11-20T03:17:00Z", "--until", "2026-11-21T03:17:00+00:00")
     assert code == 0 and "2026-11-20T03:17 → 2026-11-21T03:17" in out
+
+
+def test_an_unreachable_database_is_exit_2_not_a_finding(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://root@127.0.0.1:1/none?connect_timeout=1")
+    code, _, err = run("reconcile")
+    assert (code, err.strip()) == (2, "error: the database is unavailable")

@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from enum import Enum
@@ -235,12 +236,16 @@ def demo(
 
         rt = runtime.load(settings)
         upgrade(rt.engine)
-        client: Any = TestClient(create_app(rt))
+        api = create_app(rt)
+        client: Any = TestClient(api)
+        settle = api.state.inline.wait_idle
     else:
         rt, client = runtime.load(settings), httpx.Client(base_url=url, timeout=30)
+        settle = lambda: time.sleep(0.5)  # noqa: E731 - a running service processes within milliseconds
 
     def post(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         response = client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+        settle()  # each step of the story builds on the one before
         return response.status_code, response.json()
 
     account, steps = demo_story.run(rt.catalogue, post, secret, api_token)

@@ -148,7 +148,9 @@ def deliver(client: TestClient):  # type: ignore[no-untyped-def]
              at: int | None = None, header: str | None = None):  # type: ignore[no-untyped-def]
         body = raw if raw is not None else stripe_events.encode(evt or {})
         signature = header if header is not None else stripe_events.sign(body, secret, at)
-        return client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": signature})
+        response = client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": signature})
+        client.app.state.inline.wait_idle()  # the test reads what processing did: wait for it
+        return response
 
     return post
 

@@ -25,34 +25,40 @@ ROOT = Path(__file__).parent.parent
 OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/webhooks/stripe", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
-def sample(text: str, name: str, labels: str = "") -> float:
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """A counter or histogram sample from the process's registry (0 when never incremented)."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def scraped(text: str, name: str, labels: str = "") -> float:
+    """A sample from the /metrics text (for the database-backed gauges)."""
     match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
 def test_metrics_count_deliveries_processing_and_credits(client, deliver) -> None:  # type: ignore[no-untyped-def]
-    before = client.get("/metrics").text
+    names = [("credits_webhook_deliveries_total", {"type": "invoice.paid", "outcome": "stored"}),
+             ("credits_webhook_deliveries_total", {"type": "unverified", "outcome": "refused_400"}),
+             ("credits_credits_total", {"kind": "grant", "source": "plan"}),
+             ("credits_event_processing_seconds_count", {"type": "invoice.paid", "status": "processed"})]
+    before = [sample(name, labels) for name, labels in names]
     invoice = se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
                          subscription_metadata={"account_id": "acct_1"})
     deliver(se.event("invoice.paid", invoice))
     deliver(se.event("invoice.paid", invoice), secret="whsec_wrong")
-    after = client.get("/metrics").text
-    delta = lambda name, labels="": sample(after, name, labels) - sample(before, name, labels)  # noqa: E731
-    assert delta("credits_webhook_deliveries_total", '{outcome="stored",type="invoice.paid"}') == 1
-    assert delta("credits_webhook_deliveries_total", '{outcome="refused_400",type="unverified"}') == 1
-    assert delta("credits_credits_total", '{kind="grant",source="plan"}') == 2000
-    assert delta("credits_event_processing_seconds_count", '{status="processed",type="invoice.paid"}') == 1
-    assert sample(after, "credits_inbox_events", '{status="processed"}') == 1
-    assert "credits_inbox_oldest_pending_seconds 0.0" in after
+    after = [sample(name, labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 2000, 1]
+    text = client.get("/metrics").text
+    assert scraped(text, "credits_inbox_events", '{status="processed"}') == 1
+    assert "credits_inbox_oldest_pending_seconds 0.0" in text
 
 
 def test_stripe_retries_are_counted_and_a_failed_event_shows_in_the_inbox_depth(client, deliver, stripe_api) -> None:  # type: ignore[no-untyped-def]
     stripe_api.get("/v1/customers/cus_9").respond(500, json={"error": {"type": "api_error"}})
-    before = sample(client.get("/metrics").text, "credits_stripe_api_retries_total", '{error="APIError"}')
+    before = sample("credits_stripe_api_retries_total", {"error": "APIError"})
     deliver(se.event("invoice.paid", se.invoice("2025", invoice_id="in_9", customer="cus_9", price="price_starter_monthly", amount_paid=2000)))
-    text = client.get("/metrics").text
-    assert sample(text, "credits_inbox_events", '{status="failed"}') == 1
-    assert sample(text, "credits_stripe_api_retries_total", '{error="APIError"}') - before == 4  # 5 attempts
+    assert scraped(client.get("/metrics").text, "credits_inbox_events", '{status="failed"}') == 1
+    assert sample("credits_stripe_api_retries_total", {"error": "APIError"}) - before == 4  # 5 attempts
 
 
 def test_metrics_can_be_put_behind_a_token(rt: Runtime) -> None:
@@ -67,7 +73,7 @@ def test_an_old_pending_event_logs_a_backlog_warning(rt: Runtime, capsys) -> Non
         inbox.store(s, se.event("invoice.paid", {"object": "invoice", "id": "in_x"}, event_id="evt_old"), utcnow() - timedelta(hours=1))
     logs.configure("json")
     text = TestClient(create_app(rt)).get("/metrics").text
-    assert sample(text, "credits_inbox_oldest_pending_seconds") >= 3600
+    assert scraped(text, "credits_inbox_oldest_pending_seconds") >= 3600
     assert '"event": "inbox.backlog"' in capsys.readouterr().err
 
 
@@ -135,7 +141,7 @@ def test_sql_is_only_built_with_bound_parameters() -> None:
 
 def test_credits_are_counted_only_once_their_transaction_commits(sessions) -> None:  # type: ignore[no-untyped-def]
     def counted() -> float:
-        return REGISTRY.get_sample_value("credits_credits_total", {"kind": "grant", "source": "admin"}) or 0.0
+        return sample("credits_credits_total", {"kind": "grant", "source": "admin"})
 
     before = counted()
     with sessions() as s:

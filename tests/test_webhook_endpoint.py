@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from jobs import worker
 from service.api import create_app
 from service.models import StripeEvent
 from service.runtime import Runtime
@@ -134,6 +135,7 @@ def test_concurrent_duplicate_deliveries_store_and_grant_once(client: TestClient
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         codes = list(pool.map(post, range(8)))
+    client.app.state.inline.wait_idle()
     assert codes == [200] * 8
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(StripeEvent)) == 1
@@ -144,3 +146,17 @@ def test_invoice_paid_and_payment_succeeded_for_one_invoice_grant_once(deliver, 
     deliver(se.event("invoice.paid", starter_invoice()))
     deliver(se.event("invoice.payment_succeeded", starter_invoice()))
     assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
+
+
+def test_a_burst_beyond_the_inline_queue_leaves_events_pending_for_the_worker(client, rt, sessions) -> None:  # type: ignore[no-untyped-def]
+    """The endpoint never waits for processing: what the inline queue cannot take stays pending, and the
+    worker processes it."""
+    client.app.state.inline.queue.maxsize = 1
+    client.app.state.inline.size = 0  # no processing threads: the queue fills at once
+    for n in range(3):
+        evt = se.event("invoice.paid", starter_invoice(invoice_id=f"in_{n}"), event_id=f"evt_{n}")
+        body = se.encode(evt)
+        assert client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)}).status_code == 200
+    assert [status for _, status in stored(sessions)] == ["pending"] * 3
+    assert worker.drain(rt)["processed"] == 3
+    assert [key for _, _, key in state(sessions, "acct_1")[0] if key.startswith("invoice:")] == ["invoice:in_0", "invoice:in_1", "invoice:in_2"]

@@ -1,8 +1,8 @@
 """POST /webhooks/stripe: verify the signature on the raw body, store the event, answer, then process.
 
 The 200 goes out only once the event is committed to the inbox; a database outage is a 503 so Stripe
-retries. Processing starts after the response has been sent, in the same process, so a slow handler or a
-Stripe look-up never delays Stripe's 2xx; anything left unprocessed is the worker's.
+retries. The event is then handed to the process's inline processor (webhooks/inline.py), so a slow
+handler or a Stripe look-up never delays Stripe's 2xx; anything left unprocessed is the worker's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import stripe
-from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +21,7 @@ from service import logs, metrics
 from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
-from webhooks import dispatch, inbox
+from webhooks import inbox
 
 MAX_BODY = 1024 * 1024
 TOLERANCE_SECONDS = 300
@@ -39,7 +39,7 @@ class Refused(Exception):
 
 
 @router.post("/webhooks/stripe", responses={400: {"description": "bad signature or body"}, 503: {"description": "retry"}})
-async def receive(request: Request, background: BackgroundTasks) -> JSONResponse:
+async def receive(request: Request) -> JSONResponse:
     """Stripe's webhook endpoint (signed with STRIPE_WEBHOOK_SECRET)."""
     rt: Runtime = request.app.state.runtime
     try:
@@ -57,7 +57,7 @@ async def receive(request: Request, background: BackgroundTasks) -> JSONResponse
     metrics.WEBHOOKS.labels(event["type"], "stored" if new else "duplicate").inc()
     log.info("webhook.received", event_id=event["id"], event_type=event["type"], duplicate=not new)
     if new:
-        background.add_task(dispatch.process, rt, event["id"])
+        request.app.state.inline.submit(event["id"])
     return JSONResponse({"received": True, "duplicate": not new})
 
 

@@ -1,0 +1,76 @@
+"""The database's own limit for one durable insert per event: pgbench, same payload, same concurrency.
+
+A table equivalent to the inbox's core (id text primary key, payload jsonb, status text, created timestamptz)
+and a custom script (`-f`) that inserts the benchmark's own event body as JSONB, one autocommitted
+transaction per event, with ON CONFLICT (id) DO NOTHING as the service's insert has.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+TABLE = "bench_pgbench_events"
+DDL = f"CREATE TABLE {TABLE} (id text PRIMARY KEY, payload jsonb NOT NULL, status text NOT NULL, created timestamptz NOT NULL)"
+
+
+def find_pgbench() -> str | None:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+def script(payload: bytes) -> str:
+    """The pgbench script: one INSERT of `payload` (as a SQL literal) under a fresh id."""
+    literal = payload.decode().replace("'", "''")
+    return (
+        f"INSERT INTO {TABLE} (id, payload, status, created)\n"
+        f"VALUES ('evt_pgb_' || gen_random_uuid(), '{literal}'::jsonb, 'pending', now())\n"
+        f"ON CONFLICT (id) DO NOTHING;\n"
+    )
+
+
+def run(conninfo: dict[str, Any], workdir: Path, payload: bytes, transactions: int, clients: int,
+        threads: int = 2, timeout: float = 120.0) -> dict[str, Any]:
+    """Create the table, run pgbench, and return its TPS and latency with the exact command."""
+    exe = find_pgbench()
+    if exe is None:
+        return {"error": "pgbench not found"}
+    with psycopg.connect(autocommit=True, **conninfo) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        conn.execute(DDL)
+    path = workdir / "pgbench_insert.sql"
+    path.write_text(script(payload))
+    per_client = max(1, math.ceil(transactions / clients))
+    command = [exe, "-n", "-h", conninfo["host"], "-p", str(conninfo["port"]), "-U", conninfo["user"],
+               "-c", str(clients), "-j", str(threads), "-t", str(per_client), "-f", str(path), conninfo["dbname"]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    out = done.stdout + done.stderr
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    latency = re.search(r"latency average = ([\d.]+) ms", out)
+    processed = re.search(r"number of transactions actually processed: (\d+)", out)
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    with psycopg.connect(autocommit=True, **conninfo) as conn:
+        rows = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]  # type: ignore[index]
+    return {
+        "command": shlex.join(command),
+        "script": str(path),
+        "exit_code": done.returncode,
+        "tps": float(tps[1]) if tps else None,
+        "latency_avg_ms": float(latency[1]) if latency else None,
+        "transactions": int(processed[1]) if processed else None,
+        "failed": int(failed[1]) if failed else 0,
+        "rows": rows,
+        "clients": clients,
+        "threads": threads,
+        "output_tail": "\n".join(out.strip().splitlines()[-6:]) if done.returncode else None,
+    }

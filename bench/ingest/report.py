@@ -1,0 +1,329 @@
+"""Figures, ratios and targets of an ingest run: the table printed at the end and the README section."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The targets the README states, from the project's issues.
+TARGET_THROUGHPUT_NOW = 1.0    # issue 3: ours >= 1x the minimal handler's throughput
+TARGET_THROUGHPUT_LATER = 2.0  # issue 8: ours >= 2x the minimal handler's throughput ...
+TARGET_P99_MS = 25.0           # ... and p99 <= 25 ms at 500 req/s
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def _get(results: dict[str, Any], *path: str) -> dict[str, Any]:
+    node: Any = results
+    for key in path:
+        node = (node or {}).get(key) if isinstance(node, dict) else None
+    return node or {}
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    ours, ref = _get(results, "closed", "targets", "service"), _get(results, "closed", "targets", "reference")
+    ours_open, ref_open = _get(results, "open", "targets", "service"), _get(results, "open", "targets", "reference")
+    pg, durable = _get(results, "pgbench"), _get(results, "durability")
+    ingest, info = _get(results, "diagnostics", "ingest_only"), _get(results, "diagnostics", "info_logs")
+    throughput_ratio = _ratio(ours.get("throughput_rps"), ref.get("throughput_rps"))
+    p99 = ours_open.get("p99_ms")
+    open_complete = bool(ours_open) and ours_open.get("accepted") == ours_open.get("sent") and not ours_open.get(
+        "abandoned_at_max_seconds")
+    open_sustained = open_complete and (ours_open.get("throughput_rps") or 0) >= 0.95 * (ours_open.get("send_rate") or 1)
+    return {
+        "throughput_vs_reference": throughput_ratio,
+        "throughput_vs_pgbench": _ratio(ours.get("throughput_rps"), pg.get("tps")),
+        "reference_vs_pgbench": _ratio(ref.get("throughput_rps"), pg.get("tps")),
+        "p50_vs_reference": _ratio(ours.get("p50_ms"), ref.get("p50_ms")),
+        "p99_vs_reference": _ratio(ours.get("p99_ms"), ref.get("p99_ms")),
+        "open_p99_vs_reference": _ratio(p99, ref_open.get("p99_ms")) if open_sustained else None,
+        "cpu_per_event_vs_reference": _ratio(ours.get("server_cpu_ms_per_event"), ref.get("server_cpu_ms_per_event")),
+        "ingest_only_vs_reference": _ratio(ingest.get("throughput_rps"), _get(ingest, "reference").get("throughput_rps")),
+        "info_logs_vs_warning": _ratio(info.get("throughput_rps"), _get(info, "warning").get("throughput_rps")),
+        "rounds_ratio": [_ratio(a, b) for a, b in zip(ours.get("rounds_rps") or [], ref.get("rounds_rps") or [])],
+        "open_sustained": open_sustained,
+        "durable": all(d.get("rows_equal_accepted") and d.get("drained") for d in durable.values()) if durable else None,
+        "target_issue3_met": throughput_ratio is not None and throughput_ratio >= TARGET_THROUGHPUT_NOW,
+        "target_issue8_throughput_met": throughput_ratio is not None and throughput_ratio >= TARGET_THROUGHPUT_LATER,
+        "target_issue8_p99_met": open_complete and p99 is not None and p99 <= TARGET_P99_MS,
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 100_000:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value:,}"
+    if isinstance(value, float):
+        value = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return f"{value}{unit}"
+
+
+def _met(flag: bool | None) -> str:
+    return "met" if flag else "**not met**"
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, service, reference, ratio) rows shared by the terminal table and the README."""
+    d = results.get("derived") or {}
+    ours, ref = _get(results, "closed", "targets", "service"), _get(results, "closed", "targets", "reference")
+    ours_open, ref_open = _get(results, "open", "targets", "service"), _get(results, "open", "targets", "reference")
+    pg = _get(results, "pgbench")
+    closed, opened = _get(results, "durability", "closed"), _get(results, "durability", "open")
+    rate = _fmt(_get(results, "open").get("rate_target"))
+    out = [
+        ("closed loop: accepted 2xx/s", _fmt(ours.get("throughput_rps")), f"minimal {_fmt(ref.get('throughput_rps'))}",
+         _fmt(d.get("throughput_vs_reference"), "×")),
+        ("closed loop: p50 latency", _fmt(ours.get("p50_ms"), " ms"), f"minimal {_fmt(ref.get('p50_ms'), ' ms')}",
+         _fmt(d.get("p50_vs_reference"), "×")),
+        ("closed loop: p99 latency", _fmt(ours.get("p99_ms"), " ms"), f"minimal {_fmt(ref.get('p99_ms'), ' ms')}",
+         _fmt(d.get("p99_vs_reference"), "×")),
+        ("closed loop: events sent (accepted)", f"{ours.get('sent')} ({ours.get('accepted')})",
+         f"minimal {ref.get('sent')} ({ref.get('accepted')})", ""),
+        ("server CPU per accepted event", _fmt(ours.get("server_cpu_ms_per_event"), " ms"),
+         f"minimal {_fmt(ref.get('server_cpu_ms_per_event'), ' ms')}", _fmt(d.get("cpu_per_event_vs_reference"), "×")),
+        ("durable inserts/s", _fmt(ours.get("throughput_rps")), f"pgbench {_fmt(pg.get('tps'))} tps",
+         _fmt(d.get("throughput_vs_pgbench"), "×")),
+        (f"open loop {rate} req/s: p50", _fmt(ours_open.get("p50_ms"), " ms"),
+         f"minimal {_fmt(ref_open.get('p50_ms'), ' ms')}", ""),
+        (f"open loop {rate} req/s: p99", _fmt(ours_open.get("p99_ms"), " ms"),
+         f"minimal {_fmt(ref_open.get('p99_ms'), ' ms')}", _fmt(d.get("open_p99_vs_reference"), "×")),
+        (f"open loop {rate} req/s: answered/s", _fmt(ours_open.get("throughput_rps")),
+         f"minimal {_fmt(ref_open.get('throughput_rps'))}", "sustained" if d.get("open_sustained") else "NOT sustained"),
+        ("stored rows = accepted (closed; open)", f"{closed.get('rows')}={closed.get('accepted')}; "
+         f"{opened.get('rows')}={opened.get('accepted')}", "", "yes" if d.get("durable") else "NO"),
+        ("processed end to end, events/s (closed)", _fmt(closed.get("end_to_end_events_per_s")),
+         f"backlog at load end {closed.get('backlog_at_load_end')}", f"drained in {_fmt(closed.get('drain_wait_seconds'), ' s')}"),
+        ("backlog after the open loop", f"{opened.get('backlog_at_load_end')} events",
+         f"drained in {_fmt(opened.get('drain_wait_seconds'), ' s')}", ""),
+    ]
+    ingest = _get(results, "diagnostics", "ingest_only")
+    alone = _get(results, "diagnostics", "processing_alone")
+    info = _get(results, "diagnostics", "info_logs")
+    if ingest:
+        iref = _get(ingest, "reference")
+        out.append(("diagnostic: ingest path alone, 2xx/s", _fmt(ingest.get("throughput_rps")),
+                    f"minimal {_fmt(iref.get('throughput_rps'))}", _fmt(d.get("ingest_only_vs_reference"), "×")))
+        out.append(("diagnostic: ingest path alone, CPU/event", _fmt(ingest.get("server_cpu_ms_per_event"), " ms"),
+                    f"minimal {_fmt(iref.get('server_cpu_ms_per_event'), ' ms')}",
+                    _fmt(_ratio(ingest.get("server_cpu_ms_per_event"), iref.get("server_cpu_ms_per_event")), "×")))
+    if alone:
+        out.append(("diagnostic: processing alone, events/s", _fmt(alone.get("events_per_s")),
+                    f"{_fmt(alone.get('cpu_ms_per_event'), ' ms')} CPU, {_fmt(alone.get('sql_statements_per_event'))} SQL/event",
+                    "1 worker"))
+    if info:
+        out.append(("diagnostic: default INFO logs, 2xx/s", _fmt(info.get("throughput_rps")),
+                    f"WARNING {_fmt(_get(info, 'warning').get('throughput_rps'))}",
+                    _fmt(d.get("info_logs_vs_warning"), "×")))
+        out.append(("diagnostic: INFO logs per event", f"{_fmt(info.get('log_lines_per_event'))} lines, "
+                    f"{info.get('log_bytes_per_event')} B", "", ""))
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    d = results.get("derived") or {}
+    lines = [("figure", "service", "reference", "ratio"), *rows(results)]
+    widths = [max(len(row[i]) for row in lines) for i in range(4)]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    text += [
+        "",
+        f"issue 3 (throughput >= 1x minimal): {_met(d.get('target_issue3_met'))}; issue 8 (>= 2x minimal: "
+        f"{_met(d.get('target_issue8_throughput_met'))}; p99 <= 25 ms at 500 req/s: {_met(d.get('target_issue8_p99_met'))})",
+        f"per-round throughput ratios: {d.get('rounds_ratio')}; run took {results.get('duration_seconds')} s; "
+        f"files in {results.get('workdir')}",
+    ]
+    prof = results.get("profile") or {}
+    if prof.get("by_stage"):
+        text.append("profile by stage: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_stage"]))
+        text.append("profile by library: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_library"]))
+    elif prof.get("error"):
+        text.append(f"profile: {prof['error'].strip()[:200]}")
+    return "\n".join(text).replace("**", "")
+
+
+# ---------------------------------------------------------------------------------------------- README
+
+
+def _pct(pairs: list[list[Any]] | list[tuple[str, float]], limit: int = 6) -> str:
+    return "; ".join(f"{label} **{pct}%**" for label, pct in list(pairs)[:limit])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README section for this run: figures, commands, ratios, targets, profile, what limits it."""
+    d = results.get("derived") or {}
+    closed, opened = _get(results, "closed"), _get(results, "open")
+    ours, ref = _get(closed, "targets", "service"), _get(closed, "targets", "reference")
+    ours_open = _get(opened, "targets", "service")
+    pg, prof = _get(results, "pgbench"), _get(results, "profile")
+    drained = _get(results, "durability", "closed")
+    ingest, alone = _get(results, "diagnostics", "ingest_only"), _get(results, "diagnostics", "processing_alone")
+    info = _get(results, "diagnostics", "info_logs")
+    args = results.get("args") or {}
+    out = ["## Ingest: `POST /webhooks/stripe`", ""]
+    out += [
+        f"Produced by `{results.get('command', 'python -m bench.ingest')}` (all of it in {results.get('duration_seconds')} s), "
+        f"{results.get('started')}. Each event is a distinct, correctly signed `invoice.paid` "
+        f"(~{closed.get('body_bytes')} bytes, pretty-printed as Stripe sends it, built with tests/stripe_events.py) for an "
+        "account of its own, so the service's processing does a first invoice's real work: create and link the "
+        "account, lock it, record the payment, apply the rollover policy, post the plan grant, mark the event.",
+        "",
+        "| figure | service | reference | ratio |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {a} | {b} | {c} | {r} |" for a, b, c, r in rows(results)]
+    out += [
+        "",
+        "**Targets.** "
+        f"Issue 3, throughput ≥ 1× the minimal handler's: {_met(d.get('target_issue3_met'))} "
+        f"({_fmt(d.get('throughput_vs_reference'), '×')}). "
+        f"Issue 8, ≥ 2×: {_met(d.get('target_issue8_throughput_met'))}; p99 ≤ 25 ms at 500 req/s: "
+        f"{_met(d.get('target_issue8_p99_met'))} (p99 {_fmt(ours_open.get('p99_ms'), ' ms')}"
+        + ("" if d.get("open_sustained") else
+           f"; the service answers only {_fmt(ours_open.get('throughput_rps'))}/s of the 500/s offered, so the queue — "
+           "and the latency measured from each request's scheduled time — grows for as long as the load lasts; "
+           "the figure depends on the window and only says the rate is not sustainable") + ").",
+        "",
+        "### How each figure was produced",
+        "",
+        f"- Servers, each its own process, one uvicorn worker, loop `{_get(results, 'machine').get('uvicorn_loop')}`, "
+        f"HTTP `{_get(results, 'machine').get('uvicorn_http')}` (the `auto` choice; uvloop/httptools are not installed), "
+        f"no access log: the service `{_get(results, 'servers').get('service')}` (the real "
+        "`service.api.create_app(service.runtime.load(Settings()))`; structlog at WARNING, see the INFO-logs row) and "
+        f"the reference `{_get(results, 'servers').get('reference')}` (FastAPI, one route that only calls "
+        "`stripe.Webhook.construct_event(body, header, secret, tolerance=300)` and answers 200). Environment: "
+        f"`{_get(results, 'servers').get('environment')}`.",
+        f"- Closed loop (both targets, same generator process, A B A B in {closed.get('rounds')} rounds, "
+        f"{closed.get('warmup')} unmeasured events per target first; at most {args.get('requests')} events or "
+        f"{args.get('phase_seconds')} s per target): `{closed.get('command')}`. Per-round throughput ratios: "
+        f"{d.get('rounds_ratio')}.",
+        f"- Open loop ({_fmt(opened.get('rate_target'))} req/s for {args.get('rate_seconds')} s per target, latency from "
+        f"each request's scheduled send time): `{opened.get('command')}`.",
+        f"- Durability: after each load, `stripe_events` rows with the phase's id prefix are counted against the 2xx "
+        f"answers, then polled every 0.25 s (at most {args.get('drain_timeout')} s) until none is pending; the "
+        "end-to-end rate is processed events / (last `processed_at` − first `received_at`). Ledger check: "
+        f"{drained.get('plan_grants')} plan grants for {drained.get('rows')} events.",
+        f"- pgbench (table `id text primary key, payload jsonb, status text, created timestamptz`; the script inserts "
+        f"the same ~{closed.get('body_bytes')}-byte body as JSONB under a fresh id, ON CONFLICT DO NOTHING, one "
+        f"autocommitted transaction each; server settings: "
+        f"{', '.join(f'{k} = {v}' for k, v in _get(results, 'machine', 'postgresql_settings').items())}): "
+        f"`{pg.get('command')}` → {_fmt(pg.get('tps'))} tps, "
+        f"{_fmt(pg.get('latency_avg_ms'), ' ms')} average latency.",
+    ]
+    if ingest:
+        out.append(f"- Diagnostic, the ingest path alone: the same service with `--defer-processing` (its background task "
+                   f"does nothing, the events stay pending), taking turns with the reference: `{ingest.get('server')}`, "
+                   f"loaded by `{ingest.get('command')}`.")
+    if alone:
+        out.append(f"- Diagnostic, the processing alone: that backlog drained by `jobs.worker.drain` in a process of its "
+                   f"own: `{alone.get('command')}` → {alone.get('events')} events in {alone.get('seconds')} s.")
+    if info:
+        out.append(f"- Diagnostic, the service's default logging (INFO, JSON to stderr, here a file): `{info.get('server')}`, "
+                   f"taking turns with the measured (WARNING) service, loaded by `{info.get('command')}`.")
+    if prof.get("command"):
+        ref_prof = _get(results, "profile_reference")
+        out.append(f"- Profile (by stage: the outermost pipeline step found in the stack; by library: the innermost "
+                   f"frame's package): `{prof.get('command')}` while `{_get(prof, 'load').get('command')}` ran "
+                   f"({prof.get('samples')} GIL samples, {_get(prof, 'sampler').get('errors', '?')} sampling errors; "
+                   f"py-spy pauses the process per sample, so this phase's own throughput, "
+                   f"{_fmt(_get(prof, 'load', 'targets', 'service').get('throughput_rps'))}/s, is not a figure)"
+                   + (f"; the reference: `{ref_prof.get('command')}` ({ref_prof.get('samples')} samples)."
+                      if ref_prof.get("command") else "."))
+    m = _get(results, "machine")
+    out += [
+        "",
+        "### Machine",
+        "",
+        f"{m.get('nproc')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, Linux {m.get('kernel')}; "
+        f"PostgreSQL {m.get('postgresql')} on 127.0.0.1 (shared_buffers {_get(m, 'postgresql_settings').get('shared_buffers')}); "
+        f"Python {m.get('python')}; {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}. "
+        f"Date {results.get('started')}. The servers, the load generator and PostgreSQL share these cores, and so do "
+        f"other tenants: the machine was {_pct_of(m.get('cpu_busy_before_start'))} busy before the run started "
+        f"(load average {' '.join(m.get('loadavg_at_start') or [])}), which is why the targets take turns "
+        "(A B A B) and why only ratios measured in the same run are compared.",
+        "",
+        "### What limits it",
+        "",
+    ]
+    out.append(limits(results))
+    return "\n".join(out) + "\n"
+
+
+def _pct_of(value: float | None) -> str:
+    return "—" if value is None else f"{round(100 * value)}%"
+
+
+def limits(results: dict[str, Any]) -> str:
+    d = results.get("derived") or {}
+    ours, ref = _get(results, "closed", "targets", "service"), _get(results, "closed", "targets", "reference")
+    drained = _get(results, "durability", "closed")
+    ingest, alone = _get(results, "diagnostics", "ingest_only"), _get(results, "diagnostics", "processing_alone")
+    info, prof = _get(results, "diagnostics", "info_logs"), _get(results, "profile")
+    util = ours.get("server_cpu_util") or 0.0
+    bound = ("so it is bound by one interpreter's CPU and GIL, not by PostgreSQL" if util >= 0.8 else
+             "so it is not CPU-bound: the rest of the time it waits (on PostgreSQL, on its own thread pool and "
+             "connection pool, or for a core on this shared machine); PostgreSQL itself is far from its limit")
+    parts = [
+        f"The service runs in one process: the server used {_fmt(ours.get('server_cpu_util'))} of a core under the "
+        f"closed loop ({_fmt(ours.get('server_cpu_ms_per_event'), ' ms')} of CPU per accepted event, against "
+        f"{_fmt(ref.get('server_cpu_ms_per_event'), ' ms')} for the minimal handler; "
+        f"{_pct_of(ours.get('server_cpu_system_share'))} of it in the kernel against "
+        f"{_pct_of(ref.get('server_cpu_system_share'))} — thread hand-offs between the event loop and the ~40 "
+        f"pool threads, and the round trips to PostgreSQL), {bound} "
+        f"(pgbench does {_fmt(_get(results, 'pgbench').get('tps'))} of these inserts per second)."
+        " Each webhook's processing (`webhooks.dispatch.process`: claim, handler, ledger, mark) runs right after its "
+        "2xx as a Starlette background task in that same process, on the same anyio thread pool as the request's "
+        "own `_store`, so under a sustained burst the accepting rate cannot outrun the processing rate: "
+        f"{_fmt(ours.get('throughput_rps'))} accepted/s against {_fmt(drained.get('end_to_end_events_per_s'))} "
+        f"processed/s end to end, with a backlog of {drained.get('backlog_at_load_end')} when the load stopped.",
+    ]
+    if ingest and alone:
+        parts.append(
+            f"Split apart, the ingest path alone (verify, one INSERT … ON CONFLICT in its own transaction, answer) "
+            f"takes {_fmt(ingest.get('server_cpu_ms_per_event'), ' ms')} of CPU per event and reaches "
+            f"{_fmt(ingest.get('throughput_rps'))}/s ({_fmt(d.get('ingest_only_vs_reference'), '×')} the minimal handler "
+            "measured in turn with it); "
+            f"the processing alone, one worker thread, runs at {_fmt(alone.get('events_per_s'))} events/s with "
+            f"{_fmt(alone.get('cpu_ms_per_event'), ' ms')} of CPU and {_fmt(alone.get('sql_statements_per_event'))} "
+            "SQL statements per event"
+            + (" — the larger share of the cost." if (alone.get("cpu_ms_per_event") or 0) > (ingest.get("server_cpu_ms_per_event") or 0)
+               else ".")
+        )
+    if prof.get("by_stage"):
+        parts.append(
+            f"The py-spy profile (GIL-holding samples of the service under the closed loop) agrees — by stage: "
+            f"{_pct(prof['by_stage'])}; by library (innermost frame): {_pct(prof['by_library'], 8)}. The "
+            "“HTTP/ASGI machinery” share is the request path outside the service's own functions: uvicorn and h11, "
+            "Starlette's middleware stack — including the `BaseHTTPMiddleware` plumbing (a task group and memory "
+            "streams per request) behind `app.middleware(\"http\")(request_context)` — FastAPI's routing and "
+            "dependencies, and two thread-pool hand-offs per event (`_store`, then the background task), with the "
+            "GIL passed back and forth between the event loop and the pool threads."
+        )
+        ref_prof = _get(results, "profile_reference")
+        hmac_share = dict(map(tuple, prof.get("by_library") or [])).get("HMAC-SHA256 (hmac, hashlib)", 0.0)
+        share = "below 1%" if hmac_share < 1 else _fmt(hmac_share, "%")
+        text = f"Signature verification itself (HMAC-SHA256) is {share} of the service's samples."
+        if ref_prof.get("by_library"):
+            text += (f" The reference, profiled the same way, spends its time so — by library: "
+                     f"{_pct(ref_prof['by_library'], 4)}; its hottest functions: "
+                     f"{'; '.join(f'`{name}` {pct}%' for name, pct in (ref_prof.get('top_leaves') or [])[:3])}: "
+                     "`construct_event` turns the parsed body into a `StripeObject`, which the service does not do "
+                     "(it checks with `WebhookSignature.verify_header` and parses with `json.loads`).")
+        parts.append(text)
+    if info:
+        cheap = (d.get("info_logs_vs_warning") or 0) >= 0.8 and (prof.get("logging_inclusive_pct") or 0) < 5
+        parts.append(
+            ("Logging is not what limits it" if cheap else "Logging is a visible cost in this run")
+            + f": at WARNING the profile puts structlog at "
+            f"{_fmt(prof.get('logging_inclusive_pct'), '%')} of samples; with the service's default INFO level "
+            f"({_fmt(info.get('log_lines_per_event'))} JSON lines, {info.get('log_bytes_per_event')} bytes per event: "
+            "request, webhook.received, account.linked, ledger.posted, event.handled) a second server measured "
+            f"{_fmt(info.get('throughput_rps'))}/s against {_fmt(_get(info, 'warning').get('throughput_rps'))}/s for the "
+            f"WARNING one, taking turns with it ({_fmt(d.get('info_logs_vs_warning'), '×')}; on this shared machine "
+            "two stretches of a few seconds differ by up to ±20% with nothing changed, so read less than that as "
+            "noise)."
+        )
+    return "\n\n".join(parts)

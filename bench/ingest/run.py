@@ -1,0 +1,502 @@
+"""The ingest benchmark, end to end: `python -m bench.ingest [--requests N] [--concurrency C] …`.
+
+1. a fresh PostgreSQL database (`credits_bench_<random>`), migrated to head; dropped at the end;
+2. two servers, each its own process with the same uvicorn settings: the real service
+   (bench/ingest/server.py) and the minimal verify-only handler (bench/ingest/reference.py);
+3. the load generator (bench/ingest/loadgen.py, its own process), one target after the other: a closed loop
+   (C connections; the two targets take turns twice), then an open loop at a fixed rate;
+4. after each of the service's phases: every accepted event is a row, and the backlog drains to `processed`;
+5. pgbench inserting the same payload with the same concurrency — the database's own limit;
+6. diagnostics, each with a server of its own: the ingest path alone (processing deferred; taking turns with
+   the reference), the processing alone (that backlog drained by a worker process), and the service with its
+   default INFO logs (taking turns with the measured service);
+7. py-spy profiles of the service, then of the reference, under the same closed-loop load (separate phases,
+   not among the figures).
+
+Every child process is terminated in a `finally`; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import suppress
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.ingest import pgbench, profile, report
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+DEFAULT_ADMIN_URL = "postgresql://root@127.0.0.1:5432/test"
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+class Child:
+    """A child process we started (its own session), with its output in a file; stopped by its pid."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.name, self.command = name, command
+        self.log_path = logdir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def tail(self, lines: int = 15) -> str:
+        with suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(child: Child, port: int, path: str | None, timeout: float = 30.0) -> None:
+    """Until the port answers (and `path` returns 200, when given); bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
+        try:
+            if path is None:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            else:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+                    if response.status == 200:
+                        return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{child.name} did not answer on 127.0.0.1:{port} within {timeout:.0f} s:\n{child.tail()}")
+
+
+# ---------------------------------------------------------------------------------------------- database
+
+
+def conninfo(url: str) -> dict[str, Any]:
+    info = psycopg.conninfo.conninfo_to_dict(url.replace("postgresql+psycopg://", "postgresql://"))
+    return {"host": info.get("host", "127.0.0.1"), "port": int(info.get("port", 5432)),
+            "user": info.get("user", "root"), "dbname": info.get("dbname", "test")}
+
+
+def create_database(admin: dict[str, Any]) -> str:
+    name = f"credits_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(autocommit=True, **admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(admin: dict[str, Any], name: str) -> None:
+    with psycopg.connect(autocommit=True, **admin) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrate(url: str) -> None:
+    from service.db import make_engine
+    from service.migrate import upgrade
+
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def inbox_state(db: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Rows of one phase's events by status, with the first/last receipt and the last processing time."""
+    with psycopg.connect(autocommit=True, **db) as conn:
+        statuses = dict(conn.execute(
+            "SELECT status, count(*) FROM stripe_events WHERE id LIKE %s GROUP BY status", (f"evt_{prefix}%",)
+        ).fetchall())
+        first, last, processed = conn.execute(
+            "SELECT min(received_at), max(received_at), max(processed_at) FROM stripe_events WHERE id LIKE %s",
+            (f"evt_{prefix}%",),
+        ).fetchone()  # type: ignore[misc]
+        grants = conn.execute(
+            "SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE %s AND kind = 'grant'", (f"invoice:in_{prefix}%",)
+        ).fetchone()[0]  # type: ignore[index]
+    return {"rows": sum(statuses.values()), "statuses": statuses, "first_received": first, "last_received": last,
+            "last_processed": processed, "grants": grants}
+
+
+def busy_seconds(db: dict[str, Any], prefix: str, rounds: int) -> float | None:
+    """Seconds from first receipt to last processing start, summed over the rounds (the service sits idle
+    while the other target takes its turn, and that must not count)."""
+    total = 0.0
+    with psycopg.connect(autocommit=True, **db) as conn:
+        for r in range(rounds):
+            first, last = conn.execute(
+                "SELECT min(received_at), max(processed_at) FROM stripe_events WHERE id LIKE %s",
+                (f"evt_{prefix}{r}%",),
+            ).fetchone()  # type: ignore[misc]
+            if first is None or last is None:
+                return None
+            total += (last - first).total_seconds()
+    return total
+
+
+def wait_drained(db: dict[str, Any], prefix: str, accepted: int, timeout: float, rounds: int = 1) -> dict[str, Any]:
+    """Durability and drain of one phase: rows == accepted, then (bounded) wait until none is pending."""
+    load_ended = time.monotonic()
+    state = inbox_state(db, prefix)
+    backlog_at_end = state["statuses"].get("pending", 0) + state["statuses"].get("failed", 0)
+    deadline = load_ended + timeout
+    while time.monotonic() < deadline:
+        if state["statuses"].get("pending", 0) + state["statuses"].get("failed", 0) == 0:
+            break
+        time.sleep(0.25)
+        state = inbox_state(db, prefix)
+    waited = time.monotonic() - load_ended
+    statuses = state["statuses"]
+    drained = statuses.get("pending", 0) + statuses.get("failed", 0) == 0
+    span = busy_seconds(db, prefix, rounds) if state["last_processed"] else None
+    after = (state["last_processed"] - state["last_received"]).total_seconds() if state["last_processed"] else None
+    return {
+        "accepted": accepted,
+        "rows": state["rows"],
+        "rows_equal_accepted": state["rows"] == accepted,
+        "statuses": statuses,
+        "processed": statuses.get("processed", 0),
+        "plan_grants": state["grants"],
+        "backlog_at_load_end": backlog_at_end,
+        "drained": drained,
+        "drain_wait_seconds": round(waited, 2),
+        "drain_timeout_seconds": timeout,
+        # first receipt → last processing start (per round, summed), from the inbox's own timestamps
+        "end_to_end_seconds": round(span, 2) if span is not None else None,
+        "end_to_end_events_per_s": round(statuses.get("processed", 0) / span, 1) if span else None,
+        "processing_after_last_receipt_seconds": round(after, 2) if after is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def machine(db: dict[str, Any]) -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    with psycopg.connect(autocommit=True, **db) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                    for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections")}
+    have = lambda module: subprocess.run([PYTHON, "-c", f"import {module}"], capture_output=True).returncode == 0  # noqa: E731
+    versions = {}
+    for dist in ("uvicorn", "fastapi", "starlette", "stripe", "sqlalchemy", "psycopg", "structlog", "aiohttp", "py-spy"):
+        with suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "postgresql": version,
+        "postgresql_settings": settings,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "uvicorn_loop": "uvloop" if have("uvloop") else "asyncio",
+        "uvicorn_http": "httptools" if have("httptools") else "h11",
+        "versions": versions,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def shown(command: list[str]) -> str:
+    """A command as the README shows it (the venv's python, paths relative to the repository)."""
+    parts = [".venv/bin/python" if part == PYTHON else part.replace(str(ROOT) + "/", "") for part in command]
+    return shlex.join(parts)
+
+
+def loadgen(targets: dict[str, tuple[Child, str]], secret: str, prefix: str, args: argparse.Namespace, *, mode: str,
+            requests: int, rounds: int = 1, warmup: int | None = None, phase_seconds: float | None = None) -> dict[str, Any]:
+    """Run the load generator process against `targets` (name → (server, url)), in that order."""
+    command = [PYTHON, "-m", "bench.ingest.loadgen"]
+    for name, (child, url) in targets.items():
+        command += ["--target", f"{name}={url}", "--pid", f"{name}={child.pid}"]
+    command += ["--mode", mode, "--requests", str(requests), "--concurrency", str(args.concurrency),
+                "--rounds", str(rounds), "--warmup", str(args.warmup if warmup is None else warmup),
+                "--prefix", prefix, "--phase-seconds", str(phase_seconds or args.phase_seconds),
+                "--max-seconds", str(args.max_seconds)]
+    if mode == "open":
+        command += ["--rate", str(args.rate)]
+    budget = len(targets) * (rounds * (args.max_seconds + 5) + 35) + 60
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "STRIPE_WEBHOOK_SECRET": secret},
+                          capture_output=True, text=True, timeout=budget, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["command"] = "STRIPE_WEBHOOK_SECRET=… " + shown(command)
+    for name, (child, _) in targets.items():
+        if not child.alive():
+            raise RuntimeError(f"{child.name} died under load:\n{child.tail()}")
+    return result
+
+
+def idle_cpu(seconds: float = 2.0) -> float:
+    """How busy the machine is before we start anything (other tenants), as a fraction of all cores."""
+    from bench.ingest.loadgen import machine_cpu
+
+    before = machine_cpu()
+    time.sleep(seconds)
+    after = machine_cpu()
+    return round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--requests", type=int, default=5000,
+                        help="events per target in the closed loop (default 5000), capped by --phase-seconds")
+    parser.add_argument("-c", "--concurrency", type=int, default=32, help="connections (and pgbench clients), default 32")
+    parser.add_argument("--phase-seconds", type=float, default=16.0,
+                        help="closed loop: per target, no new request after this long (default 16 s)")
+    parser.add_argument("--rounds", type=int, default=2, help="closed loop: the targets take turns this many times")
+    parser.add_argument("--rate", type=float, default=500.0, help="open-loop rate, requests/s (default 500)")
+    parser.add_argument("--rate-seconds", type=float, default=3.0, help="open-loop sending time per target (default 3 s)")
+    parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests per target before the closed loop")
+    parser.add_argument("--drain-timeout", type=float, default=45.0, help="longest wait for a backlog (s)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="hard limit of one stretch of load (s)")
+    parser.add_argument("--diagnostic-seconds", type=float, default=8.0,
+                        help="length of each diagnostic phase (ingest alone, processing alone, INFO logs); 0 skips them")
+    parser.add_argument("--profile-seconds", type=float, default=10.0,
+                        help="length of the py-spy phase (0: no profile; skipped when py-spy is missing)")
+    parser.add_argument("--log-level", default="warning", help="structlog level of the measured service (default warning)")
+    parser.add_argument("--admin-url", default=os.environ.get("BENCH_ADMIN_DATABASE_URL", DEFAULT_ADMIN_URL),
+                        help="PostgreSQL URL used to create/drop the bench database (default %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not 0 < args.requests <= 100_000 or not 0 < args.concurrency <= 256 or not 0 < args.rate <= 5000:
+        parser.error("requests, concurrency or rate out of range")
+    if not 1 <= args.rounds <= 5 or not 0 < args.phase_seconds <= 120 or not 0 < args.rate_seconds <= 30:
+        parser.error("rounds or durations out of range")
+    if not 0 < args.drain_timeout <= 300 or not 0 < args.max_seconds <= 120:
+        parser.error("durations out of range")
+    if not 0 <= args.diagnostic_seconds <= 60 or not 0 <= args.profile_seconds <= 60:
+        parser.error("durations out of range")
+    return args
+
+
+def _raise_on_sigterm(*_: object) -> None:
+    raise SystemExit(143)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started, clock = datetime.now(UTC), time.monotonic()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    admin = conninfo(args.admin_url)
+    workdir = Path(tempfile.mkdtemp(prefix="credits-bench-"))
+    children: list[Child] = []
+    dbname: str | None = None
+    results: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "workdir": str(workdir),
+                               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                               "command": " ".join([".venv/bin/python -m bench.ingest", *argv_shown(args)])}
+
+    def say(text: str) -> None:
+        print(f"[bench.ingest {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
+
+    try:
+        results["machine"] = machine(admin)
+        results["machine"]["cpu_busy_before_start"] = idle_cpu()
+        dbname = create_database(admin)
+        db = {**admin, "dbname": dbname}
+        url = f"postgresql+psycopg://{db['user']}@{db['host']}:{db['port']}/{dbname}"
+        migrate(url)
+        results["database"] = dbname
+        secret = f"whsec_bench_{secrets.token_hex(16)}"
+        env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "STRIPE_WEBHOOK_SECRET": secret,
+            "STRIPE_API_KEY": "sk_test_bench",
+            "STRIPE_API_BASE": "http://127.0.0.1:9",  # nothing may leave the machine; the events need no look-up
+            "CREDITS_API_TOKEN": secrets.token_urlsafe(24),
+            "CREDITS_ADMIN_TOKEN": secrets.token_urlsafe(24),
+            "CREDITS_CONFIG": str(ROOT / "credits.toml"),
+            "LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+        def start(name: str, module: str, extra: list[str], ready: str | None) -> tuple[Child, str]:
+            port = free_port()
+            child = Child(name, [PYTHON, "-m", module, "--port", str(port), *extra], env, workdir)
+            children.append(child)
+            wait_listening(child, port, ready)
+            return child, f"http://127.0.0.1:{port}/webhooks/stripe"
+
+        def drain(name: str, target: dict[str, Any], rounds: int = 1) -> dict[str, Any]:
+            state = wait_drained(db, target["prefix"], target["accepted"], args.drain_timeout, rounds)
+            say(f"  {name}: rows {state['rows']} / accepted {state['accepted']}, processed {state['processed']}, "
+                f"drained {state['drain_wait_seconds']} s after the load")
+            return state
+
+        service_args = ["--log-level", args.log_level]
+        service = start("service", "bench.ingest.server", service_args, "/readyz")
+        reference = start("reference", "bench.ingest.reference", [], None)
+        results["servers"] = {
+            "service": shown([PYTHON, "-m", "bench.ingest.server", "--port", "PORT", *service_args]),
+            "reference": shown([PYTHON, "-m", "bench.ingest.reference", "--port", "PORT"]),
+            "environment": "DATABASE_URL=<bench db> STRIPE_WEBHOOK_SECRET=<random> CREDITS_API_TOKEN=<random> "
+                           "CREDITS_ADMIN_TOKEN=<random, different> CREDITS_CONFIG=credits.toml LOG_FORMAT=json "
+                           "STRIPE_API_BASE=http://127.0.0.1:9",
+        }
+        run_id = secrets.token_hex(2)
+        durability: dict[str, Any] = {}
+        both = {"reference": reference, "service": service}
+
+        say(f"closed loop, {args.concurrency} connections, {args.requests} events per target (at most "
+            f"{args.phase_seconds:g} s each), {args.rounds} rounds …")
+        results["closed"] = loadgen(both, secret, f"{run_id}c", args, mode="closed", requests=args.requests,
+                                    rounds=args.rounds)
+        durability["closed"] = drain("service (closed loop)", results["closed"]["targets"]["service"], args.rounds)
+
+        rate_requests = int(args.rate * args.rate_seconds)
+        say(f"open loop, {args.rate:g} requests/s for {args.rate_seconds:g} s per target …")
+        results["open"] = loadgen(both, secret, f"{run_id}o", args, mode="open", requests=rate_requests, warmup=0)
+        durability["open"] = drain("service (open loop)", results["open"]["targets"]["service"])
+
+        say("pgbench …")
+        from bench.ingest import events  # the same payload shape as the load generator's
+
+        payload = events.body(events.event(f"{run_id}pg", 0))
+        results["pgbench"] = pgbench.run(db, workdir, payload, args.requests, args.concurrency)
+        results["pgbench"]["command"] = results["pgbench"]["command"].replace(str(workdir), "$WORKDIR")
+
+        diagnostics: dict[str, Any] = {}
+        if args.diagnostic_seconds:
+            say(f"diagnostic: the ingest path alone (processing deferred) and the reference, taking turns, "
+                f"{args.diagnostic_seconds:g} s each …")
+            deferred = start("service-deferred", "bench.ingest.server", [*service_args, "--defer-processing"], "/readyz")
+            load = loadgen({"reference": reference, "ingest_only": deferred}, secret, f"{run_id}d", args,
+                           mode="closed", requests=args.requests, rounds=args.rounds,
+                           phase_seconds=args.diagnostic_seconds)
+            deferred[0].stop()
+            diagnostics["ingest_only"] = {**load["targets"]["ingest_only"], "command": load["command"],
+                                          "reference": load["targets"]["reference"],
+                                          "server": shown([PYTHON, "-m", "bench.ingest.server", "--port", "PORT",
+                                                           *service_args, "--defer-processing"])}
+            say(f"diagnostic: the processing alone (a worker drains that backlog), at most {args.diagnostic_seconds:g} s …")
+            command = [PYTHON, "-m", "bench.ingest.drain", "--log-level", args.log_level,
+                       "--max-seconds", str(args.diagnostic_seconds)]
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=args.diagnostic_seconds + 60, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"drain failed ({done.returncode}):\n{done.stderr[-2000:]}")
+            diagnostics["processing_alone"] = {**json.loads(done.stdout.strip().splitlines()[-1]), "command": shown(command)}
+
+            say(f"diagnostic: the service with its default INFO logs and at {args.log_level.upper()}, taking turns, "
+                f"{args.diagnostic_seconds:g} s each …")
+            info = start("service-info-logs", "bench.ingest.server", ["--log-level", "info"], "/readyz")
+            load = loadgen({"service": service, "info_logs": info}, secret, f"{run_id}i", args, mode="closed",
+                           requests=args.requests, rounds=args.rounds, phase_seconds=args.diagnostic_seconds)
+            target = load["targets"]["info_logs"]
+            durability["info_logs"] = drain("service (INFO logs)", target, args.rounds)
+            info[0].stop()
+            lines = info[0].log_path.read_text(errors="replace").count("\n")
+            events_logged = target["accepted"] + args.warmup
+            diagnostics["info_logs"] = {**target, "command": load["command"], "warning": load["targets"]["service"],
+                                        "server": shown([PYTHON, "-m", "bench.ingest.server", "--port", "PORT",
+                                                         "--log-level", "info"]),
+                                        "log_lines_per_event": round(lines / max(1, events_logged), 1),
+                                        "log_bytes_per_event": round(info[0].log_path.stat().st_size / max(1, events_logged))}
+        results["diagnostics"] = diagnostics
+
+        results["profile"] = None
+        if args.profile_seconds and profile.find_py_spy():
+            say(f"profiling the service with py-spy under the closed loop, {args.profile_seconds:g} s …")
+            raw = workdir / "service.pyspy.txt"
+            with profile.Recorder(service[0].pid, raw) as recorder:
+                load = loadgen({"service": service}, secret, f"{run_id}p", args, mode="closed", requests=args.requests,
+                               warmup=0, phase_seconds=args.profile_seconds)
+                state = wait_drained(db, load["targets"]["service"]["prefix"], load["targets"]["service"]["accepted"],
+                                     args.drain_timeout)
+            summary = profile.summarise(raw) if raw.exists() else {"error": recorder.log.read_text(errors="replace")}
+            summary.update(command=shown(recorder.command).replace(str(raw), "$WORKDIR/service.pyspy.txt"),
+                           load=load, drain=state, sampler=profile.sampler_stats(recorder.log))
+            results["profile"] = summary
+
+            seconds = max(1.0, args.profile_seconds / 2)
+            say(f"profiling the reference with py-spy under the closed loop, {seconds:g} s …")
+            raw = workdir / "reference.pyspy.txt"
+            with profile.Recorder(reference[0].pid, raw) as recorder:
+                load = loadgen({"reference": reference}, secret, f"{run_id}q", args, mode="closed",
+                               requests=args.requests, warmup=0, phase_seconds=seconds)
+            summary = profile.summarise(raw) if raw.exists() else {"error": recorder.log.read_text(errors="replace")}
+            summary.update(command=shown(recorder.command).replace(str(raw), "$WORKDIR/reference.pyspy.txt"),
+                           load=load, sampler=profile.sampler_stats(recorder.log))
+            results["profile_reference"] = summary
+        elif args.profile_seconds:
+            results["profile"] = {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
+
+        results["durability"] = durability
+        results["service_log_bytes"] = service[0].log_path.stat().st_size
+    finally:
+        for child in reversed(children):
+            child.stop()
+        if dbname:
+            with suppress(Exception):
+                drop_database(admin, dbname)
+        signal.signal(signal.SIGTERM, previous_handler)
+    results["duration_seconds"] = round(time.monotonic() - clock, 1)
+    results["derived"] = report.derive(results)
+    return results
+
+
+def argv_shown(args: argparse.Namespace) -> list[str]:
+    """The non-default options of this run, as they would be typed."""
+    defaults = vars(parse([]))
+    out = []
+    for key, value in vars(args).items():
+        if key in ("json", "admin_url") or value == defaults.get(key):
+            continue
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    results = run(args)
+    print(report.table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return results

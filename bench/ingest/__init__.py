@@ -1,7 +1,8 @@
 """Webhook ingest benchmark: POST /webhooks/stripe against a minimal verify-only handler and pgbench.
 
 Modules, one job each:
-- `run`       the orchestrator: fresh database, servers, load phases, durability check, pgbench, profile
+- `run`       the orchestrator: fresh database, servers and the service's `credits worker`, load phases,
+              durability check, pgbench, profile
 - `server`    launcher for the real service (uvicorn, one worker) in its own process
 - `reference` launcher for the minimal handler: verify the signature, store nothing, 200
 - `loadgen`   the load generator process (asyncio + aiohttp): closed loop (C connections) or open loop (fixed rate)

@@ -12,6 +12,10 @@ turn with N/R events, so a drift in the machine's background load hits every tar
   coordinated omission); latency is measured from the *scheduled* time, so a server (or generator) that falls
   behind shows it in the tail.
 
+With `--pause NAME=PID` a helper process of target NAME (the service's inbox worker, `credits worker`) runs only
+while NAME takes its turns: it is stopped (SIGSTOP) before any other target's warm-up and turn, so it cannot take
+their CPU, and continued (SIGCONT) before NAME's and at the end, whatever happens.
+
 Every phase is bounded: N requests at most, and `--max-seconds` of wall time.
 """
 
@@ -19,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from collections import Counter
@@ -183,6 +189,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a webhook URL on 127.0.0.1; repeat for several targets (measured in this order)")
     parser.add_argument("--pid", action="append", default=[], metavar="NAME=PID",
                         help="report this server process's CPU seconds during the target's load")
+    parser.add_argument("--pause", action="append", default=[], metavar="NAME=PID",
+                        help="a helper process of target NAME: SIGSTOP during the other targets' turns, SIGCONT for NAME's")
     parser.add_argument("--secret", default=os.environ.get("STRIPE_WEBHOOK_SECRET"), help="default $STRIPE_WEBHOOK_SECRET")
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("-n", "--requests", type=int, default=5000, help="events per target (at most)")
@@ -200,6 +208,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.targets = dict(_pair(parser, spec) for spec in args.target)
     args.pids = {name: int(pid) for name, pid in (_pair(parser, spec) for spec in args.pid)}
+    args.pauses = [(name, int(pid)) for name, pid in (_pair(parser, spec) for spec in args.pause)]
+    if any(name not in args.targets or pid <= 1 for name, pid in args.pauses):
+        parser.error("every --pause must name a target and a process id")
     if any(not url.startswith(("http://127.0.0.1:", "http://localhost:")) for url in args.targets.values()):
         parser.error("every --target must point at 127.0.0.1")
     if not args.secret:
@@ -220,7 +231,15 @@ def _pair(parser: argparse.ArgumentParser, spec: str) -> tuple[str, str]:
     return name, value
 
 
-def aggregate(segments: list[Segment], cpu_split: tuple[float, float] | None, busy: float) -> dict[str, Any]:
+def _signal_helpers(pauses: list[tuple[str, int]], running: str | None) -> None:
+    """Let the helpers of target `running` run and stop every other target's (None: let all run)."""
+    for owner, pid in pauses:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGCONT if running is None or owner == running else signal.SIGSTOP)
+
+
+def aggregate(segments: list[Segment], cpu_split: tuple[float, float] | None, busy: float,
+              windows: list[list[float]]) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
     for seg in segments:
@@ -243,6 +262,8 @@ def aggregate(segments: list[Segment], cpu_split: tuple[float, float] | None, bu
         "server_cpu_ms_per_event": round(1000 * cpu / accepted, 2) if cpu is not None and accepted else None,
         "server_cpu_system_share": round(cpu_split[1] / cpu, 2) if cpu_split is not None and cpu else None,
         "machine_cpu_busy": round(busy, 2),
+        # wall-clock (epoch seconds) start and end of each measured stretch, for the end-to-end figures
+        "windows": [[round(a, 3), round(b, 3)] for a, b in windows],
     }
     if len(segments) > 1:
         result["rounds_rps"] = [round(len(s.latencies) / s.seconds, 1) if s.seconds else None for s in segments]
@@ -273,19 +294,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     segments: dict[str, list[Segment]] = {name: [] for name in names}
     cpu: dict[str, list[float] | None] = {name: [0.0, 0.0] if args.pids.get(name) else None for name in names}
     busy: dict[str, list[float]] = {name: [0.0, 0.0] for name in names}
+    windows: dict[str, list[list[float]]] = {name: [] for name in names}
     own = own_cpu()
     for r in range(rounds):
         for name in names:
             url, pid = args.targets[name], args.pids.get(name)
+            _signal_helpers(args.pauses, name)
             if r == 0 and warm[name]:
                 await closed_loop(url, signed(warm[name]), args.concurrency, 10.0, min(30.0, args.max_seconds))
             batch = signed(items[name][r])
-            cpu0, machine0 = proc_cpu(pid), machine_cpu()
+            cpu0, machine0, wall0 = proc_cpu(pid), machine_cpu(), time.time()
             if args.mode == "closed":
                 seg = await closed_loop(url, batch, args.concurrency, args.phase_seconds / rounds, args.max_seconds)
             else:
                 seg = await open_loop(url, batch, args.rate, args.connections, args.max_seconds)
             cpu1, machine1 = proc_cpu(pid), machine_cpu()
+            windows[name].append([wall0, time.time()])
             segments[name].append(seg)
             total = cpu[name]
             if total is not None and cpu0 is not None and cpu1 is not None:
@@ -307,7 +331,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_cpu_seconds": round(own_cpu() - own, 2),
         "targets": {
             name: {"prefix": f"{prefixes[name]}m", "url": args.targets[name],
-                   **aggregate(segments[name], _pair_of(cpu[name]), busy[name][0] / max(1.0, busy[name][1]))}
+                   **aggregate(segments[name], _pair_of(cpu[name]), busy[name][0] / max(1.0, busy[name][1]),
+                               windows[name])}
             for name in names
         },
     }
@@ -318,7 +343,11 @@ def _pair_of(values: list[float] | None) -> tuple[float, float] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = asyncio.run(run(parse(argv)))
+    args = parse(argv)
+    try:
+        result = asyncio.run(run(args))
+    finally:
+        _signal_helpers(args.pauses, None)  # a helper is never left stopped
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 

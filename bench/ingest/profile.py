@@ -6,7 +6,7 @@ pauses the process for each sample (100 a second), which slows the profiled phas
 reported but is not one of the benchmark's figures — and keeps the samples consistent. The raw
 (collapsed-stack) output is summarised two ways:
 
-- by stage — the outermost part of the ingest pipeline the sample is in (background processing, storing,
+- by stage — the outermost part of the ingest pipeline the sample is in (inline processing, storing,
   verifying, logging, the HTTP/ASGI machinery);
 - by library — the innermost frame's package (SQLAlchemy, psycopg, json, hmac/stripe, structlog, h11, …).
 """
@@ -23,7 +23,8 @@ from typing import Any
 
 # (label, pattern on one frame "func (file:line)"); the first stage found from the root down wins.
 STAGES = [
-    ("background processing (webhooks.dispatch.process: claim, handler, ledger, mark)", r"\(webhooks/dispatch\.py"),
+    ("inline processing (webhooks.dispatch.process on the inline threads: claim, handler, ledger, mark)",
+     r"\(webhooks/dispatch\.py"),
     ("storing the event (router._store → inbox.store, commit)", r"(^|\.)_store \(webhooks/router\.py"),
     ("verifying + parsing (router._verified_event)", r"(^|\.)_verified_event \(webhooks/router\.py"),
     ("verifying + parsing (stripe.Webhook.construct_event)", r"(^|\.)construct_event \(stripe/"),

@@ -9,6 +9,18 @@ TARGET_THROUGHPUT_NOW = 1.0    # issue 3: ours >= 1x the minimal handler's throu
 TARGET_THROUGHPUT_LATER = 2.0  # issue 8: ours >= 2x the minimal handler's throughput ...
 TARGET_P99_MS = 25.0           # ... and p99 <= 25 ms at 500 req/s
 
+# Earlier runs of this benchmark (closed loop, service vs minimal handler, same run), quoted in "What limits it"
+# so that each new run states the before/after of the webhook hot-path change. Not measured by this run.
+HISTORY = {
+    "background_tasks": {"label": "each event processed right after its 2xx by a Starlette background task in "
+                                  "the API process, on the request's own thread pool",
+                         "accepted_rps": 60.7, "reference_rps": 493.1, "ratio": 0.12, "cpu_ms": 13.2},
+    "inline_no_worker": {"label": "the bounded inline processor, but the harness started no worker beside the "
+                                  "API; the previous README, run of 2026-11-23T11:56:58+00:00",
+                         "accepted_rps": 183.5, "reference_rps": 439.6, "ratio": 0.42, "cpu_ms": 4.47,
+                         "end_to_end_rps": 23.2, "backlog": 2627},
+}
+
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
@@ -39,6 +51,8 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         "p99_vs_reference": _ratio(ours.get("p99_ms"), ref.get("p99_ms")),
         "open_p99_vs_reference": _ratio(p99, ref_open.get("p99_ms")) if open_sustained else None,
         "cpu_per_event_vs_reference": _ratio(ours.get("server_cpu_ms_per_event"), ref.get("server_cpu_ms_per_event")),
+        "total_cpu_per_event_vs_reference": _ratio(ours.get("total_cpu_ms_per_event"), ref.get("server_cpu_ms_per_event")),
+        "worker_share_of_events": _ratio(ours.get("worker_processed"), ours.get("events_in_window")),
         "ingest_only_vs_reference": _ratio(ingest.get("throughput_rps"), _get(ingest, "reference").get("throughput_rps")),
         "info_logs_vs_warning": _ratio(info.get("throughput_rps"), _get(info, "warning").get("throughput_rps")),
         "rounds_ratio": [_ratio(a, b) for a, b in zip(ours.get("rounds_rps") or [], ref.get("rounds_rps") or [])],
@@ -83,8 +97,13 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          _fmt(d.get("p99_vs_reference"), "×")),
         ("closed loop: events sent (accepted)", f"{ours.get('sent')} ({ours.get('accepted')})",
          f"minimal {ref.get('sent')} ({ref.get('accepted')})", ""),
-        ("server CPU per accepted event", _fmt(ours.get("server_cpu_ms_per_event"), " ms"),
+        ("server CPU per accepted event, API + worker", _fmt(ours.get("total_cpu_ms_per_event"), " ms"),
+         f"minimal {_fmt(ref.get('server_cpu_ms_per_event'), ' ms')}", _fmt(d.get("total_cpu_per_event_vs_reference"), "×")),
+        ("… API process only, during its turns (as before)", _fmt(ours.get("server_cpu_ms_per_event"), " ms"),
          f"minimal {_fmt(ref.get('server_cpu_ms_per_event'), ' ms')}", _fmt(d.get("cpu_per_event_vs_reference"), "×")),
+        ("… worker process only", _fmt(ours.get("worker_cpu_ms_per_event"), " ms"),
+         f"it processed {_fmt(ours.get('worker_processed'))} of {_fmt(ours.get('events_in_window'))}",
+         f"{_fmt(ours.get('worker_cpu_ms_per_processed_event'), ' ms')} each"),
         ("durable inserts/s", _fmt(ours.get("throughput_rps")), f"pgbench {_fmt(pg.get('tps'))} tps",
          _fmt(d.get("throughput_vs_pgbench"), "×")),
         (f"open loop {rate} req/s: p50", _fmt(ours_open.get("p50_ms"), " ms"),
@@ -93,8 +112,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"minimal {_fmt(ref_open.get('p99_ms'), ' ms')}", _fmt(d.get("open_p99_vs_reference"), "×")),
         (f"open loop {rate} req/s: answered/s", _fmt(ours_open.get("throughput_rps")),
          f"minimal {_fmt(ref_open.get('throughput_rps'))}", "sustained" if d.get("open_sustained") else "NOT sustained"),
-        ("stored rows = accepted (closed; open)", f"{closed.get('rows')}={closed.get('accepted')}; "
-         f"{opened.get('rows')}={opened.get('accepted')}", "", "yes" if d.get("durable") else "NO"),
+        ("stored rows = accepted, all processed (closed; open)", f"{closed.get('rows')}={closed.get('accepted')}; "
+         f"{opened.get('rows')}={opened.get('accepted')}",
+         f"processed {closed.get('processed')}; {opened.get('processed')}", "yes" if d.get("durable") else "NO"),
         ("processed end to end, events/s (closed)", _fmt(closed.get("end_to_end_events_per_s")),
          f"backlog at load end {closed.get('backlog_at_load_end')}", f"drained in {_fmt(closed.get('drain_wait_seconds'), ' s')}"),
         ("backlog after the open loop", f"{opened.get('backlog_at_load_end')} events",
@@ -113,7 +133,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if alone:
         out.append(("diagnostic: processing alone, events/s", _fmt(alone.get("events_per_s")),
                     f"{_fmt(alone.get('cpu_ms_per_event'), ' ms')} CPU, {_fmt(alone.get('sql_statements_per_event'))} SQL/event",
-                    "1 worker"))
+                    "1 drain loop"))
     if info:
         out.append(("diagnostic: default INFO logs, 2xx/s", _fmt(info.get("throughput_rps")),
                     f"WARNING {_fmt(_get(info, 'warning').get('throughput_rps'))}",
@@ -196,6 +216,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"the reference `{_get(results, 'servers').get('reference')}` (FastAPI, one route that only calls "
         "`stripe.Webhook.construct_event(body, header, secret, tolerance=300)` and answers 200). Environment: "
         f"`{_get(results, 'servers').get('environment')}`.",
+        f"- The worker, as in production: `{_get(results, 'servers').get('worker') or '.venv/bin/credits worker'}`, a "
+        "process of its own beside the service during every phase that loads it (closed loop, open loop, INFO-logs "
+        "diagnostic, profile; not during the two diagnostics that split ingest from processing), with the same "
+        "environment, started (and its `worker.started` line awaited) before the load and stopped in a `finally` "
+        "(SIGTERM, wait, then kill). `credits worker` has no log-level option, so it logs at its default level, "
+        "INFO, as JSON on stderr, which goes (with stdout) to a file in the run's directory, "
+        f"{_get(results, 'servers').get('worker_log') or '$WORKDIR/worker.log'}, as the servers' stderr does "
+        f"({_fmt(ours.get('worker_log_lines_per_processed_event'))} lines, "
+        f"{_fmt(ours.get('worker_log_bytes_per_processed_event'))} bytes per event it processed). While the reference takes its turns the load generator pauses the worker "
+        "(SIGSTOP, then SIGCONT before the service's turn and at the end) so that it cannot take the "
+        "reference's CPU; the API process is left running, as in the earlier runs.",
         f"- Closed loop (both targets, same generator process, A B A B in {closed.get('rounds')} rounds, "
         f"{closed.get('warmup')} unmeasured events per target first; at most {args.get('requests')} events or "
         f"{args.get('phase_seconds')} s per target): `{closed.get('command')}`. Per-round throughput ratios: "
@@ -203,9 +234,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Open loop ({_fmt(opened.get('rate_target'))} req/s for {args.get('rate_seconds')} s per target, latency from "
         f"each request's scheduled send time): `{opened.get('command')}`.",
         f"- Durability: after each load, `stripe_events` rows with the phase's id prefix are counted against the 2xx "
-        f"answers, then polled every 0.25 s (at most {args.get('drain_timeout')} s) until none is pending; the "
-        "end-to-end rate is processed events / (last `processed_at` − first `received_at`). Ledger check: "
+        f"answers, then polled every 0.25 s (at most {args.get('drain_timeout')} s) until none is pending or "
+        "failed — processed by the API's inline threads or by the worker. The end-to-end rate is processed events / "
+        "the time the service side spent on them: its own turns of load (wall clock, from the load generator) plus, "
+        "after each turn, the time until the last processing that started before its next turn, and after the last "
+        f"turn the drain ({_fmt(drained.get('end_to_end_seconds'), ' s')} in the closed loop). Ledger check: "
         f"{drained.get('plan_grants')} plan grants for {drained.get('rows')} events.",
+        f"- CPU: “API process only” is the API process's CPU during its own turns of load, per accepted event, as in "
+        "the earlier runs (/proc/PID/stat, read by the load generator); it leaves out what the API's inline threads "
+        "finish after a turn. “API + worker” counts both processes from just before the closed loop until its "
+        f"backlog was processed ({_fmt(ours.get('api_cpu_seconds_to_drained'), ' s')} + "
+        f"{_fmt(ours.get('worker_cpu_seconds'), ' s')} of CPU), per event stored in that time (the "
+        f"{_fmt(ours.get('events_in_window'))} include the service's {closed.get('warmup')} warm-up events); "
+        "“worker process only” is the worker's share of that, per stored event and, in the ratio column, per "
+        "event it processed (counted from its `event.handled` log lines). The worker's idle polling (one query a "
+        "second) is included.",
         f"- pgbench (table `id text primary key, payload jsonb, status text, created timestamptz`; the script inserts "
         f"the same ~{closed.get('body_bytes')}-byte body as JSONB under a fresh id, ON CONFLICT DO NOTHING, one "
         f"autocommitted transaction each; server settings: "
@@ -214,15 +257,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_fmt(pg.get('latency_avg_ms'), ' ms')} average latency.",
     ]
     if ingest:
-        out.append(f"- Diagnostic, the ingest path alone: the same service with `--defer-processing` (its background task "
-                   f"does nothing, the events stay pending), taking turns with the reference: `{ingest.get('server')}`, "
-                   f"loaded by `{ingest.get('command')}`.")
+        out.append(f"- Diagnostic, the ingest path alone: the same service with `--defer-processing` (its inline "
+                   f"processor's `dispatch.process` does nothing, the events stay pending; no worker runs), taking turns "
+                   f"with the reference: `{ingest.get('server')}`, loaded by `{ingest.get('command')}`.")
     if alone:
         out.append(f"- Diagnostic, the processing alone: that backlog drained by `jobs.worker.drain` in a process of its "
                    f"own: `{alone.get('command')}` → {alone.get('events')} events in {alone.get('seconds')} s.")
     if info:
         out.append(f"- Diagnostic, the service's default logging (INFO, JSON to stderr, here a file): `{info.get('server')}`, "
-                   f"taking turns with the measured (WARNING) service, loaded by `{info.get('command')}`.")
+                   f"taking turns with the measured (WARNING) service, a worker beside both, loaded by "
+                   f"`{info.get('command')}`.")
     if prof.get("command"):
         ref_prof = _get(results, "profile_reference")
         out.append(f"- Profile (by stage: the outermost pipeline step found in the stack; by library: the innermost "
@@ -262,23 +306,63 @@ def limits(results: dict[str, Any]) -> str:
     drained = _get(results, "durability", "closed")
     ingest, alone = _get(results, "diagnostics", "ingest_only"), _get(results, "diagnostics", "processing_alone")
     info, prof = _get(results, "diagnostics", "info_logs"), _get(results, "profile")
+    opened = _get(results, "durability", "open")
     util = ours.get("server_cpu_util") or 0.0
-    bound = ("so it is bound by one interpreter's CPU and GIL, not by PostgreSQL" if util >= 0.8 else
-             "so it is not CPU-bound: the rest of the time it waits (on PostgreSQL, on its own thread pool and "
-             "connection pool, or for a core on this shared machine); PostgreSQL itself is far from its limit")
+    bound = ("so the API is bound by one interpreter's CPU and GIL, not by PostgreSQL" if util >= 0.8 else
+             "so the API is not CPU-bound: the rest of the time it waits (on PostgreSQL, on its thread pool and "
+             "connection pool, or for a core on this shared machine — which the worker now shares too); "
+             "PostgreSQL itself is far from its limit")
+    before, no_worker = HISTORY["background_tasks"], HISTORY["inline_no_worker"]
+    all_done = bool(d.get("durable"))
     parts = [
-        f"The service runs in one process: the server used {_fmt(ours.get('server_cpu_util'))} of a core under the "
-        f"closed loop ({_fmt(ours.get('server_cpu_ms_per_event'), ' ms')} of CPU per accepted event, against "
+        "**How an event is handled now.** The API process verifies the signature, stores the event (one "
+        "INSERT … ON CONFLICT in its own transaction, on the anyio thread pool), answers 2xx and hands the event's id "
+        "to a bounded in-process queue (`webhooks/inline.py`: 2 threads, capacity 256) whose threads run "
+        "`webhooks.dispatch.process` (claim, handler, ledger, mark). When a burst fills that queue the event simply "
+        "stays `pending` in the inbox table `stripe_events`, and the separate `credits worker` process, which runs "
+        "beside the API in production and here during every service phase, claims it (`FOR UPDATE SKIP LOCKED`, "
+        "oldest first, one event after the other). The accept rate is therefore no longer held down to the "
+        f"processing rate: under the closed loop the API accepted {_fmt(ours.get('throughput_rps'))}/s while the "
+        f"inline threads and the worker together processed {_fmt(drained.get('end_to_end_events_per_s'))}/s end to "
+        f"end; {drained.get('backlog_at_load_end')} events were still waiting when the load stopped, and "
+        + (f"{_fmt(drained.get('drain_wait_seconds'), ' s')} later all of them were processed (after the open loop, "
+           f"{opened.get('backlog_at_load_end')} waiting, {_fmt(opened.get('drain_wait_seconds'), ' s')}): every "
+           "accepted event was stored and processed (the worker processed "
+           f"{_fmt(ours.get('worker_processed'))} of the "
+           f"{_fmt(ours.get('events_in_window'))} closed-loop events, "
+           f"{_pct_of(d.get('worker_share_of_events'))})." if all_done else
+           f"they were not all processed within {_fmt(drained.get('drain_timeout_seconds'), ' s')} "
+           f"(closed: {drained.get('statuses')}; open: {opened.get('statuses')})."),
+        f"**CPU.** The API process used {_fmt(ours.get('server_cpu_util'))} of a core during its turns "
+        f"({_fmt(ours.get('server_cpu_ms_per_event'), ' ms')} of CPU per accepted event, against "
         f"{_fmt(ref.get('server_cpu_ms_per_event'), ' ms')} for the minimal handler; "
         f"{_pct_of(ours.get('server_cpu_system_share'))} of it in the kernel against "
-        f"{_pct_of(ref.get('server_cpu_system_share'))} — thread hand-offs between the event loop and the ~40 "
-        f"pool threads, and the round trips to PostgreSQL), {bound} "
-        f"(pgbench does {_fmt(_get(results, 'pgbench').get('tps'))} of these inserts per second)."
-        " Each webhook's processing (`webhooks.dispatch.process`: claim, handler, ledger, mark) runs right after its "
-        "2xx as a Starlette background task in that same process, on the same anyio thread pool as the request's "
-        "own `_store`, so under a sustained burst the accepting rate cannot outrun the processing rate: "
-        f"{_fmt(ours.get('throughput_rps'))} accepted/s against {_fmt(drained.get('end_to_end_events_per_s'))} "
-        f"processed/s end to end, with a backlog of {drained.get('backlog_at_load_end')} when the load stopped.",
+        f"{_pct_of(ref.get('server_cpu_system_share'))} — thread hand-offs between the event loop, the anyio pool "
+        f"and the inline threads, and the round trips to PostgreSQL), {bound} "
+        f"(pgbench does {_fmt(_get(results, 'pgbench').get('tps'))} of these inserts per second). Counting all "
+        "that an event costs — the API from the start of the load until its backlog was processed, its inline "
+        f"threads included, plus the worker — it is {_fmt(ours.get('total_cpu_ms_per_event'), ' ms')} per accepted "
+        f"event ({_fmt(d.get('total_cpu_per_event_vs_reference'), '×')} the minimal handler's), of which the "
+        f"worker's share is {_fmt(ours.get('worker_cpu_ms_per_event'), ' ms')} "
+        f"({_fmt(ours.get('worker_cpu_ms_per_processed_event'), ' ms')} for each event it processed itself).",
+        "**Before and after.** Measured with this harness, closed loop, service against the minimal handler in the "
+        f"same run. Before the change ({before['label']}): {_fmt(before['accepted_rps'])} accepted/s against "
+        f"{_fmt(before['reference_rps'])}/s ({_fmt(before['ratio'], '×')}), {_fmt(before['cpu_ms'], ' ms')} of "
+        "server CPU per accepted event — the accepting rate could not outrun the processing rate. With the change "
+        f"but no worker ({no_worker['label']}): {_fmt(no_worker['accepted_rps'])}/s against {_fmt(no_worker['reference_rps'])}/s "
+        f"({_fmt(no_worker['ratio'], '×')}), {_fmt(no_worker['cpu_ms'], ' ms')} per event in the API process; but "
+        "what did not fit in the queue stayed pending with nothing to process it, so the durability check said NO, "
+        f"each drain ran into its 45 s limit, and the “end-to-end” {_fmt(no_worker['end_to_end_rps'])}/s counted "
+        f"only the two inline threads' work (backlog {no_worker['backlog']} at the end of the load). Now, with the "
+        f"worker beside the API: {_fmt(ours.get('throughput_rps'))}/s against {_fmt(ref.get('throughput_rps'))}/s "
+        f"({_fmt(d.get('throughput_vs_reference'), '×')}), {_fmt(ours.get('server_cpu_ms_per_event'), ' ms')} per "
+        f"event in the API process during its turns (measured as in the two runs before; with "
+        f"{_pct_of(d.get('worker_share_of_events'))} of the events processed in the worker it is not the whole "
+        "cost), "
+        f"{_fmt(ours.get('total_cpu_ms_per_event'), ' ms')} with the worker and the inline threads' tail; durability "
+        f"{'yes' if all_done else 'NO'}, {_fmt(drained.get('end_to_end_events_per_s'))} events/s processed end to end. "
+        "The worker takes CPU from the API on these 2 shared cores during the service's turns, as it would on a "
+        "production host of this size; runs on a shared machine differ by tens of percent, so compare the ratios.",
     ]
     if ingest and alone:
         parts.append(
@@ -286,7 +370,8 @@ def limits(results: dict[str, Any]) -> str:
             f"takes {_fmt(ingest.get('server_cpu_ms_per_event'), ' ms')} of CPU per event and reaches "
             f"{_fmt(ingest.get('throughput_rps'))}/s ({_fmt(d.get('ingest_only_vs_reference'), '×')} the minimal handler "
             "measured in turn with it); "
-            f"the processing alone, one worker thread, runs at {_fmt(alone.get('events_per_s'))} events/s with "
+            f"the processing alone, one `jobs.worker.drain` loop (what `credits worker` runs) in a process of its own, "
+            f"runs at {_fmt(alone.get('events_per_s'))} events/s with "
             f"{_fmt(alone.get('cpu_ms_per_event'), ' ms')} of CPU and {_fmt(alone.get('sql_statements_per_event'))} "
             "SQL statements per event"
             + (" — the larger share of the cost." if (alone.get("cpu_ms_per_event") or 0) > (ingest.get("server_cpu_ms_per_event") or 0)
@@ -294,13 +379,14 @@ def limits(results: dict[str, Any]) -> str:
         )
     if prof.get("by_stage"):
         parts.append(
-            f"The py-spy profile (GIL-holding samples of the service under the closed loop) agrees — by stage: "
+            f"The py-spy profile (GIL-holding samples of the API process under the closed loop) — by stage: "
             f"{_pct(prof['by_stage'])}; by library (innermost frame): {_pct(prof['by_library'], 8)}. The "
             "“HTTP/ASGI machinery” share is the request path outside the service's own functions: uvicorn and h11, "
-            "Starlette's middleware stack — including the `BaseHTTPMiddleware` plumbing (a task group and memory "
-            "streams per request) behind `app.middleware(\"http\")(request_context)` — FastAPI's routing and "
-            "dependencies, and two thread-pool hand-offs per event (`_store`, then the background task), with the "
-            "GIL passed back and forth between the event loop and the pool threads."
+            "Starlette's middleware stack — Starlette's own error and exception middlewares and the service's two "
+            "pure-ASGI ones (`RequestContext`, `BodyLimit` in service/api.py) — FastAPI's routing and "
+            "dependencies, a thread-pool hand-off per event (`_store`) and the queue hand-off to the two inline "
+            "threads, with the GIL passed back and forth between the event loop and those threads. The worker is "
+            "a separate process and not in this profile."
         )
         ref_prof = _get(results, "profile_reference")
         hmac_share = dict(map(tuple, prof.get("by_library") or [])).get("HMAC-SHA256 (hmac, hashlib)", 0.0)
@@ -324,6 +410,9 @@ def limits(results: dict[str, Any]) -> str:
             f"{_fmt(info.get('throughput_rps'))}/s against {_fmt(_get(info, 'warning').get('throughput_rps'))}/s for the "
             f"WARNING one, taking turns with it ({_fmt(d.get('info_logs_vs_warning'), '×')}; on this shared machine "
             "two stretches of a few seconds differ by up to ±20% with nothing changed, so read less than that as "
-            "noise)."
+            "noise). The worker, which takes no log level, logs at INFO in every run "
+            f"({_fmt(ours.get('worker_log_lines_per_processed_event'))} lines, "
+            f"{_fmt(ours.get('worker_log_bytes_per_processed_event'))} bytes per event it processed, to a file), "
+            "and its CPU figures include that."
         )
     return "\n\n".join(parts)

@@ -2,16 +2,20 @@
 
 1. a fresh PostgreSQL database (`credits_bench_<random>`), migrated to head; dropped at the end;
 2. two servers, each its own process with the same uvicorn settings: the real service
-   (bench/ingest/server.py) and the minimal verify-only handler (bench/ingest/reference.py);
+   (bench/ingest/server.py) and the minimal verify-only handler (bench/ingest/reference.py); beside the
+   service, as in production, its inbox worker `credits worker` (a process of its own, same environment),
+   which processes what the API's bounded inline queue (webhooks/inline.py) leaves pending;
 3. the load generator (bench/ingest/loadgen.py, its own process), one target after the other: a closed loop
-   (C connections; the two targets take turns twice), then an open loop at a fixed rate;
-4. after each of the service's phases: every accepted event is a row, and the backlog drains to `processed`;
+   (C connections; the two targets take turns twice), then an open loop at a fixed rate; the worker is
+   paused (SIGSTOP/SIGCONT) while the reference takes its turns, so it cannot take the reference's CPU;
+4. after each of the service's phases: every accepted event is a row, and the backlog drains to `processed`
+   (inline threads and worker); the API's and the worker's CPU from the start of the load until drained;
 5. pgbench inserting the same payload with the same concurrency — the database's own limit;
-6. diagnostics, each with a server of its own: the ingest path alone (processing deferred; taking turns with
-   the reference), the processing alone (that backlog drained by a worker process), and the service with its
-   default INFO logs (taking turns with the measured service);
-7. py-spy profiles of the service, then of the reference, under the same closed-loop load (separate phases,
-   not among the figures).
+6. diagnostics, each with a server of its own: the ingest path alone (processing deferred, no worker running;
+   taking turns with the reference), the processing alone (that backlog drained by a worker process), and the
+   service with its default INFO logs (taking turns with the measured service; a worker beside them);
+7. py-spy profiles of the service (its worker beside it), then of the reference, under the same closed-loop
+   load (separate phases, not among the figures).
 
 Every child process is terminated in a `finally`; every loop is bounded in count and time.
 """
@@ -43,6 +47,7 @@ from bench.ingest import pgbench, profile, report
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
+CREDITS = Path(PYTHON).parent / "credits"  # the service's own command, as installed beside this python
 DEFAULT_ADMIN_URL = "postgresql://root@127.0.0.1:5432/test"
 
 
@@ -66,10 +71,19 @@ class Child:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def cpu(self) -> float | None:
+        """CPU seconds (user + system, all threads) used so far; None once it has exited."""
+        from bench.ingest.loadgen import proc_cpu
+
+        split = proc_cpu(self.pid) if self.alive() else None
+        return sum(split) if split else None
+
     def stop(self) -> None:
         if self.process.poll() is not None:
             return
         self.process.terminate()
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)  # a paused worker must see its SIGTERM
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -80,6 +94,32 @@ class Child:
         with suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+
+def wait_logged(child: Child, text: str, timeout: float = 30.0) -> None:
+    """Until `text` appears in the child's log (e.g. the worker's `worker.started`); bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
+        with suppress(OSError):
+            if text in child.log_path.read_text(errors="replace"):
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{child.name} did not log {text!r} within {timeout:.0f} s:\n{child.tail()}")
+
+
+def log_events(child: Child) -> tuple[int, int, int]:
+    """(events handled, lines, bytes) in the child's JSON log so far: `event.handled` is logged once per event
+    its processing finished (at INFO, the worker's only level)."""
+    handled = lines = 0
+    with suppress(OSError), open(child.log_path, "rb") as f:
+        for line in f:
+            lines += 1
+            if b'"event.handled"' in line:
+                with suppress(ValueError):
+                    handled += json.loads(line).get("event") == "event.handled"
+    return handled, lines, child.log_path.stat().st_size if child.log_path.exists() else 0
 
 
 def free_port() -> int:
@@ -157,23 +197,32 @@ def inbox_state(db: dict[str, Any], prefix: str) -> dict[str, Any]:
             "last_processed": processed, "grants": grants}
 
 
-def busy_seconds(db: dict[str, Any], prefix: str, rounds: int) -> float | None:
-    """Seconds from first receipt to last processing start, summed over the rounds (the service sits idle
-    while the other target takes its turn, and that must not count)."""
-    total = 0.0
+def busy_seconds(db: dict[str, Any], prefix: str, windows: list[list[float]]) -> float | None:
+    """Seconds the service side (API and worker) spent on one phase's events: its own turns of load (`windows`,
+    wall-clock from the load generator), plus, after each turn, the time until the last processing that
+    started before its next turn (or, after the last turn, the drain). While another target takes its turn
+    the worker is paused; the API's inline threads may still finish their queue, and that time counts."""
+    if not windows:
+        return None
     with psycopg.connect(autocommit=True, **db) as conn:
-        for r in range(rounds):
-            first, last = conn.execute(
-                "SELECT min(received_at), max(processed_at) FROM stripe_events WHERE id LIKE %s",
-                (f"evt_{prefix}{r}%",),
-            ).fetchone()  # type: ignore[misc]
-            if first is None or last is None:
-                return None
-            total += (last - first).total_seconds()
+        times = [row[0].timestamp() for row in conn.execute(
+            "SELECT processed_at FROM stripe_events WHERE id LIKE %s AND processed_at IS NOT NULL ORDER BY 1",
+            (f"evt_{prefix}%",),
+        )]
+    if not times:
+        return None
+    spans = sorted(windows)
+    total = sum(end - start for start, end in spans)
+    for i, (_, end) in enumerate(spans):
+        following = spans[i + 1][0] if i + 1 < len(spans) else float("inf")
+        in_gap = [t for t in times if end <= t < following]
+        if in_gap:
+            total += in_gap[-1] - end
     return total
 
 
-def wait_drained(db: dict[str, Any], prefix: str, accepted: int, timeout: float, rounds: int = 1) -> dict[str, Any]:
+def wait_drained(db: dict[str, Any], prefix: str, accepted: int, timeout: float,
+                 windows: list[list[float]] | None = None) -> dict[str, Any]:
     """Durability and drain of one phase: rows == accepted, then (bounded) wait until none is pending."""
     load_ended = time.monotonic()
     state = inbox_state(db, prefix)
@@ -187,7 +236,7 @@ def wait_drained(db: dict[str, Any], prefix: str, accepted: int, timeout: float,
     waited = time.monotonic() - load_ended
     statuses = state["statuses"]
     drained = statuses.get("pending", 0) + statuses.get("failed", 0) == 0
-    span = busy_seconds(db, prefix, rounds) if state["last_processed"] else None
+    span = busy_seconds(db, prefix, windows or []) if state["last_processed"] else None
     after = (state["last_processed"] - state["last_received"]).total_seconds() if state["last_processed"] else None
     return {
         "accepted": accepted,
@@ -200,7 +249,7 @@ def wait_drained(db: dict[str, Any], prefix: str, accepted: int, timeout: float,
         "drained": drained,
         "drain_wait_seconds": round(waited, 2),
         "drain_timeout_seconds": timeout,
-        # first receipt → last processing start (per round, summed), from the inbox's own timestamps
+        # the service's turns plus the processing after them (see busy_seconds), from the inbox's timestamps
         "end_to_end_seconds": round(span, 2) if span is not None else None,
         "end_to_end_events_per_s": round(statuses.get("processed", 0) / span, 1) if span else None,
         "processing_after_last_receipt_seconds": round(after, 2) if after is not None else None,
@@ -249,11 +298,15 @@ def shown(command: list[str]) -> str:
 
 
 def loadgen(targets: dict[str, tuple[Child, str]], secret: str, prefix: str, args: argparse.Namespace, *, mode: str,
-            requests: int, rounds: int = 1, warmup: int | None = None, phase_seconds: float | None = None) -> dict[str, Any]:
-    """Run the load generator process against `targets` (name → (server, url)), in that order."""
+            requests: int, rounds: int = 1, warmup: int | None = None, phase_seconds: float | None = None,
+            pause: dict[str, Child] | None = None) -> dict[str, Any]:
+    """Run the load generator process against `targets` (name → (server, url)), in that order; `pause`
+    (target name → helper process) runs each helper only during its own target's turns."""
     command = [PYTHON, "-m", "bench.ingest.loadgen"]
     for name, (child, url) in targets.items():
         command += ["--target", f"{name}={url}", "--pid", f"{name}={child.pid}"]
+    for name, helper in (pause or {}).items():
+        command += ["--pause", f"{name}={helper.pid}"]
     command += ["--mode", mode, "--requests", str(requests), "--concurrency", str(args.concurrency),
                 "--rounds", str(rounds), "--warmup", str(args.warmup if warmup is None else warmup),
                 "--prefix", prefix, "--phase-seconds", str(phase_seconds or args.phase_seconds),
@@ -261,8 +314,13 @@ def loadgen(targets: dict[str, tuple[Child, str]], secret: str, prefix: str, arg
     if mode == "open":
         command += ["--rate", str(args.rate)]
     budget = len(targets) * (rounds * (args.max_seconds + 5) + 35) + 60
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "STRIPE_WEBHOOK_SECRET": secret},
-                          capture_output=True, text=True, timeout=budget, check=False)
+    try:
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "STRIPE_WEBHOOK_SECRET": secret},
+                              capture_output=True, text=True, timeout=budget, check=False)
+    finally:
+        for helper in (pause or {}).values():  # never left stopped, even if the generator was killed
+            with suppress(ProcessLookupError):
+                os.kill(helper.pid, signal.SIGCONT)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -295,7 +353,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=500.0, help="open-loop rate, requests/s (default 500)")
     parser.add_argument("--rate-seconds", type=float, default=3.0, help="open-loop sending time per target (default 3 s)")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests per target before the closed loop")
-    parser.add_argument("--drain-timeout", type=float, default=45.0, help="longest wait for a backlog (s)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="longest wait for a backlog to be processed after a load (s), default 120")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="hard limit of one stretch of load (s)")
     parser.add_argument("--diagnostic-seconds", type=float, default=8.0,
                         help="length of each diagnostic phase (ingest alone, processing alone, INFO logs); 0 skips them")
@@ -364,17 +423,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             wait_listening(child, port, ready)
             return child, f"http://127.0.0.1:{port}/webhooks/stripe"
 
-        def drain(name: str, target: dict[str, Any], rounds: int = 1) -> dict[str, Any]:
-            state = wait_drained(db, target["prefix"], target["accepted"], args.drain_timeout, rounds)
+        def drain(name: str, target: dict[str, Any]) -> dict[str, Any]:
+            state = wait_drained(db, target["prefix"], target["accepted"], args.drain_timeout, target.get("windows"))
             say(f"  {name}: rows {state['rows']} / accepted {state['accepted']}, processed {state['processed']}, "
-                f"drained {state['drain_wait_seconds']} s after the load")
+                f"{'drained' if state['drained'] else 'NOT drained'} {state['drain_wait_seconds']} s after the load")
             return state
+
+        def start_worker(name: str) -> Child:
+            """`credits worker` beside the service, as in production: same environment; it has no log-level
+            option, so it logs at INFO, and its stderr (with stdout) goes to $WORKDIR/<name>.log."""
+            if not CREDITS.exists():
+                raise RuntimeError(f"{CREDITS} is missing (make install)")
+            child = Child(name, [str(CREDITS), "worker"], env, workdir)
+            children.append(child)
+            wait_logged(child, '"worker.started"')
+            return child
+
+        def costs_before(api: Child, worker: Child) -> dict[str, Any]:
+            return {"api": api.cpu(), "worker": worker.cpu(), "log": log_events(worker)}
+
+        def side_costs(target: dict[str, Any], api: Child, worker: Child, before: dict[str, Any]) -> dict[str, Any]:
+            """The API's and the worker's CPU from just before the load until the backlog was processed, per
+            event stored in that time (the measured events and the target's warm-up)."""
+            api_cpu, worker_cpu = api.cpu(), worker.cpu()
+            if None in (api_cpu, worker_cpu, before["api"], before["worker"]):
+                return {}
+            api_cpu, worker_cpu = api_cpu - before["api"], worker_cpu - before["worker"]
+            handled, lines, size = (now - then for now, then in zip(log_events(worker), before["log"]))
+            stem = target["prefix"][:-1]  # evt_<stem>w… (warm-up) and evt_<stem>m… (measured)
+            with psycopg.connect(autocommit=True, **db) as conn:
+                stored = conn.execute("SELECT count(*) FROM stripe_events WHERE id LIKE %s",
+                                      (f"evt_{stem}%",)).fetchone()[0]  # type: ignore[index]
+            per = lambda cpu, n: round(1000 * cpu / n, 2) if n else None  # noqa: E731
+            return {
+                "events_in_window": stored,
+                "api_cpu_seconds_to_drained": round(api_cpu, 2),
+                "worker_cpu_seconds": round(worker_cpu, 2),
+                "api_cpu_ms_per_event_to_drained": per(api_cpu, stored),
+                "worker_cpu_ms_per_event": per(worker_cpu, stored),
+                "total_cpu_ms_per_event": per(api_cpu + worker_cpu, stored),
+                "worker_processed": handled,
+                "worker_cpu_ms_per_processed_event": per(worker_cpu, handled),
+                "worker_log_lines_per_processed_event": round(lines / handled, 1) if handled else None,
+                "worker_log_bytes_per_processed_event": round(size / handled) if handled else None,
+            }
 
         service_args = ["--log-level", args.log_level]
         service = start("service", "bench.ingest.server", service_args, "/readyz")
         reference = start("reference", "bench.ingest.reference", [], None)
         results["servers"] = {
             "service": shown([PYTHON, "-m", "bench.ingest.server", "--port", "PORT", *service_args]),
+            "worker": shown([str(CREDITS), "worker"]),
+            "worker_log": "$WORKDIR/worker.log",
             "reference": shown([PYTHON, "-m", "bench.ingest.reference", "--port", "PORT"]),
             "environment": "DATABASE_URL=<bench db> STRIPE_WEBHOOK_SECRET=<random> CREDITS_API_TOKEN=<random> "
                            "CREDITS_ADMIN_TOKEN=<random, different> CREDITS_CONFIG=credits.toml LOG_FORMAT=json "
@@ -384,16 +484,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         durability: dict[str, Any] = {}
         both = {"reference": reference, "service": service}
 
-        say(f"closed loop, {args.concurrency} connections, {args.requests} events per target (at most "
-            f"{args.phase_seconds:g} s each), {args.rounds} rounds …")
-        results["closed"] = loadgen(both, secret, f"{run_id}c", args, mode="closed", requests=args.requests,
-                                    rounds=args.rounds)
-        durability["closed"] = drain("service (closed loop)", results["closed"]["targets"]["service"], args.rounds)
+        worker = start_worker("worker")
+        try:
+            say(f"closed loop, {args.concurrency} connections, {args.requests} events per target (at most "
+                f"{args.phase_seconds:g} s each), {args.rounds} rounds; the worker beside the service …")
+            before = costs_before(service[0], worker)
+            results["closed"] = loadgen(both, secret, f"{run_id}c", args, mode="closed", requests=args.requests,
+                                        rounds=args.rounds, pause={"service": worker})
+            target = results["closed"]["targets"]["service"]
+            durability["closed"] = drain("service (closed loop)", target)
+            target.update(side_costs(target, service[0], worker, before))
 
-        rate_requests = int(args.rate * args.rate_seconds)
-        say(f"open loop, {args.rate:g} requests/s for {args.rate_seconds:g} s per target …")
-        results["open"] = loadgen(both, secret, f"{run_id}o", args, mode="open", requests=rate_requests, warmup=0)
-        durability["open"] = drain("service (open loop)", results["open"]["targets"]["service"])
+            rate_requests = int(args.rate * args.rate_seconds)
+            say(f"open loop, {args.rate:g} requests/s for {args.rate_seconds:g} s per target …")
+            before = costs_before(service[0], worker)
+            results["open"] = loadgen(both, secret, f"{run_id}o", args, mode="open", requests=rate_requests,
+                                      warmup=0, pause={"service": worker})
+            target = results["open"]["targets"]["service"]
+            durability["open"] = drain("service (open loop)", target)
+            target.update(side_costs(target, service[0], worker, before))
+        finally:
+            worker.stop()  # SIGTERM, wait, then kill; the diagnostics below need the inbox left alone
 
         say("pgbench …")
         from bench.ingest import events  # the same payload shape as the load generator's
@@ -425,12 +536,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             diagnostics["processing_alone"] = {**json.loads(done.stdout.strip().splitlines()[-1]), "command": shown(command)}
 
             say(f"diagnostic: the service with its default INFO logs and at {args.log_level.upper()}, taking turns, "
-                f"{args.diagnostic_seconds:g} s each …")
+                f"{args.diagnostic_seconds:g} s each, a worker beside them …")
             info = start("service-info-logs", "bench.ingest.server", ["--log-level", "info"], "/readyz")
-            load = loadgen({"service": service, "info_logs": info}, secret, f"{run_id}i", args, mode="closed",
-                           requests=args.requests, rounds=args.rounds, phase_seconds=args.diagnostic_seconds)
-            target = load["targets"]["info_logs"]
-            durability["info_logs"] = drain("service (INFO logs)", target, args.rounds)
+            worker = start_worker("worker-2")
+            try:
+                load = loadgen({"service": service, "info_logs": info}, secret, f"{run_id}i", args, mode="closed",
+                               requests=args.requests, rounds=args.rounds, phase_seconds=args.diagnostic_seconds)
+                target = load["targets"]["info_logs"]
+                durability["info_logs"] = drain("service (INFO logs)", target)
+            finally:
+                worker.stop()
             info[0].stop()
             lines = info[0].log_path.read_text(errors="replace").count("\n")
             events_logged = target["accepted"] + args.warmup
@@ -443,13 +558,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         results["profile"] = None
         if args.profile_seconds and profile.find_py_spy():
-            say(f"profiling the service with py-spy under the closed loop, {args.profile_seconds:g} s …")
+            say(f"profiling the service with py-spy under the closed loop, {args.profile_seconds:g} s, a worker "
+                "beside it …")
             raw = workdir / "service.pyspy.txt"
-            with profile.Recorder(service[0].pid, raw) as recorder:
-                load = loadgen({"service": service}, secret, f"{run_id}p", args, mode="closed", requests=args.requests,
-                               warmup=0, phase_seconds=args.profile_seconds)
-                state = wait_drained(db, load["targets"]["service"]["prefix"], load["targets"]["service"]["accepted"],
-                                     args.drain_timeout)
+            worker = start_worker("worker-3")
+            try:
+                with profile.Recorder(service[0].pid, raw) as recorder:
+                    load = loadgen({"service": service}, secret, f"{run_id}p", args, mode="closed",
+                                   requests=args.requests, warmup=0, phase_seconds=args.profile_seconds)
+                    state = wait_drained(db, load["targets"]["service"]["prefix"], load["targets"]["service"]["accepted"],
+                                         args.drain_timeout, load["targets"]["service"]["windows"])
+            finally:
+                worker.stop()
             summary = profile.summarise(raw) if raw.exists() else {"error": recorder.log.read_text(errors="replace")}
             summary.update(command=shown(recorder.command).replace(str(raw), "$WORKDIR/service.pyspy.txt"),
                            load=load, drain=state, sampler=profile.sampler_stats(recorder.log))

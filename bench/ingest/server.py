@@ -26,8 +26,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="structlog level (the service's own default is info)")
     parser.add_argument("--defer-processing", action="store_true",
-                        help="diagnostic: the request's background task does nothing, so events stay pending for the "
-                             "worker; measures the ingest path (verify, store, answer) without the processing")
+                        help="diagnostic: the inline processor's dispatch.process does nothing, so events stay pending "
+                             "for the worker; measures the ingest path (verify, store, answer) without the processing")
     return parser.parse_args(argv)
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.defer_processing:
         from webhooks import dispatch
 
-        dispatch.process = lambda *_args, **_kwargs: None  # the router looks it up at call time
+        dispatch.process = lambda *_args, **_kwargs: None  # webhooks/inline.py looks it up at call time
     app = create_app(runtime.load(settings))
     uvicorn.run(app, host="127.0.0.1", port=args.port, **UVICORN)  # type: ignore[arg-type]
 

@@ -15,15 +15,21 @@ Obj = dict[str, Any]
 
 
 def ref(value: Any) -> str | None:
-    """The id of an expandable field, whether it came as an id string or an expanded object."""
+    """The id of an expandable field, whether it came as an id string or an expanded object (None when
+    what came is neither: a payload is never trusted to have the types its API version promises)."""
     if isinstance(value, dict):
-        return value.get("id")
+        value = value.get("id")
     return value if isinstance(value, str) else None
 
 
 def timestamp(value: Any) -> datetime | None:
-    """A Stripe epoch-seconds field as an aware UTC datetime."""
-    return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A Stripe epoch-seconds field as an aware UTC datetime (None when it is not a usable time)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def metadata(obj: Obj | None) -> dict[str, str]:

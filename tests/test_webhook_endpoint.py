@@ -160,3 +160,20 @@ def test_a_burst_beyond_the_inline_queue_leaves_events_pending_for_the_worker(cl
     assert [status for _, status in stored(sessions)] == ["pending"] * 3
     assert worker.drain(rt)["processed"] == 3
     assert [key for _, _, key in state(sessions, "acct_1")[0] if key.startswith("invoice:")] == ["invoice:in_0", "invoice:in_1", "invoice:in_2"]
+
+
+@pytest.mark.parametrize(
+    "evt",
+    [
+        {"id": "evt_nul", "type": "invoice.paid", "data": {"object": {"object": "invoice", "id": "in_\u0000", "note": "a\u0000b"}}},
+        {"id": "evt_when", "type": "invoice.paid", "created": 10**20, "data": {"object": {"object": "invoice", "id": "in_1"}}},
+        {"id": "evt_data", "type": "invoice.paid", "data": ["not", "an", "object"]},
+        {"id": "evt_ids", "type": "charge.dispute.closed", "data": {"object": {"object": {"x": 1}, "id": {"nested": True}}}},
+    ],
+    ids=["nul-characters", "created-out-of-range", "data-not-an-object", "ids-not-strings"],
+)
+def test_a_signed_event_with_malformed_fields_is_stored_never_a_500_and_credits_nothing(deliver, sessions, evt) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(evt).status_code == 200
+    assert [event_id for event_id, _ in stored(sessions)] == [evt["id"]]
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "processed")) == 0

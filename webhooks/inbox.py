@@ -24,14 +24,17 @@ STATUSES = ("pending", "processed", "ignored", "failed", "dead")
 
 def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
     """Store a verified event; False when it was already there (a redelivery)."""
-    obj = (event.get("data") or {}).get("object") or {}
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    obj = obj if isinstance(obj, dict) else {}
+    object_type, object_id = obj.get("object"), ref(obj)
     stored = session.scalar(
         insert(session, StripeEvent)
         .values(
             id=event["id"],
             type=event["type"],
-            object_type=obj.get("object") if isinstance(obj, dict) else None,
-            object_id=ref(obj) if isinstance(obj, dict) else None,
+            object_type=object_type[:100] if isinstance(object_type, str) else None,
+            object_id=object_id[:255] if object_id else None,
             api_version=event.get("api_version") if isinstance(event.get("api_version"), str) else None,
             livemode=event.get("livemode") is True,
             created=timestamp(event.get("created")) or now,

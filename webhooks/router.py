@@ -98,11 +98,25 @@ def _verified_event(body: bytes, header: str | None, secrets: list[str]) -> dict
         event = json.loads(text)
     except ValueError as exc:
         raise Refused(400, "body is not JSON") from exc
+    if "\\u0000" in text:
+        event = _without_nul(event)
     if not (isinstance(event, dict) and isinstance(event.get("id"), str) and isinstance(event.get("type"), str)):
         raise Refused(400, "body is not a Stripe event (no id or type)")
     if not event["id"] or len(event["id"]) > 255 or len(event["type"]) > 100:
         raise Refused(400, "event id or type out of range")
     return event
+
+
+def _without_nul(value: Any) -> Any:
+    """The payload with NUL characters replaced: PostgreSQL can store none in text or jsonb, and a verified
+    event must be stored, not refused (Stripe would retry it for days)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def _signed_by(text: str, header: str, secret: str) -> bool:

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -153,7 +153,7 @@ def get_ledger(
     cursor: Annotated[str | None, Query(description="next_cursor from the previous page")] = None,
 ) -> dict[str, Any]:
     """Ledger entries, newest first; pass `next_cursor` back as `cursor` for the next page."""
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
         raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor value from an earlier page")
     with transaction(rt.sessions) as session:
         entries = ledger.history(session, _account(session, account), limit + 1, int(cursor) if cursor else None)
@@ -363,6 +363,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_: Request, exc: DataError) -> JSONResponse:
+        # A value the database cannot hold (a NUL character, an over-long id): the request's fault, not ours.
+        return _error(422, "invalid_request", "the request holds a value that cannot be stored (e.g. a NUL character or an over-long id)")
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:

@@ -199,3 +199,15 @@ def test_a_database_outage_during_a_spend_is_503(rt: Runtime, monkeypatch: pytes
 def test_the_openapi_schema_is_served(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/accounts/{account}/spend", "/v1/accounts/{account}/grants"} <= set(paths)
+
+
+@pytest.mark.parametrize("cursor", ["²", "9" * 30])
+def test_a_cursor_that_is_not_a_small_ascii_number_is_400(client: TestClient, admin_headers, cursor: str) -> None:
+    grant(client, admin_headers, "acct_1", 100, "g1")
+    assert client.get("/v1/accounts/acct_1/ledger", params={"cursor": cursor}).status_code == 400
+
+
+def test_a_value_the_database_cannot_store_is_never_a_500(client: TestClient, admin_headers) -> None:
+    """PostgreSQL refuses an over-long id or a NUL character (422); SQLite stores them (201 / 404)."""
+    assert grant(client, admin_headers, "acct_" + "x" * 300, 5, "g1").status_code in (201, 422)
+    assert client.get("/v1/accounts/acct_%00/balance").status_code in (404, 422)

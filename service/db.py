@@ -18,7 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite gets WAL, foreign keys and write-locking transactions."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **kwargs)
+        # Bounded waits: a partitioned or stalled server must surface as an error (a 503, a retry) within
+        # seconds, not hang a request until the kernel's TCP timeouts.
+        bounded = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                   "keepalives_count": 3, "tcp_user_timeout": 15000, "options": "-c statement_timeout=30000"}
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=bounded, **kwargs)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
     @event.listens_for(engine, "connect")

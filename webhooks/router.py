@@ -96,10 +96,10 @@ def _verified_event(body: bytes, header: str | None, secrets: list[str]) -> dict
         raise Refused(400, "signature timestamp is in the future")
     try:
         event = json.loads(text)
-    except ValueError as exc:
-        raise Refused(400, "body is not JSON") from exc
-    if "\\u0000" in text:
-        event = _without_nul(event)
+    except (ValueError, RecursionError) as exc:
+        raise Refused(400, "body is not JSON (or is nested too deeply)") from exc
+    if "\\u" in text:  # only an escape can smuggle in a NUL or a lone surrogate
+        event = _storable(event)
     if not (isinstance(event, dict) and isinstance(event.get("id"), str) and isinstance(event.get("type"), str)):
         raise Refused(400, "body is not a Stripe event (no id or type)")
     if not event["id"] or len(event["id"]) > 255 or len(event["type"]) > 100:
@@ -107,15 +107,15 @@ def _verified_event(body: bytes, header: str | None, secrets: list[str]) -> dict
     return event
 
 
-def _without_nul(value: Any) -> Any:
-    """The payload with NUL characters replaced: PostgreSQL can store none in text or jsonb, and a verified
-    event must be stored, not refused (Stripe would retry it for days)."""
+def _storable(value: Any) -> Any:
+    """The payload with NUL characters and lone surrogates replaced: no database stores them in text, and a
+    verified event must be stored, not refused (Stripe would retry it for days)."""
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [_storable(item) for item in value]
     if isinstance(value, dict):
-        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+        return {_storable(key): _storable(item) for key, item in value.items()}
     return value
 
 

@@ -177,3 +177,8 @@ def test_a_signed_event_with_malformed_fields_is_stored_never_a_500_and_credits_
     assert [event_id for event_id, _ in stored(sessions)] == [evt["id"]]
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "processed")) == 0
+
+
+def test_nan_or_infinity_in_a_signed_body_is_400_on_every_database(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+    assert deliver(raw=b'{"id": "evt_nan", "type": "ping", "created": NaN}').status_code == 400
+    assert stored(sessions) == []

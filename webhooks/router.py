@@ -95,7 +95,7 @@ def _verified_event(body: bytes, header: str | None, secrets: list[str]) -> dict
     if _signed_at(header) > time.time() + TOLERANCE_SECONDS:
         raise Refused(400, "signature timestamp is in the future")
     try:
-        event = json.loads(text)
+        event = json.loads(text, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise Refused(400, "body is not JSON (or is nested too deeply)") from exc
     if "\\u" in text:  # only an escape can smuggle in a NUL or a lone surrogate
@@ -105,6 +105,11 @@ def _verified_event(body: bytes, header: str | None, secrets: list[str]) -> dict
     if not event["id"] or len(event["id"]) > 255 or len(event["type"]) > 100:
         raise Refused(400, "event id or type out of range")
     return event
+
+
+def _no_constants(name: str) -> Any:
+    """NaN and Infinity are not JSON (and no database column takes them the same way): refuse the body."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _storable(value: Any) -> Any:

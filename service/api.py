@@ -38,6 +38,7 @@ from service.schemas import (
     grant_view,
 )
 from webhooks.inline import InlineProcessor
+from webhooks.router import MAX_BODY
 from webhooks.router import router as webhooks_router
 
 log = logs.get("api")
@@ -418,9 +419,6 @@ def get_metrics(request: Request, creds: Credentials, rt: RuntimeDep) -> Respons
     if token is not None and (creds is None or not _matches(creds.credentials, token)):
         raise ApiError(401, "unauthorized", "Authorization: Bearer $METRICS_TOKEN is required")
     return Response(metrics.exposition(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
-
-
-MAX_BODY = 1024 * 1024
 
 
 class BodyLimit:

@@ -38,8 +38,9 @@ from service.schemas import (
     grant_view,
 )
 from webhooks.inline import InlineProcessor
+from webhooks import router as webhooks
 from webhooks.router import MAX_BODY
-from webhooks.router import router as webhooks_router
+from webhooks.writer import InboxWriter
 
 log = logs.get("api")
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
@@ -453,24 +454,25 @@ def create_app(rt: Runtime) -> FastAPI:
     problem = rt.settings.token_problem()
     if problem:
         raise ValueError(problem)
-    inline = InlineProcessor(rt)
+    inline, writer = InlineProcessor(rt), InboxWriter(rt.engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        await run_in_threadpool(writer.stop)  # answer the deliveries in hand
         await run_in_threadpool(inline.stop)  # finish the events in hand; the worker gets the rest
 
     app = FastAPI(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
                   lifespan=lifespan)
     app.state.runtime = rt
-    app.state.inline = inline
+    app.state.inline, app.state.writer = inline, writer
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(metrics.DatabaseCollector(rt.sessions, rt.settings.inbox_alert_seconds))
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(v1)
     app.include_router(admin)
-    app.include_router(webhooks_router)
+    app.router.routes.append(webhooks.route(rt.settings.webhook_secrets, writer, inline))
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app

@@ -58,7 +58,11 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 def insert(session: Session, table: Any) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both SQLite and PostgreSQL."""
-    dialect = session.get_bind().dialect.name
+    return dialect_insert(session.get_bind().dialect.name, table)
+
+
+def dialect_insert(dialect: str, table: Any) -> Any:
+    """INSERT for the named dialect ("postgresql" or "sqlite"), for callers that hold an engine, not a session."""
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 

@@ -116,10 +116,10 @@ def test_an_event_whose_object_is_not_the_expected_type_is_ignored(deliver, sess
 
 
 def test_a_database_outage_is_503_so_stripe_retries(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    def down(*_args: object) -> bool:
+    async def down(*_args: object) -> bool:
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr("webhooks.router._store", down)
+    monkeypatch.setattr("webhooks.writer.InboxWriter.store", down)
     body = se.encode(se.event("invoice.paid", starter_invoice()))
     response = TestClient(create_app(rt)).post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)})
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import insert, is_postgresql, transaction
+from service.db import dialect_insert, is_postgresql, transaction
 from service.models import StripeEvent
 from service.stripe_objects import ref, timestamp
 
@@ -22,32 +22,37 @@ DUE = ("pending", "failed")
 STATUSES = ("pending", "processed", "ignored", "failed", "dead")
 
 
-def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
-    """Store a verified event; False when it was already there (a redelivery)."""
+def row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The inbox row of a verified event: its facts pulled out for indexing, the payload kept whole."""
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     obj = obj if isinstance(obj, dict) else {}
     object_type, object_id = obj.get("object"), ref(obj)
-    stored = session.scalar(
-        insert(session, StripeEvent)
-        .values(
-            id=event["id"],
-            type=event["type"],
-            object_type=object_type[:100] if isinstance(object_type, str) else None,
-            object_id=object_id[:255] if object_id else None,
-            api_version=event.get("api_version") if isinstance(event.get("api_version"), str) else None,
-            livemode=event.get("livemode") is True,
-            created=timestamp(event.get("created")) or now,
-            payload=event,
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            received_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["id"])
-        .returning(StripeEvent.id)
-    )
-    return stored is not None
+    return {
+        "id": event["id"],
+        "type": event["type"],
+        "object_type": object_type[:100] if isinstance(object_type, str) else None,
+        "object_id": object_id[:255] if object_id else None,
+        "api_version": event.get("api_version") if isinstance(event.get("api_version"), str) else None,
+        "livemode": event.get("livemode") is True,
+        "created": timestamp(event.get("created")) or now,
+        "payload": event,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "received_at": now,
+    }
+
+
+def insert_new(dialect: str, rows: list[dict[str, Any]]) -> Any:
+    """One INSERT … ON CONFLICT (id) DO NOTHING for `rows`, returning the ids it actually inserted."""
+    return dialect_insert(dialect, StripeEvent).values(rows).on_conflict_do_nothing(index_elements=["id"]).returning(StripeEvent.id)
+
+
+def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
+    """Store a verified event; False when it was already there (a redelivery)."""
+    dialect = session.get_bind().dialect.name
+    return session.scalar(insert_new(dialect, [row(event, now)])) is not None
 
 
 def due(session: Session, now: datetime, limit: int) -> list[str]:

@@ -1,0 +1,121 @@
+"""Group commit for the webhook endpoint: the events of concurrent deliveries share one INSERT and one commit.
+
+Each delivery must be durable before it is answered, and a commit (a WAL flush on PostgreSQL, an fsync on
+SQLite) costs far more than the row. So the endpoint hands its row to one writer thread and awaits the
+outcome; the thread takes every row waiting at that moment (up to `max_batch`), writes them with one
+INSERT … ON CONFLICT (id) DO NOTHING … RETURNING id, commits, and answers each waiting delivery. Under
+load the batches grow by themselves; a lone delivery is written at once, with no waiting for company.
+
+A row the database refuses (a value it cannot hold) must not fail the deliveries that shared its batch: on
+such an error the batch is written again row by row, so only the offender gets the error. A lost connection
+fails the whole batch, and every delivery in it answers 503 so Stripe retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from service import logs
+from webhooks import inbox
+
+log = logs.get("writer")
+Pending = tuple[dict[str, Any], "Future[bool]"]
+STOP: Pending | None = None
+
+
+class InboxWriter:
+    """Stores inbox rows in batches on a thread of its own (started on first use)."""
+
+    def __init__(self, engine: Engine, max_batch: int = 128) -> None:
+        self.engine, self.max_batch = engine, max_batch
+        self.dialect = engine.dialect.name
+        self.queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    async def store(self, row: dict[str, Any]) -> bool:
+        """Store one row durably; True when it is new, False for a redelivery (also one in the same batch).
+        Raises what the database raised (OperationalError when it is unreachable)."""
+        outcome: Future[bool] = Future()
+        self._start()
+        self.queue.put((row, outcome))
+        return await asyncio.wrap_future(outcome)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then end the thread."""
+        with self.lock:
+            thread, self.thread = self.thread, None
+        if thread is not None:
+            self.queue.put(STOP)
+            thread.join(timeout)
+
+    def _start(self) -> None:
+        if self.thread is not None:
+            return
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="inbox-writer", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._next_batch()
+            if batch:
+                self._write(batch)
+            if stopping:
+                return
+
+    def _next_batch(self) -> tuple[list[Pending], bool]:
+        """Block for the first row, then take whatever else is already waiting."""
+        first = self.queue.get()
+        if first is STOP:
+            return [], True
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _write(self, batch: list[Pending]) -> None:
+        live = [(row, outcome) for row, outcome in batch if outcome.set_running_or_notify_cancel()]
+        if live:
+            self._insert(live)
+
+    def _insert(self, batch: list[Pending]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                new = set(conn.scalars(inbox.insert_new(self.dialect, [row for row, _ in batch])))
+        except (OperationalError, InterfaceError) as exc:
+            self._fail(batch, exc)
+        except DBAPIError as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+            else:
+                for item in batch:  # isolate the row the database refused
+                    self._insert([item])
+        except Exception as exc:  # noqa: BLE001 - hand any failure to the waiting requests, keep the thread
+            log.exception("writer.failed", rows=len(batch))
+            self._fail(batch, exc)
+        else:
+            seen: set[str] = set()
+            for row, outcome in batch:
+                outcome.set_result(row["id"] in new and row["id"] not in seen)
+                seen.add(row["id"])
+
+    @staticmethod
+    def _fail(batch: list[Pending], exc: BaseException) -> None:
+        for _, outcome in batch:
+            outcome.set_exception(exc)
+

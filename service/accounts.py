@@ -65,8 +65,9 @@ def get(session: Session, ref: str) -> Account:
     return account
 
 
-def get_or_create(session: Session, ref: str) -> Account:
-    """The account named `ref`, created when new (race-free: INSERT … ON CONFLICT DO NOTHING).
+def get_or_create(session: Session, ref: str, customer: str | None = None) -> Account:
+    """The account named `ref`, created when new (race-free: INSERT … ON CONFLICT DO NOTHING) and then
+    linked to `customer` if given.
 
     A new ref that looks like a Stripe customer id (`cus_…`) is that customer's account, as DESIGN.md
     says for customers that carry no account id.
@@ -74,13 +75,16 @@ def get_or_create(session: Session, ref: str) -> Account:
     existing = find(session, ref)
     if existing is not None:
         return existing
-    customer = ref if ref.startswith("cus_") else None
-    session.execute(
+    customer = customer or (ref if ref.startswith("cus_") else None)
+    created = session.scalar(
         insert(session, Account)
         .values(public_id=ref, stripe_customer_id=customer, status="active", created_at=utcnow())
         .on_conflict_do_nothing()
+        .returning(Account)
     )
-    return get(session, ref)
+    if created is not None and customer is not None:
+        log.info("account.linked", account_id=ref, customer=customer)
+    return created if created is not None else get(session, ref)
 
 
 def lock(session: Session, account: Account) -> Account:
@@ -115,7 +119,7 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     elif wanted is None and who.customer is None:
         raise Unresolvable("the objects name no account id and no customer")
     else:
-        account = get_or_create(session, wanted or who.customer)  # type: ignore[arg-type]
+        account = get_or_create(session, wanted or who.customer, who.customer)  # type: ignore[arg-type]
         if who.customer and account.stripe_customer_id is None:
             account.stripe_customer_id = who.customer
             log.info("account.linked", account_id=account.public_id, customer=who.customer)

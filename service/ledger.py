@@ -263,7 +263,7 @@ def _post(
     now: datetime,
 ) -> Posted:
     """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
-    new_id = session.scalar(
+    created = session.scalar(
         insert(session, LedgerEntry)
         .values(
             account_id=account.id,
@@ -276,11 +276,11 @@ def _post(
             created_at=now,
         )
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(LedgerEntry.id)
+        .returning(LedgerEntry)
     )
-    if new_id is not None:
+    if created is not None:
         log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
-        return Posted(session.get_one(LedgerEntry, new_id), created=True)
+        return Posted(created, created=True)
     earlier = session.scalars(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).one()
     _same_operation(earlier, account, kind, amount)
     return Posted(earlier, created=False)

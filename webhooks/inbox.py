@@ -7,11 +7,13 @@ work without processing an event twice at once; on SQLite the write lock seriali
 
 from __future__ import annotations
 
+import json
 import traceback
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Text, bindparam, cast, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import dialect_insert, is_postgresql, transaction
@@ -22,8 +24,9 @@ DUE = ("pending", "failed")
 STATUSES = ("pending", "processed", "ignored", "failed", "dead")
 
 
-def row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The inbox row of a verified event: its facts pulled out for indexing, the payload kept whole."""
+def row(event: dict[str, Any], now: datetime, payload: str | None = None) -> dict[str, Any]:
+    """The parameters of `insert_new` for a verified event: its facts pulled out for indexing, the payload
+    kept whole as JSON text (`payload`, the body as received, when the caller has it: no re-encoding)."""
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     obj = obj if isinstance(obj, dict) else {}
@@ -36,7 +39,7 @@ def row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
         "api_version": event.get("api_version") if isinstance(event.get("api_version"), str) else None,
         "livemode": event.get("livemode") is True,
         "created": timestamp(event.get("created")) or now,
-        "payload": event,
+        "payload_text": json.dumps(event) if payload is None else payload,
         "status": "pending",
         "attempts": 0,
         "next_attempt_at": now,
@@ -44,15 +47,19 @@ def row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
-def insert_new(dialect: str, rows: list[dict[str, Any]]) -> Any:
-    """One INSERT … ON CONFLICT (id) DO NOTHING for `rows`, returning the ids it actually inserted."""
-    return dialect_insert(dialect, StripeEvent).values(rows).on_conflict_do_nothing(index_elements=["id"]).returning(StripeEvent.id)
+def insert_new(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (id) DO NOTHING RETURNING id, for one `row` or (executemany) a list of them:
+    SQLAlchemy sends a list as one multi-row statement, compiled once. The payload is bound as JSON text,
+    cast to jsonb by PostgreSQL itself, so the body is not parsed into objects and encoded again."""
+    payload = bindparam("payload_text", type_=Text)
+    value = cast(payload, JSONB) if dialect == "postgresql" else payload
+    statement = dialect_insert(dialect, StripeEvent).values(payload=value)
+    return statement.on_conflict_do_nothing(index_elements=["id"]).returning(StripeEvent.id)
 
 
 def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
     """Store a verified event; False when it was already there (a redelivery)."""
-    dialect = session.get_bind().dialect.name
-    return session.scalar(insert_new(dialect, [row(event, now)])) is not None
+    return session.scalar(insert_new(session.get_bind().dialect.name), row(event, now)) is not None
 
 
 def due(session: Session, now: datetime, limit: int) -> list[str]:

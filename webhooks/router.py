@@ -66,7 +66,7 @@ class Receiver:
             headers = dict(scope["headers"])
             body = await _read_capped(receive, headers.get(b"content-length", b""))
             signature = headers.get(b"stripe-signature", b"").decode("latin-1")
-            event = _verified_event(body, signature, self.secrets)
+            event, payload = _verified_event(body, signature, self.secrets)
         except Refused as refused:
             metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
             log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)
@@ -74,7 +74,7 @@ class Receiver:
             await answer(scope, receive, send)
             return
         try:
-            new = await self.writer.store(inbox.row(event, utcnow()))
+            new = await self.writer.store(inbox.row(event, utcnow(), payload))
         except DBAPIError:
             metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
             raise  # the app's handlers answer 503 (unreachable) or 422 (a value no database column holds)
@@ -107,9 +107,10 @@ async def _read_capped(receive: Receive, declared: bytes) -> bytes:
     return b"".join(chunks)
 
 
-def _verified_event(body: bytes, header: str, secrets: list[str]) -> dict[str, Any]:
-    """The event, if `header` signs `body` exactly as received with any of `secrets` (a rotation accepts
-    old and new), within the tolerance in either direction; else Refused(400)."""
+def _verified_event(body: bytes, header: str, secrets: list[str]) -> tuple[dict[str, Any], str]:
+    """The event and the JSON text to store for it, if `header` signs `body` exactly as received with any of
+    `secrets` (a rotation accepts old and new), within the tolerance in either direction; else Refused(400).
+    The text is the body as Stripe sent it, unless characters no database stores had to be replaced."""
     if not header:
         raise Refused(400, "missing Stripe-Signature header")
     if not secrets:
@@ -128,11 +129,12 @@ def _verified_event(body: bytes, header: str, secrets: list[str]) -> dict[str, A
         raise Refused(400, "body is not JSON (or is nested too deeply)") from exc
     if "\\u" in text:  # only an escape can smuggle in a NUL or a lone surrogate
         event = _storable(event)
+        text = json.dumps(event)
     if not (isinstance(event, dict) and isinstance(event.get("id"), str) and isinstance(event.get("type"), str)):
         raise Refused(400, "body is not a Stripe event (no id or type)")
     if not event["id"] or len(event["id"]) > 255 or len(event["type"]) > 100:
         raise Refused(400, "event id or type out of range")
-    return event
+    return event, text
 
 
 def _no_constants(name: str) -> Any:

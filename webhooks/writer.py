@@ -3,7 +3,8 @@
 Each delivery must be durable before it is answered, and a commit (a WAL flush on PostgreSQL, an fsync on
 SQLite) costs far more than the row. So the endpoint hands its row to one writer thread and awaits the
 outcome; the thread takes every row waiting at that moment (up to `max_batch`), writes them with one
-INSERT … ON CONFLICT (id) DO NOTHING … RETURNING id, commits, and answers each waiting delivery. Under
+INSERT … ON CONFLICT (id) DO NOTHING … RETURNING id (inbox.insert_new), commits, and answers each waiting
+delivery. Under
 load the batches grow by themselves; a lone delivery is written at once, with no waiting for company.
 
 A row the database refuses (a value it cannot hold) must not fail the deliveries that shared its batch: on
@@ -35,7 +36,7 @@ class InboxWriter:
 
     def __init__(self, engine: Engine, max_batch: int = 128) -> None:
         self.engine, self.max_batch = engine, max_batch
-        self.dialect = engine.dialect.name
+        self.statement = inbox.insert_new(engine.dialect.name)
         self.queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
@@ -96,7 +97,7 @@ class InboxWriter:
     def _insert(self, batch: list[Pending]) -> None:
         try:
             with self.engine.begin() as conn:
-                new = set(conn.scalars(inbox.insert_new(self.dialect, [row for row, _ in batch])))
+                new = set(conn.scalars(self.statement, [row for row, _ in batch]))
         except (OperationalError, InterfaceError) as exc:
             self._fail(batch, exc)
         except DBAPIError as exc:

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,12 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):(?P<line>\d+)\)$")
 
 
 def find_py_spy() -> str | None:
-    here = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "py-spy"
-    return str(here) if here.exists() else shutil.which("py-spy")
+    """py-spy in the repository's .venv, else beside the running python (a worktree shares another
+    checkout's venv), else on PATH."""
+    for here in (Path(__file__).resolve().parents[2] / ".venv" / "bin" / "py-spy", Path(sys.executable).parent / "py-spy"):
+        if here.exists():
+            return str(here)
+    return shutil.which("py-spy")
 
 
 class Recorder:

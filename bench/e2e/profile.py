@@ -19,7 +19,7 @@ SAMPLING = ("--idle", "--nonblocking")
 # (label, pattern on one frame "func (file"); the first rule matching any frame of the stack wins, so the
 # more specific parts of the processing come first (a ledger write inside a rollover inside a refill is "ledger").
 STAGES = [
-    ("commit (COMMIT round trip: WAL flush)", r"(^|\.)commit \(sqlalchemy/"),
+    ("commit: the session's pending writes flushed, then COMMIT (WAL flush)", r"(^|\.)commit \(sqlalchemy/"),
     ("ledger writes (service/ledger.py: grant, expire, allocations)", r"\(service/ledger\.py"),
     ("rollover at renewal (service/rollover.py)", r"\(service/rollover\.py"),
     ("referral attribution and payouts (service/referrals.py)", r"\(service/referrals\.py"),
@@ -28,7 +28,9 @@ STAGES = [
     ("plan refills (service/refills.py)", r"\(service/refills\.py"),
     ("account resolve and lock (service/accounts.py)", r"\(service/accounts\.py"),
     ("other handler code (webhooks/handlers.py)", r"\(webhooks/handlers\.py"),
-    ("inbox: due query, claim, mark (webhooks/inbox.py)", r"\(webhooks/inbox\.py"),
+    ("inbox: picking the due events (inbox.due)", r"(^|\.)due \(webhooks/inbox\.py"),
+    ("inbox: claiming the event (SELECT … FOR UPDATE SKIP LOCKED, payload and all)", r"(^|\.)claim \(webhooks/inbox\.py"),
+    ("inbox: marking it (finish, record_failure)", r"\(webhooks/inbox\.py"),
     ("logging (structlog)", r"\(structlog/|\(service/logs\.py"),
     ("transaction begin/rollback (service/db.py)", r"\(service/db\.py"),
     ("idle between polls (stop.wait)", r"(^|\.)wait \(threading\.py"),
@@ -36,8 +38,11 @@ STAGES = [
 OTHER = "other (dispatch, worker loop, interpreter)"
 
 
+RATE = 50  # samples a second: enough for shares to a percent over a run, at half py-spy's default CPU
+
+
 def recorder(pid: int, raw: Path) -> profile.Recorder:
-    return profile.Recorder(pid, raw, sampling=SAMPLING)
+    return profile.Recorder(pid, raw, rate=RATE, sampling=SAMPLING)
 
 
 def summarise(rec: profile.Recorder) -> dict[str, Any]:

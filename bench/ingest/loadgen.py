@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,13 +121,15 @@ async def closed_loop(
 
 
 async def chained_loop(
-    url: str, chains: list[list[tuple[bytes, str]]], concurrency: int, phase_seconds: float, max_seconds: float
+    url: str, chains: list[list[tuple[bytes, str]]], concurrency: int, phase_seconds: float, max_seconds: float,
+    admit: Callable[[], Awaitable[None]] | None = None,
 ) -> Segment:
     """The closed loop over chains of events: C workers share one queue of chains, and each sends a chain's
     events one after the other (the next once the previous answer has arrived), so the events of one chain
-    — one customer's, say — arrive in their order while C chains are in flight. No new chain starts after
-    `phase_seconds`; anything still unanswered at `max_seconds` is abandoned. `Segment.completed` lists the
-    chains whose every event was answered."""
+    — one customer's, say — arrive in their order while C chains are in flight. `admit`, when given, is
+    awaited before each chain starts (a caller's brake). No new chain starts after `phase_seconds`; anything
+    still unanswered at `max_seconds` is abandoned. `Segment.completed` lists the chains whose every event
+    was answered."""
     seg = Segment()
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
     pending = iter(range(len(chains)))
@@ -134,6 +137,8 @@ async def chained_loop(
 
         async def worker() -> None:
             for i in pending:  # one shared iterator: each chain is sent once
+                if admit is not None:
+                    await admit()
                 if time.perf_counter() > deadline:  # stop issuing; what is in flight completes
                     break
                 for item in chains[i]:

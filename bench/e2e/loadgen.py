@@ -54,16 +54,18 @@ class Inbox:
     async def admit(self) -> None:
         """Before a chain: wait while `limit` or more events are unsettled. The processing never runs dry
         (that many are queued), but what is left when sending stops stays small enough to settle in time."""
-        started = time.perf_counter()
         while self.unsettled >= self.limit:
             await asyncio.sleep(self.poll)
-        self.held_seconds += time.perf_counter() - started
 
     async def watch(self) -> None:
-        """Keep `unsettled` fresh (while a month is sent; cancelled after it)."""
+        """Keep `unsettled` fresh while a month is sent (cancelled after it), and add up the wall time the
+        brake was on (`held_seconds`)."""
         while True:
             await self.count()
+            started = time.perf_counter()
             await asyncio.sleep(self.poll)
+            if self.unsettled >= self.limit:
+                self.held_seconds += time.perf_counter() - started
 
     async def settled(self, until: float) -> tuple[int, float]:
         """Wait until nothing is unsettled or the wall clock reaches `until`: (still unsettled, seconds waited)."""

@@ -117,19 +117,20 @@ class Mix:
         keys = {a.referrer for a in self.accounts if a.referrer}
         return [a for a in self.accounts if a.key in keys]
 
-    def counts(self) -> dict[str, int]:
-        """Events by type, and the mix's shape (signups, renewals, packs, referred signups)."""
-        out: dict[str, int] = defaultdict(int)
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Events by type, and the mix's shape (signups, renewals, pack purchases, referred signups, referrers)."""
+        types: dict[str, int] = defaultdict(int)
+        shape: dict[str, int] = defaultdict(int)
         for m in range(1, self.months + 1):
             for chain in self.chains(m):
                 for kind in chain.kinds:
-                    out[kind] += 1
-                out["signups"] += chain.signup
-                out["renewals"] += chain.invoice and not chain.signup
-                out["pack purchases"] += chain.pack
-                out["referred signups"] += chain.signup and chain.account.referrer is not None
-        out["referrers"] = len(self.referrers)
-        return dict(out)
+                    types[kind] += 1
+                shape["signups"] += chain.signup
+                shape["renewals"] += chain.invoice and not chain.signup
+                shape["pack purchases"] += chain.pack
+                shape["referred signups"] += chain.signup and chain.account.referrer is not None
+        shape["referrers"] = len(self.referrers)
+        return {"types": dict(types), "shape": dict(shape)}
 
 
 def _draw(seed: int, month: int, i: int, months: int, referrers: list[str]) -> Account:

@@ -129,7 +129,8 @@ def markdown(results: dict[str, Any]) -> str:
         "### How each figure was produced",
         "",
         f"- The mix (bench/e2e/mix.py; seed {get(results, 'args').get('seed')}): "
-        + ", ".join(f"{fmt(n)} {kind}" for kind, n in mix.items() if kind not in ("events", "accounts")) + ". "
+        + ", ".join(f"{fmt(n)} {kind}" for kind, n in get(mix, "shape").items()) + "; events by type: "
+        + ", ".join(f"{fmt(n)} `{kind}`" for kind, n in get(mix, "types").items()) + ". "
         "A signup is `customer.created` (metadata `account_id`), `checkout.session.completed` (mode subscription, "
         "`client_reference_id`), `customer.subscription.created`, then the first invoice's `invoice.paid` and "
         "`invoice.payment_succeeded`; a renewal is `invoice.paid`, `invoice.payment_succeeded` and "
@@ -147,7 +148,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"the clock ({fmt(load.get('build_seconds'), ' s')}), then sends month after month with "
         f"{load.get('concurrency')} customers in flight, each customer's events in order, one after the other's 2xx. "
         "A month's renewals go out only once the inbox holds nothing pending or failed (polled every 0.25 s), as a "
-        "renewal's rollover depends on what the month before left; that wait is inside the clock.",
+        "renewal's rollover depends on what the month before left; that wait is inside the clock. No customer's events "
+        f"start while {get(results, 'args').get('max_backlog')} events are unsettled (`--max-backlog`): the processing "
+        "always has that much queued, and what is left when delivery stops can settle within the run.",
         f"- Verification: inbox statuses {inbox.get('statuses')}; balances read from `credit_grants` (unexpired "
         f"`remaining`) for {fmt(bal.get('accounts_in_database'))} accounts and compared exactly with the catalogue's "
         f"arithmetic (bench/e2e/mix.py `expected_balances`): {fmt(bal.get('mismatches'))} mismatches"
@@ -159,9 +162,10 @@ def markdown(results: dict[str, Any]) -> str:
         + "; ".join(f"{name} {sum(v for v in t.values() if v):.2f}" for name, t in list((w.get("by_table") or {}).items())[:8])
         + ".",
         f"- pgbench, the reference: one script run per event — the event body as JSONB in an autocommitted INSERT, "
-        f"then one transaction with an UPDATE of that row, {max(0, (pg.get('updates_per_transaction') or 1) - 1)} "
-        f"UPDATEs of random rows of a 10,000-row table and {max(0, (pg.get('inserts_per_transaction') or 1) - 1)} INSERTs "
-        f"of ledger-like rows ({pg.get('writes_per_transaction')} row writes, 2 commits; the service made "
+        f"then one transaction with an UPDATE of that row, UPDATEs of random rows of a 10,000-row table (× "
+        f"{max(0, (pg.get('updates_per_transaction') or 1) - 1)}) and INSERTs of ledger-like rows (× "
+        f"{max(0, (pg.get('inserts_per_transaction') or 1) - 1)}): {pg.get('writes_per_transaction')} row writes and 2 "
+        "commits per event (the service made "
         f"{fmt(w.get('commits_per_event'))} commits per event, its read-only transactions included): "
         f"`{pg.get('command')}` → {fmt(pg.get('tps'))} tps, {fmt(pg.get('latency_avg_ms'), ' ms')} average latency.",
         f"- CPU: the API process {fmt(cpu.get('api_seconds'), ' s')} and the worker {fmt(cpu.get('worker_seconds'), ' s')} "
@@ -189,14 +193,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(_profile_lines(results)[0] if _profile_lines(results) else "No profile (py-spy is not installed).")
     lines += [
         "",
-        f"Delivery is not what limits it: while sending, the API accepted "
-        + ", ".join(f"{fmt(m['accepted_per_s'])}/s" for m in load.get("months") or [])
-        + f" (months in turn), but the clock spent {fmt(d.get('waiting_seconds'), ' s')} after the months' last "
-        f"deliveries waiting for the inbox to settle, against {fmt(d.get('sending_seconds'), ' s')} sending. "
-        f"Processing one event takes {fmt(d.get('worker_cpu_ms_per_event'), ' ms')} of the worker's CPU and "
-        f"{fmt(d.get('api_cpu_ms_per_event'), ' ms')} of the API's per event processed (receiving included), on 2 "
-        f"cores shared with PostgreSQL and the load generator; PostgreSQL alone does {fmt(pg.get('tps'))} of these "
-        "events' writes per second.",
+        f"The processing sets the pace, not the delivery: of the {fmt(d.get('clock_seconds'), ' s')} on the clock, "
+        f"{fmt(d.get('sending_seconds'), ' s')} were spent sending (held back for {fmt(d.get('held_seconds'), ' s')} of "
+        f"them while {get(results, 'args').get('max_backlog')} events were already waiting) and "
+        f"{fmt(d.get('waiting_seconds'), ' s')} waiting for a month to settle after its last delivery. The worker "
+        f"processed {fmt(cpu.get('worker_processed'))} of the {fmt(d.get('processed'))} events, the API's inline threads "
+        f"the rest; per event, the worker used {fmt(d.get('worker_cpu_ms_per_event'), ' ms')} of CPU and the API process "
+        f"{fmt(d.get('api_cpu_ms_per_event'), ' ms')} (receiving every event and processing its share), on 2 cores "
+        f"shared with PostgreSQL and the load generator, while PostgreSQL alone does {fmt(pg.get('tps'))} of these "
+        "events' writes a second.",
         "",
     ]
     return "\n".join(lines)

@@ -75,9 +75,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def argv_shown(args: argparse.Namespace) -> list[str]:
     """The non-default options of this run, as they would be typed."""
-    defaults = vars(parse([]))
-    return [part for key, value in vars(args).items() if key not in ("json", "admin_url") and value != defaults[key]
-            for part in (f"--{key.replace('_', '-')}", str(value))]
+    defaults, out = vars(parse([])), []
+    for key, value in vars(args).items():
+        if key in ("json", "admin_url") or value == defaults[key]:
+            continue
+        option = key.replace("_", "-")
+        out += [f"--{option}" if value is True else f"--no-{option}"] if isinstance(value, bool) else [f"--{option}", str(value)]
+    return out
 
 
 def referral_codes(api: str, token: str, prefix: str, referrers: list[mix.Account]) -> dict[str, str]:
@@ -124,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         catalogue = load_catalogue(Path(env["CREDITS_CONFIG"]))
         mix.check_catalogue(catalogue)
         plan = mix.plan(args.events, args.months, args.seed)
-        results["mix"] = {"events": plan.events, "accounts": len(plan.accounts), **plan.counts()}
+        results["mix"] = {"events": plan.events, "accounts": len(plan.accounts), **plan.counts()}  # types, shape
 
         api, hook = harness.start_server("service", "bench.ingest.server", ["--log-level", args.log_level], "/readyz",
                                          env, workdir, children)

@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,7 @@ class Segment:
     capped: bool = False
     lags: list[float] = field(default_factory=list)  # open loop: how late each send left
     sending_seconds: float = 0.0
+    completed: list[int] = field(default_factory=list)  # chained loop: chains whose every event was answered
 
 
 async def closed_loop(
@@ -115,20 +117,37 @@ async def closed_loop(
 ) -> Segment:
     """C workers share one queue of pre-signed events; each sends the next when its answer has arrived.
     No new request starts after `phase_seconds`; anything still unanswered at `max_seconds` is abandoned."""
+    return await chained_loop(url, [[item] for item in items], concurrency, phase_seconds, max_seconds)
+
+
+async def chained_loop(
+    url: str, chains: list[list[tuple[bytes, str]]], concurrency: int, phase_seconds: float, max_seconds: float,
+    admit: Callable[[], Awaitable[None]] | None = None,
+) -> Segment:
+    """The closed loop over chains of events: C workers share one queue of chains, and each sends a chain's
+    events one after the other (the next once the previous answer has arrived), so the events of one chain
+    — one customer's, say — arrive in their order while C chains are in flight. `admit`, when given, is
+    awaited before each chain starts (a caller's brake). No new chain starts after `phase_seconds`; anything
+    still unanswered at `max_seconds` is abandoned. `Segment.completed` lists the chains whose every event
+    was answered."""
     seg = Segment()
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    pending = iter(range(len(items)))
+    pending = iter(range(len(chains)))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)) as session:
 
         async def worker() -> None:
-            for i in pending:  # one shared iterator: each event is sent once
+            for i in pending:  # one shared iterator: each chain is sent once
+                if admit is not None:
+                    await admit()
                 if time.perf_counter() > deadline:  # stop issuing; what is in flight completes
                     break
-                started = time.perf_counter()
-                status = await _post(session, url, *items[i])
-                if isinstance(status, int) and 200 <= status < 300:
-                    seg.latencies.append(time.perf_counter() - started)
-                seg.statuses[str(status)] += 1
+                for item in chains[i]:
+                    started = time.perf_counter()
+                    status = await _post(session, url, *item)
+                    if isinstance(status, int) and 200 <= status < 300:
+                        seg.latencies.append(time.perf_counter() - started)
+                    seg.statuses[str(status)] += 1
+                seg.completed.append(i)
 
         started = time.perf_counter()
         deadline = started + phase_seconds
@@ -139,7 +158,7 @@ async def closed_loop(
         await asyncio.gather(*not_done, return_exceptions=True)
         seg.seconds = time.perf_counter() - started
     seg.abandoned = bool(not_done)
-    seg.capped = sum(seg.statuses.values()) < len(items)
+    seg.capped = sum(seg.statuses.values()) < sum(len(chain) for chain in chains)
     return seg
 
 

@@ -42,14 +42,22 @@ def script(payload: bytes) -> str:
 def run(conninfo: dict[str, Any], workdir: Path, payload: bytes, transactions: int, clients: int,
         threads: int = 2, timeout: float = 120.0) -> dict[str, Any]:
     """Create the table, run pgbench, and return its TPS and latency with the exact command."""
+    return run_script(conninfo, workdir, "pgbench_insert.sql", [f"DROP TABLE IF EXISTS {TABLE}", DDL],
+                      script(payload), TABLE, transactions, clients, threads, timeout)
+
+
+def run_script(conninfo: dict[str, Any], workdir: Path, name: str, setup: list[str], text: str, table: str,
+               transactions: int, clients: int, threads: int = 2, timeout: float = 120.0) -> dict[str, Any]:
+    """Run the `setup` statements, then pgbench with the script `text` (saved as workdir/name), and return
+    its TPS and latency with the exact command and the row count of `table` afterwards."""
     exe = find_pgbench()
     if exe is None:
         return {"error": "pgbench not found"}
     with psycopg.connect(autocommit=True, **conninfo) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-        conn.execute(DDL)
-    path = workdir / "pgbench_insert.sql"
-    path.write_text(script(payload))
+        for statement in setup:
+            conn.execute(statement)
+    path = workdir / name
+    path.write_text(text)
     per_client = max(1, math.ceil(transactions / clients))
     command = [exe, "-n", "-h", conninfo["host"], "-p", str(conninfo["port"]), "-U", conninfo["user"],
                "-c", str(clients), "-j", str(threads), "-t", str(per_client), "-f", str(path), conninfo["dbname"]]
@@ -60,7 +68,7 @@ def run(conninfo: dict[str, Any], workdir: Path, payload: bytes, transactions: i
     processed = re.search(r"number of transactions actually processed: (\d+)", out)
     failed = re.search(r"number of failed transactions: (\d+)", out)
     with psycopg.connect(autocommit=True, **conninfo) as conn:
-        rows = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]  # type: ignore[index]
+        rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
     return {
         "command": shlex.join(command),
         "script": str(path),

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,19 +53,23 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):(?P<line>\d+)\)$")
 
 
 def find_py_spy() -> str | None:
-    here = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "py-spy"
-    return str(here) if here.exists() else shutil.which("py-spy")
+    """py-spy in the repository's .venv, else beside the running python (a worktree shares another
+    checkout's venv), else on PATH."""
+    for here in (Path(__file__).resolve().parents[2] / ".venv" / "bin" / "py-spy", Path(sys.executable).parent / "py-spy"):
+        if here.exists():
+            return str(here)
+    return shutil.which("py-spy")
 
 
 class Recorder:
     """`with Recorder(pid, out) as rec:` — py-spy samples `pid` until the block ends (SIGINT makes it write)."""
 
-    def __init__(self, pid: int, output: Path, rate: int = 100) -> None:
+    def __init__(self, pid: int, output: Path, rate: int = 100, sampling: tuple[str, ...] = ("--gil",)) -> None:
         exe = find_py_spy()
         if exe is None:
             raise FileNotFoundError("py-spy is not installed (.venv/bin/pip install py-spy)")
         self.output = output
-        self.command = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--gil",
+        self.command = [exe, "record", "--pid", str(pid), "--rate", str(rate), *sampling,
                         "--format", "raw", "--output", str(output)]
         self.log = output.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -103,8 +108,10 @@ def _frames(stack: str) -> list[tuple[str, str]]:
     return out
 
 
-def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Percentages of samples by stage, by library, and the hottest leaf functions."""
+def summarise(raw: Path, top: int = 12, stages_rules: list[tuple[str, str]] = STAGES,
+              stage_other: str = STAGE_OTHER) -> dict[str, Any]:
+    """Percentages of samples by stage (the first of `stages_rules` found in the stack, else `stage_other`),
+    by library, and the hottest leaf functions."""
     stages: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -118,7 +125,7 @@ def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
         total += count
         frames = _frames(stack)
         texts = [f"{func} ({file}" for func, file in frames]
-        stage = next((label for label, pattern in STAGES if any(re.search(pattern, t) for t in texts)), STAGE_OTHER)
+        stage = next((label for label, pattern in stages_rules if any(re.search(pattern, t) for t in texts)), stage_other)
         stages[stage] += count
         if any(re.search(r"\(structlog/|\(service/logs\.py", t) for t in texts):
             logging_inclusive += count

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.format import columns
+from bench.format import fmt as _fmt
+from bench.format import get as _get
+from bench.format import met as _met
+from bench.format import ratio as _ratio
+
 # The targets the README states, from the project's issues.
 TARGET_THROUGHPUT_NOW = 1.0    # issue 3: ours >= 1x the minimal handler's throughput
 TARGET_THROUGHPUT_LATER = 2.0  # issue 8: ours >= 2x the minimal handler's throughput ...
@@ -20,17 +26,6 @@ HISTORY = {
                          "accepted_rps": 183.5, "reference_rps": 439.6, "ratio": 0.42, "cpu_ms": 4.47,
                          "end_to_end_rps": 23.2, "backlog": 2627},
 }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
-def _get(results: dict[str, Any], *path: str) -> dict[str, Any]:
-    node: Any = results
-    for key in path:
-        node = (node or {}).get(key) if isinstance(node, dict) else None
-    return node or {}
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
@@ -62,22 +57,6 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         "target_issue8_throughput_met": throughput_ratio is not None and throughput_ratio >= TARGET_THROUGHPUT_LATER,
         "target_issue8_p99_met": open_complete and p99 is not None and p99 <= TARGET_P99_MS,
     }
-
-
-def _fmt(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 100_000:
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = f"{value:,}"
-    if isinstance(value, float):
-        value = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
-    return f"{value}{unit}"
-
-
-def _met(flag: bool | None) -> str:
-    return "met" if flag else "**not met**"
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -145,10 +124,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def table(results: dict[str, Any]) -> str:
     d = results.get("derived") or {}
-    lines = [("figure", "service", "reference", "ratio"), *rows(results)]
-    widths = [max(len(row[i]) for row in lines) for i in range(4)]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = columns([("figure", "service", "reference", "ratio"), *rows(results)])
     text += [
         "",
         f"issue 3 (throughput >= 1x minimal): {_met(d.get('target_issue3_met'))}; issue 8 (>= 2x minimal: "

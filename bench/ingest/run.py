@@ -148,6 +148,47 @@ def wait_listening(child: Child, port: int, path: str | None, timeout: float = 3
     raise RuntimeError(f"{child.name} did not answer on 127.0.0.1:{port} within {timeout:.0f} s:\n{child.tail()}")
 
 
+def service_env(url: str) -> dict[str, str]:
+    """The environment of every service process of a run (API, worker, CLI): this tree's code first on the
+    path (the venv's editable install may point at another checkout), a fresh webhook secret and tokens,
+    the shipped catalogue, JSON logs, and a Stripe API base where nothing answers — no event may need a call."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "DATABASE_URL": url,
+        "STRIPE_WEBHOOK_SECRET": f"whsec_bench_{secrets.token_hex(16)}",
+        "STRIPE_API_KEY": "sk_test_bench",
+        "STRIPE_API_BASE": "http://127.0.0.1:9",  # nothing may leave the machine; the events need no look-up
+        "CREDITS_API_TOKEN": secrets.token_urlsafe(24),
+        "CREDITS_ADMIN_TOKEN": secrets.token_urlsafe(24),
+        "CREDITS_CONFIG": str(ROOT / "credits.toml"),
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_server(name: str, module: str, extra: list[str], ready: str | None, env: dict[str, str], workdir: Path,
+                 children: list[Child]) -> tuple[Child, str]:
+    """`python -m module --port P …` on a free port, added to `children` (so the caller's `finally` stops it)
+    and answering (on `ready`, when given); returns it with its webhook URL."""
+    port = free_port()
+    child = Child(name, [PYTHON, "-m", module, "--port", str(port), *extra], env, workdir)
+    children.append(child)
+    wait_listening(child, port, ready)
+    return child, f"http://127.0.0.1:{port}/webhooks/stripe"
+
+
+def start_service_worker(name: str, env: dict[str, str], workdir: Path, children: list[Child]) -> Child:
+    """`credits worker` beside the service, as in production: same environment; it has no log-level
+    option, so it logs at INFO, and its stderr (with stdout) goes to $WORKDIR/<name>.log."""
+    if not CREDITS.exists():
+        raise RuntimeError(f"{CREDITS} is missing (make install)")
+    child = Child(name, [str(CREDITS), "worker"], env, workdir)
+    children.append(child)
+    wait_logged(child, '"worker.started"')
+    return child
+
+
 # ---------------------------------------------------------------------------------------------- database
 
 
@@ -402,26 +443,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"postgresql+psycopg://{db['user']}@{db['host']}:{db['port']}/{dbname}"
         migrate(url)
         results["database"] = dbname
-        secret = f"whsec_bench_{secrets.token_hex(16)}"
-        env = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "STRIPE_WEBHOOK_SECRET": secret,
-            "STRIPE_API_KEY": "sk_test_bench",
-            "STRIPE_API_BASE": "http://127.0.0.1:9",  # nothing may leave the machine; the events need no look-up
-            "CREDITS_API_TOKEN": secrets.token_urlsafe(24),
-            "CREDITS_ADMIN_TOKEN": secrets.token_urlsafe(24),
-            "CREDITS_CONFIG": str(ROOT / "credits.toml"),
-            "LOG_FORMAT": "json",
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = service_env(url)
+        secret = env["STRIPE_WEBHOOK_SECRET"]
 
         def start(name: str, module: str, extra: list[str], ready: str | None) -> tuple[Child, str]:
-            port = free_port()
-            child = Child(name, [PYTHON, "-m", module, "--port", str(port), *extra], env, workdir)
-            children.append(child)
-            wait_listening(child, port, ready)
-            return child, f"http://127.0.0.1:{port}/webhooks/stripe"
+            return start_server(name, module, extra, ready, env, workdir, children)
 
         def drain(name: str, target: dict[str, Any]) -> dict[str, Any]:
             state = wait_drained(db, target["prefix"], target["accepted"], args.drain_timeout, target.get("windows"))
@@ -430,14 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return state
 
         def start_worker(name: str) -> Child:
-            """`credits worker` beside the service, as in production: same environment; it has no log-level
-            option, so it logs at INFO, and its stderr (with stdout) goes to $WORKDIR/<name>.log."""
-            if not CREDITS.exists():
-                raise RuntimeError(f"{CREDITS} is missing (make install)")
-            child = Child(name, [str(CREDITS), "worker"], env, workdir)
-            children.append(child)
-            wait_logged(child, '"worker.started"')
-            return child
+            return start_service_worker(name, env, workdir, children)
 
         def costs_before(api: Child, worker: Child) -> dict[str, Any]:
             return {"api": api.cpu(), "worker": worker.cpu(), "log": log_events(worker)}

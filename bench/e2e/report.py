@@ -1,0 +1,207 @@
+"""Figures, ratios and targets of an end-to-end run: the table printed at the end and the README section."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.format import columns, fmt, get, met, ratio
+
+# Issue 8, item 3: events delivered and processed into the ledger, per second until the last balance is final.
+TARGET_EVENTS_PER_S = 1000.0
+TARGET_VS_PGBENCH = 0.5  # ... and at least half of pgbench's rate for the same row writes per event
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    load, inbox, pg = get(results, "load"), get(results, "inbox"), get(results, "pgbench")
+    months, statuses, cpu = load.get("months") or [], inbox.get("statuses") or {}, get(results, "cpu")
+    first, last = load.get("first_send"), inbox.get("last_processed")
+    clock = round(last - first, 2) if first is not None and last is not None else None
+    processed = statuses.get("processed", 0)
+    rate = round(processed / clock, 1) if clock else None
+    accepted = sum(m["accepted"] for m in months)
+    unsettled = statuses.get("pending", 0) + statuses.get("failed", 0)
+    complete = bool(months) and accepted == load.get("events_planned")  # else cut short by --max-seconds
+    correct = (bool(months) and unsettled == 0 and processed == inbox.get("rows")
+               and get(results, "balances").get("equal") is True and get(results, "check").get("passed") is True)
+    per_event = lambda seconds: round(1000 * seconds / processed, 2) if seconds is not None and processed else None  # noqa: E731
+    vs_pgbench = ratio(rate, pg.get("tps"))
+    return {
+        "clock_seconds": clock,
+        "events_per_s": rate,
+        "accepted": accepted,
+        "processed": processed,
+        "unsettled": unsettled,
+        "complete": complete,
+        "correct": correct,
+        "budget_seconds": get(results, "args").get("max_seconds"),
+        "vs_target": ratio(rate, TARGET_EVENTS_PER_S),
+        "vs_pgbench": vs_pgbench,
+        "target_rate_met": rate is not None and correct and rate >= TARGET_EVENTS_PER_S,
+        "target_pgbench_met": vs_pgbench is not None and correct and vs_pgbench >= TARGET_VS_PGBENCH,
+        "api_cpu_ms_per_event": per_event(cpu.get("api_seconds")),
+        "worker_cpu_ms_per_event": per_event(cpu.get("worker_seconds")),
+        "worker_share": ratio(cpu.get("worker_processed"), processed),
+        "sending_seconds": round(sum(m["sending_seconds"] for m in months), 2),
+        "held_seconds": round(sum(m["held_seconds"] for m in months), 2),
+        "waiting_seconds": round(sum(m["wait_seconds"] for m in months), 2),
+    }
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, reference, ratio) rows shared by the terminal table and the README."""
+    d, load, inbox = results.get("derived") or {}, get(results, "load"), get(results, "inbox")
+    pg, w, bal, statuses = get(results, "pgbench"), get(results, "writes"), get(results, "balances"), inbox.get("statuses") or {}
+    out = [
+        ("events/s, first delivery → last balance final", fmt(d.get("events_per_s")), f"target {fmt(TARGET_EVENTS_PER_S)}/s",
+         fmt(d.get("vs_target"), "×")),
+        ("… against pgbench, same row writes per event", fmt(d.get("events_per_s")),
+         f"pgbench {fmt(pg.get('tps'))} tps ({pg.get('writes_per_transaction')} writes, -c {pg.get('clients')})",
+         fmt(d.get("vs_pgbench"), "×")),
+        ("events delivered (2xx) / planned", f"{fmt(d.get('accepted'))} / {fmt(load.get('events_planned'))}",
+         f"in {fmt(d.get('clock_seconds'), ' s')}", "all" if d.get("complete") else "**cut at --max-seconds**"),
+        ("events processed / pending+failed / dead", f"{fmt(statuses.get('processed', 0))} / {fmt(d.get('unsettled'))} / "
+         f"{fmt(statuses.get('dead', 0))}", f"retried {fmt(inbox.get('retried'))}", ""),
+        ("balances equal to the catalogue's arithmetic", *(
+            ("not compared", bal["skipped"], "—") if bal.get("skipped") else
+            (f"{fmt(bal.get('accounts_expected', 0) - bal.get('mismatches', 0))} of {fmt(bal.get('accounts_expected'))}",
+             f"{fmt(bal.get('credits_expected'))} credits", "yes" if bal.get("equal") else "**NO**"))),
+        ("`credits check`", "passed" if get(results, "check").get("passed") else "**FAILED**", "", ""),
+        ("row writes per event (inserts / updates / deletes)", f"{fmt(w.get('writes_per_event'))} ({fmt(w.get('inserts_per_event'))}"
+         f" / {fmt(w.get('updates_per_event'))} / {fmt(w.get('deletes_per_event'))})",
+         f"{fmt(w.get('commits_per_event'))} commits per event", ""),
+        ("CPU per event: API process / worker", f"{fmt(d.get('api_cpu_ms_per_event'), ' ms')} / "
+         f"{fmt(d.get('worker_cpu_ms_per_event'), ' ms')}", f"worker processed {fmt(get(results, 'cpu').get('worker_processed'))}",
+         f"{fmt(d.get('worker_share'))} of events"),
+    ]
+    for m in load.get("months") or []:
+        out.append((f"month {m['month']}: events sent, then settled", f"{fmt(m['accepted'])} of {fmt(m['events'])} in "
+                    f"{fmt(m['sending_seconds'], ' s')}", f"held back {fmt(m['held_seconds'], ' s')}, p99 "
+                    f"{fmt(m['p99_ms'], ' ms')}", f"+{fmt(m['wait_seconds'], ' s')} to settle"))
+    return out
+
+
+def _profile_lines(results: dict[str, Any], limit: int = 8) -> list[str]:
+    prof = results.get("profile") or {}
+    if prof.get("by_stage"):
+        share = lambda pairs: "; ".join(f"{label} **{pct}%**" for label, pct in pairs[:limit])  # noqa: E731
+        return [f"worker profile by stage: {share(prof['by_stage'])}",
+                f"worker profile by library: {share(prof['by_library'])}"]
+    return [f"worker profile: {prof['error'].strip()[:200]}"] if prof.get("error") else []
+
+
+def _targets(d: dict[str, Any]) -> str:
+    return (f"issue 8 (end to end >= {fmt(TARGET_EVENTS_PER_S)}/s: {met(d.get('target_rate_met'))}, "
+            f"{fmt(d.get('vs_target'), '×')}; >= {TARGET_VS_PGBENCH:.0%} of pgbench: {met(d.get('target_pgbench_met'))}, "
+            f"{fmt(d.get('vs_pgbench'), '×')})")
+
+
+def table(results: dict[str, Any]) -> str:
+    d = results.get("derived") or {}
+    text = columns([("figure", "measured", "reference", "ratio"), *rows(results)])
+    text += ["", _targets(d), f"run took {results.get('duration_seconds')} s; files in {results.get('workdir')}",
+             *_profile_lines(results)]
+    return "\n".join(text).replace("**", "").replace("`", "")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README section for this run: figures, ratios, targets, how each was produced, where the time goes."""
+    d, mix, load, w = results.get("derived") or {}, get(results, "mix"), get(results, "load"), get(results, "writes")
+    pg, bal, inbox, cpu = get(results, "pgbench"), get(results, "balances"), get(results, "inbox"), get(results, "cpu")
+    machine, ledger = get(results, "machine"), get(results, "ledger")
+    lines = [
+        "## End to end (`bench/e2e`)",
+        "",
+        f"`{results.get('command')}` — run of {results.get('started')}, {results.get('duration_seconds')} s in all. "
+        f"{fmt(mix.get('events'))} signed Stripe events for {fmt(mix.get('accounts'))} customers over "
+        f"{get(results, 'args').get('months')} billing months, delivered to the real service and processed into the "
+        "ledger; the clock runs from the first delivery until the last event is processed, i.e. every balance final.",
+        "",
+        "| figure | measured | reference | ratio |",
+        "|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows(results)),
+        "",
+        f"**Targets.** {_targets(d)[0].upper()}{_targets(d)[1:]}."
+        + ("" if d.get("complete") else f" The run was bounded: {fmt(d.get('accepted'))} of {fmt(load.get('events_planned'))}"
+           f" events were delivered in the {fmt(d.get('budget_seconds'), ' s')} allowed for delivery (`--max-seconds`); the rest"
+           " were never sent, so the rate is that of the events delivered, every one of them final at the end of the clock"
+           + ("." if not d.get("unsettled") else f" but {fmt(d.get('unsettled'))}, not final when the wait ended.")),
+        "",
+        "### How each figure was produced",
+        "",
+        f"- The mix (bench/e2e/mix.py; seed {get(results, 'args').get('seed')}): "
+        + ", ".join(f"{fmt(n)} {kind}" for kind, n in get(mix, "shape").items()) + "; events by type: "
+        + ", ".join(f"{fmt(n)} `{kind}`" for kind, n in get(mix, "types").items()) + ". "
+        "A signup is `customer.created` (metadata `account_id`), `checkout.session.completed` (mode subscription, "
+        "`client_reference_id`), `customer.subscription.created`, then the first invoice's `invoice.paid` and "
+        "`invoice.payment_succeeded`; a renewal is `invoice.paid`, `invoice.payment_succeeded` and "
+        "`customer.subscription.updated`; a pack is `checkout.session.completed` (mode payment, `metadata.pack`) and "
+        "`payment_intent.succeeded` (`metadata.pack`, `metadata.account_id`) for the same payment intent. Plans: starter, "
+        "pro, outreach (monthly) and pro_annual, 60/20/10/10. Referrers are annual accounts of month 1; 40% of later "
+        "signups carry one's code on their customer, Checkout session or subscription. Every object names its account, "
+        "so no event needs a Stripe call (`STRIPE_API_BASE=http://127.0.0.1:9`, where nothing answers).",
+        f"- The service, as deploy/compose.yaml runs it on one host: `{get(results, 'servers').get('service')}` (the real "
+        "`service.api.create_app`, one uvicorn worker, processing what it receives on its inline threads; structlog at "
+        f"WARNING) and `{get(results, 'servers').get('worker')}` beside it (INFO logs to a file), same environment "
+        "(bench/ingest/run.py `service_env`). The referrers' codes are made through `POST /v1/accounts/{id}/referral-code` "
+        "before the clock starts.",
+        f"- The load generator, a process of its own: `{load.get('command')}`. It builds and signs every body before "
+        f"the clock ({fmt(load.get('build_seconds'), ' s')}), then sends month after month with "
+        f"{load.get('concurrency')} customers in flight, each customer's events in order, one after the other's 2xx. "
+        "A month's renewals go out only once the inbox holds nothing pending or failed (polled every 0.25 s), as a "
+        "renewal's rollover depends on what the month before left; that wait is inside the clock. No customer's events "
+        f"start while {get(results, 'args').get('max_backlog')} events are unsettled (`--max-backlog`): the processing "
+        "always has that much queued, and what is left when delivery stops can settle within the run.",
+        f"- Verification: inbox statuses {inbox.get('statuses')}; balances read from `credit_grants` (unexpired "
+        f"`remaining`) for {fmt(bal.get('accounts_in_database'))} accounts and compared exactly with the catalogue's "
+        f"arithmetic (bench/e2e/mix.py `expected_balances`): {fmt(bal.get('mismatches'))} mismatches"
+        + (f" (e.g. {bal.get('examples')})" if bal.get("mismatches") else "")
+        + f"; `credits check`: exit {get(results, 'check').get('exit_code')}. Ledger: entries {ledger.get('entries')}; "
+        f"grants {ledger.get('grants')}; referrals {ledger.get('referrals')}.",
+        f"- Row writes: `pg_stat_user_tables` (n_tup_ins + n_tup_upd + n_tup_del) after the service stopped, minus "
+        f"before the first delivery: {fmt(w.get('writes'))} over {fmt(w.get('events'))} events, by table per event: "
+        + "; ".join(f"{name} {sum(v for v in t.values() if v):.2f}" for name, t in list((w.get("by_table") or {}).items())[:8])
+        + ".",
+        f"- pgbench, the reference: one script run per event — the event body as JSONB in an autocommitted INSERT, "
+        f"then one transaction with an UPDATE of that row, UPDATEs of random rows of a 10,000-row table (× "
+        f"{max(0, (pg.get('updates_per_transaction') or 1) - 1)}) and INSERTs of ledger-like rows (× "
+        f"{max(0, (pg.get('inserts_per_transaction') or 1) - 1)}): {pg.get('writes_per_transaction')} row writes and 2 "
+        "commits per event (the service made "
+        f"{fmt(w.get('commits_per_event'))} commits per event, its read-only transactions included): "
+        f"`{pg.get('command')}` → {fmt(pg.get('tps'))} tps, {fmt(pg.get('latency_avg_ms'), ' ms')} average latency.",
+        f"- CPU: the API process {fmt(cpu.get('api_seconds'), ' s')} and the worker {fmt(cpu.get('worker_seconds'), ' s')} "
+        f"from just before the first delivery until the inbox settled (/proc/PID/stat); the worker processed "
+        f"{fmt(cpu.get('worker_processed'))} of the events itself (its `event.handled` log lines), the API's inline "
+        "threads the rest.",
+        f"- Machine: {machine.get('nproc')} cores ({machine.get('cpu_model')}), PostgreSQL {machine.get('postgresql')} "
+        f"{machine.get('postgresql_settings')}, Python {machine.get('python')}; "
+        f"{int(100 * (machine.get('cpu_busy_before_start') or 0))}% busy before the run (other tenants).",
+        "",
+        "### Where the time goes",
+        "",
+    ]
+    prof = results.get("profile") or {}
+    if prof.get("by_stage"):
+        lines += [
+            f"py-spy sampled the worker during the measured run, wall-clock samples without pausing it "
+            f"(`{prof.get('command')}`; {prof.get('samples')} samples, py-spy itself used "
+            f"{fmt(cpu.get('py_spy_seconds'), ' s')} of CPU):",
+            "",
+            *(f"- {line}" for line in _profile_lines(results)),
+            "- hottest functions: " + "; ".join(f"`{label}` {pct}%" for label, pct in prof.get("top_leaves", [])[:5]),
+        ]
+    else:
+        lines.append(_profile_lines(results)[0] if _profile_lines(results) else "No profile (py-spy is not installed).")
+    lines += [
+        "",
+        f"The processing sets the pace, not the delivery: of the {fmt(d.get('clock_seconds'), ' s')} on the clock, "
+        f"{fmt(d.get('sending_seconds'), ' s')} were spent sending (held back for {fmt(d.get('held_seconds'), ' s')} of "
+        f"them while {get(results, 'args').get('max_backlog')} events were already waiting) and "
+        f"{fmt(d.get('waiting_seconds'), ' s')} waiting for a month to settle after its last delivery. The worker "
+        f"processed {fmt(cpu.get('worker_processed'))} of the {fmt(d.get('processed'))} events, the API's inline threads "
+        f"the rest; per event, the worker used {fmt(d.get('worker_cpu_ms_per_event'), ' ms')} of CPU and the API process "
+        f"{fmt(d.get('api_cpu_ms_per_event'), ' ms')} (receiving every event and processing its share), on 2 cores "
+        f"shared with PostgreSQL and the load generator, while PostgreSQL alone does {fmt(pg.get('tps'))} of these "
+        "events' writes a second.",
+        "",
+    ]
+    return "\n".join(lines)

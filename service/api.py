@@ -472,7 +472,7 @@ def create_app(rt: Runtime) -> FastAPI:
     app.include_router(health)
     app.include_router(v1)
     app.include_router(admin)
-    app.router.routes.append(webhooks.route(rt.settings.webhook_secrets, writer, inline))
+    app.router.routes.insert(0, webhooks.route(rt.settings.webhook_secrets, writer, inline))  # the hot path: matched first
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app

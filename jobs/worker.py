@@ -2,16 +2,13 @@
 before it could), or failed and now past its backoff — and retries referral payouts left one-sided.
 
 Several workers (and the API replicas, which process what they receive) share the inbox safely: each
-event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. Within one worker,
-WORKER_THREADS threads process a batch side by side: an event's processing is mostly waiting on database
-round trips, so one thread alone leaves both the database and the process idle most of the time.
+event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from service import logs, referrals
 from service.db import transaction
@@ -27,21 +24,16 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
     """Process what is due now, batch after batch, until nothing is due; returns counts by new status."""
     counts: Counter[str] = Counter()
     seen: set[str] = set()
-
-    def process(event_id: str) -> str:
-        if stop is not None and stop.is_set():
-            return "left for later"
-        return dispatch.process(rt, event_id) or "skipped"
-
-    with ThreadPoolExecutor(rt.settings.worker_threads, thread_name_prefix="worker") as pool:
-        while stop is None or not stop.is_set():
-            with transaction(rt.sessions) as session:
-                ids = [i for i in inbox.due(session, utcnow(), BATCH) if i not in seen]
-            if not ids:
+    while stop is None or not stop.is_set():
+        with transaction(rt.sessions) as session:
+            ids = [i for i in inbox.due(session, utcnow(), BATCH) if i not in seen]
+        if not ids:
+            break
+        for event_id in ids:
+            if stop is not None and stop.is_set():
                 break
-            seen.update(ids)  # a failure is rescheduled; it is not retried again within this drain
-            counts.update(pool.map(process, ids))
-    counts.pop("left for later", None)
+            seen.add(event_id)  # a failure is rescheduled; it is not retried again within this drain
+            counts[dispatch.process(rt, event_id) or "skipped"] += 1
     with transaction(rt.sessions) as session:
         retried = referrals.retry_unpaid(session, rt.catalogue)
     if retried:

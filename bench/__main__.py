@@ -2,6 +2,7 @@
 
 Benchmarks (each also runs alone, e.g. `python -m bench.ingest --help`):
 - ingest — POST /webhooks/stripe against a minimal verify-only handler and pgbench (bench/ingest/).
+- spend — POST /v1/accounts/{id}/spend across 1,000 accounts and on one, against pgbench (bench/spend/).
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from bench.ingest import report as ingest_report
 from bench.ingest import run as ingest_run
+from bench.spend import report as spend_report
+from bench.spend import run as spend_run
 
 README = Path(__file__).resolve().parent / "README.md"
 
-# name → (run with default settings, README section for the results)
-BENCHMARKS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
-    "ingest": (lambda: ingest_run.run(ingest_run.parse([])), ingest_report.markdown),
+# name → (run with default settings, its report module: `table(results)` and `markdown(results)`, the README section)
+BENCHMARKS: dict[str, tuple[Callable[[], dict[str, Any]], ModuleType]] = {
+    "ingest": (lambda: ingest_run.run(ingest_run.parse([])), ingest_report),
+    "spend": (lambda: spend_run.run(spend_run.parse([])), spend_report),
 }
 
 HEADER = """# Benchmarks
@@ -43,14 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-readme", action="store_true", help="print the figures but leave bench/README.md alone")
     args = parser.parse_args(argv)
     sections = [HEADER]
-    for name, (run, section) in BENCHMARKS.items():
+    for name, (run, report) in BENCHMARKS.items():
         print(f"[bench] {name} …", file=sys.stderr, flush=True)
         results = run()
-        print(ingest_report.table(results) if name == "ingest" else json.dumps(results, default=str))
+        print(report.table(results))
         workdir = Path(results.get("workdir", "."))
         (workdir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
         print(f"[bench] {name}: results in {workdir / (name + '.json')}", file=sys.stderr)
-        sections.append(section(results))
+        sections.append(report.markdown(results))
     if not args.no_readme:
         README.write_text("\n".join(sections))
         print(f"[bench] wrote {README}", file=sys.stderr)

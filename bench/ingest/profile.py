@@ -103,8 +103,10 @@ def _frames(stack: str) -> list[tuple[str, str]]:
     return out
 
 
-def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Percentages of samples by stage, by library, and the hottest leaf functions."""
+def summarise(raw: Path, top: int = 12, rules: list[tuple[str, str]] | None = None,
+              other: str = STAGE_OTHER) -> dict[str, Any]:
+    """Percentages of samples by stage (`rules`, default the ingest pipeline's; `other` for the rest), by
+    library, and the hottest leaf functions."""
     stages: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -118,7 +120,8 @@ def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
         total += count
         frames = _frames(stack)
         texts = [f"{func} ({file}" for func, file in frames]
-        stage = next((label for label, pattern in STAGES if any(re.search(pattern, t) for t in texts)), STAGE_OTHER)
+        stage = next((label for label, pattern in rules or STAGES if any(re.search(pattern, t) for t in texts)),
+                     other)
         stages[stage] += count
         if any(re.search(r"\(structlog/|\(service/logs\.py", t) for t in texts):
             logging_inclusive += count

@@ -256,6 +256,23 @@ def wait_drained(db: dict[str, Any], prefix: str, accepted: int, timeout: float,
     }
 
 
+def service_env(url: str, secret: str) -> dict[str, str]:
+    """The environment of every service process a benchmark starts: its database, random tokens and webhook
+    secret, the shipped catalogue, JSON logs, and a Stripe API base where nothing answers."""
+    return {
+        **os.environ,
+        "DATABASE_URL": url,
+        "STRIPE_WEBHOOK_SECRET": secret,
+        "STRIPE_API_KEY": "sk_test_bench",
+        "STRIPE_API_BASE": "http://127.0.0.1:9",  # nothing may leave the machine; the events need no look-up
+        "CREDITS_API_TOKEN": secrets.token_urlsafe(24),
+        "CREDITS_ADMIN_TOKEN": secrets.token_urlsafe(24),
+        "CREDITS_CONFIG": str(ROOT / "credits.toml"),
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 # ---------------------------------------------------------------------------------------------- machine
 
 
@@ -403,18 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         migrate(url)
         results["database"] = dbname
         secret = f"whsec_bench_{secrets.token_hex(16)}"
-        env = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "STRIPE_WEBHOOK_SECRET": secret,
-            "STRIPE_API_KEY": "sk_test_bench",
-            "STRIPE_API_BASE": "http://127.0.0.1:9",  # nothing may leave the machine; the events need no look-up
-            "CREDITS_API_TOKEN": secrets.token_urlsafe(24),
-            "CREDITS_ADMIN_TOKEN": secrets.token_urlsafe(24),
-            "CREDITS_CONFIG": str(ROOT / "credits.toml"),
-            "LOG_FORMAT": "json",
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = service_env(url, secret)
 
         def start(name: str, module: str, extra: list[str], ready: str | None) -> tuple[Child, str]:
             port = free_port()

@@ -172,6 +172,8 @@ def consume(
     """The write half of `spend`: take `amount` from `grants` (what `spendable` returned), never below zero.
     For a caller that already holds the account's lock and has looked for `key` — spending.spend, which
     reads the grants once for its own checks too (the key's UNIQUE constraint still holds either way)."""
+    if amount <= 0:
+        raise LedgerError("a spend must be positive")
     available = sum(g.remaining for g in grants)
     if available < amount:
         raise InsufficientCredits(available, amount)

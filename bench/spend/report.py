@@ -10,9 +10,16 @@ from bench.ingest.report import _fmt, _get, _met, _ratio
 TARGETS = {"across": 2000.0, "hot": 500.0}
 LABELS = {"across": "across 1,000 accounts", "hot": "one hot account"}
 
-# The same harness before the spend path was optimised (commit 'bench/spend: …' on branch bench-spend), quoted
-# in "What limits it" so that each run states the before/after. Not measured by this run.
-BEFORE: dict[str, Any] = {}
+# This harness before the spend path read the account's grants once (run of 2026-11-23T13:36:03+00:00, default
+# settings), quoted in "What limits it" so that each run states the before/after. Not measured by this run.
+BEFORE = {
+    "across": {"spends_per_s": 59.6, "pgbench_tps": 1272.7, "vs_pgbench": 0.05, "cpu_ms_per_spend": 13.51},
+    "hot": {"spends_per_s": 40.7, "pgbench_tps": 346.9, "vs_pgbench": 0.12, "cpu_ms_per_spend": 17.34},
+    "statements_per_spend": 17,
+    "profile": "ledger reads (open grants, balance, expiry sweep, earlier entry) 22.1%, ledger writes 14.6%, the "
+               "rest of spending.spend (members' pool) 9.4%, HTTP/ASGI machinery and threads 34.4%; by library "
+               "SQLAlchemy 45.5%, asyncio/anyio/threads 21.1%, psycopg 16.6%",
+}
 
 
 def _phase(results: dict[str, Any], name: str) -> dict[str, Any]:
@@ -31,7 +38,6 @@ def _phase(results: dict[str, Any], name: str) -> dict[str, Any]:
         "rounds": [_ratio(t["spends_per_s"], b.get("tps")) for t, b in zip(turns, bench)],
         "spent": spent,
         "sent": sum(t["sent"] for t in turns),
-        "statuses": sum((list(t["statuses"].items()) for t in turns), []),
         "p50_ms": round(sum(t["p50_ms"] or 0 for t in turns) / len(turns), 1) if turns else None,
         "p99_ms": max((t["p99_ms"] or 0 for t in turns), default=None),
         "cpu_ms_per_spend": round(1000 * sum(cpu) / spent, 2) if cpu and spent else None,
@@ -180,20 +186,51 @@ def _commands(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _ceiling(cpu_ms: float | None) -> float | None:
+    """Spends per second one core could do at this much CPU per spend."""
+    return round(1000 / cpu_ms) if cpu_ms else None
+
+
 def limits(results: dict[str, Any]) -> list[str]:
     """What the profile and the statement count say limits a spend."""
     prof = results.get("profile") or {}
     stmts = results.get("statements") or {}
     across = (results.get("derived") or {}).get("across") or {}
     out = ["### What limits it", ""]
-    out.append(f"A spend sends {_fmt(stmts.get('statements_per_spend'))} SQL statements (pgbench's transaction: 5): "
-               + "; ".join(f"`{s}`" for s in stmts.get("last_spend") or []) + ".")
+    out.append(f"A spend sends {_fmt(stmts.get('statements_per_spend'))} SQL statements (pgbench's transaction: 5), "
+               "besides BEGIN, COMMIT and the pool's pre-ping: "
+               + "; ".join(f"{i}. `{s}`" for i, s in enumerate(stmts.get("last_spend") or [], 1)) + ".")
     if prof.get("by_stage"):
         out += ["", f"The service used {_fmt(across.get('cpu_util'))} of a core across accounts, "
                 f"{_fmt(across.get('cpu_ms_per_spend'), ' ms')} of CPU per spend. The py-spy profile (GIL-holding "
                 f"samples, across-accounts load) — by stage: {_pct(prof['by_stage'])}; by library (innermost frame): "
                 f"{_pct(prof['by_library'])}; hottest functions: "
                 + "; ".join(f"`{f}` {p}%" for f, p in prof.get("top_leaves", [])[:5]) + "."]
-    if BEFORE:
-        out += ["", BEFORE["text"]]
+    d = results.get("derived") or {}
+    before = " ".join(
+        f"{LABELS[name].capitalize()}: {b['spends_per_s']}/s against pgbench's {b['pgbench_tps']} "
+        f"({b['vs_pgbench']}×), {b['cpu_ms_per_spend']} ms of CPU per spend; now "
+        f"{_fmt(_get(d, name).get('spends_per_s'))}/s against {_fmt(_get(d, name).get('pgbench_tps'))} "
+        f"({_fmt(_get(d, name).get('vs_pgbench'), '×')}), {_fmt(_get(d, name).get('cpu_ms_per_spend'), ' ms')}."
+        for name, b in ((n, BEFORE[n]) for n in LABELS))
+    out += ["", "**Before and after.** The profile of the first run put the ledger's reads first among the "
+            f"service's own stages ({BEFORE['profile']}): a spend sent {BEFORE['statements_per_spend']} statements, "
+            "because `spending.spend` locked the account, looked the key up, swept expiries and read the grants for "
+            "its own checks, then called `ledger.spend`, which locked, looked up, swept and read them all again, "
+            "and the grants were read a third time for the new balance. Now `ledger.spendable` sweeps and returns "
+            "the open grants from one read, `ledger.consume` is the write half of `ledger.spend` for a caller that "
+            "holds the lock and has checked the key, and the new balance is the old one less the price — same "
+            f"lock, same checks, same order. {before}",
+            "", "**What is left**, outside the spend path's own functions: each request crosses to the thread pool "
+            "for FastAPI's sync dependencies and the sync route and back, with 32 threads taking turns at the GIL "
+            "(the asyncio/anyio/threads share above); the pool pings each connection at checkout "
+            "(`pool_pre_ping`, a round trip); the account is read twice (`accounts.get` by public id, then "
+            "`accounts.lock` by id); `ledger._post`, shared with grants, reads the entry back by id after its "
+            "INSERT … RETURNING id; and every statement goes through SQLAlchemy's ORM (statement construction, "
+            "cache-key generation, result rows into objects), which is most of the CPU of a spend. One Python "
+            f"process is the ceiling: at {_fmt(_get(d, 'across').get('cpu_ms_per_spend'), ' ms')} of CPU per spend "
+            f"it cannot pass {_fmt(_ceiling(_get(d, 'across').get('cpu_ms_per_spend')))} spends/s even with a core to "
+            "itself, whatever the database allows. On the hot account every spend holds the account's row lock "
+            "from `accounts.lock` to COMMIT — eight statements and the COMMIT, with Python between them — so "
+            "spends on it queue behind each other as pgbench's do, only with a longer hold."]
     return out

@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 load = _loadgen(args, env, base, server.pid, f"{ACROSS}:{len(across_ids)}", f"s{run_id}p-",
                                 seconds=args.profile_seconds, warmup=0.0)
             summary = spend_profile.summarise(raw) if raw.exists() else {"error": recorder.log.read_text(errors="replace")}
-            summary.update(command=shown(recorder.command).replace(str(raw), "$WORKDIR/service.pyspy.txt"), load=load,
+            command = shown(recorder.command).replace(str(raw), "$WORKDIR/service.pyspy.txt")
+            summary.update(command=command.replace(f"--pid {server.pid}", "--pid PID"), load=load,
                            sampler=profile.sampler_stats(recorder.log))
             results["profile"] = summary
             phases["profile"] = {"service": [load]}

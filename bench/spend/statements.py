@@ -5,7 +5,7 @@ called through Starlette's TestClient, so that SQLAlchemy's `before_cursor_execu
 of the request — the idempotency claim, the account look-up and lock, the ledger's reads and writes, and the
 response record. Each spend also costs a BEGIN and a COMMIT and the pool's pre-ping, which are not cursor
 executions and not counted. Prints one JSON object: the statements per spend over N spends, and the
-statements of the last one, each cut to its first 100 characters.
+statements of the last one in short (verb and table).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 
 from fastapi.testclient import TestClient
@@ -21,6 +22,17 @@ from sqlalchemy import event
 from service import runtime
 from service.api import create_app
 from service.config import Settings
+
+
+def short(statement: str) -> str:
+    """`SELECT … FROM credit_grants`, `INSERT INTO ledger_entries`, `SELECT … FROM accounts FOR UPDATE`: what a
+    statement does to which table, for the README's list."""
+    text = " ".join(statement.split())
+    found = re.match(r"(INSERT INTO|UPDATE|DELETE FROM) (\w+)", text) or re.match(r"SELECT .*? FROM (\w+)", text)
+    if found is None:
+        return text[:60]
+    what = f"{found[1]} {found[2]}" if found.lastindex == 2 else f"SELECT … FROM {found[1]}"
+    return what + (" FOR UPDATE" if text.endswith("FOR UPDATE") else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @event.listens_for(rt.engine, "before_cursor_execute")
     def _count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
-        seen.append(" ".join(statement.split())[:100])
+        seen.append(short(statement))
 
     headers = {"Authorization": f"Bearer {os.environ['CREDITS_API_TOKEN']}"}
     run = secrets.token_hex(3)

@@ -17,7 +17,7 @@ STAGES = [
     ("ledger writes (ledger._debit/_post: entry, allocations, grant update, flush)",
      r"(^|\.)(_debit|_post) \(service/ledger\.py"),
     ("ledger reads (open grants, balance, expiry sweep, earlier entry)",
-     r"(^|\.)(open_grants|balance|expire_due|_find) \(service/ledger\.py"),
+     r"(^|\.)(open_grants|spendable|_held|balance|expire_due|_expire|_find) \(service/ledger\.py"),
     ("account row lock (accounts.lock)", r"(^|\.)lock \(service/accounts\.py"),
     ("rest of spending.spend (members, pool, resource checks)", r"\(service/spending\.py"),
     ("account look-up (accounts.get)", r"(^|\.)(get|find) \(service/accounts\.py"),

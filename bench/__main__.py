@@ -4,6 +4,7 @@ Benchmarks (each also runs alone, e.g. `python -m bench.ingest --help`):
 - ingest — POST /webhooks/stripe against a minimal verify-only handler and pgbench (bench/ingest/).
 - e2e — 20,000 signed events (signups, renewals, packs, referrals) delivered and processed into the ledger,
   balances verified, against 1,000/s and pgbench doing as many row writes per event (bench/e2e/).
+- spend — POST /v1/accounts/{id}/spend across 1,000 accounts and on one, against pgbench (bench/spend/).
 """
 
 from __future__ import annotations
@@ -13,21 +14,23 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from bench.e2e import report as e2e_report
 from bench.e2e import run as e2e_run
 from bench.ingest import report as ingest_report
 from bench.ingest import run as ingest_run
+from bench.spend import report as spend_report
+from bench.spend import run as spend_run
 
 README = Path(__file__).resolve().parent / "README.md"
 
-Results = dict[str, Any]
-
-# name → (run with default settings, README section for the results, terminal table for the results)
-BENCHMARKS: dict[str, tuple[Callable[[], Results], Callable[[Results], str], Callable[[Results], str]]] = {
-    "ingest": (lambda: ingest_run.run(ingest_run.parse([])), ingest_report.markdown, ingest_report.table),
-    "e2e": (lambda: e2e_run.run(e2e_run.parse([])), e2e_report.markdown, e2e_report.table),
+# name → (run with default settings, its report module: `table(results)` and `markdown(results)`, the README section)
+BENCHMARKS: dict[str, tuple[Callable[[], dict[str, Any]], ModuleType]] = {
+    "ingest": (lambda: ingest_run.run(ingest_run.parse([])), ingest_report),
+    "e2e": (lambda: e2e_run.run(e2e_run.parse([])), e2e_report),
+    "spend": (lambda: spend_run.run(spend_run.parse([])), spend_report),
 }
 
 HEADER = """# Benchmarks
@@ -50,14 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-readme", action="store_true", help="print the figures but leave bench/README.md alone")
     args = parser.parse_args(argv)
     sections = [HEADER]
-    for name, (run, section, table) in BENCHMARKS.items():
+    for name, (run, report) in BENCHMARKS.items():
         print(f"[bench] {name} …", file=sys.stderr, flush=True)
         results = run()
-        print(table(results))
+        print(report.table(results))
         workdir = Path(results.get("workdir", "."))
         (workdir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
         print(f"[bench] {name}: results in {workdir / (name + '.json')}", file=sys.stderr)
-        sections.append(section(results))
+        sections.append(report.markdown(results))
     if not args.no_readme:
         README.write_text("\n".join(sections))
         print(f"[bench] wrote {README}", file=sys.stderr)

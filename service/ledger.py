@@ -7,7 +7,7 @@ same key again returns the first entry and writes nothing; the same key for some
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -58,10 +58,26 @@ def balance(session: Session, account: Account, now: datetime | None = None) -> 
 def open_grants(session: Session, account: Account, now: datetime | None = None) -> list[Grant]:
     """Unexpired grants with credits left, in the order spends consume them (soonest-expiring first)."""
     now = now or utcnow()
-    grants = session.scalars(
+    return _spending_order(_held(session, account), account, now)
+
+
+def spendable(session: Session, account: Account, now: datetime) -> list[Grant]:
+    """Expire what is due, then the open grants in spending order, from one read of the account's grants
+    (expire_due then open_grants would read them twice). For a caller that holds the account's lock."""
+    held = _held(session, account)
+    _expire(session, account, held, now)
+    return _spending_order(held, account, now)
+
+
+def _held(session: Session, account: Account) -> Sequence[Grant]:
+    """The account's grants with credits left, expired or not, oldest first."""
+    return session.scalars(
         select(Grant).where(Grant.account_id == account.id, Grant.remaining > 0).order_by(Grant.id)
     ).all()
-    live = [g for g in grants if g.expires_at is None or g.expires_at > now]
+
+
+def _spending_order(grants: Iterable[Grant], account: Account, now: datetime) -> list[Grant]:
+    live = [g for g in grants if g.remaining > 0 and (g.expires_at is None or g.expires_at > now)]
     return sorted(live, key=lambda g: (spend_deadline(g, account, now), g.id))
 
 
@@ -137,8 +153,27 @@ def spend(
     earlier = _find(session, key, account, "spend", -amount)
     if earlier is not None:
         return Posted(earlier, created=False)
-    expire_due(session, account, now)
-    grants = open_grants(session, account, now)
+    return consume(session, account, spendable(session, account, now), amount, key=key, reason=reason, actor=actor,
+                   meta=meta, now=now)
+
+
+def consume(
+    session: Session,
+    account: Account,
+    grants: list[Grant],
+    amount: int,
+    *,
+    key: str,
+    reason: str | None = None,
+    actor: str | None = None,
+    meta: dict[str, Any] | None = None,
+    now: datetime,
+) -> Posted:
+    """The write half of `spend`: take `amount` from `grants` (what `spendable` returned), never below zero.
+    For a caller that already holds the account's lock and has looked for `key` — spending.spend, which
+    reads the grants once for its own checks too (the key's UNIQUE constraint still holds either way)."""
+    if amount <= 0:
+        raise LedgerError("a spend must be positive")
     available = sum(g.remaining for g in grants)
     if available < amount:
         raise InsufficientCredits(available, amount)
@@ -148,14 +183,15 @@ def spend(
 def expire_due(session: Session, account: Account, now: datetime | None = None) -> list[LedgerEntry]:
     """Expire what is left of every grant whose `expires_at` has passed (one entry per grant)."""
     now = now or utcnow()
-    due = session.scalars(
-        select(Grant)
-        .where(Grant.account_id == account.id, Grant.remaining > 0, Grant.expires_at <= now)
-        .order_by(Grant.id)
-    ).all()
+    return _expire(session, account, _held(session, account), now)
+
+
+def _expire(session: Session, account: Account, grants: Iterable[Grant], now: datetime) -> list[LedgerEntry]:
+    """Expire the remainder of each of `grants` whose `expires_at` has passed."""
     return [
         expire(session, account, g, g.remaining, key=f"expire:grant:{g.id}", reason="expired", now=now).entry
-        for g in due
+        for g in grants
+        if g.expires_at is not None and g.expires_at <= now
     ]
 
 

@@ -85,17 +85,19 @@ def spend(session: Session, catalogue: Catalogue, account: Account, charge: Char
     member = _member(session, account, charge.member_id) if charge.member_id else None
     if charge.resource and charge.action and _charged_before(session, account, charge):
         return Spent(0, None, ledger.balance(session, account, now))
-    ledger.expire_due(session, account, now)
+    grants = ledger.spendable(session, account, now)  # read once: the checks, the spend and the new balance
+    balance = sum(g.remaining for g in grants)
     if member is not None and member.limit_per_period is not None:
         used = member_usage(session, account, member.member_id, now, periods.months_of(catalogue, account))
         if used + price > member.limit_per_period:
             raise MemberLimitReached(member.limit_per_period, used, price)
-    available = member.allocation if member is not None and member.allocation is not None else pool(session, account, now)
+    available = member.allocation if member is not None and member.allocation is not None else balance - _reserved(session, account)
     if price > available:
         raise ledger.InsufficientCredits(max(available, 0), price)
     meta = {k: v for k, v in {"action": charge.action, "quantity": charge.quantity if charge.action else None,
                               "resource": charge.resource, "member_id": charge.member_id}.items() if v is not None}
-    posted = ledger.spend(session, account, price, key=key, reason=charge.reason, actor=charge.member_id or "api", meta=meta, now=now)
+    posted = ledger.consume(session, account, grants, price, key=key, reason=charge.reason,
+                            actor=charge.member_id or "api", meta=meta, now=now)
     if member is not None and member.allocation is not None:
         member.allocation -= price
     if charge.resource and charge.action:
@@ -103,13 +105,18 @@ def spend(session: Session, catalogue: Catalogue, account: Account, charge: Char
             account_id=account.id, action=charge.action, resource=charge.resource, entry_id=posted.entry.id,
             member_id=charge.member_id, created_at=now,
         ).on_conflict_do_nothing())
-    return Spent(price, posted.entry.id, ledger.balance(session, account, now))
+    return Spent(price, posted.entry.id, balance - price)
 
 
 def pool(session: Session, account: Account, now: datetime) -> int:
     """What the account's shared pool can spend: the balance less what members' allocations reserve."""
+    return ledger.balance(session, account, now) - _reserved(session, account)
+
+
+def _reserved(session: Session, account: Account) -> int:
+    """Credits that members' allocations hold back from the shared pool."""
     reserved = session.scalar(select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == account.id))
-    return ledger.balance(session, account, now) - int(reserved or 0)
+    return int(reserved or 0)
 
 
 def set_member(session: Session, account: Account, member_id: str, *, allocation: int | None,

@@ -15,6 +15,7 @@ service wrote per event (rounded).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,12 @@ def reference(db: dict[str, Any], workdir: Path, payload: bytes, counted: dict[s
     version); returns its figures, the script's composition and the command as the README shows it."""
     inserts = max(1, round(counted["inserts_per_event"] or 0))
     updates = round((counted["updates_per_event"] or 0) + (counted["deletes_per_event"] or 0))
-    done = pgbench.run_script(db, workdir, "pgbench_e2e.sql", SETUP, script(payload, inserts, updates),
-                              "bench_e2e_inbox", transactions, clients)
+    with psycopg.connect(autocommit=True, **db) as conn:
+        for statement in SETUP:
+            conn.execute(statement)
+    path = workdir / "pgbench_e2e.sql"
+    path.write_text(script(payload, inserts, updates))
+    done = pgbench.run_script(db, path, clients, ["-t", str(max(1, math.ceil(transactions / clients)))])
     if "command" in done:
         done["command"] = done["command"].replace(str(workdir), "$WORKDIR")
     return {**done, "inserts_per_transaction": inserts, "updates_per_transaction": updates,

@@ -42,33 +42,35 @@ def script(payload: bytes) -> str:
 def run(conninfo: dict[str, Any], workdir: Path, payload: bytes, transactions: int, clients: int,
         threads: int = 2, timeout: float = 120.0) -> dict[str, Any]:
     """Create the table, run pgbench, and return its TPS and latency with the exact command."""
-    return run_script(conninfo, workdir, "pgbench_insert.sql", [f"DROP TABLE IF EXISTS {TABLE}", DDL],
-                      script(payload), TABLE, transactions, clients, threads, timeout)
+    with psycopg.connect(autocommit=True, **conninfo) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        conn.execute(DDL)
+    path = workdir / "pgbench_insert.sql"
+    path.write_text(script(payload))
+    limit = ["-t", str(max(1, math.ceil(transactions / clients)))]
+    result = run_script(conninfo, path, clients, limit, threads=threads, timeout=timeout)
+    if "error" not in result:
+        with psycopg.connect(autocommit=True, **conninfo) as conn:
+            result["rows"] = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]  # type: ignore[index]
+    return result
 
 
-def run_script(conninfo: dict[str, Any], workdir: Path, name: str, setup: list[str], text: str, table: str,
-               transactions: int, clients: int, threads: int = 2, timeout: float = 120.0) -> dict[str, Any]:
-    """Run the `setup` statements, then pgbench with the script `text` (saved as workdir/name), and return
-    its TPS and latency with the exact command and the row count of `table` afterwards."""
+def run_script(conninfo: dict[str, Any], path: Path, clients: int, limit: list[str], *, threads: int = 2,
+               defines: dict[str, object] | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """Run pgbench with the custom script at `path` (`limit`: `-t N` per client or `-T seconds`; `defines`:
+    its `-D name=value` variables) and return its TPS and latency with the exact command."""
     exe = find_pgbench()
     if exe is None:
         return {"error": "pgbench not found"}
-    with psycopg.connect(autocommit=True, **conninfo) as conn:
-        for statement in setup:
-            conn.execute(statement)
-    path = workdir / name
-    path.write_text(text)
-    per_client = max(1, math.ceil(transactions / clients))
+    variables = [arg for name, value in (defines or {}).items() for arg in ("-D", f"{name}={value}")]
     command = [exe, "-n", "-h", conninfo["host"], "-p", str(conninfo["port"]), "-U", conninfo["user"],
-               "-c", str(clients), "-j", str(threads), "-t", str(per_client), "-f", str(path), conninfo["dbname"]]
+               "-c", str(clients), "-j", str(threads), *limit, *variables, "-f", str(path), conninfo["dbname"]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     out = done.stdout + done.stderr
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
     latency = re.search(r"latency average = ([\d.]+) ms", out)
     processed = re.search(r"number of transactions actually processed: (\d+)", out)
     failed = re.search(r"number of failed transactions: (\d+)", out)
-    with psycopg.connect(autocommit=True, **conninfo) as conn:
-        rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
     return {
         "command": shlex.join(command),
         "script": str(path),
@@ -77,7 +79,6 @@ def run_script(conninfo: dict[str, Any], workdir: Path, name: str, setup: list[s
         "latency_avg_ms": float(latency[1]) if latency else None,
         "transactions": int(processed[1]) if processed else None,
         "failed": int(failed[1]) if failed else 0,
-        "rows": rows,
         "clients": clients,
         "threads": threads,
         "output_tail": "\n".join(out.strip().splitlines()[-6:]) if done.returncode else None,

@@ -1,0 +1,236 @@
+"""Figures, ratios and targets of a spend run: the table printed at the end and the README section."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.ingest.report import _fmt, _get, _met, _ratio
+
+# Issue 8, item 4: spends per second.
+TARGETS = {"across": 2000.0, "hot": 500.0}
+LABELS = {"across": "across 1,000 accounts", "hot": "one hot account"}
+
+# This harness before the spend path read the account's grants once (run of 2026-11-23T13:36:03+00:00, default
+# settings), quoted in "What limits it" so that each run states the before/after. Not measured by this run.
+BEFORE = {
+    "across": {"spends_per_s": 59.6, "pgbench_tps": 1272.7, "vs_pgbench": 0.05, "cpu_ms_per_spend": 13.51},
+    "hot": {"spends_per_s": 40.7, "pgbench_tps": 346.9, "vs_pgbench": 0.12, "cpu_ms_per_spend": 17.34},
+    "statements_per_spend": 17,
+    "profile": "ledger reads (open grants, balance, expiry sweep, earlier entry) 22.1%, ledger writes 14.6%, the "
+               "rest of spending.spend (members' pool) 9.4%, HTTP/ASGI machinery and threads 34.4%; by library "
+               "SQLAlchemy 45.5%, asyncio/anyio/threads 21.1%, psycopg 16.6%",
+}
+
+
+def _phase(results: dict[str, Any], name: str) -> dict[str, Any]:
+    """One phase's service turns and pgbench turns, summed over the rounds."""
+    turns = _get(results, "phases", name).get("service") or []
+    bench = _get(results, "phases", name).get("pgbench") or []
+    spent, seconds = sum(t["spent"] for t in turns), sum(t["seconds"] for t in turns)
+    cpu = [t["server_cpu_seconds"] for t in turns if t.get("server_cpu_seconds") is not None]
+    tps = [b["tps"] for b in bench if b.get("tps")]
+    rate = round(spent / seconds, 1) if seconds else None
+    pg = round(sum(tps) / len(tps), 1) if tps else None
+    return {
+        "spends_per_s": rate,
+        "pgbench_tps": pg,
+        "vs_pgbench": _ratio(rate, pg),
+        "rounds": [_ratio(t["spends_per_s"], b.get("tps")) for t, b in zip(turns, bench)],
+        "spent": spent,
+        "sent": sum(t["sent"] for t in turns),
+        "p50_ms": round(sum(t["p50_ms"] or 0 for t in turns) / len(turns), 1) if turns else None,
+        "p99_ms": max((t["p99_ms"] or 0 for t in turns), default=None),
+        "cpu_ms_per_spend": round(1000 * sum(cpu) / spent, 2) if cpu and spent else None,
+        "cpu_util": round(sum(cpu) / seconds, 2) if cpu and seconds else None,
+        "pgbench_latency_ms": round(sum(b["latency_avg_ms"] for b in bench if b.get("latency_avg_ms")) / len(tps), 2)
+        if tps else None,
+    }
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: _phase(results, name) for name in TARGETS}
+    for name, target in TARGETS.items():
+        out[name]["target"] = target
+        out[name]["target_met"] = (out[name]["spends_per_s"] or 0) >= target
+        out[name]["vs_target"] = _ratio(out[name]["spends_per_s"], target)
+    checked = _get(results, "checks")
+    out["zero_overdraft"] = bool(checked) and all(c.get("ok") for c in checked.get("turns", {}).values()) and all(
+        checked.get(k, {}).get("ok") for k in ("race", "overall"))
+    return out
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, service, reference, ratio) rows shared by the terminal table and the README."""
+    d = results.get("derived") or {}
+    out = []
+    for name, label in LABELS.items():
+        p = d.get(name) or {}
+        out += [
+            (f"spends/s, {label}", _fmt(p.get("spends_per_s")), f"pgbench {_fmt(p.get('pgbench_tps'))} tps",
+             _fmt(p.get("vs_pgbench"), "×")),
+            (f"… against the target, {label}", _fmt(p.get("spends_per_s")), f"target {_fmt(p.get('target'))}/s",
+             f"{_fmt(p.get('vs_target'), '×')}, {_met(p.get('target_met'))}"),
+            (f"latency p50 / p99, {label}", f"{_fmt(p.get('p50_ms'), ' ms')} / {_fmt(p.get('p99_ms'), ' ms')}",
+             f"pgbench avg {_fmt(p.get('pgbench_latency_ms'), ' ms')}", ""),
+            (f"server CPU per spend, {label}", _fmt(p.get("cpu_ms_per_spend"), " ms"),
+             f"{_fmt(p.get('cpu_util'))} of a core", ""),
+        ]
+    stmts = _get(results, "statements")
+    race, overall = _get(results, "checks", "race"), _get(results, "checks", "overall")
+    turns = _get(results, "checks", "turns")
+    out += [
+        ("SQL statements per spend (plus BEGIN, COMMIT, pre-ping)", _fmt(stmts.get("statements_per_spend")),
+         "pgbench script 5", _fmt(_ratio(stmts.get("statements_per_spend"), 5), "×")),
+        ("zero overdraft: ledger = 200s × cost, 402s spent nothing, per turn",
+         f"{sum(1 for c in turns.values() if c.get('ok'))}/{len(turns)} turns agree",
+         f"{sum(c['ledger_entries'] for c in turns.values())} spends in the ledger", "yes" if all(
+             c.get("ok") for c in turns.values()) and turns else "NO"),
+        ("race: concurrent spends drain an account", f"{race.get('credits')} credits → {_race_answers(results)}",
+         f"balance after {race.get('balance_after')}", "yes" if race.get("ok") else "NO"),
+        ("no negative balance or grant; `credits check`", f"{overall.get('negative_balances')} negative, "
+         f"{overall.get('negative_grants')} grants", f"exit {overall.get('credits_check_exit')}",
+         "yes" if overall.get("ok") else "NO"),
+    ]
+    return out
+
+
+def _race_answers(results: dict[str, Any]) -> str:
+    statuses = (_get(results, "phases", "race").get("service") or [{}])[0].get("statuses", {})
+    return ", ".join(f"{n}× {s}" for s, n in sorted(statuses.items()))
+
+
+def table(results: dict[str, Any]) -> str:
+    d = results.get("derived") or {}
+    lines = [("figure", "service", "reference", "ratio"), *rows(results)]
+    widths = [max(len(row[i]) for row in lines) for i in range(4)]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    text += ["", f"zero overdraft: {'yes' if d.get('zero_overdraft') else 'NO'}; per-round ratios to pgbench: across "
+             f"{_get(d, 'across').get('rounds')}, hot {_get(d, 'hot').get('rounds')}; run took "
+             f"{results.get('duration_seconds')} s; files in {results.get('workdir')}"]
+    prof = results.get("profile") or {}
+    if prof.get("by_stage"):
+        text.append("profile by stage: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_stage"]))
+        text.append("profile by library: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_library"]))
+    elif prof.get("error"):
+        text.append(f"profile: {prof['error'].strip()[:200]}")
+    return "\n".join(text).replace("**", "")
+
+
+# ---------------------------------------------------------------------------------------------- README
+
+
+def _pct(pairs: list[Any], limit: int = 7) -> str:
+    return "; ".join(f"{label} **{pct}%**" for label, pct in pairs[:limit])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    d = results.get("derived") or {}
+    m = results.get("machine") or {}
+    across, hot = d.get("across") or {}, d.get("hot") or {}
+    lines = ["## Spend (`bench/spend`)", "",
+             f"`{results.get('command')}` — run of {results.get('started')}, {results.get('duration_seconds')} s. "
+             "Spends through `POST /v1/accounts/{id}/spend` (the real service, one process), each with its own "
+             "Idempotency-Key, against the database's own limit for the same transaction: pgbench running it in SQL "
+             "(lock the account row, find the grant, insert the entry and its allocation, update the grant, commit) "
+             "on the same tables, taking turns with the service. Figures from this 2-core machine, shared with "
+             "other work, move by tens of percent between runs; the ratios are measured in the same run.", "",
+             "| figure | service | reference | ratio |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {r} |" for a, b, c, r in rows(results)]
+    lines += ["", f"**Targets** (issue 8, item 4). ≥ 2,000 spends/s across accounts: {_met(across.get('target_met'))} "
+              f"({_fmt(across.get('spends_per_s'))}/s); ≥ 500/s on one account: {_met(hot.get('target_met'))} "
+              f"({_fmt(hot.get('spends_per_s'))}/s). Zero overdraft: {'yes' if d.get('zero_overdraft') else '**NO**'}.",
+              "", "### How each figure was produced", ""]
+    lines += _commands(results)
+    lines += ["", "### Machine", "",
+              f"{m.get('nproc')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB; PostgreSQL "
+              f"{m.get('postgresql')} ({', '.join(f'{k} {v}' for k, v in (m.get('postgresql_settings') or {}).items())}); "
+              f"Python {m.get('python')}; {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}. "
+              f"The machine was {round(100 * (m.get('cpu_busy_before_start') or 0))}% busy before the run (load "
+              f"average {' '.join(m.get('loadavg_at_start') or [])}).", ""]
+    lines += limits(results)
+    return "\n".join(lines) + "\n"
+
+
+def _commands(results: dict[str, Any]) -> list[str]:
+    phases = results.get("phases") or {}
+    first = lambda name, side: ((phases.get(name) or {}).get(side) or [{}])[0]  # noqa: E731
+    stmts = results.get("statements") or {}
+    prof = results.get("profile") or {}
+    args = results.get("args") or {}
+    out = [
+        f"- Server, its own process, one uvicorn worker, structlog at WARNING: `{results.get('server')}` (the real "
+        "`service.api.create_app`), with `DATABASE_URL=<bench db> CREDITS_API_TOKEN=<random> "
+        "CREDITS_ADMIN_TOKEN=<random> CREDITS_CONFIG=credits.toml LOG_FORMAT=json`. Seed (not measured, "
+        f"bench/spend/seed.py): {args.get('accounts')} accounts `acct-0000`… and one `hot-0000` with 10,000,000 "
+        f"credits each, one `race-0000` with {args.get('race_credits')}, each one admin grant with its ledger entry.",
+        f"- Service turns ({args.get('rounds')} per phase, {args.get('seconds')} s measured after "
+        f"{args.get('warmup_seconds')} s unmeasured; closed loop, every answer counted by status, spends/s = 200 "
+        f"answers / wall time): across accounts `{first('across', 'service').get('command')}`; hot account "
+        f"`{first('hot', 'service').get('command')}` (each round its own `--key-prefix`).",
+        f"- pgbench turns, right after each service turn, same clients (bench/spend/pgbench.py's script as "
+        f"$WORKDIR/pgbench_spend.sql): `{first('across', 'pgbench').get('command')}`; hot: "
+        f"`{first('hot', 'pgbench').get('command')}`.",
+        f"- Race: `{first('race', 'service').get('command')}`.",
+        f"- SQL statements of one spend: `{stmts.get('command')}` (the app in its own process through TestClient; "
+        f"cursor executions over {stmts.get('spends')} spends).",
+        f"- Zero overdraft, after all the load (bench/spend/checks.py): per turn, the spend entries under its keys "
+        f"are as many as its 200s and hold 200s × {args.get('amount')} credits, and the stored outcomes "
+        f"(`api_requests`) count the same 200s and 402s; no account's entries sum below zero, no grant's "
+        f"`remaining` is; `{results.get('credits_check_command')}` exits 0.",
+    ]
+    if prof.get("command"):
+        out.append(f"- Profile: `{prof['command']}` during `{(prof.get('load') or {}).get('command')}` "
+                   f"({prof.get('samples')} GIL samples; py-spy pauses the process per sample, so that phase's own "
+                   f"rate, {_fmt((prof.get('load') or {}).get('spends_per_s'))}/s, is not a figure).")
+    return out
+
+
+def _ceiling(cpu_ms: float | None) -> float | None:
+    """Spends per second one core could do at this much CPU per spend."""
+    return round(1000 / cpu_ms) if cpu_ms else None
+
+
+def limits(results: dict[str, Any]) -> list[str]:
+    """What the profile and the statement count say limits a spend."""
+    prof = results.get("profile") or {}
+    stmts = results.get("statements") or {}
+    across = (results.get("derived") or {}).get("across") or {}
+    out = ["### What limits it", ""]
+    out.append(f"A spend sends {_fmt(stmts.get('statements_per_spend'))} SQL statements (pgbench's transaction: 5), "
+               "besides BEGIN, COMMIT and the pool's pre-ping: "
+               + "; ".join(f"{i}. `{s}`" for i, s in enumerate(stmts.get("last_spend") or [], 1)) + ".")
+    if prof.get("by_stage"):
+        out += ["", f"The service used {_fmt(across.get('cpu_util'))} of a core across accounts, "
+                f"{_fmt(across.get('cpu_ms_per_spend'), ' ms')} of CPU per spend. The py-spy profile (GIL-holding "
+                f"samples, across-accounts load) — by stage: {_pct(prof['by_stage'])}; by library (innermost frame): "
+                f"{_pct(prof['by_library'])}; hottest functions: "
+                + "; ".join(f"`{f}` {p}%" for f, p in prof.get("top_leaves", [])[:5]) + "."]
+    d = results.get("derived") or {}
+    before = " ".join(
+        f"{LABELS[name].capitalize()}: {b['spends_per_s']}/s against pgbench's {b['pgbench_tps']} "
+        f"({b['vs_pgbench']}×), {b['cpu_ms_per_spend']} ms of CPU per spend; now "
+        f"{_fmt(_get(d, name).get('spends_per_s'))}/s against {_fmt(_get(d, name).get('pgbench_tps'))} "
+        f"({_fmt(_get(d, name).get('vs_pgbench'), '×')}), {_fmt(_get(d, name).get('cpu_ms_per_spend'), ' ms')}."
+        for name, b in ((n, BEFORE[n]) for n in LABELS))
+    out += ["", "**Before and after.** The profile of the first run put the ledger's reads first among the "
+            f"service's own stages ({BEFORE['profile']}): a spend sent {BEFORE['statements_per_spend']} statements, "
+            "because `spending.spend` locked the account, looked the key up, swept expiries and read the grants for "
+            "its own checks, then called `ledger.spend`, which locked, looked up, swept and read them all again, "
+            "and the grants were read a third time for the new balance. Now `ledger.spendable` sweeps and returns "
+            "the open grants from one read, `ledger.consume` is the write half of `ledger.spend` for a caller that "
+            "holds the lock and has checked the key, and the new balance is the old one less the price — same "
+            f"lock, same checks, same order. {before}",
+            "", "**What is left**, outside the spend path's own functions: each request crosses to the thread pool "
+            "for FastAPI's sync dependencies and the sync route and back, with 32 threads taking turns at the GIL "
+            "(the asyncio/anyio/threads share above); the pool pings each connection at checkout "
+            "(`pool_pre_ping`, a round trip); the account is read twice (`accounts.get` by public id, then "
+            "`accounts.lock` by id); `ledger._post`, shared with grants, reads the entry back by id after its "
+            "INSERT … RETURNING id; and every statement goes through SQLAlchemy's ORM (statement construction, "
+            "cache-key generation, result rows into objects), which is most of the CPU of a spend. One Python "
+            f"process is the ceiling: at {_fmt(_get(d, 'across').get('cpu_ms_per_spend'), ' ms')} of CPU per spend "
+            f"it cannot pass {_fmt(_ceiling(_get(d, 'across').get('cpu_ms_per_spend')))} spends/s even with a core to "
+            "itself, whatever the database allows. On the hot account every spend holds the account's row lock "
+            "from `accounts.lock` to COMMIT — eight statements and the COMMIT, with Python between them — so "
+            "spends on it queue behind each other as pgbench's do, only with a longer hold."]
+    return out

@@ -1,0 +1,71 @@
+"""The webhook endpoint's group commit (webhooks/writer.py): deliveries in flight share one INSERT and one
+commit, yet each gets its own answer — new, redelivery, or the error that concerns it alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from service.db import make_engine
+from service.models import StripeEvent, utcnow
+from tests import stripe_events as se
+from webhooks import inbox
+from webhooks.writer import InboxWriter
+
+
+def rows(*event_ids: str) -> list[dict[str, Any]]:
+    return [inbox.row(se.event("invoice.paid", {"object": "invoice", "id": f"in_{i}"}, event_id=i), utcnow())
+            for i in event_ids]
+
+
+def store_together(writer: InboxWriter, batch: list[dict[str, Any]]) -> list[Any]:
+    """Hand every row to the writer at once (as concurrent deliveries do) and collect each one's outcome."""
+
+    async def deliver() -> list[Any]:
+        return await asyncio.gather(*(writer.store(row) for row in batch), return_exceptions=True)
+
+    try:
+        return asyncio.run(deliver())
+    finally:
+        writer.stop()
+
+
+def stored_ids(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(select(StripeEvent.id).order_by(StripeEvent.id)))
+
+
+def test_new_events_are_stored_and_answered_new(engine: Engine) -> None:
+    assert store_together(InboxWriter(engine), rows("evt_a", "evt_b", "evt_c")) == [True, True, True]
+    assert stored_ids(engine) == ["evt_a", "evt_b", "evt_c"]
+
+
+def test_a_redelivery_in_the_same_batch_or_a_later_one_is_answered_as_a_duplicate(engine: Engine) -> None:
+    assert store_together(InboxWriter(engine), rows("evt_a", "evt_a")) == [True, False]
+    assert store_together(InboxWriter(engine), rows("evt_a", "evt_b")) == [False, True]
+    assert stored_ids(engine) == ["evt_a", "evt_b"]
+
+
+def test_a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_stored(engine: Engine) -> None:
+    batch = rows("evt_a", "evt_bad", "evt_c")
+    batch[1]["type"] = None  # NOT NULL: refused by either database
+    outcomes = store_together(InboxWriter(engine), batch)
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], IntegrityError)
+    assert stored_ids(engine) == ["evt_a", "evt_c"]
+
+
+def test_an_unreachable_database_fails_every_delivery_in_the_batch() -> None:
+    dead = make_engine("postgresql+psycopg://root@127.0.0.1:9/nothing")
+    outcomes = store_together(InboxWriter(dead), rows("evt_a", "evt_b"))
+    assert [type(outcome) for outcome in outcomes] == [OperationalError, OperationalError]
+
+
+def test_the_payload_is_stored_from_the_text_as_received(engine: Engine) -> None:
+    row = inbox.row({"id": "evt_raw", "type": "ping"}, utcnow(), '{"id": "evt_raw",  "type": "ping"}')
+    assert store_together(InboxWriter(engine), [row]) == [True]
+    with engine.connect() as conn:
+        assert conn.scalar(select(StripeEvent.payload)) == {"id": "evt_raw", "type": "ping"}

@@ -1,8 +1,9 @@
 """Processing right after the 2xx, in the receiving process, on a few threads of its own — bounded.
 
 The request hands the stored event's id over and answers at once; a small pool of threads processes it
-within milliseconds. When a burst fills the queue, the event simply stays pending in the inbox for the
-worker: nothing is dropped and the endpoint's accept rate never collapses to the processing rate. On
+within milliseconds. The endpoint hands events over only while it is quiet (webhooks/router.py,
+QUIET_DELIVERIES), and when a burst fills the queue anyway the event simply stays pending in the inbox for
+the worker: nothing is dropped and the endpoint's accept rate never collapses to the processing rate. On
 shutdown the threads finish the event in hand; whatever is still queued is left to the worker.
 """
 

@@ -182,3 +182,11 @@ def test_a_signed_event_with_malformed_fields_is_stored_never_a_500_and_credits_
 def test_nan_or_infinity_in_a_signed_body_is_400_on_every_database(deliver, sessions) -> None:  # type: ignore[no-untyped-def]
     assert deliver(raw=b'{"id": "evt_nan", "type": "ping", "created": NaN}').status_code == 400
     assert stored(sessions) == []
+
+
+def test_under_a_burst_the_endpoint_stores_and_answers_and_leaves_processing_to_the_worker(deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("webhooks.router.QUIET_DELIVERIES", 0)  # every delivery now counts as a burst
+    assert deliver(se.event("invoice.paid", starter_invoice(), event_id="evt_1")).status_code == 200
+    assert stored(sessions) == [("evt_1", "pending")]
+    assert worker.drain(rt)["processed"] == 1
+    assert balance_of(sessions, "acct_1") == 2000

@@ -26,13 +26,13 @@ from typing import Any
 STAGES = [
     ("inline processing (webhooks.dispatch.process on the inline threads: claim, handler, ledger, mark)",
      r"\(webhooks/dispatch\.py"),
-    ("storing the event (router._store → inbox.store, commit)", r"(^|\.)_store \(webhooks/router\.py"),
+    ("storing the events (the writer thread, webhooks/writer.py: batch INSERT, commit)", r"\(webhooks/writer\.py"),
     ("verifying + parsing (router._verified_event)", r"(^|\.)_verified_event \(webhooks/router\.py"),
     ("verifying + parsing (stripe.Webhook.construct_event)", r"(^|\.)construct_event \(stripe/"),
     ("logging (structlog)", r"\(structlog/|\(service/logs\.py"),
     ("request middleware (service.api.request_context)", r"(^|\.)request_context \(service/api\.py"),
 ]
-STAGE_OTHER = "HTTP/ASGI machinery, event loop, threads (uvicorn, h11, starlette, fastapi, asyncio, anyio)"
+STAGE_OTHER = "HTTP/ASGI machinery, event loop, hand-offs (uvicorn, httptools/h11, starlette, asyncio, threads)"
 
 # (label, pattern on the file of the innermost frame); the innermost frame matching any rule wins.
 LIBRARIES = [
@@ -42,10 +42,10 @@ LIBRARIES = [
     ("HMAC-SHA256 (hmac, hashlib)", r"hmac\.py|hashlib"),
     ("stripe SDK (WebhookSignature, StripeObject)", r"stripe/"),
     ("structlog / logging", r"structlog/|logging/"),
-    ("h11 / uvicorn (HTTP parsing, protocol)", r"h11/|uvicorn/"),
+    ("uvicorn / httptools / h11 (HTTP parsing, protocol)", r"h11/|uvicorn/|httptools/"),
     ("starlette / fastapi", r"starlette/|fastapi/"),
     ("pydantic", r"pydantic"),
-    ("asyncio / anyio / threads", r"asyncio/|anyio/|threading\.py|concurrent/|selectors\.py|queue\.py"),
+    ("asyncio / uvloop / anyio / threads", r"asyncio/|uvloop/|anyio/|threading\.py|concurrent/|selectors\.py|queue\.py"),
     ("service / webhooks code", r"^(service|webhooks|jobs)/"),
 ]
 

@@ -54,8 +54,9 @@ class ApiError(Exception):
         self.status_code, self.code, self.message, self.extra = status_code, code, message, extra
 
 
-def runtime(request: Request) -> Runtime:
-    """The app's loaded configuration and database sessions."""
+async def runtime(request: Request) -> Runtime:
+    """The app's loaded configuration and database sessions. Async, like the other dependencies that never
+    block: FastAPI runs a plain `def` dependency on its thread pool, a hand-off per dependency per request."""
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
@@ -67,7 +68,7 @@ def _matches(given: str, secret: Any) -> bool:
     return secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
 
 
-def require_api(creds: Credentials, rt: RuntimeDep) -> str:
+async def require_api(creds: Credentials, rt: RuntimeDep) -> str:
     """Any valid token (the admin token may do what the API token does)."""
     if creds is None:
         raise ApiError(401, "unauthorized", "Authorization: Bearer <token> is required")
@@ -78,7 +79,7 @@ def require_api(creds: Credentials, rt: RuntimeDep) -> str:
     raise ApiError(401, "unauthorized", "the bearer token is not valid")
 
 
-def require_admin(role: Annotated[str, Depends(require_api)]) -> str:
+async def require_admin(role: Annotated[str, Depends(require_api)]) -> str:
     """Only the admin token."""
     if role != "admin":
         raise ApiError(403, "forbidden", "this route needs the admin token")

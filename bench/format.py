@@ -42,3 +42,11 @@ def columns(rows: Sequence[Sequence[str]]) -> list[str]:
     text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     text.insert(1, "  ".join("-" * w for w in widths))
     return text
+
+
+def profile_lines(prof: dict[str, Any]) -> list[str]:
+    """A profile summary's shares by stage and by library, one line each, for a terminal table's footer."""
+    if prof.get("by_stage"):
+        return ["profile by stage: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_stage"]),
+                "profile by library: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_library"])]
+    return [f"profile: {prof['error'].strip()[:200]}"] if prof.get("error") else []

@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import stripe
+from sqlalchemy.exc import DBAPIError
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
-from sqlalchemy.exc import DBAPIError
 
 from service import logs, metrics
 from service.models import utcnow

@@ -29,10 +29,10 @@ import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import invocation
 from bench.e2e import mix, report, verify, writes
 from bench.e2e import profile as worker_profile
 from bench.e2e.events import Builder
@@ -73,17 +73,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def argv_shown(args: argparse.Namespace) -> list[str]:
-    """The non-default options of this run, as they would be typed."""
-    defaults, out = vars(parse([])), []
-    for key, value in vars(args).items():
-        if key in ("json", "admin_url") or value == defaults[key]:
-            continue
-        option = key.replace("_", "-")
-        out += [f"--{option}" if value is True else f"--no-{option}"] if isinstance(value, bool) else [f"--{option}", str(value)]
-    return out
-
-
 def referral_codes(api: str, token: str, prefix: str, referrers: list[mix.Account]) -> dict[str, str]:
     """Each referrer's code, made through the API (account key → code)."""
     codes = {}
@@ -104,15 +93,13 @@ def delivered(load: dict[str, Any]) -> dict[int, set[str]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    started, clock = datetime.now(UTC), time.monotonic()
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    clock = time.monotonic()
+    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
     admin = harness.conninfo(args.admin_url)
     workdir = Path(tempfile.mkdtemp(prefix="credits-bench-e2e-"))
     children: list[harness.Child] = []
     dbname: str | None = None
-    results: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "workdir": str(workdir),
-                               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "command": " ".join([".venv/bin/python -m bench.e2e", *argv_shown(args)])}
+    results: dict[str, Any] = invocation.header(args, parse, "bench.e2e", workdir)
 
     def say(text: str) -> None:
         print(f"[bench.e2e {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
@@ -204,9 +191,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse(argv)
-    results = run(args)
-    print(report.table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return invocation.main(argv, parse, run, report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.format import columns
+from bench.format import columns, profile_lines
 from bench.format import fmt as _fmt
 from bench.format import get as _get
 from bench.format import met as _met
@@ -137,12 +137,7 @@ def table(results: dict[str, Any]) -> str:
         f"per-round throughput ratios: {d.get('rounds_ratio')}; run took {results.get('duration_seconds')} s; "
         f"files in {results.get('workdir')}",
     ]
-    prof = results.get("profile") or {}
-    if prof.get("by_stage"):
-        text.append("profile by stage: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_stage"]))
-        text.append("profile by library: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_library"]))
-    elif prof.get("error"):
-        text.append(f"profile: {prof['error'].strip()[:200]}")
+    text += profile_lines(results.get("profile") or {})
     return "\n".join(text).replace("**", "")
 
 
@@ -157,7 +152,7 @@ def markdown(results: dict[str, Any]) -> str:
     """The README section for this run: figures, commands, ratios, targets, profile, what limits it."""
     d = results.get("derived") or {}
     closed, opened = _get(results, "closed"), _get(results, "open")
-    ours, ref = _get(closed, "targets", "service"), _get(closed, "targets", "reference")
+    ours = _get(closed, "targets", "service")
     ours_open = _get(opened, "targets", "service")
     pg, prof = _get(results, "pgbench"), _get(results, "profile")
     drained = _get(results, "durability", "closed")

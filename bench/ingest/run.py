@@ -36,13 +36,13 @@ import tempfile
 import time
 import urllib.request
 from contextlib import suppress
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench import invocation
 from bench.ingest import pgbench, profile, report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -417,20 +417,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_on_sigterm(*_: object) -> None:
-    raise SystemExit(143)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    started, clock = datetime.now(UTC), time.monotonic()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    clock = time.monotonic()
+    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
     admin = conninfo(args.admin_url)
     workdir = Path(tempfile.mkdtemp(prefix="credits-bench-"))
     children: list[Child] = []
     dbname: str | None = None
-    results: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "workdir": str(workdir),
-                               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "command": " ".join([".venv/bin/python -m bench.ingest", *argv_shown(args)])}
+    results: dict[str, Any] = invocation.header(args, parse, "bench.ingest", workdir)
 
     def say(text: str) -> None:
         print(f"[bench.ingest {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
@@ -621,21 +615,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def argv_shown(args: argparse.Namespace) -> list[str]:
-    """The non-default options of this run, as they would be typed."""
-    defaults = vars(parse([]))
-    out = []
-    for key, value in vars(args).items():
-        if key in ("json", "admin_url") or value == defaults.get(key):
-            continue
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse(argv)
-    results = run(args)
-    print(report.table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return invocation.main(argv, parse, run, report)

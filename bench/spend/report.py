@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.ingest.report import _fmt, _get, _met, _ratio
+from bench.format import fmt as _fmt
+from bench.format import get as _get
+from bench.format import met as _met
+from bench.format import profile_lines
+from bench.format import ratio as _ratio
 
 # Issue 8, item 4: spends per second.
 TARGETS = {"across": 2000.0, "hot": 500.0}
@@ -108,12 +112,7 @@ def table(results: dict[str, Any]) -> str:
     text += ["", f"zero overdraft: {'yes' if d.get('zero_overdraft') else 'NO'}; per-round ratios to pgbench: across "
              f"{_get(d, 'across').get('rounds')}, hot {_get(d, 'hot').get('rounds')}; run took "
              f"{results.get('duration_seconds')} s; files in {results.get('workdir')}"]
-    prof = results.get("profile") or {}
-    if prof.get("by_stage"):
-        text.append("profile by stage: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_stage"]))
-        text.append("profile by library: " + "; ".join(f"{label} {pct}%" for label, pct in prof["by_library"]))
-    elif prof.get("error"):
-        text.append(f"profile: {prof['error'].strip()[:200]}")
+    text += profile_lines(results.get("profile") or {})
     return "\n".join(text).replace("**", "")
 
 

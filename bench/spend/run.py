@@ -30,10 +30,10 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import invocation
 from bench.ingest import profile
 from bench.ingest.run import (
     DEFAULT_ADMIN_URL,
@@ -81,27 +81,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def argv_shown(args: argparse.Namespace) -> list[str]:
-    """The non-default options of this run, as they would be typed."""
-    defaults = vars(parse([]))
-    return [part for key, value in vars(args).items() if key not in ("json", "admin_url") and value != defaults[key]
-            for part in (f"--{key.replace('_', '-')}", str(value))]
-
-
-def _raise_on_sigterm(*_: object) -> None:
-    raise SystemExit(143)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    started, clock = datetime.now(UTC), time.monotonic()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    clock = time.monotonic()
+    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
     admin = conninfo(args.admin_url)
     workdir = Path(tempfile.mkdtemp(prefix="credits-bench-spend-"))
     children: list[Child] = []
     dbname: str | None = None
-    results: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "workdir": str(workdir),
-                               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "command": " ".join([".venv/bin/python -m bench.spend", *argv_shown(args)])}
+    results: dict[str, Any] = invocation.header(args, parse, "bench.spend", workdir)
 
     def say(text: str) -> None:
         print(f"[bench.spend {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
@@ -216,9 +203,4 @@ def _loadgen(args: argparse.Namespace, env: dict[str, str], base: str, pid: int,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse(argv)
-    results = run(args)
-    print(report.table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return invocation.main(argv, parse, run, report)

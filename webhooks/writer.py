@@ -58,10 +58,10 @@ class InboxWriter:
             thread.join(timeout)
 
     def _start(self) -> None:
-        if self.thread is not None:
+        if self.thread is not None and self.thread.is_alive():
             return
-        with self.lock:
-            if self.thread is None:
+        with self.lock:  # first use, or the thread died: a delivery must never wait on a thread that is gone
+            if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="inbox-writer", daemon=True)
                 self.thread.start()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import bindparam, exists, or_, select
 from sqlalchemy.orm import Session
 
 from service import logs
@@ -49,11 +49,16 @@ class CustomerRecord:
 CustomerLookup = Callable[[str], CustomerRecord]
 
 
+# The hot statements, built once: building a statement and its cache key costs more than running it.
+BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref")))
+BY_CUSTOMER = select(Account).where(Account.stripe_customer_id == bindparam("customer"))
+LOCK = (select(Account).where(Account.id == bindparam("id")).with_for_update()
+        .execution_options(populate_existing=True))
+
+
 def find(session: Session, ref: str) -> Account | None:
     """The account whose public id or Stripe customer id is `ref`; public id wins if both match."""
-    rows = session.scalars(
-        select(Account).where(or_(Account.public_id == ref, Account.stripe_customer_id == ref))
-    ).all()
+    rows = session.scalars(BY_REF, {"ref": ref}).all()
     return next((a for a in rows if a.public_id == ref), rows[0] if rows else None)
 
 
@@ -90,10 +95,7 @@ def get_or_create(session: Session, ref: str, customer: str | None = None) -> Ac
 def lock(session: Session, account: Account) -> Account:
     """Lock the account row until the transaction ends (FOR UPDATE on PostgreSQL; on SQLite the
     transaction already holds the database write lock) and return it freshly read."""
-    locked = session.scalars(
-        select(Account).where(Account.id == account.id).with_for_update().execution_options(populate_existing=True)
-    ).one()
-    return locked
+    return session.scalars(LOCK, {"id": account.id}).one()
 
 
 def lock_many(session: Session, accounts: list[Account]) -> list[Account]:
@@ -134,7 +136,7 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
 
 
 def _by_customer(session: Session, customer: str) -> Account | None:
-    return session.scalar(select(Account).where(Account.stripe_customer_id == customer))
+    return session.scalar(BY_CUSTOMER, {"customer": customer})
 
 
 def _rekey(session: Session, account: Account, wanted: str) -> Account:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, logs
@@ -118,9 +118,12 @@ def attribute(
     return Attribution(referral, created=True)
 
 
+LIVE = select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")  # built once: hot
+
+
 def live_referral(session: Session, referee: Account) -> Referral | None:
     """The referee's attribution that counts (not a rejected one), if any."""
-    return session.scalar(select(Referral).where(Referral.referee_id == referee.id, Referral.status != "rejected"))
+    return session.scalar(LIVE, {"referee": referee.id})
 
 
 def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> Referral | None:

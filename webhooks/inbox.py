@@ -74,14 +74,26 @@ def due(session: Session, now: datetime, limit: int) -> list[str]:
     )
 
 
+def _claims() -> dict[tuple[bool, bool], Any]:
+    """The claim statement for each (any status?, row locks?), built once: it runs for every event."""
+    built = {}
+    for any_status in (False, True):
+        for locking in (False, True):
+            query = select(StripeEvent).where(StripeEvent.id == bindparam("id"))
+            if not any_status:
+                query = query.where(StripeEvent.status.in_(DUE))
+            if locking:
+                query = query.with_for_update(skip_locked=True)
+            built[any_status, locking] = query.execution_options(populate_existing=True)
+    return built
+
+
+CLAIMS = _claims()
+
+
 def claim(session: Session, event_id: str, *, any_status: bool = False) -> StripeEvent | None:
     """Lock the event for processing; None when another process holds it or it needs nothing more."""
-    query = select(StripeEvent).where(StripeEvent.id == event_id)
-    if not any_status:
-        query = query.where(StripeEvent.status.in_(DUE))
-    if is_postgresql(session):
-        query = query.with_for_update(skip_locked=True)
-    return session.scalar(query.execution_options(populate_existing=True))
+    return session.scalar(CLAIMS[any_status, is_postgresql(session)], {"id": event_id})
 
 
 def finish(event: StripeEvent, status: str, outcome: str | None, now: datetime) -> None:

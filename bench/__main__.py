@@ -2,6 +2,8 @@
 
 Benchmarks (each also runs alone, e.g. `python -m bench.ingest --help`):
 - ingest — POST /webhooks/stripe against a minimal verify-only handler and pgbench (bench/ingest/).
+- reconcile — `credits reconcile` over 10k, 50k and 100k invoices and events from a fake Stripe, against the
+  floor of paging through the same lists (bench/reconcile/).
 """
 
 from __future__ import annotations
@@ -11,16 +13,28 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.ingest import report as ingest_report
 from bench.ingest import run as ingest_run
+from bench.reconcile import report as reconcile_report
+from bench.reconcile import run as reconcile_run
 
 README = Path(__file__).resolve().parent / "README.md"
 
-# name → (run with default settings, README section for the results)
-BENCHMARKS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
-    "ingest": (lambda: ingest_run.run(ingest_run.parse([])), ingest_report.markdown),
+Results = dict[str, Any]
+
+
+class Benchmark(NamedTuple):
+    run: Callable[[], Results]       # with default settings
+    section: Callable[[Results], str]  # the README section
+    table: Callable[[Results], str]    # what it prints
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "ingest": Benchmark(lambda: ingest_run.run(ingest_run.parse([])), ingest_report.markdown, ingest_report.table),
+    "reconcile": Benchmark(lambda: reconcile_run.run(reconcile_run.parse([])), reconcile_report.markdown,
+                           reconcile_report.table),
 }
 
 HEADER = """# Benchmarks
@@ -43,14 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-readme", action="store_true", help="print the figures but leave bench/README.md alone")
     args = parser.parse_args(argv)
     sections = [HEADER]
-    for name, (run, section) in BENCHMARKS.items():
+    for name, bench in BENCHMARKS.items():
         print(f"[bench] {name} …", file=sys.stderr, flush=True)
-        results = run()
-        print(ingest_report.table(results) if name == "ingest" else json.dumps(results, default=str))
+        results = bench.run()
+        print(bench.table(results))
         workdir = Path(results.get("workdir", "."))
         (workdir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
         print(f"[bench] {name}: results in {workdir / (name + '.json')}", file=sys.stderr)
-        sections.append(section(results))
+        sections.append(bench.section(results))
     if not args.no_readme:
         README.write_text("\n".join(sections))
         print(f"[bench] wrote {README}", file=sys.stderr)

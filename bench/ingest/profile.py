@@ -59,12 +59,12 @@ def find_py_spy() -> str | None:
 class Recorder:
     """`with Recorder(pid, out) as rec:` — py-spy samples `pid` until the block ends (SIGINT makes it write)."""
 
-    def __init__(self, pid: int, output: Path, rate: int = 100) -> None:
+    def __init__(self, pid: int, output: Path, rate: int = 100, gil: bool = True) -> None:
         exe = find_py_spy()
         if exe is None:
             raise FileNotFoundError("py-spy is not installed (.venv/bin/pip install py-spy)")
         self.output = output
-        self.command = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--gil",
+        self.command = [exe, "record", "--pid", str(pid), "--rate", str(rate), *(["--gil"] if gil else []),
                         "--format", "raw", "--output", str(output)]
         self.log = output.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -103,8 +103,10 @@ def _frames(stack: str) -> list[tuple[str, str]]:
     return out
 
 
-def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Percentages of samples by stage, by library, and the hottest leaf functions."""
+def summarise(raw: Path, top: int = 12, *, stage_rules: list[tuple[str, str]] = STAGES, other: str = STAGE_OTHER,
+              library_rules: list[tuple[str, str]] = LIBRARIES) -> dict[str, Any]:
+    """Percentages of samples by stage, by library, and the hottest leaf functions; the stage and library
+    rules default to the ingest server's (another benchmark passes its own)."""
     stages: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -118,13 +120,13 @@ def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
         total += count
         frames = _frames(stack)
         texts = [f"{func} ({file}" for func, file in frames]
-        stage = next((label for label, pattern in STAGES if any(re.search(pattern, t) for t in texts)), STAGE_OTHER)
+        stage = next((label for label, pattern in stage_rules if any(re.search(pattern, t) for t in texts)), other)
         stages[stage] += count
         if any(re.search(r"\(structlog/|\(service/logs\.py", t) for t in texts):
             logging_inclusive += count
         library = "other (interpreter, stdlib)"
         for func, file in reversed(frames):
-            hit = next((label for label, pattern in LIBRARIES if re.search(pattern, file)), None)
+            hit = next((label for label, pattern in library_rules if re.search(pattern, file)), None)
             if hit:
                 library = hit
                 break

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
+import httpx
 import stripe
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.wait import WaitBaseT
@@ -173,7 +174,10 @@ class StripeGateway:
         requestor = self._client._requestor
         chunks, status, headers = requestor.request_raw("get", path, params, {}, is_streaming=True, base_address="api",
                                                         api_mode="V1", usage=["stripe_credits_list"])
-        body = b"".join(chunks)  # type: ignore[call-overload]
+        try:
+            body = b"".join(chunks)  # type: ignore[call-overload]
+        except httpx.HTTPError as exc:  # read after the SDK returned, so it cannot wrap it: a connection error
+            raise stripe.APIConnectionError(f"reading the response to GET {path} failed: {exc}") from exc
         if requestor._should_handle_code_as_error(status):
             requestor._interpret_response(body, status, headers, "V1")  # raises the StripeError for the status
         page: dict[str, Any] = json.loads(body)

@@ -44,8 +44,8 @@ file; do not edit it by hand. Each benchmark also runs on its own and prints its
 `.venv/bin/python -m bench.ingest --help`. Everything runs on this machine against 127.0.0.1 only: a throwaway
 PostgreSQL database (`credits_bench_<random>`, dropped at the end) on 127.0.0.1:5432 (user `root`, database
 `test` for the admin connection; `--admin-url` or `BENCH_ADMIN_DATABASE_URL` to change it), and server, worker
-(`credits worker`), load generator and pgbench processes that are all stopped at the end, error or not. The profile needs py-spy
-(`.venv/bin/pip install py-spy`; it is not a project dependency) and is skipped without it. Figures from a
+(`credits worker`), load generator, fake Stripe and pgbench processes that are all stopped at the end, error or not. The profiles need py-spy
+(`.venv/bin/pip install py-spy`; it is not a project dependency) and are skipped without it. Figures from a
 2-core machine shared with other work move by tens of percent from run to run; compare the ratios, which are
 measured in the same run, one target right after the other.
 """

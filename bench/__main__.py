@@ -5,6 +5,8 @@ Benchmarks (each also runs alone, e.g. `python -m bench.ingest --help`):
 - e2e — 20,000 signed events (signups, renewals, packs, referrals) delivered and processed into the ledger,
   balances verified, against 1,000/s and pgbench doing as many row writes per event (bench/e2e/).
 - spend — POST /v1/accounts/{id}/spend across 1,000 accounts and on one, against pgbench (bench/spend/).
+- reconcile — `credits reconcile` over 10k, 50k and 100k invoices and events from a fake Stripe, against the
+  floor of paging through the same lists (bench/reconcile/).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from bench.e2e import report as e2e_report
 from bench.e2e import run as e2e_run
 from bench.ingest import report as ingest_report
 from bench.ingest import run as ingest_run
+from bench.reconcile import report as reconcile_report
+from bench.reconcile import run as reconcile_run
 from bench.spend import report as spend_report
 from bench.spend import run as spend_run
 
@@ -31,6 +35,7 @@ BENCHMARKS: dict[str, tuple[Callable[[], dict[str, Any]], ModuleType]] = {
     "ingest": (lambda: ingest_run.run(ingest_run.parse([])), ingest_report),
     "e2e": (lambda: e2e_run.run(e2e_run.parse([])), e2e_report),
     "spend": (lambda: spend_run.run(spend_run.parse([])), spend_report),
+    "reconcile": (lambda: reconcile_run.run(reconcile_run.parse([])), reconcile_report),
 }
 
 HEADER = """# Benchmarks
@@ -40,8 +45,8 @@ file; do not edit it by hand. Each benchmark also runs on its own and prints its
 `.venv/bin/python -m bench.ingest --help`. Everything runs on this machine against 127.0.0.1 only: a throwaway
 PostgreSQL database (`credits_bench_<random>`, dropped at the end) on 127.0.0.1:5432 (user `root`, database
 `test` for the admin connection; `--admin-url` or `BENCH_ADMIN_DATABASE_URL` to change it), and server, worker
-(`credits worker`), load generator and pgbench processes that are all stopped at the end, error or not. The profile needs py-spy
-(`.venv/bin/pip install py-spy`; it is not a project dependency) and is skipped without it. Figures from a
+(`credits worker`), load generator, fake Stripe and pgbench processes that are all stopped at the end, error or not. The profiles need py-spy
+(`.venv/bin/pip install py-spy`; it is not a project dependency) and are skipped without it. Figures from a
 2-core machine shared with other work move by tens of percent from run to run; compare the ratios, which are
 measured in the same run, one target right after the other.
 """

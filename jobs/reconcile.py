@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from service import accounts, findings, ledger, logs, referrals
@@ -158,31 +158,34 @@ class Scan:
         listed = self.rt.stripe.iterate_events(created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff), types=sorted(HANDLERS))
         for page in _pages(listed):
             with self.rt.sessions() as session:
-                local = {e.id: e for e in session.scalars(select(StripeEvent).where(StripeEvent.id.in_([e["id"] for e in page])))}
+                statuses = dict(session.execute(select(StripeEvent.id, StripeEvent.status)
+                                                .where(StripeEvent.id.in_([e["id"] for e in page]))).all())
                 for event in page:
                     self.tick("events")
-                    row = local.get(event["id"])
-                    if row is None or row.status in inbox.DUE:
-                        self._unprocessed(session, event, row)
-                    elif row.status == "dead":
-                        self._dead(row)
+                    status = statuses.get(event["id"])
+                    if status is None or status in inbox.DUE:
+                        self._unprocessed(session, event, session.get(StripeEvent, event["id"]) if status else None)
+                    elif status == "dead":
+                        self._dead(session.get_one(StripeEvent, event["id"]))
 
     def invoices(self) -> None:
         """Every paid invoice of the window: its refill recorded, and its referral paid if it qualifies."""
         listed = self.rt.stripe.iterate_invoices("paid", created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff))
         min_amount = max(self.rt.catalogue.referrals.min_amount, 1)
         for page in _pages(listed):
+            facts = [so.invoice(obj) for obj in page]
             with self.rt.sessions() as session:
-                for obj in page:
+                known = Known.fetch(session, [invoice for invoice in facts if invoice.amount_paid > 0])
+                for obj, invoice in zip(page, facts):
                     self.tick("invoices")
-                    invoice = so.invoice(obj)
                     if invoice.amount_paid <= 0:
                         continue
-                    payment = session.get(Payment, invoice.id)
-                    if payment is None or payment.outcome == "unknown_price":
+                    outcome = known.outcomes.get(invoice.id)
+                    if outcome is None or outcome == "unknown_price":
+                        payment = session.get_one(Payment, invoice.id) if outcome else None
                         self.add(self._missing_refill(invoice, payment, obj))
                     if invoice.amount_paid >= min_amount:
-                        self._referral_of_invoice(session, invoice)
+                        self._referral_of_invoice(session, invoice, known)
 
     # -- the local side --------------------------------------------------------------------------------
 
@@ -240,16 +243,17 @@ class Scan:
                      "reconcile --fix grants it through the invoice handler" if plan else "add the price to the catalogue, then --fix",
                      [invoice.customer or ""], [invoice.id], plan[1].credits if plan else 0, lambda: self._process(synthetic))
 
-    def _referral_of_invoice(self, session: Session, invoice: so.InvoiceFacts) -> None:
+    def _referral_of_invoice(self, session: Session, invoice: so.InvoiceFacts, known: Known) -> None:
         """A qualifying invoice: is its referee's referral settled, or does Stripe carry an attribution the
         service never saw? Stripe is asked only for a customer's first invoice, once per run."""
-        referee = _referee(session, invoice)
+        referee = _referee(invoice, known.account)
         if referee is not None:
-            live = referrals.live_referral(session, referee)
+            attributions = known.referrals.get(referee.id, [])
+            live = next((r for r in attributions if r.status != "rejected"), None)
             if live is not None:
                 self._unsettled(session, live, qualifying_invoice=invoice.id)
                 return
-            if session.scalar(select(Referral.id).where(Referral.referee_id == referee.id)) is not None:
+            if attributions:
                 return  # only rejected attributions: nothing is owed
         if invoice.billing_reason not in (None, "subscription_create") or not invoice.customer:
             return
@@ -356,7 +360,7 @@ class Scan:
 
     def _attribute(self, invoice: so.InvoiceFacts, code: str, where: str) -> bool:
         with transaction(self.rt.sessions) as session:
-            referee = _referee(session, invoice)
+            referee = _referee(invoice, lambda ref: accounts.find(session, ref))
             if referee is None:
                 return False  # its refill (and so its account) is not there yet: the next run retries
             source = "checkout" if where == "checkout session" else where
@@ -371,13 +375,46 @@ class Scan:
             return settled is not None and settled.status == "paid"
 
 
-def _referee(session: Session, invoice: so.InvoiceFacts) -> Account | None:
+def _referee(invoice: so.InvoiceFacts, find: Callable[[str], Account | None]) -> Account | None:
     """The local account an invoice belongs to, without creating one or asking Stripe."""
-    carried = (invoice.subscription_metadata or {}).get("account_id") or invoice.metadata.get("account_id")
-    for ref in (invoice.customer, carried):
-        if ref and (account := accounts.find(session, ref)) is not None:
+    for ref in _account_refs(invoice):
+        if (account := find(ref)) is not None:
             return account
     return None
+
+
+def _account_refs(invoice: so.InvoiceFacts) -> list[str]:
+    """What may name the invoice's account, in the order `_referee` tries them: its customer, then the
+    account id its subscription or itself carries."""
+    carried = (invoice.subscription_metadata or {}).get("account_id") or invoice.metadata.get("account_id")
+    return [ref for ref in (invoice.customer, carried) if ref]
+
+
+@dataclass
+class Known:
+    """What the local side knows about one page of invoices, read with one query per table — the payments'
+    outcomes, the accounts their refs name, those accounts' referrals — rather than several per invoice."""
+
+    outcomes: dict[str, str]
+    by_public_id: dict[str, Account]
+    by_customer: dict[str, Account]
+    referrals: dict[int, list[Referral]]
+
+    @classmethod
+    def fetch(cls, session: Session, invoices: list[so.InvoiceFacts]) -> Known:
+        outcomes = dict(session.execute(select(Payment.id, Payment.outcome)
+                                        .where(Payment.id.in_([i.id for i in invoices]))).all())
+        refs = {ref for invoice in invoices for ref in _account_refs(invoice)}
+        found = session.scalars(select(Account).where(or_(Account.public_id.in_(refs), Account.stripe_customer_id.in_(refs)))).all()
+        referrals: dict[int, list[Referral]] = {}
+        for referral in session.scalars(select(Referral).where(Referral.referee_id.in_([a.id for a in found]))):
+            referrals.setdefault(referral.referee_id, []).append(referral)
+        return cls(outcomes, {a.public_id: a for a in found},
+                   {a.stripe_customer_id: a for a in found if a.stripe_customer_id}, referrals)
+
+    def account(self, ref: str) -> Account | None:
+        """As `accounts.find`: the account whose public id is `ref`, else the one whose customer id is."""
+        return self.by_public_id.get(ref) or self.by_customer.get(ref)
 
 
 def _accounts(session: Session, customer: str | None) -> list[str]:

@@ -394,3 +394,7 @@ def main() -> None:
     except OperationalError as exc:
         err.print(f"error: the database is unavailable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
         sys.exit(1)
+
+
+if __name__ == "__main__":  # `python -m service.cli …`, e.g. from a benchmark that must run this tree
+    main()

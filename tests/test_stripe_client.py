@@ -137,6 +137,27 @@ def test_iterate_events_pages_lazily_with_starting_after(stripe_api: respx.MockR
     assert sent == [common, {**common, "starting_after": "evt_2"}, {**common, "starting_after": "evt_4"}]
 
 
+class _CutOff(httpx.SyncByteStream):
+    """A body whose connection drops after the first bytes."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'{"object": "list", "data": ['
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_a_list_page_cut_off_mid_body_is_retried(
+    stripe_api: respx.MockRouter, gateway: StripeGateway, retried: list[BaseException]
+) -> None:
+    whole = {"object": "list", "url": "/v1/invoices", "has_more": False, "data": [{"id": "in_1", "object": "invoice"}]}
+    route = stripe_api.get("/v1/invoices").mock(
+        side_effect=[httpx.Response(200, stream=_CutOff()), httpx.Response(200, json=whole)]
+    )
+
+    assert [i["id"] for i in gateway.iterate_invoices("paid")] == ["in_1"]
+    assert route.call_count == 2
+    assert [type(exc) for exc in retried] == [stripe.APIConnectionError]
+
+
 def test_list_checkout_session_line_items_returns_the_items(
     stripe_api: respx.MockRouter, gateway: StripeGateway
 ) -> None:

@@ -109,9 +109,10 @@ def _frames(stack: str) -> list[tuple[str, str]]:
 
 
 def summarise(raw: Path, top: int = 12, stages_rules: list[tuple[str, str]] = STAGES,
-              stage_other: str = STAGE_OTHER) -> dict[str, Any]:
+              stage_other: str = STAGE_OTHER, library_rules: list[tuple[str, str]] = LIBRARIES) -> dict[str, Any]:
     """Percentages of samples by stage (the first of `stages_rules` found in the stack, else `stage_other`),
-    by library, and the hottest leaf functions."""
+    by library (`library_rules` on the innermost matching frame), and the hottest leaf functions; the rules
+    default to the ingest server's (another benchmark passes its own)."""
     stages: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -131,7 +132,7 @@ def summarise(raw: Path, top: int = 12, stages_rules: list[tuple[str, str]] = ST
             logging_inclusive += count
         library = "other (interpreter, stdlib)"
         for func, file in reversed(frames):
-            hit = next((label for label, pattern in LIBRARIES if re.search(pattern, file)), None)
+            hit = next((label for label, pattern in library_rules if re.search(pattern, file)), None)
             if hit:
                 library = hit
                 break

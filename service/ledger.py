@@ -378,11 +378,17 @@ def check(session: Session) -> list[Drift]:
             .group_by(Allocation.grant_id, LedgerEntry.kind)
         )
     }
-    rows = session.execute(select(Grant, LedgerEntry.amount).join(LedgerEntry, LedgerEntry.id == Grant.entry_id))
-    for g, granted in rows:
+    # Columns, not Grant objects, streamed: a check over every grant must not hold them all in memory.
+    rows = session.execute(
+        select(Grant.id, Grant.account_id, Grant.amount, Grant.remaining, Grant.spent, Grant.expired, Grant.reversed,
+               LedgerEntry.amount.label("granted"))
+        .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
+        .execution_options(yield_per=1000)
+    )
+    for g in rows:
         owner = names[g.account_id]
-        if g.amount != granted:
-            drifts.append(Drift(owner, f"grant {g.id} amount", granted, g.amount))
+        if g.amount != g.granted:
+            drifts.append(Drift(owner, f"grant {g.id} amount", g.granted, g.amount))
         for kind, column in DEBIT_COLUMNS.items():
             if getattr(g, column) != moved.get((g.id, kind), 0):
                 drifts.append(Drift(owner, f"grant {g.id} {column}", moved.get((g.id, kind), 0), getattr(g, column)))

@@ -81,7 +81,7 @@ class StripeGateway:
 
     def retrieve_customer(self, customer_id: str) -> dict[str, Any]:
         """The customer (or its `deleted: true` stub), for `metadata.account_id` / `metadata.referral_code`."""
-        return self._call(self._client.v1.customers.retrieve, customer_id).to_dict(for_json=True)
+        return self._call(self._get_json, f"/v1/customers/{quote(customer_id, safe='')}", {})  # one per new customer
 
     def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]:
         """The subscription as Stripe holds it now, for its metadata and plan."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     inbox_alert_seconds: float = 300.0
     worker_max_attempts: int = 8
     worker_backoff_seconds: float = 30.0
+    worker_threads: int = Field(default=4, ge=1, le=32)
 
     @field_validator("database_url")
     @classmethod

@@ -90,3 +90,16 @@ def test_an_event_stored_but_never_processed_is_picked_up_by_the_worker(rt: Runt
     assert worker.drain(rt) == {"processed": 1}
     assert worker.drain(rt) == {}
     assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
+
+
+def test_the_worker_keeps_each_customers_events_in_order_while_it_processes_customers_side_by_side(rt, sessions) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as s:
+        for n in range(4):
+            for who in ("a", "b", "c"):
+                invoice = se.invoice("2025", invoice_id=f"in_{who}{n}", customer=f"cus_{who}", price="price_starter_monthly",
+                                     amount_paid=2000, subscription_metadata={"account_id": f"acct_{who}"})
+                inbox.store(s, se.event("invoice.paid", invoice, event_id=f"evt_{who}{n}"), utcnow())
+    assert worker.drain(rt) == {"processed": 12}
+    for who in ("a", "b", "c"):
+        grants = [key for _, _, key in state(sessions, f"acct_{who}")[0] if key.startswith("invoice:")]
+        assert grants == [f"invoice:in_{who}{n}" for n in range(4)]

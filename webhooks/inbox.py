@@ -12,7 +12,7 @@ import traceback
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, select, update
+from sqlalchemy import Text, bindparam, cast, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,16 +62,19 @@ def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
     return session.scalar(insert_new(session.get_bind().dialect.name), row(event, now)) is not None
 
 
-def due(session: Session, now: datetime, limit: int) -> list[str]:
-    """Ids of events waiting to be (re)processed, oldest first."""
-    return list(
-        session.scalars(
-            select(StripeEvent.id)
-            .where(StripeEvent.status.in_(DUE), StripeEvent.next_attempt_at <= now)
-            .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at)
-            .limit(limit)
-        )
+def due(session: Session, now: datetime, limit: int) -> list[tuple[str, str]]:
+    """Events waiting to be (re)processed, oldest first, each as (id, lane): the Stripe customer the event's
+    object names, else the object itself. One lane's events are processed in order, because one customer's
+    events build on each other (a renewal's rollover on the invoice before it); lanes may run side by side."""
+    customer = StripeEvent.payload["data"]["object"]["customer"].as_string()
+    lane = func.coalesce(customer, StripeEvent.object_id, StripeEvent.id)
+    rows = session.execute(
+        select(StripeEvent.id, lane)
+        .where(StripeEvent.status.in_(DUE), StripeEvent.next_attempt_at <= now)
+        .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at)
+        .limit(limit)
     )
+    return [(event_id, key) for event_id, key in rows]
 
 
 def _claims() -> dict[tuple[bool, bool], Any]:

@@ -120,7 +120,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if alone:
         out.append(("diagnostic: processing alone, events/s", _fmt(alone.get("events_per_s")),
                     f"{_fmt(alone.get('cpu_ms_per_event'), ' ms')} CPU, {_fmt(alone.get('sql_statements_per_event'))} SQL/event",
-                    "1 drain loop"))
+                    "1 drain, WORKER_THREADS lanes"))
     if info:
         out.append(("diagnostic: default INFO logs, 2xx/s", _fmt(info.get("throughput_rps")),
                     f"WARNING {_fmt(_get(info, 'warning').get('throughput_rps'))}",
@@ -289,8 +289,8 @@ def limits(results: dict[str, Any]) -> str:
     opened = _get(results, "durability", "open")
     util = ours.get("server_cpu_util") or 0.0
     bound = ("so the API is bound by one interpreter's CPU and GIL, not by PostgreSQL" if util >= 0.8 else
-             "so the API is not CPU-bound: the rest of the time it waits (on PostgreSQL, on its thread pool and "
-             "connection pool, or for a core on this shared machine — which the worker now shares too); "
+             "so the API is not CPU-bound: the rest of the time it waits — on its batch's commit, or for a core "
+             "on this shared machine, which the load generator, PostgreSQL and the worker share with it; "
              "PostgreSQL itself is far from its limit")
     before, no_worker, previous = (HISTORY["background_tasks"], HISTORY["inline_no_worker"],
                                    HISTORY["inline_with_worker"])
@@ -356,7 +356,7 @@ def limits(results: dict[str, Any]) -> str:
             f"takes {_fmt(ingest.get('server_cpu_ms_per_event'), ' ms')} of CPU per event and reaches "
             f"{_fmt(ingest.get('throughput_rps'))}/s ({_fmt(d.get('ingest_only_vs_reference'), '×')} the minimal handler "
             "measured in turn with it); "
-            f"the processing alone, one `jobs.worker.drain` loop (what `credits worker` runs) in a process of its own, "
+            f"the processing alone, one `jobs.worker.drain` (what `credits worker` runs, its default 4 lanes) in a process of its own, "
             f"runs at {_fmt(alone.get('events_per_s'))} events/s with "
             f"{_fmt(alone.get('cpu_ms_per_event'), ' ms')} of CPU and {_fmt(alone.get('sql_statements_per_event'))} "
             "SQL statements per event"

@@ -4,7 +4,10 @@ before it could), or failed and now past its backoff — and retries referral pa
 Several workers (and the API replicas, which process what they receive) share the inbox safely: each
 event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. Within one worker,
 WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay in order on one
-thread — because processing an event mostly waits on database round trips.
+thread, and a lane stops at an event that fails — because processing an event mostly waits on database
+round trips (PostgreSQL only: SQLite has one writer at a time). Across processes (other workers, the API's
+inline threads) the order of one customer's events is best effort; the account lock and the idempotency
+keys keep every credit exact either way.
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
     seen: set[str] = set()
 
     def process_lane(event_ids: list[str]) -> Counter[str]:
+        """The lane's events in order, stopping at one that did not go through (failed, or held by another
+        process): the rest wait for the next drain rather than overtake it."""
         done: Counter[str] = Counter()
         for event_id in event_ids:
             if stop is not None and stop.is_set():
                 break
-            done[dispatch.process(rt, event_id) or "skipped"] += 1
+            status = dispatch.process(rt, event_id) or "skipped"
+            done[status] += 1
+            if status not in ("processed", "ignored"):
+                break
         return done
 
-    with ThreadPoolExecutor(rt.settings.worker_threads, thread_name_prefix="worker") as pool:
+    # SQLite has one writer at a time (BEGIN IMMEDIATE): more threads would only queue for its lock.
+    threads = rt.settings.worker_threads if rt.engine.dialect.name == "postgresql" else 1
+    with ThreadPoolExecutor(threads, thread_name_prefix="worker") as pool:
         while stop is None or not stop.is_set():
             with transaction(rt.sessions) as session:
                 batch = [(i, lane) for i, lane in inbox.due(session, utcnow(), BATCH) if i not in seen]
@@ -56,7 +66,7 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
 
 
 def run(rt: Runtime, stop: threading.Event, poll_seconds: float = 1.0) -> None:
-    """Drain, then wait for more, until `stop` is set (SIGTERM): the current event is always finished."""
+    """Drain, then wait for more, until `stop` is set (SIGTERM): the events in hand are always finished."""
     log.info("worker.started")
     while not stop.is_set():
         counts = drain(rt, stop)

@@ -71,8 +71,8 @@ def get(session: Session, ref: str) -> Account:
 
 
 def get_or_create(session: Session, ref: str, customer: str | None = None) -> Account:
-    """The account named `ref`, created when new (race-free: INSERT … ON CONFLICT DO NOTHING) and then
-    linked to `customer` if given.
+    """The account named `ref`, created when new (race-free: INSERT … ON CONFLICT DO NOTHING), and when it is
+    created, created linked to `customer` if one is given.
 
     A new ref that looks like a Stripe customer id (`cus_…`) is that customer's account, as DESIGN.md
     says for customers that carry no account id.
@@ -80,11 +80,11 @@ def get_or_create(session: Session, ref: str, customer: str | None = None) -> Ac
     existing = find(session, ref)
     if existing is not None:
         return existing
-    customer = customer or (ref if ref.startswith("cus_") else None)
+    keyed_by_customer = ref if ref.startswith("cus_") else None
     created = session.scalar(
         insert(session, Account)
-        .values(public_id=ref, stripe_customer_id=customer, status="active", created_at=utcnow())
-        .on_conflict_do_nothing()
+        .values(public_id=ref, stripe_customer_id=customer or keyed_by_customer, status="active", created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["public_id"])  # a customer linked elsewhere meanwhile: an error
         .returning(Account)
     )
     if created is not None and customer is not None:

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     inbox_alert_seconds: float = 300.0
     worker_max_attempts: int = 8
     worker_backoff_seconds: float = 30.0
-    worker_threads: int = Field(default=4, ge=1, le=32)
+    worker_threads: int = Field(default=4, ge=1, le=16)  # within the connection pool (10 + 20 overflow)
 
     @field_validator("database_url")
     @classmethod

@@ -103,3 +103,13 @@ def test_the_worker_keeps_each_customers_events_in_order_while_it_processes_cust
     for who in ("a", "b", "c"):
         grants = [key for _, _, key in state(sessions, f"acct_{who}")[0] if key.startswith("invoice:")]
         assert grants == [f"invoice:in_{who}{n}" for n in range(4)]
+
+
+def test_a_failed_event_holds_back_its_customers_later_events_until_the_next_drain(rt, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    with transaction(sessions) as s:
+        for n in range(2):
+            inbox.store(s, se.event("invoice.paid", unlinked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
+    assert worker.drain(rt) == {"failed": 1}
+    assert [(e.id, e.status) for e in (event_row(sessions, "evt_0"), event_row(sessions, "evt_1"))] == [
+        ("evt_0", "failed"), ("evt_1", "pending")]

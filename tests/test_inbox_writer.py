@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -13,7 +14,7 @@ from service.db import make_engine
 from service.models import StripeEvent, utcnow
 from tests import stripe_events as se
 from webhooks import inbox
-from webhooks.writer import InboxWriter
+from webhooks.writer import InboxWriter, WriterStopped
 
 
 def rows(*event_ids: str) -> list[dict[str, Any]]:
@@ -69,3 +70,11 @@ def test_the_payload_is_stored_from_the_text_as_received(engine: Engine) -> None
     assert store_together(InboxWriter(engine), [row]) == [True]
     with engine.connect() as conn:
         assert conn.scalar(select(StripeEvent.payload)) == {"id": "evt_raw", "type": "ping"}
+
+
+def test_a_delivery_after_the_writer_stopped_is_refused_not_left_waiting(engine: Engine) -> None:
+    writer = InboxWriter(engine)
+    writer.stop()
+    with pytest.raises(WriterStopped):
+        asyncio.run(writer.store(rows("evt_a")[0]))
+    assert stored_ids(engine) == []

@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from jobs import worker
 from service.api import create_app
+from service.db import make_engine, make_sessionmaker
 from service.models import StripeEvent
 from service.runtime import Runtime
 from tests import stripe_events as se
@@ -190,3 +191,11 @@ def test_under_a_burst_the_endpoint_stores_and_answers_and_leaves_processing_to_
     assert stored(sessions) == [("evt_1", "pending")]
     assert worker.drain(rt)["processed"] == 1
     assert balance_of(sessions, "acct_1") == 2000
+
+
+def test_a_database_that_cannot_be_reached_is_503_through_the_real_writer(rt: Runtime) -> None:
+    dead = make_engine("postgresql+psycopg://root@127.0.0.1:9/nothing")
+    app = create_app(Runtime(rt.settings, rt.catalogue, dead, make_sessionmaker(dead), rt.stripe))
+    body = se.encode(se.event("invoice.paid", starter_invoice()))
+    response = TestClient(app).post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)})
+    assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")

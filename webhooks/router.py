@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 import stripe
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -26,7 +27,7 @@ from service import logs, metrics
 from service.models import utcnow
 from webhooks import inbox
 from webhooks.inline import InlineProcessor
-from webhooks.writer import InboxWriter
+from webhooks.writer import InboxWriter, WriterStopped
 
 MAX_BODY = 1024 * 1024
 TOLERANCE_SECONDS = 300
@@ -70,19 +71,29 @@ class Receiver:
         except Refused as refused:
             metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
             log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)
-            answer = JSONResponse({"error": "refused", "message": refused.reason}, status_code=refused.status_code)
-            await answer(scope, receive, send)
+            await _answer(refused.status_code, "refused", refused.reason)(scope, receive, send)
             return
         try:
             new = await self.writer.store(inbox.row(event, utcnow(), payload))
-        except DBAPIError:
+        except (OperationalError, InterfaceError, PoolTimeout, WriterStopped) as exc:
             metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
-            raise  # the app's handlers answer 503 (unreachable) or 422 (a value no database column holds)
+            log.error("webhook.unavailable", event_id=event["id"], error=type(exc).__name__)
+            await _answer(503, "database_unavailable", "the database is unavailable; retry later")(scope, receive, send)
+            return
+        except (DataError, IntegrityError) as exc:  # a value no database column holds: retrying cannot help
+            metrics.WEBHOOKS.labels(event["type"], "unstorable").inc()
+            log.error("webhook.unstorable", event_id=event["id"], error=type(exc).__name__)
+            await _answer(422, "invalid_request", "the event holds a value that cannot be stored")(scope, receive, send)
+            return
         metrics.WEBHOOKS.labels(event["type"], "stored" if new else "duplicate").inc()
         log.info("webhook.received", event_id=event["id"], event_type=event["type"], duplicate=not new)
         if new and self.in_flight <= QUIET_DELIVERIES:
             self.inline.submit(event["id"])
         await JSONResponse({"received": True, "duplicate": not new})(scope, receive, send)
+
+
+def _answer(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
 def route(secrets: list[str], writer: InboxWriter, inline: InlineProcessor) -> Route:

@@ -27,6 +27,11 @@ from service import logs
 from webhooks import inbox
 
 log = logs.get("writer")
+
+
+class WriterStopped(Exception):
+    """The process is shutting down: the delivery is not stored, and its 503 makes Stripe send it again."""
+
 Pending = tuple[dict[str, Any], "Future[bool]"]
 STOP: Pending | None = None
 
@@ -40,32 +45,47 @@ class InboxWriter:
         self.queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        self.stopping = False
 
     async def store(self, row: dict[str, Any]) -> bool:
         """Store one row durably; True when it is new, False for a redelivery (also one in the same batch).
         Raises what the database raised (OperationalError when it is unreachable)."""
         outcome: Future[bool] = Future()
-        self._start()
-        self.queue.put((row, outcome))
+        with self.lock:  # never queue behind STOP: nothing would ever answer the delivery
+            if self.stopping:
+                raise WriterStopped("shutting down")
+            self._start()
+            self.queue.put((row, outcome))
         return await asyncio.wrap_future(outcome)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write what is queued, then end the thread."""
+        """Write what is queued, then end the thread; a delivery still waiting after that gets WriterStopped."""
         with self.lock:
+            self.stopping = True
             thread, self.thread = self.thread, None
-        if thread is not None:
             self.queue.put(STOP)
+        if thread is not None:
             thread.join(timeout)
+        self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(WriterStopped("shutting down"))
 
     def _start(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            return
-        with self.lock:  # first use, or the thread died: a delivery must never wait on a thread that is gone
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="inbox-writer", daemon=True)
-                self.thread.start()
+        """Under the lock: start the thread on first use, or again if it died (a delivery must never wait on
+        a thread that is gone)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="inbox-writer", daemon=True)
+            self.thread.start()
 
     def _run(self) -> None:
+        """The thread: batch after batch until STOP."""
         while True:
             batch, stopping = self._next_batch()
             if batch:
@@ -90,11 +110,14 @@ class InboxWriter:
         return batch, False
 
     def _write(self, batch: list[Pending]) -> None:
+        """Write the batch's rows whose delivery is still waiting (a cancelled one was never answered 200)."""
         live = [(row, outcome) for row, outcome in batch if outcome.set_running_or_notify_cancel()]
         if live:
             self._insert(live)
 
     def _insert(self, batch: list[Pending]) -> None:
+        """One statement and one commit for the batch, then each delivery's answer. When the database refuses
+        the batch for one row's sake, the rows are written again one by one, so only that row's delivery fails."""
         try:
             with self.engine.begin() as conn:
                 new = set(conn.scalars(self.statement, [row for row, _ in batch]))

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.db import make_engine
@@ -78,3 +78,18 @@ def test_a_delivery_after_the_writer_stopped_is_refused_not_left_waiting(engine:
     with pytest.raises(WriterStopped):
         asyncio.run(writer.store(rows("evt_a")[0]))
     assert stored_ids(engine) == []
+
+
+def test_deliveries_in_flight_together_share_commits(engine: Engine) -> None:
+    commits: list[object] = []
+
+    def count(connection: object) -> None:
+        commits.append(connection)
+
+    event.listen(engine, "commit", count)
+    try:
+        assert store_together(InboxWriter(engine), rows(*(f"evt_{n:02d}" for n in range(20)))) == [True] * 20
+    finally:
+        event.remove(engine, "commit", count)
+    assert len(stored_ids(engine)) == 20
+    assert len(commits) < 20  # one per batch, not one per delivery

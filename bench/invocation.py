@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,22 @@ def header(args: argparse.Namespace, parse: Parse, module: str, workdir: Path) -
     return {"started": datetime.now(UTC).isoformat(timespec="seconds"), "workdir": str(workdir),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "command": " ".join([f".venv/bin/python -m {module}", *argv_shown(args, parse)])}
+
+
+def progress(module: str, clock: float) -> Callable[[str], None]:
+    """A progress printer for stderr, each line stamped with the module and the seconds since `clock`."""
+
+    def say(text: str) -> None:
+        print(f"[{module} {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def finished(results: dict[str, Any], clock: float, report: ModuleType) -> dict[str, Any]:
+    """The run's results completed with its duration and the report's derived figures (ratios, targets)."""
+    results["duration_seconds"] = round(time.monotonic() - clock, 1)
+    results["derived"] = report.derive(results)
+    return results
 
 
 def raise_on_sigterm(*_: object) -> None:

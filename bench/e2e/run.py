@@ -24,7 +24,6 @@ import json
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -101,8 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dbname: str | None = None
     results: dict[str, Any] = invocation.header(args, parse, "bench.e2e", workdir)
 
-    def say(text: str) -> None:
-        print(f"[bench.e2e {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
+    say = invocation.progress("bench.e2e", clock)
 
     try:
         results["machine"] = harness.machine(admin)
@@ -185,9 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with suppress(Exception):
                 harness.drop_database(admin, dbname)
         signal.signal(signal.SIGTERM, previous_handler)
-    results["duration_seconds"] = round(time.monotonic() - clock, 1)
-    results["derived"] = report.derive(results)
-    return results
+    return invocation.finished(results, clock, report)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

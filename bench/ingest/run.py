@@ -426,8 +426,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dbname: str | None = None
     results: dict[str, Any] = invocation.header(args, parse, "bench.ingest", workdir)
 
-    def say(text: str) -> None:
-        print(f"[bench.ingest {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
+    say = invocation.progress("bench.ingest", clock)
 
     try:
         results["machine"] = machine(admin)
@@ -613,9 +612,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with suppress(Exception):
                 drop_database(admin, dbname)
         signal.signal(signal.SIGTERM, previous_handler)
-    results["duration_seconds"] = round(time.monotonic() - clock, 1)
-    results["derived"] = report.derive(results)
-    return results
+    return invocation.finished(results, clock, report)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

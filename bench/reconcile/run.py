@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import suppress
@@ -177,8 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = conninfo(args.admin_url)
     workdir = Path(tempfile.mkdtemp(prefix="credits-bench-reconcile-"))
 
-    def say(text: str) -> None:
-        print(f"[bench.reconcile {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
+    say = invocation.progress("bench.reconcile", clock)
 
     results: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "workdir": str(workdir),
                                "command": shown([PYTHON, "-m", "bench.reconcile", *_argv_shown(args)])}
@@ -189,9 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["sizes"] = [one_size(count, admin, workdir, count == args.profile_size, say) for count in args.sizes]
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    results["duration_seconds"] = round(time.monotonic() - clock, 1)
-    results["derived"] = report.derive(results)
-    return results
+    return invocation.finished(results, clock, report)
 
 
 def _argv_shown(args: argparse.Namespace) -> list[str]:

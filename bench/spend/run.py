@@ -25,7 +25,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -90,8 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dbname: str | None = None
     results: dict[str, Any] = invocation.header(args, parse, "bench.spend", workdir)
 
-    def say(text: str) -> None:
-        print(f"[bench.spend {time.monotonic() - clock:5.0f} s] {text}", file=sys.stderr, flush=True)
+    say = invocation.progress("bench.spend", clock)
 
     try:
         results["machine"] = {**machine(admin), "cpu_busy_before_start": idle_cpu()}
@@ -174,9 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with suppress(Exception):
                 drop_database(admin, dbname)
         signal.signal(signal.SIGTERM, previous_handler)
-    results["duration_seconds"] = round(time.monotonic() - clock, 1)
-    results["derived"] = report.derive(results)
-    return results
+    return invocation.finished(results, clock, report)
 
 
 def _json_of(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:

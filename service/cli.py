@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -320,6 +321,7 @@ app.command(name="audit")(support_cli.audit_trail)
 def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due, then exit.")] = False) -> None:
     """Process inbox events that are due (unprocessed, or failed and past their backoff)."""
     rt = runtime.load()
+    os.nice(rt.settings.worker_nice)
     if once:
         counts = inbox_worker.drain(rt)
         out.print("processed: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"))

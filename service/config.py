@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     worker_max_attempts: int = 8
     worker_backoff_seconds: float = 30.0
     worker_threads: int = Field(default=4, ge=1, le=16)  # within the connection pool (10 + 20 overflow)
+    # Raised niceness of `credits worker`: where it shares cores with the API, Stripe's deliveries and the
+    # product's spends get the CPU first, and the backlog (which the inbox keeps) drains with the rest.
+    worker_nice: int = Field(default=10, ge=0, le=19)
 
     @field_validator("database_url")
     @classmethod

@@ -168,6 +168,7 @@ def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("CREDITS_CONFIG", str(settings.credits_config))
     monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("WORKER_NICE", "0")  # `credits worker` in-process must not lower the test run's priority
     monkeypatch.setenv("STRIPE_API_BASE", settings.stripe_api_base)
     monkeypatch.setenv("STRIPE_API_KEY", settings.stripe_api_key.get_secret_value())
     monkeypatch.setattr(stripe_client, "RETRY_POLICY", stripe_client.RETRY_POLICY.copy(wait=wait_none()))

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import accounts, findings, idempotency, ledger, logs, metrics, referrals, spending, usage
 from service.accounts import AccountNotFound
@@ -450,6 +451,25 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class Api(FastAPI):
+    """The service's FastAPI app, with Stripe's deliveries taken at the door.
+
+    A delivery is the hot path, and it needs none of the app's middleware or routing: its receiver caps the
+    body and answers every failure itself. So POST /webhooks/stripe goes straight to the receiver, wrapped in
+    RequestContext alone (the request id and the request log line); every other request takes the usual way
+    through the middleware stack. The route stays in the router too, so the path answers other methods, and
+    shows in the route table, as before."""
+
+    door: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.door is not None and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] == webhooks.PATH):
+            await self.door(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(rt: Runtime) -> FastAPI:
     """The ASGI app for a loaded runtime; refuses tokens that would let the API token act as admin."""
     problem = rt.settings.token_problem()
@@ -463,8 +483,10 @@ def create_app(rt: Runtime) -> FastAPI:
         await run_in_threadpool(writer.stop)  # answer the deliveries in hand
         await run_in_threadpool(inline.stop)  # finish the events in hand; the worker gets the rest
 
-    app = FastAPI(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
-                  lifespan=lifespan)
+    # No OpenTelemetry here (metrics are Prometheus, logs structlog): FastAPI's native telemetry off, which
+    # also spares each request its provider look-ups.
+    app = Api(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
+              lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.runtime = rt
     app.state.inline, app.state.writer = inline, writer
     app.state.metrics = CollectorRegistry()
@@ -473,7 +495,9 @@ def create_app(rt: Runtime) -> FastAPI:
     app.include_router(health)
     app.include_router(v1)
     app.include_router(admin)
-    app.router.routes.insert(0, webhooks.route(rt.settings.webhook_secrets, writer, inline))  # the hot path: matched first
+    receiver = webhooks.Receiver(rt.settings.webhook_secrets, writer, inline)
+    app.router.routes.insert(0, webhooks.route(receiver))
+    app.door = RequestContext(receiver)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app

@@ -126,6 +126,23 @@ def test_a_database_outage_is_503_so_stripe_retries(rt: Runtime, monkeypatch: py
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")
 
 
+def test_an_unexpected_failure_is_a_json_500_with_the_request_id(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object) -> dict:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("webhooks.inbox.row", broken)
+    body = se.encode(se.event("invoice.paid", starter_invoice()))
+    response = TestClient(create_app(rt)).post("/webhooks/stripe", content=body,
+                                               headers={"Stripe-Signature": se.sign(body), "X-Request-Id": "req-1"})
+    assert (response.status_code, response.json()["error"], response.headers["x-request-id"]) == (500, "internal_error", "req-1")
+
+
+def test_other_methods_on_the_webhook_path_are_405_and_store_nothing(client: TestClient, sessions) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/webhooks/stripe").status_code == 405
+    assert client.put("/webhooks/stripe", content=b"{}").status_code == 405
+    assert stored(sessions) == []
+
+
 def test_concurrent_duplicate_deliveries_store_and_grant_once(client: TestClient, sessions) -> None:  # type: ignore[no-untyped-def]
     body = se.encode(se.event("invoice.paid", starter_invoice(), event_id="evt_1"))
     start = threading.Barrier(8)

@@ -12,8 +12,12 @@ import traceback
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, func, select, update
+from collections.abc import Callable
+
+import psycopg
+from sqlalchemy import Connection, Text, bindparam, cast, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import dialect_insert, is_postgresql, transaction
@@ -55,6 +59,44 @@ def insert_new(dialect: str) -> Any:
     value = cast(payload, JSONB) if dialect == "postgresql" else payload
     statement = dialect_insert(dialect, StripeEvent).values(payload=value)
     return statement.on_conflict_do_nothing(index_elements=["id"]).returning(StripeEvent.id)
+
+
+Inserter = Callable[[Connection, list[dict[str, Any]]], set[str]]
+
+
+def inserter(dialect: str) -> Inserter:
+    """Stores a batch of `row`s and returns the ids that were new.
+
+    On PostgreSQL the batch goes to psycopg's own executemany with RETURNING, which pipelines the one-row
+    INSERT of `insert_new` — one round trip, and a statement whose text never changes, so psycopg parses it
+    once and PostgreSQL prepares it once. SQLAlchemy would send the batch as one multi-row VALUES list
+    instead: new text for every batch size, parsed by psycopg on every batch (the profile put it at a sixth
+    of the endpoint's CPU; measured in-process, 102 against 46 µs of CPU per row in batches of 32). Errors
+    are raised as SQLAlchemy's, as on every other path. SQLite gets the multi-row INSERT."""
+    statement = insert_new(dialect)
+    if dialect != "postgresql":
+        return lambda conn, rows: set(conn.scalars(statement, rows))
+    texts: dict[tuple[str, ...], str] = {}  # the statement's text for `row`'s keys, compiled once
+
+    def pipelined(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+        keys = tuple(rows[0])
+        if keys not in texts:
+            texts[keys] = str(statement.compile(dialect=conn.dialect, column_keys=list(keys)))
+        compiled = texts[keys]
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(compiled, rows, returning=True)
+            new = set()
+            while True:
+                new.update(found for (found,) in cursor.fetchall())
+                if not cursor.nextset():
+                    return new
+        except psycopg.Error as exc:
+            raise DBAPIError.instance(compiled, rows, exc, psycopg.Error) from exc
+        finally:
+            cursor.close()
+
+    return pipelined
 
 
 def store(session: Session, event: dict[str, Any], now: datetime) -> bool:

@@ -3,9 +3,9 @@
 Each delivery must be durable before it is answered, and a commit (a WAL flush on PostgreSQL, an fsync on
 SQLite) costs far more than the row. So the endpoint hands its row to one writer thread and awaits the
 outcome; the thread takes every row waiting at that moment (up to `max_batch`), writes them with one
-INSERT … ON CONFLICT (id) DO NOTHING … RETURNING id (inbox.insert_new), commits, and answers each waiting
-delivery. Under
-load the batches grow by themselves; a lone delivery is written at once, with no waiting for company.
+INSERT … ON CONFLICT (id) DO NOTHING … RETURNING id (inbox.inserter, pipelined on PostgreSQL), commits, and
+answers each waiting delivery. Under load the batches grow by themselves; a lone delivery is written at once,
+with no waiting for company.
 
 A row the database refuses (a value it cannot hold) must not fail the deliveries that shared its batch: on
 such an error the batch is written again row by row, so only the offender gets the error. A lost connection
@@ -41,7 +41,7 @@ class InboxWriter:
 
     def __init__(self, engine: Engine, max_batch: int = 128) -> None:
         self.engine, self.max_batch = engine, max_batch
-        self.statement = inbox.insert_new(engine.dialect.name)
+        self.insert = inbox.inserter(engine.dialect.name)
         self.queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
@@ -120,7 +120,7 @@ class InboxWriter:
         the batch for one row's sake, the rows are written again one by one, so only that row's delivery fails."""
         try:
             with self.engine.begin() as conn:
-                new = set(conn.scalars(self.statement, [row for row, _ in batch]))
+                new = self.insert(conn, [row for row, _ in batch])
         except (OperationalError, InterfaceError) as exc:
             self._fail(batch, exc)
         except DBAPIError as exc:

@@ -356,7 +356,7 @@ def limits(results: dict[str, Any]) -> str:
         f"({grouped['label']}): {_fmt(grouped['accepted_rps'])}/s against {_fmt(grouped['reference_rps'])}/s "
         f"({_fmt(grouped['ratio'], '×')}), {_fmt(grouped['cpu_ms'], ' ms')} of API CPU per event, the ingest path "
         f"alone {_fmt(grouped['ingest_only_ratio'], '×')} at {_fmt(grouped['ingest_only_cpu_ms'], ' ms')}, open-loop "
-        f"p99 {_fmt(grouped['open_p99_ms'], ' ms')}; its profile put psycopg parsing the multi-row INSERT's text "
+        f"p99 {_fmt(grouped['open_p99_ms'], ' ms')}; a py-spy profile of that code (ingest path alone) put psycopg parsing the multi-row INSERT's text "
         "(new for every batch size, so never cached) at 15% of the endpoint's samples, and FastAPI's middleware "
         "stack and telemetry hooks at about a fifth. Now (taken at the door, the pipelined one-row INSERT, the "
         "worker at a lower priority): "

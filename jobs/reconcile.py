@@ -10,15 +10,16 @@ can never pay twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import islice
 from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from jobs.pages import prefetched
+from jobs.referral_codes import ReferralCodes
 from service import accounts, findings, ledger, logs, referrals
 from service import stripe_objects as so
 from service.db import transaction
@@ -141,7 +142,7 @@ class Scan:
         self.cutoff = min(until, utcnow() - GRACE)
         self.found: dict[tuple[str, str], Found] = {}
         self.reported_events: set[str] = set()
-        self.codes: dict[str, tuple[str, str] | None] = {}
+        self.codes = ReferralCodes(rt.stripe, since, self.cutoff)
 
     def add(self, finding: Found) -> None:
         """Merge findings about the same subject (an invoice seen as an event and in the invoice list)."""
@@ -156,7 +157,7 @@ class Scan:
     def events(self) -> None:
         """Every handled event Stripe has for the window that the inbox has not processed."""
         listed = self.rt.stripe.iterate_events(created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff), types=sorted(HANDLERS))
-        for page in _pages(listed):
+        for page in prefetched(listed, PAGE):
             with self.rt.sessions() as session:
                 statuses = dict(session.execute(select(StripeEvent.id, StripeEvent.status)
                                                 .where(StripeEvent.id.in_([e["id"] for e in page]))).all())
@@ -172,7 +173,7 @@ class Scan:
         """Every paid invoice of the window: its refill recorded, and its referral paid if it qualifies."""
         listed = self.rt.stripe.iterate_invoices("paid", created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff))
         min_amount = max(self.rt.catalogue.referrals.min_amount, 1)
-        for page in _pages(listed):
+        for page in prefetched(listed, PAGE):
             facts = [so.invoice(obj) for obj in page]
             with self.rt.sessions() as session:
                 known = Known.fetch(session, [invoice for invoice in facts if invoice.amount_paid > 0])
@@ -257,7 +258,7 @@ class Scan:
                 return  # only rejected attributions: nothing is owed
         if invoice.billing_reason not in (None, "subscription_create") or not invoice.customer:
             return
-        found = self._stripe_code(invoice)
+        found = self.codes.of(invoice)
         if found is None:
             return
         code, where = found
@@ -328,26 +329,6 @@ class Scan:
         if type_ in ("charge.refunded", "charge.dispute.closed") and so.ref(obj):
             return "unreversed_refund", obj["id"], 0
         return "unprocessed_event", str(obj.get("id") or type_), 0
-
-    def _stripe_code(self, invoice: so.InvoiceFacts) -> tuple[str, str] | None:
-        """A referral code in the subscription's, the customer's or the Checkout session's metadata."""
-        customer = invoice.customer or ""
-        if customer in self.codes:
-            return self.codes[customer]
-        code = (invoice.subscription_metadata or {}).get("referral_code")
-        found = (code, "subscription") if code else None
-        if found is None and invoice.subscription_metadata is None and invoice.subscription_id:
-            sub = so.subscription(self.rt.stripe.retrieve_subscription(invoice.subscription_id))
-            found = (sub.metadata["referral_code"], "subscription") if sub.metadata.get("referral_code") else None
-        if found is None:
-            cus = so.customer(self.rt.stripe.retrieve_customer(customer))
-            found = (cus.metadata["referral_code"], "customer") if cus.metadata.get("referral_code") else None
-        if found is None and invoice.subscription_id:
-            sessions = self.rt.stripe.iterate_checkout_sessions(subscription=invoice.subscription_id)
-            found = next(((s["metadata"]["referral_code"], "checkout session") for s in sessions
-                          if (s.get("metadata") or {}).get("referral_code")), None)
-        self.codes[customer] = found
-        return found
 
     def _process(self, event: dict[str, Any]) -> bool:
         """Store the event in the inbox if it is not there, then run it through its handler."""
@@ -420,12 +401,6 @@ class Known:
 def _accounts(session: Session, customer: str | None) -> list[str]:
     account = accounts.find(session, customer) if customer else None
     return [account.public_id] if account else ([customer] if customer else [])
-
-
-def _pages(items: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    iterator = iter(items)
-    while page := list(islice(iterator, PAGE)):
-        yield page
 
 
 def _epoch(when: datetime) -> int:

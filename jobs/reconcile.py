@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from jobs.pages import prefetched
@@ -42,7 +42,9 @@ KINDS = (
 GRACE = timedelta(minutes=5)  # younger than this, an event may still be on its way: not a finding yet
 PAGE = 100
 INVOICE_EVENTS = ("invoice.paid", "invoice.payment_succeeded")
+UNSETTLED = ("attributed", "qualified")  # a referral's live states before its payouts
 Repair = Callable[[], bool]
+A = TypeVar("A", Account, "AccountRef")
 
 
 @dataclass
@@ -201,7 +203,7 @@ class Scan:
                     self._dead(row)
                 elif row.received_at < utcnow() - GRACE:
                     self._unprocessed(session, row.payload, row)
-            for referral in session.scalars(select(Referral).where(Referral.status.in_(("attributed", "qualified")))):
+            for referral in session.scalars(select(Referral).where(Referral.status.in_(UNSETTLED))):
                 self.tick("referrals")
                 self._unsettled(session, referral)
             for payment in session.scalars(select(Payment).where(Payment.outcome.in_(("unknown_price", "unknown_pack")))):
@@ -252,7 +254,8 @@ class Scan:
             attributions = known.referrals.get(referee.id, [])
             live = next((r for r in attributions if r.status != "rejected"), None)
             if live is not None:
-                self._unsettled(session, live, qualifying_invoice=invoice.id)
+                if live.status in UNSETTLED:
+                    self._unsettled(session, session.get_one(Referral, live.id), qualifying_invoice=invoice.id)
                 return
             if attributions:
                 return  # only rejected attributions: nothing is owed
@@ -274,7 +277,7 @@ class Scan:
     def _unsettled(self, session: Session, referral: Referral, qualifying_invoice: str | None = None) -> None:
         """A live referral that qualifies (by state, or by a paid invoice just seen at Stripe) but whose
         payouts are missing on one or both sides."""
-        if referral.status not in ("attributed", "qualified"):
+        if referral.status not in UNSETTLED:
             return
         terms = self.rt.catalogue.referrals
         referee = session.get_one(Account, referral.referee_id)
@@ -356,7 +359,7 @@ class Scan:
             return settled is not None and settled.status == "paid"
 
 
-def _referee(invoice: so.InvoiceFacts, find: Callable[[str], Account | None]) -> Account | None:
+def _referee(invoice: so.InvoiceFacts, find: Callable[[str], A | None]) -> A | None:
     """The local account an invoice belongs to, without creating one or asking Stripe."""
     for ref in _account_refs(invoice):
         if (account := find(ref)) is not None:
@@ -371,31 +374,56 @@ def _account_refs(invoice: so.InvoiceFacts) -> list[str]:
     return [ref for ref in (invoice.customer, carried) if ref]
 
 
+class AccountRef(NamedTuple):
+    """An account as the invoice checks need it: the columns, not an ORM object (one per invoice of a run)."""
+
+    id: int
+    public_id: str
+    stripe_customer_id: str | None
+
+
+class ReferralRef(NamedTuple):
+    """A referral's id and status: enough to tell settled, rejected and live ones apart; only a live one is
+    loaded whole, to be checked."""
+
+    id: int
+    referee_id: int
+    status: str
+
+
 @dataclass
 class Known:
-    """What the local side knows about one page of invoices, read with one query per table — the payments'
-    outcomes, the accounts their refs name, those accounts' referrals — rather than several per invoice."""
+    """What the local side knows about one page of invoices, read with one Core query per table — the
+    payments' outcomes, the accounts their refs name, those accounts' referrals — rather than several per
+    invoice, and as rows rather than ORM objects: identity map and instance construction for 100 accounts a
+    page were most of the invoices' SQL time (bench/reconcile)."""
 
     outcomes: dict[str, str]
-    by_public_id: dict[str, Account]
-    by_customer: dict[str, Account]
-    referrals: dict[int, list[Referral]]
+    by_public_id: dict[str, AccountRef]
+    by_customer: dict[str, AccountRef]
+    referrals: dict[int, list[ReferralRef]]
 
     @classmethod
     def fetch(cls, session: Session, invoices: list[so.InvoiceFacts]) -> Known:
-        outcomes = dict(session.execute(select(Payment.id, Payment.outcome)
-                                        .where(Payment.id.in_([i.id for i in invoices]))).all())
-        refs = {ref for invoice in invoices for ref in _account_refs(invoice)}
-        found = session.scalars(select(Account).where(or_(Account.public_id.in_(refs), Account.stripe_customer_id.in_(refs)))).all()
-        referrals: dict[int, list[Referral]] = {}
-        for referral in session.scalars(select(Referral).where(Referral.referee_id.in_([a.id for a in found]))):
-            referrals.setdefault(referral.referee_id, []).append(referral)
+        outcomes = dict(session.execute(OUTCOMES, {"ids": [i.id for i in invoices]}).all())
+        refs = list({ref for invoice in invoices for ref in _account_refs(invoice)})
+        found = [AccountRef(*row) for row in session.execute(ACCOUNTS, {"refs": refs})]
+        referrals: dict[int, list[ReferralRef]] = {}
+        for row in session.execute(REFERRALS, {"ids": [a.id for a in found]}):
+            referrals.setdefault(row.referee_id, []).append(ReferralRef(*row))
         return cls(outcomes, {a.public_id: a for a in found},
                    {a.stripe_customer_id: a for a in found if a.stripe_customer_id}, referrals)
 
-    def account(self, ref: str) -> Account | None:
+    def account(self, ref: str) -> AccountRef | None:
         """As `accounts.find`: the account whose public id is `ref`, else the one whose customer id is."""
         return self.by_public_id.get(ref) or self.by_customer.get(ref)
+
+
+# Built once: the per-page queries of `Known`, with expanding IN parameters.
+OUTCOMES = select(Payment.id, Payment.outcome).where(Payment.id.in_(bindparam("ids", expanding=True)))
+ACCOUNTS = select(Account.id, Account.public_id, Account.stripe_customer_id).where(
+    or_(Account.public_id.in_(bindparam("refs", expanding=True)), Account.stripe_customer_id.in_(bindparam("refs", expanding=True))))
+REFERRALS = select(Referral.id, Referral.referee_id, Referral.status).where(Referral.referee_id.in_(bindparam("ids", expanding=True)))
 
 
 def _accounts(session: Session, customer: str | None) -> list[str]:

@@ -22,7 +22,6 @@ from typing import Annotated, Any
 import httpx
 import stripe
 import typer
-import uvicorn
 from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -35,7 +34,6 @@ from jobs import worker as inbox_worker
 from service import accounts, audit, ledger, logs, runtime, support_cli, usage
 from service import demo as demo_story
 from service.accounts import AccountNotFound
-from service.api import create_app
 from service.catalogue import CatalogueError
 from service.config import Settings
 from service.db import make_engine, transaction
@@ -89,6 +87,10 @@ def serve(
         raise Failure(f"{problem} (or run `credits serve --dev` to use invented tokens)")
     rt = runtime.load(settings)
     out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}")
+    import uvicorn  # the web stack (uvicorn, FastAPI: ~25 MB) only where it serves: not in every command's memory
+
+    from service.api import create_app
+
     uvicorn.run(create_app(rt), host=host, port=port, access_log=False, log_config=None)
 
 
@@ -233,6 +235,8 @@ def demo(
             "credits_admin_token": SecretStr(api_token + "-admin"),
         })
         from fastapi.testclient import TestClient  # only the demo needs it (starlette warns when it is imported)
+
+        from service.api import create_app
 
         rt = runtime.load(settings)
         upgrade(rt.engine)

@@ -10,7 +10,9 @@ can never pay twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -109,8 +111,9 @@ def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Calla
     report = Report(since, until, fix, [], run_row.id)
     try:
         scan = Scan(rt, since, until, tick)
-        scan.events()
-        scan.invoices()
+        with _heap_frozen():
+            scan.events()
+            scan.invoices()
         scan.local()
         report.found = list(scan.found.values())
         if fix:
@@ -125,6 +128,22 @@ def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Calla
         findings.finish_run(session, run_row, [f.seen() for f in report.found], status, report.summary())
     log.info("reconcile.finished", **{k: v for k, v in report.summary().items() if k != "remaining_by_kind"})
     return report
+
+
+@contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Keep the cyclic garbage collector off what exists before the scan (modules, SQLAlchemy's metadata:
+    ~120k objects) while Stripe's pages are decoded.
+
+    Each page of JSON allocates tens of thousands of containers, so the collector runs every few hundred
+    microseconds and its older generations re-traverse the whole start-up heap: 45% of the decoding time
+    (bench/reconcile). Frozen, those objects are skipped; unfrozen after, so nothing stays exempt.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _attempt(finding: Found) -> bool:

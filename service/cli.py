@@ -37,7 +37,6 @@ from service.accounts import AccountNotFound
 from service.catalogue import CatalogueError
 from service.config import Settings
 from service.db import make_engine, transaction
-from service.migrate import upgrade
 from service.models import StripeEvent, utcnow
 from service.schemas import aware_utc, balance_view, entry_view
 from webhooks import dispatch, inbox
@@ -97,6 +96,8 @@ def serve(
 @app.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision."""
+    from service.migrate import upgrade  # alembic (and through mako, pygments' lexers) only where it migrates
+
     settings = Settings()
     upgrade(make_engine(settings.database_url))
     out.print("database is at the newest revision")
@@ -237,6 +238,7 @@ def demo(
         from fastapi.testclient import TestClient  # only the demo needs it (starlette warns when it is imported)
 
         from service.api import create_app
+        from service.migrate import upgrade
 
         rt = runtime.load(settings)
         upgrade(rt.engine)

@@ -33,7 +33,7 @@ HISTORY = {
 
 # py-spy stages of a reconcile run (the first rule any frame matches wins) and libraries (innermost frame).
 PROFILE_STAGES = [
-    ("referral codes of first invoices (the window's customers and Checkout sessions)", r"jobs/referral_codes\.py"),
+    ("referral codes of first invoices (the window's customers and Checkout sessions)", r"(ReferralCodes|_Window)\.\w+ \(jobs/referral_codes\.py"),
     ("Stripe list paging (StripeGateway._pages: HTTP, JSON; the prefetch thread)", r"\._pages \(service/stripe_client\.py"),
     ("events: inbox look-ups and checks", r"\.events \(jobs/reconcile\.py"),
     ("invoices: payment, account and referral look-ups", r"\.invoices \(jobs/reconcile\.py"),

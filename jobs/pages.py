@@ -5,7 +5,8 @@ what came (JSON, SQL, the checks). Stripe lists are cursor-paged — a page's re
 one before — so they cannot be fetched in parallel, but one page can be on its way while the previous one is
 checked: one producer thread per list, one page ahead. The thread holds the GIL only while it decodes, so it
 overlaps the waits (Stripe's, the database's) rather than the work; memory stays at a few pages whatever the
-list's length.
+list's length. The thread shares the Stripe client with the main one: httpx's connection pool is locked and
+the SDK keeps its request metrics per thread.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class _Producer(Generic[T]):
             if page.error is not None:
                 raise page.error
         finally:
-            self.gone.set()  # a reader that stops early (an error, a break) ends the thread at its next put
+            self.gone.set()  # pages closed or dropped before the end (an error, a break): the thread ends at its next put
 
 
 def prefetched(items: Iterable[T], size: int) -> Iterator[list[T]]:

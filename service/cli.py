@@ -23,7 +23,6 @@ from typing import Annotated, Any
 import httpx
 import stripe
 import typer
-import uvicorn
 from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -36,11 +35,9 @@ from jobs import worker as inbox_worker
 from service import accounts, audit, ledger, logs, runtime, support_cli, usage
 from service import demo as demo_story
 from service.accounts import AccountNotFound
-from service.api import create_app
 from service.catalogue import CatalogueError
 from service.config import Settings
 from service.db import make_engine, transaction
-from service.migrate import upgrade
 from service.models import StripeEvent, utcnow
 from service.schemas import aware_utc, balance_view, entry_view
 from webhooks import dispatch, inbox
@@ -90,12 +87,18 @@ def serve(
         raise Failure(f"{problem} (or run `credits serve --dev` to use invented tokens)")
     rt = runtime.load(settings)
     out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}")
+    import uvicorn  # the web stack (uvicorn, FastAPI: ~25 MB) only where it serves: not in every command's memory
+
+    from service.api import create_app
+
     uvicorn.run(create_app(rt), host=host, port=port, access_log=False, log_config=None)
 
 
 @app.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision."""
+    from service.migrate import upgrade  # alembic (and through mako, pygments' lexers) only where it migrates
+
     settings = Settings()
     upgrade(make_engine(settings.database_url))
     out.print("database is at the newest revision")
@@ -234,6 +237,9 @@ def demo(
             "credits_admin_token": SecretStr(api_token + "-admin"),
         })
         from fastapi.testclient import TestClient  # only the demo needs it (starlette warns when it is imported)
+
+        from service.api import create_app
+        from service.migrate import upgrade
 
         rt = runtime.load(settings)
         upgrade(rt.engine)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from service import accounts, logs, metrics, periods
 from service.db import insert
@@ -354,47 +354,43 @@ def check(session: Session) -> list[Drift]:
     Per account, the sum of entries equals the sum of grant remainders (grants whose expiry has passed but
     not yet been swept still count: the ledger has not yet said they expired). Per grant, its amount
     equals its grant entry, and spent/expired/reversed equal its allocations by kind.
-    """
-    drifts: list[Drift] = []
-    names = dict(session.execute(select(Account.id, Account.public_id)).all())
-    entry_sums = dict(
-        session.execute(select(LedgerEntry.account_id, func.sum(LedgerEntry.amount)).group_by(LedgerEntry.account_id))
-        
-        .all()
-    )
-    remaining_sums = dict(
-        session.execute(select(Grant.account_id, func.sum(Grant.remaining)).group_by(Grant.account_id)).all()
-    )
-    for account_id in sorted(set(entry_sums) | set(remaining_sums)):
-        expected, actual = int(entry_sums.get(account_id) or 0), int(remaining_sums.get(account_id) or 0)
-        if expected != actual:
-            drifts.append(Drift(names[account_id], "balance", expected, actual))
 
-    moved = {
-        (grant_id, kind): int(total)
-        for grant_id, kind, total in session.execute(
-            select(Allocation.grant_id, LedgerEntry.kind, func.sum(Allocation.amount))
-            .join(LedgerEntry, LedgerEntry.id == Allocation.entry_id)
-            .group_by(Allocation.grant_id, LedgerEntry.kind)
-        )
-    }
-    # Columns, not Grant objects, streamed: a check over every grant must not hold them all in memory.
-    rows = session.execute(
-        select(Grant.id, Grant.account_id, Grant.amount, Grant.remaining, Grant.spent, Grant.expired, Grant.reversed,
-               LedgerEntry.amount.label("granted"))
-        .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
-        .execution_options(yield_per=1000)
-    )
-    for g in rows:
-        owner = names[g.account_id]
-        if g.amount != g.granted:
-            drifts.append(Drift(owner, f"grant {g.id} amount", g.granted, g.amount))
-        for kind, column in DEBIT_COLUMNS.items():
-            if getattr(g, column) != moved.get((g.id, kind), 0):
-                drifts.append(Drift(owner, f"grant {g.id} {column}", moved.get((g.id, kind), 0), getattr(g, column)))
-        rebuilt = g.amount - sum(moved.get((g.id, kind), 0) for kind in DEBIT_COLUMNS)
-        if g.remaining != rebuilt:
-            drifts.append(Drift(owner, f"grant {g.id} remaining", rebuilt, g.remaining))
+    The sums and the comparisons run in the database (GROUP BY, then only the rows that disagree come back):
+    holding a name and sums per account and a total per grant and kind in the process made `credits
+    reconcile`'s memory grow with the whole ledger (bench/reconcile).
+    """
+    entries = select(LedgerEntry.account_id, func.sum(LedgerEntry.amount).label("total")).group_by(LedgerEntry.account_id).subquery()
+    remaining = select(Grant.account_id, func.sum(Grant.remaining).label("total")).group_by(Grant.account_id).subquery()
+    expected, actual = func.coalesce(entries.c.total, 0), func.coalesce(remaining.c.total, 0)
+    balances = (select(Account.public_id, expected, actual)
+                .outerjoin(entries, entries.c.account_id == Account.id)
+                .outerjoin(remaining, remaining.c.account_id == Account.id)
+                .where(expected != actual).order_by(Account.id))
+    drifts = [Drift(name, "balance", int(e), int(a)) for name, e, a in session.execute(balances)]
+
+    moved = (select(Allocation.grant_id, *(func.sum(case((LedgerEntry.kind == kind, Allocation.amount), else_=0)).label(kind)
+                                           for kind in DEBIT_COLUMNS))
+             .join(LedgerEntry, LedgerEntry.id == Allocation.entry_id).group_by(Allocation.grant_id).subquery())
+    debits = {kind: func.coalesce(moved.c[kind], 0) for kind in DEBIT_COLUMNS}
+    columns = {kind: getattr(Grant, column) for kind, column in DEBIT_COLUMNS.items()}
+    granted = aliased(LedgerEntry)
+    rebuilt = Grant.amount - sum(debits.values())
+    grants = (select(Account.public_id, Grant.id, Grant.amount, granted.amount, Grant.remaining, rebuilt,
+                     *columns.values(), *debits.values())
+              .join(granted, granted.id == Grant.entry_id).join(Account, Account.id == Grant.account_id)
+              .outerjoin(moved, moved.c.grant_id == Grant.id)
+              .where(or_(Grant.amount != granted.amount, Grant.remaining != rebuilt,
+                         *(columns[kind] != debits[kind] for kind in DEBIT_COLUMNS)))
+              .order_by(Grant.id))
+    kinds = len(DEBIT_COLUMNS)
+    for owner, grant_id, amount, entry_amount, stored_remaining, rebuilt_remaining, *rest in session.execute(grants):
+        if amount != entry_amount:
+            drifts.append(Drift(owner, f"grant {grant_id} amount", int(entry_amount), int(amount)))
+        for column, stored, from_ledger in zip(DEBIT_COLUMNS.values(), rest[:kinds], rest[kinds:]):
+            if stored != from_ledger:
+                drifts.append(Drift(owner, f"grant {grant_id} {column}", int(from_ledger), int(stored)))
+        if stored_remaining != rebuilt_remaining:
+            drifts.append(Drift(owner, f"grant {grant_id} remaining", int(rebuilt_remaining), int(stored_remaining)))
     return drifts
 
 

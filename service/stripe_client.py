@@ -141,9 +141,15 @@ class StripeGateway:
             params["created"] = created
         return self._pages("/v1/invoices", params)
 
-    def iterate_checkout_sessions(self, *, subscription: str) -> Iterator[dict[str, Any]]:
-        """The Checkout sessions that created a subscription, for a `metadata.referral_code` set there."""
-        return self._pages("/v1/checkout/sessions", {"subscription": subscription})
+    def iterate_customers(self, *, created_gte: int, created_lte: int) -> Iterator[dict[str, Any]]:
+        """Customers created in the window, newest first (deleted ones are not listed), for the
+        `metadata.referral_code` of new customers: one page per 100 instead of one request each."""
+        return self._pages("/v1/customers", {"created": _range(created_gte, created_lte)})
+
+    def iterate_completed_checkout_sessions(self, *, created_gte: int, created_lte: int) -> Iterator[dict[str, Any]]:
+        """Completed Checkout sessions created in the window, newest first, for a `metadata.referral_code`
+        set on the session that created a subscription (only a completed session creates one)."""
+        return self._pages("/v1/checkout/sessions", {"created": _range(created_gte, created_lte), "status": "complete"})
 
     def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Lazily walk a list endpoint with `starting_after`, each page its own retried request.

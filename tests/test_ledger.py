@@ -136,6 +136,16 @@ def test_check_reports_a_grant_whose_remaining_was_tampered_with(session, acct) 
     assert drifts == {("balance", 60, 70), ("grant 1 spent", 40, 30), ("grant 1 remaining", 60, 70)}
 
 
+def test_check_names_only_the_account_and_grant_that_disagree(session, acct) -> None:
+    other = accounts.get_or_create(session, "acct_2")
+    for account, key in ((acct, "a"), (other, "b")):
+        ledger.grant(session, account, 100, source="admin", key=f"grant-{key}", now=T0)
+        ledger.spend(session, account, 40, key=f"spend-{key}", now=T0)
+    session.execute(text("UPDATE credit_grants SET amount = 110, remaining = 70 WHERE account_id = :id"), {"id": other.id})
+    drifts = [(d.account, d.what, d.expected, d.actual) for d in ledger.check(session)]
+    assert drifts == [("acct_2", "balance", 60, 70), ("acct_2", "grant 2 amount", 100, 110)]
+
+
 @pytest.mark.parametrize("statement", ["UPDATE ledger_entries SET amount = 1", "DELETE FROM ledger_entries"])
 def test_the_database_refuses_to_rewrite_the_ledger(sessions, statement: str) -> None:
     with transaction(sessions) as s:

@@ -50,9 +50,10 @@ def serve_list(router: respx.MockRouter, path: str, items: list[dict[str, Any]],
 
 @pytest.fixture
 def stripe_lists(stripe_api):  # type: ignore[no-untyped-def]
-    """Empty events, invoices and checkout sessions unless a test serves some."""
+    """Empty events, invoices, customers and checkout sessions unless a test serves some."""
     serve_list(stripe_api, "/v1/events", [])
     serve_list(stripe_api, "/v1/invoices", [])
+    serve_list(stripe_api, "/v1/customers", [])
     serve_list(stripe_api, "/v1/checkout/sessions", [])
     return stripe_api
 
@@ -132,6 +133,59 @@ def test_an_attribution_only_on_the_checkout_session_is_found(run, client, deliv
     _, report = reconcile_json(run, "--fix")
     assert kinds(report) == [("missed_referral_payout", "referee:acct_bob", "fixed")]
     assert balance_of(sessions, "acct_bob") == 5000
+
+
+def first_invoice(n: int, code: str | None = None) -> dict[str, Any]:
+    """Customer `cus_n`'s first paid invoice (subscription `sub_n`, account `acct_n`), the code in its
+    subscription's metadata when given."""
+    metadata = {"account_id": f"acct_{n}", **({"referral_code": code} if code else {})}
+    return se.invoice("2025", invoice_id=f"in_{n}", customer=f"cus_{n}", subscription=f"sub_{n}", price="price_starter_monthly",
+                      amount_paid=34900, period=THIS_MONTH, subscription_metadata=metadata)
+
+
+def window_seconds(route: respx.Route) -> int:
+    """The span of the `created` window a list route was asked for."""
+    params = route.calls[0].request.url.params
+    return int(params["created[lte]"]) - int(params["created[gte]"])
+
+
+def test_new_customers_are_listed_once_for_the_window_and_an_older_one_is_looked_up_alone(run, client, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+    """Three first invoices: customers 1 and 2 were created in the window (listed, 1 carrying a code: no
+    request of their own — an unexpected one fails the run), customer 3 before it (looked up by id)."""
+    code = code_of(client, "acct_ana")
+    invoices = [first_invoice(n) for n in (1, 2, 3)]
+    for invoice in invoices:
+        deliver(se.event("invoice.paid", invoice, event_id=f"evt_{invoice['id']}"))
+    serve_list(stripe_lists, "/v1/invoices", invoices)
+    listed = serve_list(stripe_lists, "/v1/customers", [se.customer("cus_1", metadata={"referral_code": code}), se.customer("cus_2")])
+    older = stripe_lists.get("/v1/customers/cus_3").respond(json=se.customer("cus_3", metadata={"referral_code": code}))
+    status, report = reconcile_json(run)
+    assert (status, kinds(report)) == (1, [("missed_referral_payout", "referee:acct_1", "open"),
+                                           ("missed_referral_payout", "referee:acct_3", "open")])
+    assert all("customer metadata carries referral code" in f["detail"] for f in report["findings"])
+    assert (listed.call_count, older.call_count) == (1, 1)
+    assert abs(window_seconds(listed) - (3 * 86400 - 5 * 60)) <= 1  # the invoices' window: 3 days, less the grace
+
+
+def test_checkout_sessions_are_listed_from_a_day_before_the_window(run, client, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+    """A Checkout session lives at most 24 hours, so the session behind any first invoice of the window was
+    created at most a day before it: completed sessions are listed from then, once, with no per-subscription
+    look-up."""
+    code = code_of(client, "acct_ana")
+    invoices = [first_invoice(n) for n in (1, 2)]
+    for invoice in invoices:
+        deliver(se.event("invoice.paid", invoice, event_id=f"evt_{invoice['id']}"))
+    serve_list(stripe_lists, "/v1/invoices", invoices)
+    serve_list(stripe_lists, "/v1/customers", [se.customer("cus_1"), se.customer("cus_2")])
+    checkouts = [se.checkout_session(session_id=f"cs_{n}", customer=f"cus_{n}", mode="subscription", subscription=f"sub_{n}",
+                                     metadata={"referral_code": code} if n == 2 else {}) for n in (1, 2)]
+    listed = serve_list(stripe_lists, "/v1/checkout/sessions", checkouts, page_size=1)
+    status, report = reconcile_json(run)
+    assert (status, kinds(report)) == (1, [("missed_referral_payout", "referee:acct_2", "open")])
+    assert "checkout session metadata carries referral code" in report["findings"][0]["detail"]
+    assert listed.call_count == 2  # its two pages
+    assert {call.request.url.params["status"] for call in listed.calls} == {"complete"}
+    assert abs(window_seconds(listed) - (4 * 86400 - 5 * 60)) <= 1
 
 
 def test_a_customer_who_never_carried_a_code_is_not_a_finding(run, deliver, stripe_lists) -> None:  # type: ignore[no-untyped-def]

@@ -1,13 +1,15 @@
 """The benchmark's Stripe account: N paid invoices and their N `invoice.paid` events, derived from an index.
 
 Item i (0 = newest, as Stripe lists) is a customer of its own (`cus_b0000042`, account `acct_b0000042`,
-subscription `sub_b0000042`) paying the `starter` plan once in the window. Both the fake Stripe server and
+subscription `sub_b0000042`) paying the `starter` plan once in the window. A first invoice's customer signed up
+through Checkout (session `cs_b0000042`, completed) ten minutes before paying, so both are created in the
+window; a renewal's customer was created a period earlier, before it. Both the fake Stripe server and
 the database seeding derive everything from the index, so neither holds the list: the JSON is a template
 built once with tests/stripe_events.py's builders (2025-03-31 shape) and stamped with each item's ids and
 times. Which items are special is fixed too, so every run finds the same things:
 
-- every 10th invoice is a subscription's first (`subscription_create`): reconciliation asks Stripe for its
-  customer and Checkout sessions (a referral code the webhooks may have missed); the others are renewals;
+- every 10th invoice is a subscription's first (`subscription_create`): reconciliation looks for a referral
+  code the webhooks may have missed on its customer and its Checkout session; the others are renewals;
 - every 200th is a referred signup whose referral was attributed and paid (both payouts in the ledger);
 - every 1000th (offset 500) never reached the service: no event, payment or account — a `missing_refill`;
 - every 5000th (offset 10) belongs to a customer whose Stripe metadata carries a referral code the service
@@ -34,7 +36,8 @@ PERIOD_SECONDS = 30 * 86400
 TAG = "BENCHTAG"
 # Stand-ins for the two times in a template; distinct from every number the recorded fixtures hold.
 T_PAID, T_END = 1_111_111_111, 1_222_222_222
-ID_PATTERN = re.compile(r"^(?:in|evt|cus|sub)_b(\d{7})$")
+SIGNUP_SECONDS = 600  # from the Checkout session's creation (and the customer's) to the first invoice
+ID_PATTERN = re.compile(r"^(?:in|evt|cus|sub|cs)_b(\d{7})$")
 
 
 def referrer_code(k: int) -> str:
@@ -62,6 +65,13 @@ class Dataset:
 
     def created(self, i: int) -> int:
         return self.newest - (i * SPAN_SECONDS) // max(self.count, 1)
+
+    def customer_created(self, i: int) -> int:
+        return self.created(i) - (SIGNUP_SECONDS if self.first_invoice(i) else PERIOD_SECONDS)
+
+    def checkout_created(self, i: int) -> int:
+        """Only first invoices have a Checkout session; the others' subscriptions renew on their own."""
+        return self.created(i) - SIGNUP_SECONDS
 
     @staticmethod
     def first_invoice(i: int) -> bool:
@@ -96,8 +106,18 @@ class Dataset:
         metadata = {"account_id": f"acct_{self.tag(i)}"}
         if self.carries_code(i):
             metadata["referral_code"] = referrer_code(i % REFERRERS)
-        return json.dumps(stripe_events.customer(f"cus_{self.tag(i)}", email=f"{self.tag(i)}@example.com",
-                                                 metadata=metadata), indent=2)
+        obj = stripe_events.customer(f"cus_{self.tag(i)}", email=f"{self.tag(i)}@example.com", metadata=metadata)
+        obj["created"] = self.customer_created(i)
+        return json.dumps(obj, indent=2)
+
+    def checkout_json(self, i: int) -> str:
+        """The completed Checkout session that created a first invoice's subscription (no code: the
+        dataset's codes live on customers)."""
+        obj = stripe_events.checkout_session(session_id=f"cs_{self.tag(i)}", customer=f"cus_{self.tag(i)}",
+                                             mode="subscription", payment_intent=None, subscription=f"sub_{self.tag(i)}",
+                                             amount_total=AMOUNT_PAID)
+        obj["created"] = self.checkout_created(i)
+        return json.dumps(obj, indent=2)
 
     def _stamp(self, template: str, i: int) -> str:
         paid = self.created(i)

@@ -4,8 +4,9 @@ It serves what `credits reconcile` asks Stripe for, with Stripe's list paginatio
 `has_more`, newest first, `created[gte]`/`created[lte]`):
 
 - `GET /v1/events` and `GET /v1/invoices` — the dataset's N events and N paid invoices;
-- `GET /v1/customers/{id}` — a customer, with `metadata.referral_code` where the dataset says so;
-- `GET /v1/checkout/sessions` — no sessions (the dataset's codes live on customers);
+- `GET /v1/customers` — the customers of the first invoices (the others were created a period earlier),
+  with `metadata.referral_code` where the dataset says so; `GET /v1/customers/{id}` — any one of them;
+- `GET /v1/checkout/sessions?status=complete` — the sessions that created the first invoices' subscriptions;
 - `GET /__stats` — requests and bytes served per route since the last `?reset=1`, for the report.
 
 Pages are stamped from the dataset's templates when asked for (bench/reconcile/dataset.py), so the server
@@ -19,12 +20,25 @@ import argparse
 import json
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from bench.reconcile.dataset import Dataset
 
 MAX_LIMIT = 100  # Stripe's largest page
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One list endpoint over the dataset's indexes: which items it holds, when each was created (newest
+    first as i grows), how one is rendered, and whether a query's filters (`types`, `status`) match it."""
+
+    url: str
+    render: Callable[[int], str]
+    created: Callable[[int], int]
+    holds: Callable[[int], bool]
+    matches: Callable[[web.Request], bool]
 
 
 class FakeStripe:
@@ -35,30 +49,43 @@ class FakeStripe:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/v1/events", self._list("/v1/events", self.data.event_json))
-        app.router.add_get("/v1/invoices", self._list("/v1/invoices", self.data.invoice_json))
+        data, every, first = self.data, (lambda i: True), self.data.first_invoice
+        listings = [
+            Listing("/v1/events", data.event_json, data.created, every, _of_types("invoice.paid")),
+            Listing("/v1/invoices", data.invoice_json, data.created, every, _with_status("paid")),
+            Listing("/v1/customers", data.customer_json, data.customer_created, first, lambda _: True),
+            Listing("/v1/checkout/sessions", data.checkout_json, data.checkout_created, first, _with_status("complete")),
+        ]
+        for listing in listings:
+            app.router.add_get(listing.url, self._list(listing))
         app.router.add_get("/v1/customers/{id}", self._customer)
-        app.router.add_get("/v1/checkout/sessions", self._empty_list)
         app.router.add_get("/__stats", self._stats)
         return app
 
-    def _list(self, url: str, render: Callable[[int], str]) -> Callable[[web.Request], web.Response]:
+    def _list(self, listing: Listing) -> Callable[[web.Request], web.Response]:
+        url, count = listing.url, self.data.count
+
+        def held(i: int) -> int:
+            """The first index from i on that the list holds (`count` when none)."""
+            while i < count and not listing.holds(i):
+                i += 1
+            return i
+
         def handler(request: web.Request) -> web.Response:
             query = request.query
-            types = [value for key, value in query.items() if key.startswith("types")]
-            if types and "invoice.paid" not in types or query.get("status", "paid") != "paid":
+            if not listing.matches(request):
                 return self._respond(url, _page(url, [], False))
             limit = min(int(query.get("limit", 10)), MAX_LIMIT)
             gte, lte = int(query.get("created[gte]", 0)), int(query.get("created[lte]", 2**62))
             after = query.get("starting_after")
-            i = 0 if after is None else (self.data.index(after) or 0) + 1
-            while i < self.data.count and self.data.created(i) > lte:
-                i += 1
+            i = held(0 if after is None else (self.data.index(after) or 0) + 1)
+            while i < count and listing.created(i) > lte:
+                i = held(i + 1)
             items = []
-            while i < self.data.count and len(items) < limit and self.data.created(i) >= gte:
-                items.append(render(i))
-                i += 1
-            has_more = i < self.data.count and self.data.created(i) >= gte
+            while i < count and len(items) < limit and listing.created(i) >= gte:
+                items.append(listing.render(i))
+                i = held(i + 1)
+            has_more = i < count and listing.created(i) >= gte
             return self._respond(url, _page(url, items, has_more))
 
         return handler
@@ -70,9 +97,6 @@ class FakeStripe:
                                "message": f"No such customer: '{request.match_info['id']}'"}}
             return self._respond("/v1/customers/{id}", json.dumps(error), status=404)
         return self._respond("/v1/customers/{id}", self.data.customer_json(i))
-
-    def _empty_list(self, request: web.Request) -> web.Response:
-        return self._respond(request.path, _page(request.path, [], False))
 
     def _stats(self, request: web.Request) -> web.Response:
         body = json.dumps({"requests": dict(self.requests), "bytes": dict(self.bytes)})
@@ -86,6 +110,20 @@ class FakeStripe:
         self.bytes[route] += len(body)
         return web.Response(text=body, status=status, content_type="application/json",
                             headers={"Request-Id": f"req_bench_{self.requests.total()}"})
+
+
+def _of_types(handled: str) -> Callable[[web.Request], bool]:
+    """The events list holds only `handled` events: a `types` filter without it matches none."""
+    def matches(request: web.Request) -> bool:
+        types = [value for key, value in request.query.items() if key.startswith("types")]
+        return not types or handled in types
+
+    return matches
+
+
+def _with_status(held: str) -> Callable[[web.Request], bool]:
+    """A list whose items all have status `held`: a `status` filter for another matches none."""
+    return lambda request: request.query.get("status", held) == held
 
 
 def _page(url: str, items: list[str], has_more: bool) -> str:

@@ -41,6 +41,7 @@ from bench.reconcile.seed import seed
 WINDOW = timedelta(days=3)  # reconcile's default window
 CUTOFF_GRACE = timedelta(minutes=5)  # jobs.reconcile.GRACE: the newest item is older than this
 TIMEOUT_SECONDS = 900  # one child process, at most
+POLL_SECONDS = 0.02  # how often a timed child's peak RSS is read
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,29 +62,46 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def timed(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
-    """Run a child to completion (its output to `log`): wall seconds, CPU seconds and peak RSS (ru_maxrss,
-    from wait4: that child's own high-water mark, not the largest of all children's)."""
+    """Run a child to completion (its output to `log`): wall seconds, CPU seconds (from wait4) and peak RSS
+    (the child's VmHWM, see `_wait4`)."""
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        status, usage = _wait4(process.pid, started + TIMEOUT_SECONDS)
+        status, usage, peak_kib = _wait4(process.pid, started + TIMEOUT_SECONDS)
     except BaseException:
         process.kill()
         process.wait()
         raise
     return {"command": shown(command), "exit_code": os.waitstatus_to_exitcode(status),
             "seconds": round(time.monotonic() - started, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "output_tail": log.read_text(errors="replace")[-1500:]}
+            "peak_rss_mib": round(peak_kib / 1024, 1), "output_tail": log.read_text(errors="replace")[-1500:]}
 
 
-def _wait4(pid: int, deadline: float) -> tuple[int, Any]:
+def _wait4(pid: int, deadline: float) -> tuple[int, Any, int]:
+    """Wait for the child, reading its peak RSS (VmHWM, KiB) every `POLL_SECONDS` until it exits.
+
+    Not `ru_maxrss`: Linux carries the high-water mark across exec, so a child's counts the RSS it inherited
+    from this process at fork — after seeding, ~125 MB, more than a reconcile run's own peak. VmHWM belongs
+    to the exec'd program; it only rises, so the last reading is at most one poll old.
+    """
+    peak_kib = 0
     while time.monotonic() < deadline:
+        peak_kib = max(peak_kib, _vm_hwm_kib(pid))
         reaped, status, usage = os.wait4(pid, os.WNOHANG)
         if reaped:
-            return status, usage
-        time.sleep(0.05)
+            return status, usage, peak_kib
+        time.sleep(POLL_SECONDS)
     raise TimeoutError(f"process {pid} ran longer than {TIMEOUT_SECONDS} s")
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The process's peak resident set size so far, 0 when it cannot be read (gone, or a zombie)."""
+    with suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def stripe_stats(port: int) -> dict[str, Any]:
@@ -144,14 +162,16 @@ def one_size(count: int, admin: dict[str, Any], workdir: Path, profile_it: bool,
 
 
 def profiled(command: list[str], env: dict[str, str], workdir: Path, count: int, say: Any) -> dict[str, Any]:
-    """Reconcile again under py-spy (all samples of the one thread, not only the GIL holder's), summarised."""
+    """Reconcile again under py-spy, summarised: samples of whichever thread holds the GIL — the main one or
+    the page prefetcher (jobs/pages.py) — so the shares are of the CPU work, waits on Stripe and PostgreSQL
+    left out (they overlap the other thread's work)."""
     if profile.find_py_spy() is None:
         return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
     say(f"{count:,}: profiling reconcile with py-spy …")
     raw = workdir / f"reconcile_{count}.pyspy.txt"
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with profile.Recorder(process.pid, raw, sampling=()) as recorder:
+        with profile.Recorder(process.pid, raw) as recorder:
             process.wait(timeout=TIMEOUT_SECONDS)
     finally:
         if process.poll() is None:

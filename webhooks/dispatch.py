@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service import logs, metrics
 from service.db import transaction
-from service.models import StripeEvent, utcnow
+from service.models import utcnow
 from service.runtime import Runtime
 from webhooks import inbox
 from webhooks.handlers import HANDLERS, Context
@@ -37,7 +37,7 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
             event_type = event.type
             structlog.contextvars.bind_contextvars(event_type=event_type)
             status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
-            inbox.finish(event, status, outcome, now)
+            inbox.finish(session, event, status, outcome, now)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried, none may be lost
         failed = _failed(rt, event_id, exc, now)
         metrics.PROCESSING.labels(event_type, failed or "unrecorded").observe(time.perf_counter() - started)
@@ -48,7 +48,7 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
 
 
 def _handle(ctx: Context, rt: Runtime) -> tuple[str, str]:
-    event: StripeEvent = ctx.event
+    event = ctx.event
     if event.livemode != rt.settings.stripe_livemode:
         return "ignored", f"livemode={event.livemode} but this service runs livemode={rt.settings.stripe_livemode}"
     entry = HANDLERS.get(event.type)

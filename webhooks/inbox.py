@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,6 +22,7 @@ from service.models import StripeEvent
 from service.stripe_objects import ref, timestamp
 
 DUE = ("pending", "failed")
+EVENTS = StripeEvent.__table__  # the hot statements below are Core: no ORM row to build, track or flush
 STATUSES = ("pending", "processed", "ignored", "failed", "dead")
 
 
@@ -77,33 +79,52 @@ def due(session: Session, now: datetime, limit: int) -> list[tuple[str, str]]:
     return [(event_id, key) for event_id, key in rows]
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """An event claimed for processing: the columns its handler reads, not the ORM row — nothing for the
+    session's unit of work to track or flush; `finish` marks it with one UPDATE."""
+
+    id: str
+    type: str
+    livemode: bool
+    created: datetime
+    payload: dict[str, Any]
+
+
 def _claims() -> dict[tuple[bool, bool], Any]:
     """The claim statement for each (any status?, row locks?), built once: it runs for every event."""
     built = {}
     for any_status in (False, True):
         for locking in (False, True):
-            query = select(StripeEvent).where(StripeEvent.id == bindparam("id"))
+            query = select(EVENTS.c.id, EVENTS.c.type, EVENTS.c.livemode, EVENTS.c.created, EVENTS.c.payload).where(
+                EVENTS.c.id == bindparam("id")
+            )
             if not any_status:
-                query = query.where(StripeEvent.status.in_(DUE))
+                query = query.where(EVENTS.c.status.in_(DUE))
             if locking:
                 query = query.with_for_update(skip_locked=True)
-            built[any_status, locking] = query.execution_options(populate_existing=True)
+            built[any_status, locking] = query
     return built
 
 
 CLAIMS = _claims()
+FINISH = (
+    EVENTS.update()
+    .where(EVENTS.c.id == bindparam("event_id"))
+    .values(status=bindparam("new_status"), outcome=bindparam("new_outcome"), processed_at=bindparam("at"),
+            attempts=EVENTS.c.attempts + 1, last_error=None)
+)
 
 
-def claim(session: Session, event_id: str, *, any_status: bool = False) -> StripeEvent | None:
+def claim(session: Session, event_id: str, *, any_status: bool = False) -> Claimed | None:
     """Lock the event for processing; None when another process holds it or it needs nothing more."""
-    return session.scalar(CLAIMS[any_status, is_postgresql(session)], {"id": event_id})
+    found = session.execute(CLAIMS[any_status, is_postgresql(session)], {"id": event_id}).one_or_none()
+    return Claimed(*found) if found is not None else None
 
 
-def finish(event: StripeEvent, status: str, outcome: str | None, now: datetime) -> None:
+def finish(session: Session, event: Claimed, status: str, outcome: str | None, now: datetime) -> None:
     """Mark the event handled, in the handler's own transaction."""
-    event.status, event.outcome, event.processed_at = status, outcome, now
-    event.attempts += 1
-    event.last_error = None
+    session.execute(FINISH, {"event_id": event.id, "new_status": status, "new_outcome": outcome, "at": now})
 
 
 def record_failure(

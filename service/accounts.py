@@ -114,10 +114,12 @@ def _locked(session: Session) -> set[int]:
 
 
 @event.listens_for(Session, "after_transaction_end")
-def _forget_locks(session: Session, _transaction: SessionTransaction) -> None:
-    """Row locks end with the transaction, and a savepoint rolled back releases those taken inside it: at any
-    end (a savepoint released included, to keep this simple) the next `lock` reads and locks again."""
-    session.info.pop(LOCKED, None)
+def _forget_locks(session: Session, transaction: SessionTransaction) -> None:
+    """Row locks end with the transaction, and a savepoint rolled back releases those taken inside it: at
+    either end (a savepoint released too, to keep this simple) the next `lock` reads and locks again. A flush's
+    own subtransaction ends nothing in the database."""
+    if transaction.parent is None or transaction.nested:
+        session.info.pop(LOCKED, None)
 
 
 def lock_many(session: Session, accounts: list[Account]) -> list[Account]:

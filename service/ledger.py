@@ -16,7 +16,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from service import accounts, logs, metrics, periods
-from service.db import insert
+from service.db import dialect_insert
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
@@ -115,22 +115,11 @@ def grant(
     posted = _post(session, account, "grant", amount, key, reason, actor, {"source": source, **(meta or {})}, now)
     if posted.created:
         metrics.count_credits(session, "grant", source, amount)
-        session.add(
-            Grant(
-                account_id=account.id,
-                entry_id=posted.entry.id,
-                source=source,
-                amount=amount,
-                remaining=amount,
-                spent=0,
-                expired=0,
-                reversed=0,
-                expires_at=expires_at,
-                rollover=rollover,
-                created_at=now,
-            )
-        )
-        session.flush()
+        session.execute(NEW_GRANT, {
+            "account_id": account.id, "entry_id": posted.entry.id, "source": source, "amount": amount,
+            "remaining": amount, "spent": 0, "expired": 0, "reversed": 0, "expires_at": expires_at,
+            "rollover": rollover, "created_at": now,
+        })
     return posted
 
 
@@ -299,27 +288,28 @@ def _post(
     now: datetime,
 ) -> Posted:
     """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
-    created = session.scalar(
-        insert(session, LedgerEntry)
-        .values(
-            account_id=account.id,
-            kind=kind,
-            amount=amount,
-            idempotency_key=key,
-            reason=reason,
-            actor=actor,
-            meta=meta,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(LedgerEntry)
-    )
+    created = session.scalar(NEW_ENTRY[session.get_bind().dialect.name], {
+        "account_id": account.id, "kind": kind, "amount": amount, "idempotency_key": key, "reason": reason,
+        "actor": actor, "meta": meta, "created_at": now,
+    })
     if created is not None:
         log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
         return Posted(created, created=True)
     earlier = session.scalars(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).one()
     _same_operation(earlier, account, kind, amount)
     return Posted(earlier, created=False)
+
+
+def _new_entry(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (idempotency_key) DO NOTHING RETURNING the entry, for the dialect."""
+    return (dialect_insert(dialect, LedgerEntry).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .returning(LedgerEntry))
+
+
+# Built once (every grant and debit posts an entry): building a statement and its cache key costs more than
+# running it. The grant row is a Core INSERT: nothing reads it back in the transaction that makes it.
+NEW_ENTRY = {dialect: _new_entry(dialect) for dialect in ("postgresql", "sqlite")}
+NEW_GRANT = Grant.__table__.insert()
 
 
 def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:

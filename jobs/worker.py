@@ -33,7 +33,11 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
 
     def process_lane(event_ids: list[str]) -> Counter[str]:
         """The lane's events in order, stopping at one that did not go through (failed, or held by another
-        process): the rest wait for the next drain rather than overtake it."""
+        process): the rest wait for the next drain rather than overtake it. All in one transaction when
+        they all go through; one at a time, each in its own, when one fails (dispatch.process_together)."""
+        together = dispatch.process_together(rt, event_ids, stop)
+        if together is not None:
+            return Counter(status or "skipped" for status in together)
         done: Counter[str] = Counter()
         for event_id in event_ids:
             if stop is not None and stop.is_set():

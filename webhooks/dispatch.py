@@ -7,6 +7,7 @@ request that received the event (right after its 2xx), the worker, and `credits 
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 
@@ -45,6 +46,42 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
     metrics.PROCESSING.labels(event_type, status).observe(time.perf_counter() - started)
     log.info("event.handled", status=status, outcome=outcome)
     return status
+
+
+def process_together(rt: Runtime, event_ids: list[str], stop: threading.Event | None = None) -> list[str | None] | None:
+    """The worker's way through one lane (one customer's due events, in order): all of them in ONE
+    transaction — one connection, one COMMIT — instead of one transaction each. Returns each event's status
+    in order, ending early at `stop` or at an event another process holds (None, as `process` says it).
+
+    When anything fails, the whole transaction rolls back and None is returned: the caller then processes the
+    lane one event at a time with `process`, which records the failure against the event that caused it and
+    stops the lane there. Handlers are idempotent and nothing of the rolled-back attempt remains, so the
+    failure semantics are exactly `process`'s own; the saving is for the common case."""
+    handled: list[tuple[str, str, str, str, float]] = []
+    held_elsewhere = False
+    try:
+        with transaction(rt.sessions) as session:
+            for event_id in event_ids:
+                if stop is not None and stop.is_set():
+                    break
+                structlog.contextvars.bind_contextvars(event_id=event_id)
+                started, now = time.perf_counter(), utcnow()
+                event = inbox.claim(session, event_id)
+                if event is None:
+                    held_elsewhere = True
+                    break
+                structlog.contextvars.bind_contextvars(event_type=event.type)
+                status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
+                inbox.finish(session, event, status, outcome, now)
+                handled.append((event_id, event.type, status, outcome, time.perf_counter() - started))
+    except Exception as exc:  # noqa: BLE001 - nothing of the lane happened; `process` redoes it event by event
+        log.info("lane.failed", error=f"{type(exc).__name__}: {exc}", events=len(event_ids))
+        return None
+    for event_id, event_type, status, outcome, seconds in handled:  # once committed, as `process` reports
+        metrics.PROCESSING.labels(event_type, status).observe(seconds)
+        log.info("event.handled", event_id=event_id, event_type=event_type, status=status, outcome=outcome)
+    statuses: list[str | None] = [status for _, _, status, _, _ in handled]
+    return [*statuses, None] if held_elsewhere else statuses
 
 
 def _handle(ctx: Context, rt: Runtime) -> tuple[str, str]:

@@ -2,7 +2,9 @@
 
 A failing handler's transaction rolls back (no partial credits) and the failure is recorded in a fresh
 one, with a retry time or, after the configured attempts, status `dead`. The same function serves the
-request that received the event (right after its 2xx), the worker, and `credits events replay`.
+request that received the event (right after its 2xx), the worker, and `credits events replay`; the worker
+first tries a lane's events together in one transaction (`process_together`), and falls back to `process`
+event by event when one of them fails.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
             event_type = event.type
             structlog.contextvars.bind_contextvars(event_type=event_type)
             status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
-            inbox.finish(session, event, status, outcome, now)
+            inbox.finish(session, (event, status, outcome, now))
     except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried, none may be lost
         failed = _failed(rt, event_id, exc, now)
         metrics.PROCESSING.labels(event_type, failed or "unrecorded").observe(time.perf_counter() - started)
@@ -57,30 +59,29 @@ def process_together(rt: Runtime, event_ids: list[str], stop: threading.Event | 
     lane one event at a time with `process`, which records the failure against the event that caused it and
     stops the lane there. Handlers are idempotent and nothing of the rolled-back attempt remains, so the
     failure semantics are exactly `process`'s own; the saving is for the common case."""
-    handled: list[tuple[str, str, str, str, float]] = []
-    held_elsewhere = False
+    handled: list[tuple[inbox.Claimed, str, str, datetime]] = []
+    took: list[float] = []
     try:
         with transaction(rt.sessions) as session:
-            for event_id in event_ids:
+            claimed = inbox.claim_lane(session, event_ids)
+            for event in claimed:
                 if stop is not None and stop.is_set():
                     break
-                structlog.contextvars.bind_contextvars(event_id=event_id)
+                structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
                 started, now = time.perf_counter(), utcnow()
-                event = inbox.claim(session, event_id)
-                if event is None:
-                    held_elsewhere = True
-                    break
-                structlog.contextvars.bind_contextvars(event_type=event.type)
                 status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
-                inbox.finish(session, event, status, outcome, now)
-                handled.append((event_id, event.type, status, outcome, time.perf_counter() - started))
+                handled.append((event, status, outcome, now))
+                took.append(time.perf_counter() - started)
+            if handled:
+                inbox.finish(session, *handled)
     except Exception as exc:  # noqa: BLE001 - nothing of the lane happened; `process` redoes it event by event
         log.info("lane.failed", error=f"{type(exc).__name__}: {exc}", events=len(event_ids))
         return None
-    for event_id, event_type, status, outcome, seconds in handled:  # once committed, as `process` reports
-        metrics.PROCESSING.labels(event_type, status).observe(seconds)
-        log.info("event.handled", event_id=event_id, event_type=event_type, status=status, outcome=outcome)
-    statuses: list[str | None] = [status for _, _, status, _, _ in handled]
+    for (event, status, outcome, _), seconds in zip(handled, took):  # once committed, as `process` reports
+        metrics.PROCESSING.labels(event.type, status).observe(seconds)
+        log.info("event.handled", event_id=event.id, event_type=event.type, status=status, outcome=outcome)
+    statuses: list[str | None] = [status for _, status, _, _ in handled]
+    held_elsewhere = len(claimed) < len(event_ids) and len(handled) == len(claimed)
     return [*statuses, None] if held_elsewhere else statuses
 
 

@@ -113,11 +113,8 @@ def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
     if not pack:
         return "not a pack purchase (no metadata.pack)"
     who = Identity(intent.customer, intent.metadata.get("account_id"))
-    known = ctx.session.get(Payment, intent.id)
-    if who.customer is None and who.account_id is None and known is not None:
-        account = ctx.session.get_one(Account, known.account_id)
-    else:
-        account = ctx.account(who)
+    known = ctx.session.get(Payment, intent.id) if who.customer is None and who.account_id is None else None
+    account = ctx.session.get_one(Account, known.account_id) if known is not None else ctx.account(who)
     purchase = purchases.Purchase(intent.id, intent.amount_received, intent.currency, intent.charge, pack)
     return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, list, ctx.now)
 

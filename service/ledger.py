@@ -290,7 +290,7 @@ def _post(
     """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
     created = session.scalar(NEW_ENTRY[session.get_bind().dialect.name], {
         "account_id": account.id, "kind": kind, "amount": amount, "idempotency_key": key, "reason": reason,
-        "actor": actor, "meta": meta, "created_at": now,
+        "actor": actor, "metadata": meta, "created_at": now,
     })
     if created is not None:
         log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
@@ -301,9 +301,12 @@ def _post(
 
 
 def _new_entry(dialect: str) -> Any:
-    """INSERT … ON CONFLICT (idempotency_key) DO NOTHING RETURNING the entry, for the dialect."""
-    return (dialect_insert(dialect, LedgerEntry).on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .returning(LedgerEntry))
+    """INSERT … ON CONFLICT (idempotency_key) DO NOTHING RETURNING the entry, for the dialect: a Core statement
+    (compiled once, unlike an ORM bulk INSERT's per-call values) whose row the ORM loads as the entry."""
+    table = LedgerEntry.__table__
+    inserted = (dialect_insert(dialect, table).on_conflict_do_nothing(index_elements=["idempotency_key"])
+                .returning(*table.c))
+    return select(LedgerEntry).from_statement(inserted)
 
 
 # Built once (every grant and debit posts an entry): building a statement and its cache key costs more than

@@ -34,39 +34,38 @@ def record(
     product: str | None = None,
     credits: int = 0,
     detail: str | None = None,
-) -> Payment:
+) -> None:
     """Create or update the payment row; later facts (a charge id, a fixed price) fill in, never erase.
-    One INSERT … ON CONFLICT DO UPDATE … RETURNING, not a read, then an INSERT or UPDATE."""
-    values = {
+    One Core INSERT … ON CONFLICT DO UPDATE, not a read and then an INSERT or UPDATE flushed by the ORM."""
+    session.execute(UPSERT[session.get_bind().dialect.name], {
         "id": payment_id, "account_id": account.id, "kind": kind, "amount": amount, "paid_at": paid_at,
         "outcome": outcome, "detail": detail, "credits": credits, "currency": currency, "payment_intent": payment_intent,
         "charge": charge, "subscription_id": subscription_id, "billing_reason": billing_reason, "product": product,
         "created_at": utcnow(),
-    }
-    return session.scalars(UPSERT[session.get_bind().dialect.name], values).one()
+    })
+    held = session.identity_map.get(session.identity_key(Payment, payment_id))
+    if held is not None:  # a handler read the row earlier in this transaction: read it again when next used
+        session.expire(held)
 
 
 def _upsert(dialect: str) -> Any:
     """The statement of `record` for the dialect: a new row as given; on an existing row the account, outcome
     and detail are replaced, every other fact only by a given one (not 0, not empty), kind and paid_at kept."""
-    statement = dialect_insert(dialect, Payment)
+    table = Payment.__table__
+    statement = dialect_insert(dialect, table)
     new = statement.excluded
-    facts = {name: func.coalesce(func.nullif(new[name], 0 if name in ("amount", "credits") else ""), Payment.__table__.c[name])
+    facts = {name: func.coalesce(func.nullif(new[name], 0 if name in ("amount", "credits") else ""), table.c[name])
              for name in ("amount", "credits", "currency", "payment_intent", "charge", "subscription_id",
                           "billing_reason", "product")}
-    return (
-        statement.on_conflict_do_update(
-            index_elements=["id"], set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts}
-        )
-        .returning(Payment)
-        .execution_options(populate_existing=True)  # the session may hold the row already (a handler read it)
+    return statement.on_conflict_do_update(
+        index_elements=["id"], set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts}
     )
 
 
 UPSERT = {dialect: _upsert(dialect) for dialect in ("postgresql", "sqlite")}  # built once: every payment event
 
 
-def recorder(session: Session, payment_id: str, account: Account, **known: Any) -> Callable[..., Payment]:
+def recorder(session: Session, payment_id: str, account: Account, **known: Any) -> Callable[..., None]:
     """`record` with the facts already known bound, so a handler only names the outcome (and extras)."""
     return lambda outcome, **extra: record(session, payment_id, account, outcome=outcome, **known, **extra)
 

@@ -4,7 +4,8 @@ A fresh PostgreSQL database; the referrers' codes made directly (referrals.code_
 the month's events are stored in the inbox in delivery order (inbox.store, as the endpoint does) and drained
 by `jobs.worker.drain` — what `credits worker` runs, its lanes and threads — before the next month's go in.
 No HTTP, no other process: what is measured is the processing's own cost per event — CPU (this process),
-SQL statements and COMMITs — and every balance is compared with the mix's arithmetic, as bench.e2e does. A
+SQL statements and COMMITs — every balance is compared with the mix's arithmetic, as bench.e2e does, and
+the ledger is checked (`credits check`'s ledger.check). A
 quick, quiet-machine-independent figure for changes to the worker, the handlers and the ledger's grant path.
 """
 
@@ -25,7 +26,7 @@ from bench.e2e import mix
 from bench.e2e.events import Builder
 from bench.ingest import run as harness
 from jobs import worker
-from service import accounts, logs, referrals, runtime
+from service import accounts, ledger, logs, referrals, runtime
 from service.config import Settings
 from service.db import transaction
 from service.models import Grant, utcnow
@@ -95,12 +96,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         delivered = {m: {a.key for a in plan.accounts} for m in range(1, args.months + 1)}
         expected = {f"acct_b{k}": n for k, n in mix.expected_balances(plan, rt.catalogue, delivered).items()}
         mismatches = balance_mismatches(rt, expected)
+        with transaction(rt.sessions) as session:
+            drifts = len(ledger.check(session))
         rt.engine.dispose()
         return {"events": events_total, "events_per_s": round(events_total / wall_total, 1),
                 "cpu_ms_per_event": round(1000 * cpu_total / events_total, 2),
                 "statements_per_event": round(used_total["statements"] / events_total, 2),
                 "commits_per_event": round(used_total["commits"] / events_total, 2),
-                "balances": len(expected), "mismatches": mismatches, "months": months}
+                "balances": len(expected), "mismatches": mismatches, "ledger_check_drifts": drifts, "months": months}
     finally:
         with suppress(Exception):
             harness.drop_database(admin, dbname)

@@ -69,6 +69,9 @@ def process_together(rt: Runtime, event_ids: list[str], stop: threading.Event | 
                     break
                 structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
                 started, now = time.perf_counter(), utcnow()
+                if handled:  # each event reads the rows it uses afresh, as in a transaction of its own
+                    session.flush()
+                    session.expire_all()
                 status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
                 handled.append((event, status, outcome, now))
                 took.append(time.perf_counter() - started)

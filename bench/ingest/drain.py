@@ -1,5 +1,5 @@
-"""Process the inbox's backlog in a process of its own, the way `credits worker --once` does
-(jobs.worker.drain: each customer's due events in order, a lane to a transaction), and print how many events per second that was.
+"""Process the inbox's backlog in a process of its own, the way `credits worker --once` does (jobs.worker.drain:
+each customer's due events in order, a lane to a transaction), and print how many events per second that was.
 
 `python -m bench.ingest.drain [--log-level L]` (DATABASE_URL etc. from the environment). Used by the
 benchmark's diagnostic phase to measure the processing alone, apart from the HTTP ingest; it also counts the SQL

@@ -3,12 +3,12 @@ before it could), or failed and now past its backoff — and retries referral pa
 
 Several workers (and the API replicas, which process what they receive) share the inbox safely: each
 event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. A lane's events
-are claimed, handled and marked in one transaction, so a customer's burst costs one COMMIT, not one each. Within one worker,
-WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay in order on one
-thread, and a lane stops at an event that fails — because processing an event mostly waits on database
-round trips (PostgreSQL only: SQLite has one writer at a time). Across processes (other workers, the API's
-inline threads) the order of one customer's events is best effort; the account lock and the idempotency
-keys keep every credit exact either way.
+are claimed, handled and marked in one transaction: a customer's burst costs one COMMIT, not one each.
+Within one worker, WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay
+in order on one thread, and a lane stops at an event that fails — because processing an event mostly waits
+on database round trips (PostgreSQL only: SQLite has one writer at a time). Across processes (other
+workers, the API's inline threads) the order of one customer's events is best effort; the account lock and
+the idempotency keys keep every credit exact either way.
 """
 
 from __future__ import annotations

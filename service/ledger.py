@@ -310,7 +310,7 @@ def _new_entry(dialect: str) -> Any:
 
 
 # Built once (every grant and debit posts an entry): building a statement and its cache key costs more than
-# running it. The grant row is a Core INSERT: nothing reads it back in the transaction that makes it.
+# running it. The grant row is a Core INSERT, not an ORM object flushed: a later query loads it when asked.
 NEW_ENTRY = {dialect: _new_entry(dialect) for dialect in ("postgresql", "sqlite")}
 NEW_GRANT = Grant.__table__.insert()
 

@@ -29,7 +29,7 @@ from jobs import worker
 from service import accounts, ledger, logs, referrals, runtime
 from service.config import Settings
 from service.db import transaction
-from service.models import Grant, utcnow
+from service.models import Account, Grant, utcnow
 from webhooks import inbox
 
 
@@ -115,7 +115,7 @@ def balance_mismatches(rt: runtime.Runtime, expected: dict[str, int]) -> int:
         found = Counter[str]()
         now = utcnow()
         for public_id, remaining, expires_at in session.execute(
-            select(accounts.Account.public_id, Grant.remaining, Grant.expires_at).join(Grant, Grant.account_id == accounts.Account.id)
+            select(Account.public_id, Grant.remaining, Grant.expires_at).join(Grant, Grant.account_id == Account.id)
         ):
             if expires_at is None or expires_at > now:
                 found[public_id] += remaining

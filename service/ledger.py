@@ -16,7 +16,7 @@ from sqlalchemy import Select, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from service import accounts, logs, metrics, periods
-from service.db import insert
+from service.db import dialect_insert
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
@@ -115,22 +115,11 @@ def grant(
     posted = _post(session, account, "grant", amount, key, reason, actor, {"source": source, **(meta or {})}, now)
     if posted.created:
         metrics.count_credits(session, "grant", source, amount)
-        session.add(
-            Grant(
-                account_id=account.id,
-                entry_id=posted.entry.id,
-                source=source,
-                amount=amount,
-                remaining=amount,
-                spent=0,
-                expired=0,
-                reversed=0,
-                expires_at=expires_at,
-                rollover=rollover,
-                created_at=now,
-            )
-        )
-        session.flush()
+        session.execute(NEW_GRANT, {
+            "account_id": account.id, "entry_id": posted.entry.id, "source": source, "amount": amount,
+            "remaining": amount, "spent": 0, "expired": 0, "reversed": 0, "expires_at": expires_at,
+            "rollover": rollover, "created_at": now,
+        })
     return posted
 
 
@@ -299,27 +288,31 @@ def _post(
     now: datetime,
 ) -> Posted:
     """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
-    created = session.scalar(
-        insert(session, LedgerEntry)
-        .values(
-            account_id=account.id,
-            kind=kind,
-            amount=amount,
-            idempotency_key=key,
-            reason=reason,
-            actor=actor,
-            meta=meta,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(LedgerEntry)
-    )
+    created = session.scalar(NEW_ENTRY[session.get_bind().dialect.name], {
+        "account_id": account.id, "kind": kind, "amount": amount, "idempotency_key": key, "reason": reason,
+        "actor": actor, "metadata": meta, "created_at": now,
+    })
     if created is not None:
         log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
         return Posted(created, created=True)
     earlier = session.scalars(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).one()
     _same_operation(earlier, account, kind, amount)
     return Posted(earlier, created=False)
+
+
+def _new_entry(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (idempotency_key) DO NOTHING RETURNING the entry, for the dialect: a Core statement
+    (compiled once, unlike an ORM bulk INSERT's per-call values) whose row the ORM loads as the entry."""
+    table = LedgerEntry.__table__
+    inserted = (dialect_insert(dialect, table).on_conflict_do_nothing(index_elements=["idempotency_key"])
+                .returning(*table.c))
+    return select(LedgerEntry).from_statement(inserted)
+
+
+# Built once (every grant and debit posts an entry): building a statement and its cache key costs more than
+# running it. The grant row is a Core INSERT, not an ORM object flushed: a later query loads it when asked.
+NEW_ENTRY = {dialect: _new_entry(dialect) for dialect in ("postgresql", "sqlite")}
+NEW_GRANT = Grant.__table__.insert()
 
 
 def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:

@@ -54,6 +54,8 @@ BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Accoun
 BY_CUSTOMER = select(Account).where(Account.stripe_customer_id == bindparam("customer"))
 LOCK = (select(Account).where(Account.id == bindparam("id")).with_for_update()
         .execution_options(populate_existing=True))
+LOCK_BY_PUBLIC_ID = (select(Account).where(Account.public_id == bindparam("ref")).with_for_update()
+                     .execution_options(populate_existing=True))
 
 
 def find(session: Session, ref: str) -> Account | None:
@@ -96,6 +98,13 @@ def lock(session: Session, account: Account) -> Account:
     """Lock the account row until the transaction ends (FOR UPDATE on PostgreSQL; on SQLite the
     transaction already holds the database write lock) and return it freshly read."""
     return session.scalars(LOCK, {"id": account.id}).one()
+
+
+def lock_ref(session: Session, ref: str) -> Account:
+    """`get` and `lock` in one: the account named `ref`, locked. A public id, the usual name, takes one
+    statement (the lock itself); a Stripe customer id is looked up first, then locked."""
+    account = session.scalars(LOCK_BY_PUBLIC_ID, {"ref": ref}).one_or_none()
+    return account if account is not None else lock(session, get(session, ref))
 
 
 def lock_many(session: Session, accounts: list[Account]) -> list[Account]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, periods
@@ -72,14 +72,23 @@ def cost(catalogue: Catalogue, charge: Charge) -> int:
     return catalogue.actions[charge.action] * charge.quantity
 
 
+RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
+
+
 def spend(session: Session, catalogue: Catalogue, account: Account, charge: Charge, *, key: str,
           now: datetime | None = None) -> Spent:
     """Spend for `charge` once per `key`: free when the resource was already charged in this account;
     from the member's allocation, within its period limit, or from the pool that allocations leave."""
+    return spend_locked(session, catalogue, accounts.lock(session, account), charge, key=key, now=now)
+
+
+def spend_locked(session: Session, catalogue: Catalogue, account: Account, charge: Charge, *, key: str,
+                 now: datetime | None = None) -> Spent:
+    """`spend`, for a caller that already holds the account's lock (the API locks by public id in one
+    statement, `accounts.lock_ref`, where `get` then `lock` would take two)."""
     now = now or utcnow()
     price = cost(catalogue, charge)
-    account = accounts.lock(session, account)
-    earlier = session.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+    earlier = session.scalar(ledger.BY_KEY, {"key": key})
     if earlier is not None:
         return Spent(-earlier.amount, earlier.id, ledger.balance(session, account, now))
     member = _member(session, account, charge.member_id) if charge.member_id else None
@@ -115,7 +124,7 @@ def pool(session: Session, account: Account, now: datetime) -> int:
 
 def _reserved(session: Session, account: Account) -> int:
     """Credits that members' allocations hold back from the shared pool."""
-    reserved = session.scalar(select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == account.id))
+    reserved = session.scalar(RESERVED, {"account_id": account.id})
     return int(reserved or 0)
 
 

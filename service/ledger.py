@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import accounts, logs, metrics, periods
-from service.db import insert
+from service.db import dialect_insert
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
@@ -28,6 +28,8 @@ NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
 # The spend path's statements, built once: building a statement and its cache key costs more than running it.
 HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.remaining > 0).order_by(Grant.id)
 BY_KEY = select(LedgerEntry).where(LedgerEntry.idempotency_key == bindparam("key"))
+POST = {dialect: dialect_insert(dialect, LedgerEntry).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(LedgerEntry) for dialect in ("postgresql", "sqlite")}  # the values come with each execution
 ALLOCATE = Allocation.__table__.insert()
 _grants = Grant.__table__.c
 MOVE = {kind: Grant.__table__.update().where(_grants.id == bindparam("grant_id"))
@@ -311,21 +313,10 @@ def _post(
     now: datetime,
 ) -> Posted:
     """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
-    created = session.scalar(
-        insert(session, LedgerEntry)
-        .values(
-            account_id=account.id,
-            kind=kind,
-            amount=amount,
-            idempotency_key=key,
-            reason=reason,
-            actor=actor,
-            meta=meta,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(LedgerEntry)
-    )
+    created = session.scalar(POST[session.get_bind().dialect.name], {
+        "account_id": account.id, "kind": kind, "amount": amount, "idempotency_key": key, "reason": reason,
+        "actor": actor, "meta": meta, "created_at": now,
+    })
     if created is not None:
         log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
         return Posted(created, created=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, func, or_, select
+from sqlalchemy import Select, and_, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -26,7 +26,8 @@ log = logs.get("ledger")
 NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
 
 # The spend path's statements, built once: building a statement and its cache key costs more than running it.
-HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.remaining > 0).order_by(Grant.id)
+HELD_WHERE = and_(Grant.account_id == bindparam("account_id"), Grant.remaining > 0)  # oldest first
+HELD = select(Grant).where(HELD_WHERE).order_by(Grant.id)
 BY_KEY = select(LedgerEntry).where(LedgerEntry.idempotency_key == bindparam("key"))
 POST = {dialect: dialect_insert(dialect, LedgerEntry).on_conflict_do_nothing(index_elements=["idempotency_key"])
         .returning(LedgerEntry) for dialect in ("postgresql", "sqlite")}  # the values come with each execution
@@ -73,10 +74,11 @@ def open_grants(session: Session, account: Account, now: datetime | None = None)
     return _spending_order(_held(session, account), account, now)
 
 
-def spendable(session: Session, account: Account, now: datetime) -> list[Grant]:
+def spendable(session: Session, account: Account, now: datetime, held: Sequence[Grant] | None = None) -> list[Grant]:
     """Expire what is due, then the open grants in spending order, from one read of the account's grants
-    (expire_due then open_grants would read them twice). For a caller that holds the account's lock."""
-    held = _held(session, account)
+    (expire_due then open_grants would read them twice). For a caller that holds the account's lock, and
+    may pass what it read of HELD_WHERE's grants itself (spending.spend reads them with its own checks)."""
+    held = _held(session, account) if held is None else held
     _expire(session, account, held, now)
     return _spending_order(held, account, now)
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from service import accounts, ledger, periods
 from service.catalogue import Catalogue
 from service.db import insert
-from service.models import Account, LedgerEntry, Member, ResourceCharge, utcnow
+from service.models import Account, Grant, LedgerEntry, Member, ResourceCharge, utcnow
 
 
 class UnknownAction(ValueError):
@@ -73,11 +73,16 @@ def cost(catalogue: Catalogue, charge: Charge) -> int:
 
 
 RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
-# What a spend reads under the lock before the grants, in one round trip where two statements would take two
-# (each round trip under an account's lock is one more wait for the next spend on it): the entry that holds
-# the key already, if any, and the credits members' allocations reserve.
-STANDING = select(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == bindparam("key")).scalar_subquery(),
-                  RESERVED.scalar_subquery())
+# Everything a spend reads under the account's lock, in one round trip where three statements would take
+# three (each round trip under the lock is one more wait for the next spend on the account): the entry that
+# already holds the key, if any, the credits members' allocations reserve, and the grants with credits left
+# (outer-joined, so the first two come back when there are none).
+_standing = select(
+    select(LedgerEntry.id).where(LedgerEntry.idempotency_key == bindparam("key")).scalar_subquery().label("earlier"),
+    RESERVED.scalar_subquery().label("reserved"),
+).subquery("standing")
+STANDING = (select(_standing.c.earlier, _standing.c.reserved, Grant).select_from(_standing)
+            .outerjoin(Grant, ledger.HELD_WHERE).order_by(Grant.id))
 
 
 def spend(session: Session, catalogue: Catalogue, account: Account, charge: Charge, *, key: str,
@@ -93,14 +98,16 @@ def spend_locked(session: Session, catalogue: Catalogue, account: Account, charg
     statement, `accounts.lock_ref`, where `get` then `lock` would take two)."""
     now = now or utcnow()
     price = cost(catalogue, charge)
-    earlier_id, reserved = session.execute(STANDING, {"key": key, "account_id": account.id}).one()
+    rows = session.execute(STANDING, {"key": key, "account_id": account.id}).all()
+    earlier_id, reserved = rows[0].earlier, rows[0].reserved
     if earlier_id is not None:
         earlier = session.get_one(LedgerEntry, earlier_id)
         return Spent(-earlier.amount, earlier.id, ledger.balance(session, account, now))
     member = _member(session, account, charge.member_id) if charge.member_id else None
     if charge.resource and charge.action and _charged_before(session, account, charge):
         return Spent(0, None, ledger.balance(session, account, now))
-    grants = ledger.spendable(session, account, now)  # read once: the checks, the spend and the new balance
+    # read once: the checks, the spend and the new balance
+    grants = ledger.spendable(session, account, now, held=[row.Grant for row in rows if row.Grant is not None])
     balance = sum(g.remaining for g in grants)
     if member is not None and member.limit_per_period is not None:
         used = member_usage(session, account, member.member_id, now, periods.months_of(catalogue, account))

@@ -273,8 +273,8 @@ class SpendRoute(Route):
     intact, to the FastAPI operation `post_spend`, so a refusal (401, 400, 422) is exactly FastAPI's.
     """
 
-    def __init__(self, rt: Runtime, executor: Executor, fallback: ASGIApp) -> None:
-        super().__init__(SPEND_PATH, _SpendEndpoint(rt, executor, fallback), methods=["POST"], name="spend")
+    def __init__(self, executor: Executor, fallback: ASGIApp) -> None:
+        super().__init__(SPEND_PATH, _SpendEndpoint(executor, fallback), methods=["POST"], name="spend")
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         if scope.get(FALLBACK):
@@ -283,41 +283,43 @@ class SpendRoute(Route):
 
 
 class _SpendEndpoint:
-    def __init__(self, rt: Runtime, executor: Executor, fallback: ASGIApp) -> None:
-        self.rt, self.executor, self.fallback = rt, executor, fallback
+    def __init__(self, executor: Executor, fallback: ASGIApp) -> None:
+        self.executor, self.fallback = executor, fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope)
+        rt: Runtime = request.app.state.runtime  # read per request, as the `runtime` dependency does
         if not request.headers.get("content-length", "").isdigit():  # streamed: FastAPI reads (and caps) it
             await self.fallback({**scope, FALLBACK: True}, receive, send)
             return
         raw = await _read_body(receive)
         if raw is None:  # the client went away
             return
-        body = self._well_formed(request, raw)
+        body = _well_formed(request, raw, rt)
         if body is None:
             await self.fallback({**scope, FALLBACK: True}, _replay(raw, receive), send)
             return
         key = request.headers["idempotency-key"]
-        work = _spend(self.rt, scope["path_params"]["account"], body, key)
+        work = _spend(rt, scope["path_params"]["account"], body, key)
         context = contextvars.copy_context()  # the request id, for the log lines of the work
         outcome = await asyncio.get_running_loop().run_in_executor(
-            self.executor, context.run, _outcome, self.rt, request, key, body, work)
+            self.executor, context.run, _outcome, rt, request, key, body, work)
         await _answer(outcome)(scope, receive, send)
 
-    def _well_formed(self, request: Request, raw: bytes) -> SpendRequest | None:
-        """The body, when the request is one `post_spend` would serve (not refuse); else None."""
-        scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-        if scheme.lower() != "bearer" or not token or _role(token, self.rt) is None:
-            return None
-        if not 0 < len(request.headers.get("idempotency-key", "")) <= idempotency.MAX_KEY_LENGTH:
-            return None
-        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
-            return None
-        try:
-            return SpendRequest.model_validate(json.loads(raw))
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or not a valid spend (ValidationError)
-            return None
+
+def _well_formed(request: Request, raw: bytes, rt: Runtime) -> SpendRequest | None:
+    """The body, when the request is one `post_spend` would serve (not refuse); else None."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    if scheme.lower() != "bearer" or not token or _role(token, rt) is None:
+        return None
+    if not 0 < len(request.headers.get("idempotency-key", "")) <= idempotency.MAX_KEY_LENGTH:
+        return None
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        return SpendRequest.model_validate(json.loads(raw))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or not a valid spend (ValidationError)
+        return None
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -587,13 +589,14 @@ def create_app(rt: Runtime) -> FastAPI:
     if problem:
         raise ValueError(problem)
     inline, writer = InlineProcessor(rt), InboxWriter(rt.engine)
+    # Not shut down with the lifespan: the server waits for the requests in hand, which wait for their spends,
+    # and an app may be started again (a test client per test).
     spends = ThreadPoolExecutor(max_workers=SPEND_THREADS, thread_name_prefix="spend")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await run_in_threadpool(writer.stop)  # answer the deliveries in hand
-        await run_in_threadpool(spends.shutdown)  # finish the spends in hand
         await run_in_threadpool(inline.stop)  # finish the events in hand; the worker gets the rest
 
     # No OpenTelemetry here (metrics are Prometheus, logs structlog): FastAPI's native telemetry off, which
@@ -611,7 +614,7 @@ def create_app(rt: Runtime) -> FastAPI:
     receiver = webhooks.Receiver(rt.settings.webhook_secrets, writer, inline)
     app.router.routes.insert(0, webhooks.route(receiver))
     app.door = RequestContext(receiver)
-    app.router.routes.insert(1, SpendRoute(rt, spends, app.router))  # matched before the FastAPI operations
+    app.router.routes.insert(1, SpendRoute(spends, app.router))  # matched before the FastAPI operations
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app

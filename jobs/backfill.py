@@ -274,7 +274,7 @@ def _disqualified(obj: dict[str, Any], customer: str, minimum: int, livemode: bo
 def _handle_inline(session: Session, rt: Runtime, invoice: dict[str, Any], now: datetime) -> None:
     """For a dry run: what the inbox would do with the synthetic event, run in the uncommitted transaction."""
     payload = synthetic_event(invoice, now)
-    event = StripeEvent(id=payload["id"], type=payload["type"], payload=payload, created=now, livemode=payload["livemode"])
+    event = inbox.Claimed(payload["id"], payload["type"], payload["livemode"], now, payload)
     _, handle = handlers.HANDLERS[payload["type"]]
     handle(handlers.Context(session, rt.catalogue, rt.stripe, event, now), invoice)
 

@@ -2,12 +2,13 @@
 before it could), or failed and now past its backoff — and retries referral payouts left one-sided.
 
 Several workers (and the API replicas, which process what they receive) share the inbox safely: each
-event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. Within one worker,
-WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay in order on one
-thread, and a lane stops at an event that fails — because processing an event mostly waits on database
-round trips (PostgreSQL only: SQLite has one writer at a time). Across processes (other workers, the API's
-inline threads) the order of one customer's events is best effort; the account lock and the idempotency
-keys keep every credit exact either way.
+event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. A lane's events
+are claimed, handled and marked in one transaction: a customer's burst costs one COMMIT, not one each.
+Within one worker, WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay
+in order on one thread, and a lane stops at an event that fails — because processing an event mostly waits
+on database round trips (PostgreSQL only: SQLite has one writer at a time). Across processes (other
+workers, the API's inline threads) the order of one customer's events is best effort; the account lock and
+the idempotency keys keep every credit exact either way.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
 
     def process_lane(event_ids: list[str]) -> Counter[str]:
         """The lane's events in order, stopping at one that did not go through (failed, or held by another
-        process): the rest wait for the next drain rather than overtake it."""
+        process): the rest wait for the next drain rather than overtake it. All in one transaction when
+        they all go through; one at a time, each in its own, when one fails (dispatch.process_together)."""
+        together = dispatch.process_together(rt, event_ids, stop)
+        if together is not None:
+            return Counter(status or "skipped" for status in together)
         done: Counter[str] = Counter()
         for event_id in event_ids:
             if stop is not None and stop.is_set():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, exists, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, event, exists, or_, select
+from sqlalchemy.orm import Session, SessionTransaction
 
 from service import logs
 from service.db import insert
@@ -51,11 +51,13 @@ CustomerLookup = Callable[[str], CustomerRecord]
 
 # The hot statements, built once: building a statement and its cache key costs more than running it.
 BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref")))
-BY_CUSTOMER = select(Account).where(Account.stripe_customer_id == bindparam("customer"))
 LOCK = (select(Account).where(Account.id == bindparam("id")).with_for_update()
         .execution_options(populate_existing=True))
 LOCK_BY_PUBLIC_ID = (select(Account).where(Account.public_id == bindparam("ref")).with_for_update()
                      .execution_options(populate_existing=True))
+LOCK_BY_CUSTOMER = (select(Account).where(Account.stripe_customer_id == bindparam("customer")).with_for_update()
+                    .execution_options(populate_existing=True))
+LOCKED = "accounts.locked"  # session.info: ids of the accounts whose rows this transaction has locked
 
 
 def find(session: Session, ref: str) -> Account | None:
@@ -72,9 +74,9 @@ def get(session: Session, ref: str) -> Account:
     return account
 
 
-def get_or_create(session: Session, ref: str, customer: str | None = None) -> Account:
+def get_or_create(session: Session, ref: str, customer: str | None = None, email: str | None = None) -> Account:
     """The account named `ref`, created when new (race-free: INSERT … ON CONFLICT DO NOTHING), and when it is
-    created, created linked to `customer` if one is given.
+    created, created linked to `customer` and with `email` if given (one statement, not an INSERT and an UPDATE).
 
     A new ref that looks like a Stripe customer id (`cus_…`) is that customer's account, as DESIGN.md
     says for customers that carry no account id.
@@ -85,26 +87,51 @@ def get_or_create(session: Session, ref: str, customer: str | None = None) -> Ac
     keyed_by_customer = ref if ref.startswith("cus_") else None
     created = session.scalar(
         insert(session, Account)
-        .values(public_id=ref, stripe_customer_id=customer or keyed_by_customer, status="active", created_at=utcnow())
+        .values(public_id=ref, stripe_customer_id=customer or keyed_by_customer, status="active", email=email,
+                created_at=utcnow())
         .on_conflict_do_nothing(index_elements=["public_id"])  # a customer linked elsewhere meanwhile: an error
         .returning(Account)
     )
-    if created is not None and customer is not None:
+    if created is None:
+        return get(session, ref)
+    if customer is not None:
         log.info("account.linked", account_id=ref, customer=customer)
-    return created if created is not None else get(session, ref)
+    _locked(session).add(created.id)  # a row this transaction inserted is invisible to every other until it commits
+    return created
 
 
 def lock(session: Session, account: Account) -> Account:
     """Lock the account row until the transaction ends (FOR UPDATE on PostgreSQL; on SQLite the
-    transaction already holds the database write lock) and return it freshly read."""
-    return session.scalars(LOCK, {"id": account.id}).one()
+    transaction already holds the database write lock) and return it freshly read. A row this transaction
+    already locked is not read again: nobody else can have changed it since."""
+    if account.id in _locked(session):
+        return session.get_one(Account, account.id)
+    locked = session.scalars(LOCK, {"id": account.id}).one()
+    _locked(session).add(locked.id)
+    return locked
+
+
+def _locked(session: Session) -> set[int]:
+    return session.info.setdefault(LOCKED, set())
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_locks(session: Session, transaction: SessionTransaction) -> None:
+    """Row locks end with the transaction, and a savepoint rolled back releases those taken inside it: at
+    either end (a savepoint released too, to keep this simple) the next `lock` reads and locks again. A flush's
+    own subtransaction ends nothing in the database."""
+    if transaction.parent is None or transaction.nested:
+        session.info.pop(LOCKED, None)
 
 
 def lock_ref(session: Session, ref: str) -> Account:
     """`get` and `lock` in one: the account named `ref`, locked. A public id, the usual name, takes one
     statement (the lock itself); a Stripe customer id is looked up first, then locked."""
     account = session.scalars(LOCK_BY_PUBLIC_ID, {"ref": ref}).one_or_none()
-    return account if account is not None else lock(session, get(session, ref))
+    if account is None:
+        return lock(session, get(session, ref))
+    _locked(session).add(account.id)
+    return account
 
 
 def lock_many(session: Session, accounts: list[Account]) -> list[Account]:
@@ -120,7 +147,7 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     customer is retrieved from Stripe (`lookup`) for its `metadata.account_id`; else the customer id is the
     account id. A customer first keyed by its own id is re-keyed when an account id for it turns up.
     """
-    linked = _by_customer(session, who.customer) if who.customer else None
+    linked = _lock_by_customer(session, who.customer) if who.customer else None
     wanted, email = who.account_id, who.email
     if wanted is None and who.customer and linked is None:
         record = lookup(who.customer)
@@ -130,7 +157,7 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     elif wanted is None and who.customer is None:
         raise Unresolvable("the objects name no account id and no customer")
     else:
-        account = get_or_create(session, wanted or who.customer, who.customer)  # type: ignore[arg-type]
+        account = get_or_create(session, wanted or who.customer, who.customer, email)  # type: ignore[arg-type]
         if who.customer and account.stripe_customer_id is None:
             account.stripe_customer_id = who.customer
             log.info("account.linked", account_id=account.public_id, customer=who.customer)
@@ -144,8 +171,13 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     return account
 
 
-def _by_customer(session: Session, customer: str) -> Account | None:
-    return session.scalar(BY_CUSTOMER, {"customer": customer})
+def _lock_by_customer(session: Session, customer: str) -> Account | None:
+    """The customer's linked account, locked: every handler writes to the account it resolves, so reading it
+    with the lock saves the handler's own `lock` a second read."""
+    account = session.scalar(LOCK_BY_CUSTOMER, {"customer": customer})
+    if account is not None:
+        _locked(session).add(account.id)
+    return account
 
 
 def _rekey(session: Session, account: Account, wanted: str) -> Account:

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, case, func, or_, select
-from sqlalchemy.orm import Session, aliased, make_transient_to_detached
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import accounts, logs, metrics, periods
@@ -29,8 +29,6 @@ NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
 HELD_WHERE = and_(Grant.account_id == bindparam("account_id"), Grant.remaining > 0)  # oldest first
 HELD = select(Grant).where(HELD_WHERE).order_by(Grant.id)
 BY_KEY = select(LedgerEntry).where(LedgerEntry.idempotency_key == bindparam("key"))
-POST = {dialect: dialect_insert(dialect, LedgerEntry.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(LedgerEntry.__table__.c.id) for dialect in ("postgresql", "sqlite")}  # values: each execution's
 ALLOCATE = Allocation.__table__.insert()
 _grants = Grant.__table__.c
 MOVE = {kind: Grant.__table__.update().where(_grants.id == bindparam("grant_id"))
@@ -127,22 +125,11 @@ def grant(
     posted = _post(session, account, "grant", amount, key, reason, actor, {"source": source, **(meta or {})}, now)
     if posted.created:
         metrics.count_credits(session, "grant", source, amount)
-        session.add(
-            Grant(
-                account_id=account.id,
-                entry_id=posted.entry.id,
-                source=source,
-                amount=amount,
-                remaining=amount,
-                spent=0,
-                expired=0,
-                reversed=0,
-                expires_at=expires_at,
-                rollover=rollover,
-                created_at=now,
-            )
-        )
-        session.flush()
+        session.execute(NEW_GRANT, {
+            "account_id": account.id, "entry_id": posted.entry.id, "source": source, "amount": amount,
+            "remaining": amount, "spent": 0, "expired": 0, "reversed": 0, "expires_at": expires_at,
+            "rollover": rollover, "created_at": now,
+        })
     return posted
 
 
@@ -287,9 +274,7 @@ def _debit(
     """Write one debit entry, its allocations, and move the credits out of each grant's remainder."""
     total = sum(part for _, part in parts)
     posted = _post(session, account, kind, -total, key, reason, actor, meta, now)
-    if not posted.created:
-        return posted
-    if not parts:
+    if not posted.created or not parts:
         return posted
     # Core statements, not the unit of work: the same rows for a fraction of the CPU. The loaded grants are
     # then told their new values as the database's own, so they read right without a flush or a reload.
@@ -314,22 +299,32 @@ def _post(
     meta: dict[str, Any],
     now: datetime,
 ) -> Posted:
-    """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key.
-
-    The INSERT is a Core statement returning the new id, and the entry is then given to the session as the
-    row it wrote (every column is known): the ORM's own INSERT … RETURNING costs several times the CPU."""
-    row = {"account_id": account.id, "kind": kind, "amount": amount, "idempotency_key": key, "reason": reason,
-           "actor": actor, "created_at": now}
-    created_id = session.scalar(POST[session.get_bind().dialect.name], {**row, "metadata": meta})
-    if created_id is not None:
+    """Insert the entry unless its key exists (ON CONFLICT DO NOTHING), then read back what holds the key."""
+    created = session.scalar(NEW_ENTRY[session.get_bind().dialect.name], {
+        "account_id": account.id, "kind": kind, "amount": amount, "idempotency_key": key, "reason": reason,
+        "actor": actor, "metadata": meta, "created_at": now,
+    })
+    if created is not None:
         log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
-        created = LedgerEntry(id=created_id, meta=meta, **row)
-        make_transient_to_detached(created)
-        session.add(created)
         return Posted(created, created=True)
     earlier = session.scalars(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).one()
     _same_operation(earlier, account, kind, amount)
     return Posted(earlier, created=False)
+
+
+def _new_entry(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (idempotency_key) DO NOTHING RETURNING the entry, for the dialect: a Core statement
+    (compiled once, unlike an ORM bulk INSERT's per-call values) whose row the ORM loads as the entry."""
+    table = LedgerEntry.__table__
+    inserted = (dialect_insert(dialect, table).on_conflict_do_nothing(index_elements=["idempotency_key"])
+                .returning(*table.c))
+    return select(LedgerEntry).from_statement(inserted)
+
+
+# Built once (every grant and debit posts an entry): building a statement and its cache key costs more than
+# running it. The grant row is a Core INSERT, not an ORM object flushed: a later query loads it when asked.
+NEW_ENTRY = {dialect: _new_entry(dialect) for dialect in ("postgresql", "sqlite")}
+NEW_GRANT = Grant.__table__.insert()
 
 
 def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from service.models import Account, Payment
+from service.db import dialect_insert
+from service.models import Account, Payment, utcnow
 
 
 def record(
@@ -33,26 +34,38 @@ def record(
     product: str | None = None,
     credits: int = 0,
     detail: str | None = None,
-) -> Payment:
-    """Create or update the payment row; later facts (a charge id, a fixed price) fill in, never erase."""
-    payment = session.get(Payment, payment_id)
-    if payment is None:
-        payment = Payment(id=payment_id, account_id=account.id, kind=kind, amount=amount, paid_at=paid_at, outcome=outcome)
-        session.add(payment)
-    payment.account_id, payment.outcome, payment.detail = account.id, outcome, detail
-    payment.amount = amount or payment.amount
-    payment.credits = credits or payment.credits
-    payment.currency = currency or payment.currency
-    payment.payment_intent = payment_intent or payment.payment_intent
-    payment.charge = charge or payment.charge
-    payment.subscription_id = subscription_id or payment.subscription_id
-    payment.billing_reason = billing_reason or payment.billing_reason
-    payment.product = product or payment.product
-    session.flush()
-    return payment
+) -> None:
+    """Create or update the payment row; later facts (a charge id, a fixed price) fill in, never erase.
+    One Core INSERT … ON CONFLICT DO UPDATE, not a read and then an INSERT or UPDATE flushed by the ORM."""
+    session.execute(UPSERT[session.get_bind().dialect.name], {
+        "id": payment_id, "account_id": account.id, "kind": kind, "amount": amount, "paid_at": paid_at,
+        "outcome": outcome, "detail": detail, "credits": credits, "currency": currency, "payment_intent": payment_intent,
+        "charge": charge, "subscription_id": subscription_id, "billing_reason": billing_reason, "product": product,
+        "created_at": utcnow(),
+    })
+    held = session.identity_map.get(session.identity_key(Payment, payment_id))
+    if held is not None:  # a handler read the row earlier in this transaction: read it again when next used
+        session.expire(held)
 
 
-def recorder(session: Session, payment_id: str, account: Account, **known: Any) -> Callable[..., Payment]:
+def _upsert(dialect: str) -> Any:
+    """The statement of `record` for the dialect: a new row as given; on an existing row the account, outcome
+    and detail are replaced, every other fact only by a given one (not 0, not empty), kind and paid_at kept."""
+    table = Payment.__table__
+    statement = dialect_insert(dialect, table)
+    new = statement.excluded
+    facts = {name: func.coalesce(func.nullif(new[name], 0 if name in ("amount", "credits") else ""), table.c[name])
+             for name in ("amount", "credits", "currency", "payment_intent", "charge", "subscription_id",
+                          "billing_reason", "product")}
+    return statement.on_conflict_do_update(
+        index_elements=["id"], set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts}
+    )
+
+
+UPSERT = {dialect: _upsert(dialect) for dialect in ("postgresql", "sqlite")}  # built once: every payment event
+
+
+def recorder(session: Session, payment_id: str, account: Account, **known: Any) -> Callable[..., None]:
     """`record` with the facts already known bound, so a handler only names the outcome (and extras)."""
     return lambda outcome, **extra: record(session, payment_id, account, outcome=outcome, **known, **extra)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from jobs import worker
 from service.db import transaction
@@ -113,3 +113,54 @@ def test_a_failed_event_holds_back_its_customers_later_events_until_the_next_dra
     assert worker.drain(rt) == {"failed": 1}
     assert [(e.id, e.status) for e in (event_row(sessions, "evt_0"), event_row(sessions, "evt_1"))] == [
         ("evt_0", "failed"), ("evt_1", "pending")]
+
+
+def linked_invoice(invoice_id: str) -> dict:
+    """An invoice of cus_1 that names its account (acct_1), so handling it needs no Stripe call."""
+    return se.invoice("2025", invoice_id=invoice_id, customer="cus_1", price="price_starter_monthly", amount_paid=2000,
+                      subscription_metadata={"account_id": "acct_1"})
+
+
+def commits_of_a_drain(rt: Runtime) -> int:
+    counted = [0]
+
+    def count(*_args: object) -> None:
+        counted[0] += 1
+
+    event.listen(rt.engine, "commit", count)
+    try:
+        worker.drain(rt)
+    finally:
+        event.remove(rt.engine, "commit", count)
+    return counted[0]
+
+
+def test_the_worker_commits_a_customers_due_events_together(rt, sessions) -> None:  # type: ignore[no-untyped-def]
+    """One transaction for the customer's lane, not one per event: three events cost what one does."""
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.paid", linked_invoice("in_0"), event_id="evt_0"), utcnow())
+    one = commits_of_a_drain(rt)
+    with transaction(sessions) as s:
+        for n in range(1, 4):
+            inbox.store(s, se.event("invoice.paid", linked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
+    assert commits_of_a_drain(rt) == one
+    assert [key for _, _, key in state(sessions, "acct_1")[0] if key.startswith("invoice:")] == [
+        f"invoice:in_{n}" for n in range(4)]
+
+
+def test_a_failure_inside_a_lane_keeps_the_events_before_it_and_holds_back_those_after(rt, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    """The lane's shared transaction rolls back, and the lane is redone one event at a time: the event before
+    the failing one is processed once, the failing one is recorded failed, the one after waits."""
+    stripe_api.get("/v1/checkout/sessions/cs_test_1/line_items").respond(
+        400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    unnamed_pack = se.checkout_session(customer="cus_1")  # no metadata.pack: its prices are asked of Stripe
+    with transaction(sessions) as s:
+        for n, evt in enumerate((se.event("invoice.paid", linked_invoice("in_0")),
+                                 se.event("checkout.session.completed", unnamed_pack),
+                                 se.event("invoice.paid", linked_invoice("in_2")))):
+            evt["id"] = f"evt_{n}"
+            inbox.store(s, evt, utcnow())
+    assert worker.drain(rt) == {"processed": 1, "failed": 1}
+    assert [(row.status, row.attempts) for row in map(lambda n: event_row(sessions, f"evt_{n}"), range(3))] == [
+        ("processed", 1), ("failed", 1), ("pending", 0)]
+    assert [key for _, _, key in state(sessions, "acct_1")[0]] == ["invoice:in_0"]

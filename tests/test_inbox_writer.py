@@ -93,3 +93,21 @@ def test_deliveries_in_flight_together_share_commits(engine: Engine) -> None:
         event.remove(engine, "commit", count)
     assert len(stored_ids(engine)) == 20
     assert len(commits) < 20  # one per batch, not one per delivery
+
+
+def test_a_held_connection_that_died_is_replaced_and_the_batch_still_stored(engine: Engine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("an embedded SQLite database has no server to restart under the writer")
+    writer = InboxWriter(engine)
+
+    async def deliver(row: dict[str, Any]) -> bool:
+        return await writer.store(row)
+
+    try:
+        assert asyncio.run(deliver(rows("evt_a")[0])) is True
+        assert writer.conn is not None
+        writer.conn.connection.dbapi_connection.close()  # type: ignore[union-attr]  # as a server restart would
+        assert asyncio.run(deliver(rows("evt_b")[0])) is True
+    finally:
+        writer.stop()
+    assert stored_ids(engine) == ["evt_a", "evt_b"]

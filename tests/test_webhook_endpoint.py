@@ -16,6 +16,7 @@ from service.api import create_app
 from service.db import make_engine, make_sessionmaker
 from service.models import StripeEvent
 from service.runtime import Runtime
+from webhooks.router import Pace
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 
@@ -216,3 +217,25 @@ def test_a_database_that_cannot_be_reached_is_503_through_the_real_writer(rt: Ru
     body = se.encode(se.event("invoice.paid", starter_invoice()))
     response = TestClient(app).post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)})
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")
+
+
+def test_above_the_quiet_rate_the_endpoint_leaves_processing_to_the_worker(deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("webhooks.router.QUIET_PER_SECOND", 0)  # any delivery now exceeds the quiet rate
+    assert deliver(se.event("invoice.paid", starter_invoice(), event_id="evt_1")).status_code == 200
+    assert stored(sessions) == [("evt_1", "pending")]
+    assert worker.drain(rt)["processed"] == 1
+    assert balance_of(sessions, "acct_1") == 2000
+
+
+def test_the_pace_is_the_last_whole_seconds_deliveries_or_this_seconds_once_higher() -> None:
+    pace = Pace()
+    for now in (10.0, 10.2, 10.9):
+        pace.tick(now)
+    assert pace.per_second() == 3
+    pace.tick(11.1)
+    assert pace.per_second() == 3  # the last whole second still counts
+    for now in (11.2, 11.3, 11.4):
+        pace.tick(now)
+    assert pace.per_second() == 4
+    pace.tick(13.0)  # a silent second in between: nothing carried over
+    assert pace.per_second() == 1

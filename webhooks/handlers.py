@@ -17,8 +17,9 @@ from service import accounts, payments, purchases, referrals, refills, reversals
 from service import stripe_objects as so
 from service.accounts import CustomerRecord, Identity
 from service.catalogue import Catalogue
-from service.models import Account, Payment, StripeEvent
+from service.models import Account, Payment
 from service.stripe_client import StripeGateway
+from webhooks.inbox import Claimed
 
 
 PAYING = frozenset({"active", "trialing", "past_due"})
@@ -35,7 +36,7 @@ class Context:
     session: Session
     catalogue: Catalogue
     stripe: StripeGateway
-    event: StripeEvent
+    event: Claimed
     now: datetime
     looked_up: dict[str, CustomerRecord] = field(default_factory=dict)
 
@@ -48,17 +49,18 @@ class Context:
         looked up at Stripe), then settle whatever is due. Attribution problems are outcomes, not errors."""
         looked_up = [r.referral_code for r in self.looked_up.values()]
         code = next((c for c in (*codes, *looked_up) if c), None)
-        note = ""
+        note, settled_already = "", False
         if code:
             source = source if any(codes) else "customer"
             try:
                 attribution = referrals.attribute(self.session, self.catalogue, referee, code, source=source, email=email, now=self.now)
                 note = f"; referral {attribution.referral.status}"
+                settled_already = attribution.created  # `attribute` settles a new attribution itself
             except referrals.UnknownCode:
                 note = f"; unknown referral code {code!r}"
             except referrals.AlreadyAttributed as exc:
                 note = f"; referral code {code!r} ignored: {exc}"
-        settled = referrals.settle(self.session, self.catalogue, referee, self.now)
+        settled = None if settled_already else referrals.settle(self.session, self.catalogue, referee, self.now)
         return note + (f"; referral {settled.status}" if settled is not None and not note else "")
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
@@ -111,11 +113,8 @@ def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
     if not pack:
         return "not a pack purchase (no metadata.pack)"
     who = Identity(intent.customer, intent.metadata.get("account_id"))
-    known = ctx.session.get(Payment, intent.id)
-    if who.customer is None and who.account_id is None and known is not None:
-        account = ctx.session.get_one(Account, known.account_id)
-    else:
-        account = ctx.account(who)
+    known = ctx.session.get(Payment, intent.id) if who.customer is None and who.account_id is None else None
+    account = ctx.session.get_one(Account, known.account_id) if known is not None else ctx.account(who)
     purchase = purchases.Purchase(intent.id, intent.amount_received, intent.currency, intent.charge, pack)
     return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, list, ctx.now)
 

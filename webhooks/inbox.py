@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import takewhile
 from typing import Any
 
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from service.models import StripeEvent
 from service.stripe_objects import ref, timestamp
 
 DUE = ("pending", "failed")
+EVENTS = StripeEvent.__table__  # the hot statements below are Core: no ORM row to build, track or flush
 STATUSES = ("pending", "processed", "ignored", "failed", "dead")
 
 
@@ -119,33 +122,61 @@ def due(session: Session, now: datetime, limit: int) -> list[tuple[str, str]]:
     return [(event_id, key) for event_id, key in rows]
 
 
-def _claims() -> dict[tuple[bool, bool], Any]:
-    """The claim statement for each (any status?, row locks?), built once: it runs for every event."""
+@dataclass(frozen=True)
+class Claimed:
+    """An event claimed for processing: the columns its handler reads, not the ORM row — nothing for the
+    session's unit of work to track or flush; `finish` marks it with one UPDATE."""
+
+    id: str
+    type: str
+    livemode: bool
+    created: datetime
+    payload: dict[str, Any]
+
+
+def _claims() -> dict[tuple[str, bool], Any]:
+    """The claim statement for each (which, row locks?), built once: they run for every event. `due`: the event
+    `id` if it is due; `any`: whatever its status (a replay); `lane`: those of the events `ids` that are due."""
+    by_id, is_due = EVENTS.c.id == bindparam("id"), EVENTS.c.status.in_(DUE)
+    which = {"due": (by_id, is_due), "any": (by_id,), "lane": (EVENTS.c.id.in_(bindparam("ids", expanding=True)), is_due)}
     built = {}
-    for any_status in (False, True):
+    for name, where in which.items():
         for locking in (False, True):
-            query = select(StripeEvent).where(StripeEvent.id == bindparam("id"))
-            if not any_status:
-                query = query.where(StripeEvent.status.in_(DUE))
-            if locking:
-                query = query.with_for_update(skip_locked=True)
-            built[any_status, locking] = query.execution_options(populate_existing=True)
+            query = select(EVENTS.c.id, EVENTS.c.type, EVENTS.c.livemode, EVENTS.c.created, EVENTS.c.payload).where(*where)
+            built[name, locking] = query.with_for_update(skip_locked=True) if locking else query
     return built
 
 
 CLAIMS = _claims()
+FINISH = (
+    EVENTS.update()
+    .where(EVENTS.c.id == bindparam("event_id"))
+    .values(status=bindparam("new_status"), outcome=bindparam("new_outcome"), processed_at=bindparam("at"),
+            attempts=EVENTS.c.attempts + 1, last_error=None)
+)
 
 
-def claim(session: Session, event_id: str, *, any_status: bool = False) -> StripeEvent | None:
+def claim(session: Session, event_id: str, *, any_status: bool = False) -> Claimed | None:
     """Lock the event for processing; None when another process holds it or it needs nothing more."""
-    return session.scalar(CLAIMS[any_status, is_postgresql(session)], {"id": event_id})
+    query = CLAIMS["any" if any_status else "due", is_postgresql(session)]
+    found = session.execute(query, {"id": event_id}).one_or_none()
+    return Claimed(*found) if found is not None else None
 
 
-def finish(event: StripeEvent, status: str, outcome: str | None, now: datetime) -> None:
-    """Mark the event handled, in the handler's own transaction."""
-    event.status, event.outcome, event.processed_at = status, outcome, now
-    event.attempts += 1
-    event.last_error = None
+def claim_lane(session: Session, event_ids: list[str]) -> list[Claimed]:
+    """Lock a lane's events for processing with one statement, not one each: those of `event_ids`, in that
+    order, up to the first that another process holds or that needs nothing more — the lane stops there."""
+    rows = session.execute(CLAIMS["lane", is_postgresql(session)], {"ids": event_ids})
+    found = {row.id: Claimed(*row) for row in rows}
+    return list(takewhile(lambda event: event is not None, map(found.get, event_ids)))  # type: ignore[misc]
+
+
+def finish(session: Session, *handled: tuple[Claimed, str, str | None, datetime]) -> None:
+    """Mark events handled — each (event, status, outcome, when) — in their handlers' own transaction: one
+    UPDATE statement for them all (a lane's sent in one round trip)."""
+    marks = [{"event_id": event.id, "new_status": status, "new_outcome": outcome, "at": at}
+             for event, status, outcome, at in handled]
+    session.execute(FINISH, marks)
 
 
 def record_failure(

@@ -2,7 +2,7 @@
 
 The request hands the stored event's id over and answers at once; a small pool of threads processes it
 within milliseconds. The endpoint hands events over only while it is quiet (webhooks/router.py,
-QUIET_DELIVERIES), and when a burst fills the queue anyway the event simply stays pending in the inbox for
+QUIET_DELIVERIES, QUIET_PER_SECOND), and when a burst fills the queue anyway the event simply stays pending in the inbox for
 the worker: nothing is dropped and the endpoint's accept rate never collapses to the processing rate. On
 shutdown the threads finish the event in hand; whatever is still queued is left to the worker.
 """

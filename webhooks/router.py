@@ -32,10 +32,13 @@ from webhooks.writer import InboxWriter, WriterStopped
 MAX_BODY = 1024 * 1024
 TOLERANCE_SECONDS = 300
 PATH = "/webhooks/stripe"
-# With at most this many deliveries in flight the receiving process processes each new event itself, right
-# after its 2xx. Beyond it the endpoint is taking a burst: the events stay pending for the worker, because
-# this process's Python runs on one core (one GIL) and accepting must not slow down to the processing rate.
+# While the endpoint is quiet — at most this many deliveries in flight, and at most this many a second — the
+# receiving process processes each new event itself, right after its 2xx. Beyond either it is taking a burst:
+# the events stay pending for the worker, because this process's Python runs on one core (one GIL), and an
+# event's processing costs several times its acceptance: a steady 500 deliveries a second processed here
+# would hold the GIL against the event loop and turn milliseconds of latency into hundreds.
 QUIET_DELIVERIES = 8
+QUIET_PER_SECOND = 50
 
 log = logs.get("webhooks")
 
@@ -54,9 +57,11 @@ class Receiver:
     def __init__(self, secrets: list[str], writer: InboxWriter, inline: InlineProcessor) -> None:
         self.secrets, self.writer, self.inline = secrets, writer, inline
         self.in_flight = 0
+        self.pace = Pace()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.in_flight += 1
+        self.pace.tick(time.monotonic())
         try:
             await self._receive(scope, receive, send)
         except Exception:  # a bug: answered as the app answers one, since the app's handlers are not on this path
@@ -90,9 +95,26 @@ class Receiver:
             return
         metrics.WEBHOOKS.labels(event["type"], "stored" if new else "duplicate").inc()
         log.info("webhook.received", event_id=event["id"], event_type=event["type"], duplicate=not new)
-        if new and self.in_flight <= QUIET_DELIVERIES:
+        if new and self.in_flight <= QUIET_DELIVERIES and self.pace.per_second() <= QUIET_PER_SECOND:
             self.inline.submit(event["id"])
         await JSONResponse({"received": True, "duplicate": not new})(scope, receive, send)
+
+
+class Pace:
+    """Deliveries a second: the last whole second's count, or this second's once it is higher."""
+
+    def __init__(self) -> None:
+        self.second, self.count, self.last = 0, 0, 0
+
+    def tick(self, now: float) -> None:
+        second = int(now)
+        if second != self.second:
+            self.last = self.count if second == self.second + 1 else 0
+            self.second, self.count = second, 0
+        self.count += 1
+
+    def per_second(self) -> int:
+        return max(self.last, self.count)
 
 
 def _answer(status: int, code: str, message: str) -> JSONResponse:

@@ -225,7 +225,7 @@ def limits(results: dict[str, Any]) -> list[str]:
             "statement (`accounts.lock_ref`); the key's earlier entry, the members' reserve and the grants come back "
             "in one statement under the lock (`spending.STANDING`); the idempotency claim and record, the entry, the "
             "allocation and the grant update are Core statements built once with bound parameters, instead of "
-            "statements built per call, the ORM's INSERT … RETURNING entity and the unit of work's flush. "
+            "statements built per call, the ORM's bulk INSERT and the unit of work's flush. "
             "Two uvicorn workers did not help on this 2-core machine (PostgreSQL, the load generator and the "
             f"service already share both cores); on a larger host they would spread the HTTP part. {before}",
             "", "**What is left.** The HTTP server and the middleware stack (uvicorn, Starlette's and the app's "

@@ -91,6 +91,13 @@ def broken_envelopes(draw: st.DrawFn) -> dict[str, Any]:
     return evt
 
 
+@pytest.fixture(autouse=True)
+def every_delivery_processed_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read what processing did right after each delivery, many deliveries a second: above the
+    endpoint's quiet rate those would be left to the worker (tested in test_webhook_endpoint.py)."""
+    monkeypatch.setattr("webhooks.router.QUIET_PER_SECOND", 1_000_000)
+
+
 @pytest.fixture
 def stripe_404():  # type: ignore[no-untyped-def]
     """Stripe answers every call 404 (an unknown customer): handlers that ask fail, and are retried later."""

@@ -53,6 +53,8 @@ CustomerLookup = Callable[[str], CustomerRecord]
 BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref")))
 LOCK = (select(Account).where(Account.id == bindparam("id")).with_for_update()
         .execution_options(populate_existing=True))
+LOCK_BY_PUBLIC_ID = (select(Account).where(Account.public_id == bindparam("ref")).with_for_update()
+                     .execution_options(populate_existing=True))
 LOCK_BY_CUSTOMER = (select(Account).where(Account.stripe_customer_id == bindparam("customer")).with_for_update()
                     .execution_options(populate_existing=True))
 LOCKED = "accounts.locked"  # session.info: ids of the accounts whose rows this transaction has locked
@@ -120,6 +122,16 @@ def _forget_locks(session: Session, transaction: SessionTransaction) -> None:
     own subtransaction ends nothing in the database."""
     if transaction.parent is None or transaction.nested:
         session.info.pop(LOCKED, None)
+
+
+def lock_ref(session: Session, ref: str) -> Account:
+    """`get` and `lock` in one: the account named `ref`, locked. A public id, the usual name, takes one
+    statement (the lock itself); a Stripe customer id is looked up first, then locked."""
+    account = session.scalars(LOCK_BY_PUBLIC_ID, {"ref": ref}).one_or_none()
+    if account is None:
+        return lock(session, get(session, ref))
+    _locked(session).add(account.id)
+    return account
 
 
 def lock_many(session: Session, accounts: list[Account]) -> list[Account]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hmac
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -14,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Securit
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -21,7 +26,8 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import accounts, findings, idempotency, ledger, logs, metrics, referrals, spending, usage
 from service.accounts import AccountNotFound
@@ -44,6 +50,11 @@ from webhooks.router import MAX_BODY
 from webhooks.writer import InboxWriter
 
 log = logs.get("api")
+SPEND_PATH = "/v1/accounts/{account}/spend"
+FALLBACK = "credits.spend_fallback"  # scope key: SpendRoute passes this request on to FastAPI
+# Threads that run spends: fewer than the engine's pool holds (db.POOL_SIZE), for the other routes and the
+# webhook writer; more than enough to keep a database commit in flight while the others' Python runs.
+SPEND_THREADS = 8
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
 
 
@@ -69,15 +80,23 @@ def _matches(given: str, secret: Any) -> bool:
     return secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
 
 
+def _role(token: str, rt: Runtime) -> str | None:
+    """"admin" or "api" for a valid bearer token, else None."""
+    if _matches(token, rt.settings.credits_admin_token):
+        return "admin"
+    if _matches(token, rt.settings.credits_api_token):
+        return "api"
+    return None
+
+
 async def require_api(creds: Credentials, rt: RuntimeDep) -> str:
     """Any valid token (the admin token may do what the API token does)."""
     if creds is None:
         raise ApiError(401, "unauthorized", "Authorization: Bearer <token> is required")
-    if _matches(creds.credentials, rt.settings.credits_admin_token):
-        return "admin"
-    if _matches(creds.credentials, rt.settings.credits_api_token):
-        return "api"
-    raise ApiError(401, "unauthorized", "the bearer token is not valid")
+    role = _role(creds.credentials, rt)
+    if role is None:
+        raise ApiError(401, "unauthorized", "the bearer token is not valid")
+    return role
 
 
 async def require_admin(role: Annotated[str, Depends(require_api)]) -> str:
@@ -98,23 +117,27 @@ def _key(value: str | None) -> str:
     return value
 
 
-def _once(
-    rt: Runtime,
-    request: Request,
-    key: str | None,
-    body: BaseModel,
-    work: Callable[[Session], tuple[int, dict[str, Any]]],
-) -> JSONResponse:
+Work = Callable[[Session], tuple[int, dict[str, Any]]]
+
+
+def _once(rt: Runtime, request: Request, key: str | None, body: BaseModel, work: Work) -> JSONResponse:
     """Run `work` in one transaction under the request's Idempotency-Key, replaying an earlier outcome."""
+    return _answer(_outcome(rt, request, key, body, work))
+
+
+def _outcome(rt: Runtime, request: Request, key: str | None, body: BaseModel, work: Work) -> idempotency.Outcome:
     client_key = _key(key)
     digest = idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
     try:
         with transaction(rt.sessions) as session:
-            outcome = idempotency.run_once(session, client_key, digest, lambda: work(session))
+            return idempotency.run_once(session, client_key, digest, lambda: work(session))
     except idempotency.KeyReused as exc:
         raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request") from exc
     except idempotency.KeyInFlight as exc:
         raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still running") from exc
+
+
+def _answer(outcome: idempotency.Outcome) -> JSONResponse:
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
     return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
 
@@ -197,7 +220,7 @@ def post_grant(
 
 
 @v1.post(
-    "/accounts/{account}/spend",
+    SPEND_PATH.removeprefix("/v1"),
     responses={402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
                404: {"description": "unknown account or member"}, 422: {"description": "unknown action"}},
 )
@@ -206,13 +229,22 @@ def post_spend(
 ) -> JSONResponse:
     """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
     `resource`, once per (action, resource) in the account; with a `member_id`, from that member's
-    allocation or within its limit. 402 when short; nothing is then spent."""
+    allocation or within its limit. 402 when short; nothing is then spent.
+
+    A well-formed request with a valid token is served by `SpendRoute` (below) before it gets here; this
+    operation answers the others (401, 400, 422) and documents the route."""
+    return _once(rt, request, key, body, _spend(rt, account, body, key))
+
+
+def _spend(rt: Runtime, account: str, body: SpendRequest, key: str | None) -> Work:
+    """The spend's work in the request's transaction: lock the account, spend, and the answer to store."""
 
     def work(session: Session) -> tuple[int, dict[str, Any]]:
-        acct = _account(session, account)
+        acct = accounts.lock_ref(session, account)
+        structlog.contextvars.bind_contextvars(account_id=acct.public_id)
         charge = spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
         try:
-            spent = spending.spend(session, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
+            spent = spending.spend_locked(session, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
         except ledger.InsufficientCredits as exc:
             log.info("spend.refused", balance=exc.balance, requested=exc.requested)
             return 402, {"error": "insufficient_credits", "balance": exc.balance, "requested": exc.requested}
@@ -227,7 +259,88 @@ def post_spend(
         return 200, {"balance": spent.balance, "spent": spent.charged, "charged": spent.charged,
                      "entry_id": spent.entry_id, **echo}
 
-    return _once(rt, request, key, body, work)
+    return work
+
+
+class SpendRoute(Route):
+    """POST /v1/accounts/{account}/spend, the product's hot path, served without FastAPI's per-request
+    machinery (route matching over every operation, dependency solving, a hop to anyio's thread pool).
+
+    A request that carries a valid bearer token, an Idempotency-Key and a JSON body SpendRequest accepts is
+    answered here: its whole database part runs in ONE hop on `executor`, a few threads of its own (fewer
+    than the connection pool has, so spends never wait for a connection or open extra ones, and few threads
+    take turns at the GIL while one of them holds an account's row lock). Every other request goes on, body
+    intact, to the FastAPI operation `post_spend`, so a refusal (401, 400, 422) is exactly FastAPI's.
+    """
+
+    def __init__(self, executor: Executor, fallback: ASGIApp) -> None:
+        super().__init__(SPEND_PATH, _SpendEndpoint(executor, fallback), methods=["POST"], name="spend")
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope.get(FALLBACK):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+class _SpendEndpoint:
+    def __init__(self, executor: Executor, fallback: ASGIApp) -> None:
+        self.executor, self.fallback = executor, fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope)
+        rt: Runtime = request.app.state.runtime  # read per request, as the `runtime` dependency does
+        if not request.headers.get("content-length", "").isdigit():  # streamed: FastAPI reads (and caps) it
+            await self.fallback({**scope, FALLBACK: True}, receive, send)
+            return
+        raw = await _read_body(receive)
+        if raw is None:  # the client went away
+            return
+        body = _well_formed(request, raw, rt)
+        if body is None:
+            await self.fallback({**scope, FALLBACK: True}, _replay(raw, receive), send)
+            return
+        key = request.headers["idempotency-key"]
+        work = _spend(rt, scope["path_params"]["account"], body, key)
+        context = contextvars.copy_context()  # the request id, for the log lines of the work
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            self.executor, context.run, _outcome, rt, request, key, body, work)
+        await _answer(outcome)(scope, receive, send)
+
+
+def _well_formed(request: Request, raw: bytes, rt: Runtime) -> SpendRequest | None:
+    """The body, when the request is one `post_spend` would serve (not refuse); else None."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    if scheme.lower() != "bearer" or not token or _role(token, rt) is None:
+        return None
+    if not 0 < len(request.headers.get("idempotency-key", "")) <= idempotency.MAX_KEY_LENGTH:
+        return None
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        return SpendRequest.model_validate(json.loads(raw))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or not a valid spend (ValidationError)
+        return None
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    """`receive` for a body already read: the body once, then the client's own messages (a disconnect)."""
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 @v1.post("/accounts/{account}/members", dependencies=[Depends(require_admin)], tags=["members"])
@@ -476,6 +589,9 @@ def create_app(rt: Runtime) -> FastAPI:
     if problem:
         raise ValueError(problem)
     inline, writer = InlineProcessor(rt), InboxWriter(rt.engine)
+    # Not shut down with the lifespan: the server waits for the requests in hand, which wait for their spends,
+    # and an app may be started again (a test client per test).
+    spends = ThreadPoolExecutor(max_workers=SPEND_THREADS, thread_name_prefix="spend")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -498,6 +614,7 @@ def create_app(rt: Runtime) -> FastAPI:
     receiver = webhooks.Receiver(rt.settings.webhook_secrets, writer, inline)
     app.router.routes.insert(0, webhooks.route(receiver))
     app.door = RequestContext(receiver)
+    app.router.routes.insert(1, SpendRoute(spends, app.router))  # matched before the FastAPI operations
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app

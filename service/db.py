@@ -14,6 +14,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+POOL_SIZE = 10  # connections kept open; up to 20 more are opened (and closed again) at peaks
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite gets WAL, foreign keys and write-locking transactions."""
@@ -22,7 +24,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # seconds, not hang a request until the kernel's TCP timeouts.
         bounded = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                    "keepalives_count": 3, "tcp_user_timeout": 15000, "options": "-c statement_timeout=30000"}
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=bounded, **kwargs)
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=20, connect_args=bounded, **kwargs)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
     @event.listens_for(engine, "connect")

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import Insert, bindparam, update
 from sqlalchemy.orm import Session
 
-from service.db import insert
+from service.db import dialect_insert
 from service.models import ApiRequest, utcnow
 
 MAX_KEY_LENGTH = 255
@@ -40,6 +40,20 @@ class Outcome:
     replayed: bool
 
 
+def _claim(dialect: str) -> Insert:
+    table = ApiRequest.__table__
+    return (dialect_insert(dialect, table)
+            .values(key=bindparam("claimed"), fingerprint=bindparam("digest"), created_at=bindparam("at"))
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(table.c.key))
+
+
+# Built once, per dialect: every API POST runs both, and building a statement costs more than running it.
+CLAIM = {dialect: _claim(dialect) for dialect in ("postgresql", "sqlite")}
+RECORD = (update(ApiRequest.__table__).where(ApiRequest.__table__.c.key == bindparam("claimed"))
+          .values(status_code=bindparam("status"), response=bindparam("body")))
+
+
 def fingerprint(method: str, path: str, payload: Any) -> str:
     """A digest of what the request asks for; key order and whitespace in the body do not matter."""
     canonical = json.dumps([method.upper(), path, payload], sort_keys=True, separators=(",", ":"), default=str)
@@ -48,12 +62,8 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
 
 def run_once(session: Session, key: str, digest: str, work: Callable[[], tuple[int, dict[str, Any]]]) -> Outcome:
     """Run `work` under `key` unless the key has a stored outcome, which is then replayed."""
-    claimed = session.scalar(
-        insert(session, ApiRequest)
-        .values(key=key, fingerprint=digest, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["key"])
-        .returning(ApiRequest.key)
-    )
+    claim = CLAIM[session.get_bind().dialect.name]
+    claimed = session.scalar(claim, {"claimed": key, "digest": digest, "at": utcnow()})
     if claimed is None:
         earlier = session.get_one(ApiRequest, key, populate_existing=True)
         if earlier.fingerprint != digest:
@@ -62,5 +72,5 @@ def run_once(session: Session, key: str, digest: str, work: Callable[[], tuple[i
             raise KeyInFlight(key)
         return Outcome(earlier.status_code, earlier.response, replayed=True)
     status_code, body = work()
-    session.execute(update(ApiRequest).where(ApiRequest.key == key).values(status_code=status_code, response=body))
+    session.execute(RECORD, {"claimed": key, "status": status_code, "body": body})
     return Outcome(status_code, body, replayed=False)

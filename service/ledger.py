@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import Select, and_, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service import accounts, logs, metrics, periods
 from service.db import dialect_insert
@@ -23,6 +24,16 @@ from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 DEBIT_COLUMNS = {"spend": "spent", "expire": "expired", "reverse": "reversed"}
 log = logs.get("ledger")
 NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
+
+# The spend path's statements, built once: building a statement and its cache key costs more than running it.
+HELD_WHERE = and_(Grant.account_id == bindparam("account_id"), Grant.remaining > 0)  # oldest first
+HELD = select(Grant).where(HELD_WHERE).order_by(Grant.id)
+BY_KEY = select(LedgerEntry).where(LedgerEntry.idempotency_key == bindparam("key"))
+ALLOCATE = Allocation.__table__.insert()
+_grants = Grant.__table__.c
+MOVE = {kind: Grant.__table__.update().where(_grants.id == bindparam("grant_id"))
+        .values({_grants.remaining: _grants.remaining - bindparam("part"), _grants[column]: _grants[column] + bindparam("part")})
+        for kind, column in DEBIT_COLUMNS.items()}
 
 
 class LedgerError(Exception):
@@ -61,19 +72,18 @@ def open_grants(session: Session, account: Account, now: datetime | None = None)
     return _spending_order(_held(session, account), account, now)
 
 
-def spendable(session: Session, account: Account, now: datetime) -> list[Grant]:
+def spendable(session: Session, account: Account, now: datetime, held: Sequence[Grant] | None = None) -> list[Grant]:
     """Expire what is due, then the open grants in spending order, from one read of the account's grants
-    (expire_due then open_grants would read them twice). For a caller that holds the account's lock."""
-    held = _held(session, account)
+    (expire_due then open_grants would read them twice). For a caller that holds the account's lock, and
+    may pass what it read of HELD_WHERE's grants itself (spending.spend reads them with its own checks)."""
+    held = _held(session, account) if held is None else held
     _expire(session, account, held, now)
     return _spending_order(held, account, now)
 
 
 def _held(session: Session, account: Account) -> Sequence[Grant]:
     """The account's grants with credits left, expired or not, oldest first."""
-    return session.scalars(
-        select(Grant).where(Grant.account_id == account.id, Grant.remaining > 0).order_by(Grant.id)
-    ).all()
+    return session.scalars(HELD, {"account_id": account.id}).all()
 
 
 def _spending_order(grants: Iterable[Grant], account: Account, now: datetime) -> list[Grant]:
@@ -264,15 +274,17 @@ def _debit(
     """Write one debit entry, its allocations, and move the credits out of each grant's remainder."""
     total = sum(part for _, part in parts)
     posted = _post(session, account, kind, -total, key, reason, actor, meta, now)
-    if not posted.created:
+    if not posted.created or not parts:
         return posted
+    # Core statements, not the unit of work: the same rows for a fraction of the CPU. The loaded grants are
+    # then told their new values as the database's own, so they read right without a flush or a reload.
+    session.execute(ALLOCATE, [{"entry_id": posted.entry.id, "grant_id": g.id, "amount": part} for g, part in parts])
+    session.execute(MOVE[kind], [{"grant_id": g.id, "part": part} for g, part in parts])
     column = DEBIT_COLUMNS[kind]
     for g, part in parts:
         metrics.count_credits(session, kind, g.source, part)
-        session.add(Allocation(entry_id=posted.entry.id, grant_id=g.id, amount=part))
-        g.remaining -= part
-        setattr(g, column, getattr(g, column) + part)
-    session.flush()
+        set_committed_value(g, "remaining", g.remaining - part)
+        set_committed_value(g, column, getattr(g, column) + part)
     return posted
 
 
@@ -317,7 +329,7 @@ NEW_GRANT = Grant.__table__.insert()
 
 def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:
     """The entry already holding `key`, checked to be the same operation; None when the key is new."""
-    earlier = session.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+    earlier = session.scalar(BY_KEY, {"key": key})
     if earlier is not None:
         _same_operation(earlier, account, kind, amount)
     return earlier

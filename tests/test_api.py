@@ -98,6 +98,19 @@ def test_spend_answers_the_new_balance(client: TestClient, admin_headers) -> Non
     assert response.json() == {"balance": 70, "spent": 30, "charged": 30, "entry_id": 2}
 
 
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/merge-patch+json"])
+def test_a_spend_streamed_or_with_any_json_content_type_is_answered_the_same(
+    client: TestClient, admin_headers, content_type: str
+) -> None:
+    grant(client, admin_headers, "acct_1", 100, "g1")
+    streamed = client.post("/v1/accounts/acct_1/spend", content=iter([b'{"amount": ', b"30}"]),
+                           headers={"Idempotency-Key": "s1", "Content-Type": "application/json"})
+    typed = client.post("/v1/accounts/acct_1/spend", content=b'{"amount": 30}',
+                        headers={"Idempotency-Key": "s2", "Content-Type": content_type})
+    assert (streamed.status_code, streamed.json()["balance"]) == (200, 70)
+    assert (typed.status_code, typed.json()["balance"]) == (200, 40)
+
+
 def test_spend_beyond_the_balance_is_402_and_spends_nothing(client: TestClient, admin_headers) -> None:
     grant(client, admin_headers, "acct_1", 10, "g1")
     response = spend(client, "acct_1", 11, "s1")

@@ -18,12 +18,14 @@ STAGES = [
      r"(^|\.)(_debit|_post) \(service/ledger\.py"),
     ("ledger reads (open grants, balance, expiry sweep, earlier entry)",
      r"(^|\.)(open_grants|spendable|_held|balance|expire_due|_expire|_find) \(service/ledger\.py"),
-    ("account row lock (accounts.lock)", r"(^|\.)lock \(service/accounts\.py"),
-    ("rest of spending.spend (members, pool, resource checks)", r"\(service/spending\.py"),
+    ("account row lock (accounts.lock, accounts.lock_ref)", r"(^|\.)(lock|lock_ref) \(service/accounts\.py"),
+    ("rest of spending.spend (the one read under the lock: earlier entry, members' reserve, grants; members, "
+     "resource checks)", r"\(service/spending\.py"),
     ("account look-up (accounts.get)", r"(^|\.)(get|find) \(service/accounts\.py"),
     ("idempotency claim and response record (idempotency.run_once)", r"\(service/idempotency\.py"),
     ("transaction begin/commit, session (db.transaction)", r"(^|\.)transaction \(service/db\.py"),
-    ("request body and response (pydantic, JSON, fingerprint)", r"(^|\.)(fingerprint|_once) \(service/"),
+    ("request body and response (pydantic, JSON, fingerprint)",
+     r"(^|\.)(fingerprint|_once|_outcome|_answer|_well_formed|_read_body) \(service/"),
 ]
 OTHER = "HTTP/ASGI machinery, routing, event loop, threads (uvicorn, h11, starlette, fastapi, asyncio, anyio)"
 

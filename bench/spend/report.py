@@ -16,13 +16,13 @@ LABELS = {"across": "across 1,000 accounts", "hot": "one hot account"}
 
 # This harness before the spend path read the account's grants once (run of 2026-11-23T13:36:03+00:00, default
 # settings), quoted in "What limits it" so that each run states the before/after. Not measured by this run.
-BEFORE = {
-    "across": {"spends_per_s": 59.6, "pgbench_tps": 1272.7, "vs_pgbench": 0.05, "cpu_ms_per_spend": 13.51},
-    "hot": {"spends_per_s": 40.7, "pgbench_tps": 346.9, "vs_pgbench": 0.12, "cpu_ms_per_spend": 17.34},
-    "statements_per_spend": 17,
-    "profile": "ledger reads (open grants, balance, expiry sweep, earlier entry) 22.1%, ledger writes 14.6%, the "
-               "rest of spending.spend (members' pool) 9.4%, HTTP/ASGI machinery and threads 34.4%; by library "
-               "SQLAlchemy 45.5%, asyncio/anyio/threads 21.1%, psycopg 16.6%",
+BEFORE = {  # the run before the spend route and its statements were reworked (bench/README.md of 2026-11-23)
+    "across": {"spends_per_s": 83.7, "pgbench_tps": 1620.0, "vs_pgbench": 0.05, "cpu_ms_per_spend": 11.5},
+    "hot": {"spends_per_s": 69.0, "pgbench_tps": 540.5, "vs_pgbench": 0.13, "cpu_ms_per_spend": 12.1},
+    "statements_per_spend": 10,
+    "statements_after_lock": 7,
+    "profile": "HTTP/ASGI machinery, routing, event loop and threads 38.0%, idempotency claim and record 19.5%, "
+               "ledger writes 17.9%; by library SQLAlchemy 40.9%, starlette/fastapi 25.6%, psycopg 14.7%",
 }
 
 
@@ -85,6 +85,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     out += [
         ("SQL statements per spend (plus BEGIN, COMMIT, pre-ping)", _fmt(stmts.get("statements_per_spend")),
          "pgbench script 5", _fmt(_ratio(stmts.get("statements_per_spend"), 5), "×")),
+        ("account row lock held, FOR UPDATE → COMMIT (one spend at a time)",
+         f"{_fmt(stmts.get('lock_hold_ms'), ' ms')}, {_fmt(stmts.get('statements_after_lock'))} statements + COMMIT",
+         "pgbench script 4 statements + COMMIT", ""),
         ("zero overdraft: ledger = 200s × cost, 402s spent nothing, per turn",
          f"{sum(1 for c in turns.values() if c.get('ok'))}/{len(turns)} turns agree",
          f"{sum(c['ledger_entries'] for c in turns.values())} spends in the ledger", "yes" if all(
@@ -212,24 +215,28 @@ def limits(results: dict[str, Any]) -> list[str]:
         f"{_fmt(_get(d, name).get('spends_per_s'))}/s against {_fmt(_get(d, name).get('pgbench_tps'))} "
         f"({_fmt(_get(d, name).get('vs_pgbench'), '×')}), {_fmt(_get(d, name).get('cpu_ms_per_spend'), ' ms')}."
         for name, b in ((n, BEFORE[n]) for n in LABELS))
-    out += ["", "**Before and after.** The profile of the first run put the ledger's reads first among the "
-            f"service's own stages ({BEFORE['profile']}): a spend sent {BEFORE['statements_per_spend']} statements, "
-            "because `spending.spend` locked the account, looked the key up, swept expiries and read the grants for "
-            "its own checks, then called `ledger.spend`, which locked, looked up, swept and read them all again, "
-            "and the grants were read a third time for the new balance. Now `ledger.spendable` sweeps and returns "
-            "the open grants from one read, `ledger.consume` is the write half of `ledger.spend` for a caller that "
-            "holds the lock and has checked the key, and the new balance is the old one less the price — same "
-            f"lock, same checks, same order. {before}",
-            "", "**What is left**, outside the spend path's own functions: each request crosses to the thread pool "
-            "for FastAPI's sync dependencies and the sync route and back, with 32 threads taking turns at the GIL "
-            "(the asyncio/anyio/threads share above); the pool pings each connection at checkout "
-            "(`pool_pre_ping`, a round trip); the account is read twice (`accounts.get` by public id, then "
-            "`accounts.lock` by id); `ledger._post`, shared with grants, reads the entry back by id after its "
-            "INSERT … RETURNING id; and every statement goes through SQLAlchemy's ORM (statement construction, "
-            "cache-key generation, result rows into objects), which is most of the CPU of a spend. One Python "
-            f"process is the ceiling: at {_fmt(_get(d, 'across').get('cpu_ms_per_spend'), ' ms')} of CPU per spend "
-            f"it cannot pass {_fmt(_ceiling(_get(d, 'across').get('cpu_ms_per_spend')))} spends/s even with a core to "
-            "itself, whatever the database allows. On the hot account every spend holds the account's row lock "
-            "from `accounts.lock` to COMMIT — eight statements and the COMMIT, with Python between them — so "
-            "spends on it queue behind each other as pgbench's do, only with a longer hold."]
+    out += ["", f"**Before and after.** The previous run's profile ({BEFORE['profile']}) had a spend send "
+            f"{BEFORE['statements_per_spend']} statements through the ORM, {BEFORE['statements_after_lock']} of them "
+            "after the lock, on a sync FastAPI route run on anyio's 40 threads, more than the connection pool keeps "
+            "(10), so under load the pool kept opening and closing connections. Now a well-formed spend with a valid "
+            "token is served by `api.SpendRoute`, a plain ASGI route matched first, which runs the whole database "
+            "part in one hop on 8 threads of its own (fewer than the pool keeps); any other request goes on to the "
+            "FastAPI operation, so refusals are FastAPI's as before. The account is locked by public id in one "
+            "statement (`accounts.lock_ref`); the key's earlier entry, the members' reserve and the grants come back "
+            "in one statement under the lock (`spending.STANDING`); the idempotency claim and record, the entry, the "
+            "allocation and the grant update are Core statements built once with bound parameters, instead of "
+            "statements built per call, the ORM's bulk INSERT and the unit of work's flush. "
+            "Two uvicorn workers did not help on this 2-core machine (PostgreSQL, the load generator and the "
+            f"service already share both cores); on a larger host they would spread the HTTP part. {before}",
+            "", "**What is left.** The HTTP server and the middleware stack (uvicorn, Starlette's and the app's "
+            "middlewares, the event loop) are now the largest share of a spend's CPU; every statement still passes "
+            "through SQLAlchemy's session and psycopg; the pool still pings each connection at checkout (kept: a "
+            "connection the database dropped is replaced, where without the ping the request using it would answer "
+            "503). One Python process is the ceiling: at "
+            f"{_fmt(_get(d, 'across').get('cpu_ms_per_spend'), ' ms')} of CPU per spend it cannot pass "
+            f"{_fmt(_ceiling(_get(d, 'across').get('cpu_ms_per_spend')))} spends/s even with a core to itself. On the "
+            f"hot account the row lock is held from `SELECT … FOR UPDATE` to COMMIT for "
+            f"{_fmt(stmts.get('statements_after_lock'))} statements and the COMMIT (pgbench: 4): one read, then the "
+            "entry, its allocation, the grant and the stored response, a round trip each; folding the writes into "
+            "one would take PostgreSQL-only SQL (a data-modifying CTE) beside SQLite's."]
     return out

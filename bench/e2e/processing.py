@@ -17,7 +17,6 @@ import logging
 import time
 from collections import Counter
 from contextlib import suppress
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select

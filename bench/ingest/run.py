@@ -12,7 +12,7 @@
    (inline threads and worker); the API's and the worker's CPU from the start of the load until drained;
 5. pgbench inserting the same payload with the same concurrency — the database's own limit;
 6. diagnostics, each with a server of its own: the ingest path alone (processing deferred, no worker running;
-   taking turns with the reference), the processing alone (that backlog drained by a worker process), and the
+   taking turns with the reference, in the closed loop and in the open loop), the processing alone (that backlog drained by a worker process), and the
    service with its default INFO logs (taking turns with the measured service; a worker beside them);
 7. py-spy profiles of the service (its worker beside it), then of the reference, under the same closed-loop
    load (separate phases, not among the figures).
@@ -534,11 +534,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             load = loadgen({"reference": reference, "ingest_only": deferred}, secret, f"{run_id}d", args,
                            mode="closed", requests=args.requests, rounds=args.rounds,
                            phase_seconds=args.diagnostic_seconds)
-            deferred[0].stop()
             diagnostics["ingest_only"] = {**load["targets"]["ingest_only"], "command": load["command"],
                                           "reference": load["targets"]["reference"],
                                           "server": shown([PYTHON, "-m", "bench.ingest.server", "--port", "PORT",
                                                            *service_args, "--defer-processing"])}
+            say(f"diagnostic: the ingest path alone and the reference, open loop, {args.rate:g} requests/s for "
+                f"{args.rate_seconds:g} s each …")
+            load = loadgen({"reference": reference, "ingest_only": deferred}, secret, f"{run_id}e", args, mode="open",
+                           requests=int(args.rate * args.rate_seconds), warmup=0)
+            deferred[0].stop()
+            diagnostics["ingest_only_open"] = {**load["targets"]["ingest_only"], "command": load["command"],
+                                               "reference": load["targets"]["reference"]}
             say(f"diagnostic: the processing alone (a worker drains that backlog), at most {args.diagnostic_seconds:g} s …")
             command = [PYTHON, "-m", "bench.ingest.drain", "--log-level", args.log_level,
                        "--max-seconds", str(args.diagnostic_seconds)]

@@ -56,15 +56,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-readme", action="store_true", help="print the figures but leave bench/README.md alone")
+    parser.add_argument("--from-results", nargs=len(BENCHMARKS), metavar="NAME.json", type=Path,
+                        help="run nothing: write the README from an earlier run's saved results, one file per "
+                             "benchmark (each run prints where it saved them), e.g. after a change to a report's text")
     args = parser.parse_args(argv)
+    saved = {path.stem: path for path in args.from_results or []}
+    if saved and set(saved) != set(BENCHMARKS):
+        parser.error(f"--from-results needs one file for each of {', '.join(BENCHMARKS)}, named after it")
     sections = [HEADER]
     for name, (run, report) in BENCHMARKS.items():
-        print(f"[bench] {name} …", file=sys.stderr, flush=True)
-        results = run()
+        if saved:
+            results = json.loads(saved[name].read_text())
+        else:
+            print(f"[bench] {name} …", file=sys.stderr, flush=True)
+            results = run()
+            workdir = Path(results.get("workdir", "."))
+            (workdir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+            print(f"[bench] {name}: results in {workdir / (name + '.json')}", file=sys.stderr)
         print(report.table(results))
-        workdir = Path(results.get("workdir", "."))
-        (workdir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
-        print(f"[bench] {name}: results in {workdir / (name + '.json')}", file=sys.stderr)
         sections.append(report.markdown(results))
     if not args.no_readme:
         README.write_text("\n".join(sections))

@@ -408,9 +408,9 @@ def limits(results: dict[str, Any]) -> str:
             f"The py-spy profile (GIL-holding samples of the API process under the closed loop) — by stage: "
             f"{_pct(prof['by_stage'])}; by library (innermost frame): {_pct(prof['by_library'], 8)}. The "
             "“HTTP/ASGI machinery” share is the request path outside the service's own functions: uvicorn and its "
-            "HTTP parser, Starlette's middleware stack — Starlette's own error and exception middlewares and the "
-            "service's two pure-ASGI ones (`RequestContext`, `BodyLimit` in service/api.py) — the router's match, "
-            "and the hand-off of each row to the writer thread and of its outcome back to the event loop. The "
+            "HTTP parser, the app's door and the one middleware on this path (`Api.__call__`, `RequestContext` in "
+            "service/api.py), the response, and the hand-off of each row to the writer thread and of its outcome "
+            "back to the event loop. The "
             "writer thread's own work (binding and sending the batch, the commit) shows as SQLAlchemy and psycopg. "
             "The worker is a separate process and not in this profile."
         )

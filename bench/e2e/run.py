@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +91,15 @@ def delivered(load: dict[str, Any]) -> dict[int, set[str]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     clock = time.monotonic()
-    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
     admin = harness.conninfo(args.admin_url)
-    workdir = Path(tempfile.mkdtemp(prefix="credits-bench-e2e-"))
-    children: list[harness.Child] = []
-    dbname: str | None = None
-    results: dict[str, Any] = invocation.header(args, parse, "bench.e2e", workdir)
-
-    say = invocation.progress("bench.e2e", clock)
-
-    try:
+    with harness.staged(admin, "credits-bench-e2e-") as stage:
+        workdir, children = stage.workdir, stage.children
+        results: dict[str, Any] = invocation.header(args, parse, "bench.e2e", workdir)
+        say = invocation.progress("bench.e2e", clock)
         results["machine"] = harness.machine(admin)
         results["machine"]["cpu_busy_before_start"] = harness.idle_cpu()
-        dbname = harness.create_database(admin)
-        db = {**admin, "dbname": dbname}
-        url = f"postgresql+psycopg://{db['user']}@{db['host']}:{db['port']}/{dbname}"
+        db, url = stage.database()
+        dbname = db["dbname"]
         harness.migrate(url)
         env = harness.service_env(url)
         catalogue = load_catalogue(Path(env["CREDITS_CONFIG"]))
@@ -176,13 +168,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sample = next(c for c in plan.chains(1) if c.invoice)
         payload = Builder(prefix, {}, args.months).bodies(sample)[mix.SIGNUP.index("invoice.paid")]  # a typical body
         results["pgbench"] = writes.reference(db, workdir, payload, results["writes"], transactions, args.concurrency)
-    finally:
-        for child in reversed(children):
-            child.stop()
-        if dbname:
-            with suppress(Exception):
-                harness.drop_database(admin, dbname)
-        signal.signal(signal.SIGTERM, previous_handler)
     return invocation.finished(results, clock, report)
 
 

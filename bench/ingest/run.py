@@ -35,7 +35,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,38 @@ def create_database(admin: dict[str, Any]) -> str:
 def drop_database(admin: dict[str, Any], name: str) -> None:
     with psycopg.connect(autocommit=True, **admin) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Stage:
+    """What one benchmark run holds until it ends: its folder, its processes and its database."""
+
+    def __init__(self, admin: dict[str, Any], workdir: Path) -> None:
+        self.admin, self.workdir = admin, workdir
+        self.children: list[Child] = []
+        self.dbname: str | None = None
+
+    def database(self) -> tuple[dict[str, Any], str]:
+        """A fresh database for the run, dropped at its end: its connection parameters and its URL."""
+        self.dbname = create_database(self.admin)
+        db = {**self.admin, "dbname": self.dbname}
+        return db, f"postgresql+psycopg://{db['user']}@{db['host']}:{db['port']}/{self.dbname}"
+
+
+@contextmanager
+def staged(admin: dict[str, Any], prefix: str) -> Iterator[Stage]:
+    """A run's Stage; at the end, error or SIGTERM (raised like Ctrl-C meanwhile), its processes are stopped,
+    last started first, and its database dropped."""
+    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
+    stage = Stage(admin, Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        yield stage
+    finally:
+        for child in reversed(stage.children):
+            child.stop()
+        if stage.dbname:
+            with suppress(Exception):
+                drop_database(admin, stage.dbname)
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def migrate(url: str) -> None:
@@ -419,21 +452,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     clock = time.monotonic()
-    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
     admin = conninfo(args.admin_url)
-    workdir = Path(tempfile.mkdtemp(prefix="credits-bench-"))
-    children: list[Child] = []
-    dbname: str | None = None
-    results: dict[str, Any] = invocation.header(args, parse, "bench.ingest", workdir)
-
-    say = invocation.progress("bench.ingest", clock)
-
-    try:
+    with staged(admin, "credits-bench-") as stage:
+        workdir, children = stage.workdir, stage.children
+        results: dict[str, Any] = invocation.header(args, parse, "bench.ingest", workdir)
+        say = invocation.progress("bench.ingest", clock)
         results["machine"] = machine(admin)
         results["machine"]["cpu_busy_before_start"] = idle_cpu()
-        dbname = create_database(admin)
-        db = {**admin, "dbname": dbname}
-        url = f"postgresql+psycopg://{db['user']}@{db['host']}:{db['port']}/{dbname}"
+        db, url = stage.database()
+        dbname = db["dbname"]
         migrate(url)
         results["database"] = dbname
         env = service_env(url)
@@ -611,13 +638,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         results["durability"] = durability
         results["service_log_bytes"] = service[0].log_path.stat().st_size
-    finally:
-        for child in reversed(children):
-            child.stop()
-        if dbname:
-            with suppress(Exception):
-                drop_database(admin, dbname)
-        signal.signal(signal.SIGTERM, previous_handler)
     return invocation.finished(results, clock, report)
 
 

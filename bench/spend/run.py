@@ -23,12 +23,9 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import subprocess
-import tempfile
 import time
 from collections import Counter
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +37,13 @@ from bench.ingest.run import (
     ROOT,
     Child,
     conninfo,
-    create_database,
-    drop_database,
     free_port,
     idle_cpu,
     machine,
     migrate,
     service_env,
     shown,
+    staged,
     wait_listening,
 )
 from bench.spend import checks, pgbench, report, seed
@@ -82,20 +78,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     clock = time.monotonic()
-    previous_handler = signal.signal(signal.SIGTERM, invocation.raise_on_sigterm)
     admin = conninfo(args.admin_url)
-    workdir = Path(tempfile.mkdtemp(prefix="credits-bench-spend-"))
-    children: list[Child] = []
-    dbname: str | None = None
-    results: dict[str, Any] = invocation.header(args, parse, "bench.spend", workdir)
-
-    say = invocation.progress("bench.spend", clock)
-
-    try:
+    with staged(admin, "credits-bench-spend-") as stage:
+        workdir, children = stage.workdir, stage.children
+        results: dict[str, Any] = invocation.header(args, parse, "bench.spend", workdir)
+        say = invocation.progress("bench.spend", clock)
         results["machine"] = {**machine(admin), "cpu_busy_before_start": idle_cpu()}
-        dbname = create_database(admin)
-        db = {**admin, "dbname": dbname}
-        url = f"postgresql+psycopg://{db['user']}@{db['host']}:{db['port']}/{dbname}"
+        db, url = stage.database()
+        dbname = db["dbname"]
         migrate(url)
         results["database"] = dbname
         say(f"seeding {args.accounts} accounts, a hot one and a race one in {dbname} …")
@@ -165,13 +155,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         results["credits_check_command"] = "DATABASE_URL=<bench db> .venv/bin/credits check"
         results["server_log_bytes"] = server.log_path.stat().st_size
-    finally:
-        for child in reversed(children):
-            child.stop()
-        if dbname:
-            with suppress(Exception):
-                drop_database(admin, dbname)
-        signal.signal(signal.SIGTERM, previous_handler)
     return invocation.finished(results, clock, report)
 
 

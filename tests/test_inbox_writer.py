@@ -11,10 +11,11 @@ from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.db import make_engine
+from service.group_commit import Stopped
 from service.models import StripeEvent, utcnow
 from tests import stripe_events as se
 from webhooks import inbox
-from webhooks.writer import InboxWriter, WriterStopped
+from webhooks.writer import InboxWriter
 
 
 def rows(*event_ids: str) -> list[dict[str, Any]]:
@@ -75,7 +76,7 @@ def test_the_payload_is_stored_from_the_text_as_received(engine: Engine) -> None
 def test_a_delivery_after_the_writer_stopped_is_refused_not_left_waiting(engine: Engine) -> None:
     writer = InboxWriter(engine)
     writer.stop()
-    with pytest.raises(WriterStopped):
+    with pytest.raises(Stopped):
         asyncio.run(writer.store(rows("evt_a")[0]))
     assert stored_ids(engine) == []
 

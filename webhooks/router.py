@@ -24,10 +24,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service import logs, metrics
+from service.group_commit import Stopped
 from service.models import utcnow
 from webhooks import inbox
 from webhooks.inline import InlineProcessor
-from webhooks.writer import InboxWriter, WriterStopped
+from webhooks.writer import InboxWriter
 
 MAX_BODY = 1024 * 1024
 TOLERANCE_SECONDS = 300
@@ -83,7 +84,7 @@ class Receiver:
             return
         try:
             new = await self.writer.store(inbox.row(event, utcnow(), payload))
-        except (OperationalError, InterfaceError, PoolTimeout, WriterStopped) as exc:
+        except (OperationalError, InterfaceError, PoolTimeout, Stopped) as exc:
             metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
             log.error("webhook.unavailable", event_id=event["id"], error=type(exc).__name__)
             await _answer(503, "database_unavailable", "the database is unavailable; retry later")(scope, receive, send)

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import ARRAY, ColumnElement, Select, any_, bindparam, or_, select
+from sqlalchemy import ColumnElement, Select, or_, select
 from sqlalchemy.orm import Session
 
 from jobs.pages import prefetched
 from jobs.referral_codes import ReferralCodes
-from service import accounts, findings, ledger, logs, referrals
+from service import accounts, db, findings, ledger, logs, referrals
 from service import stripe_objects as so
-from service.db import is_postgresql, transaction
+from service.db import transaction
 from service.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
 from service.runtime import Runtime
 from webhooks import dispatch, inbox
@@ -447,22 +447,9 @@ class Lookups(NamedTuple):
     referrals: Select[tuple[int, int, str]]
 
 
-def _among(column: Any, name: str, postgresql: bool) -> ColumnElement[bool]:
-    """`column` is one of the list passed as parameter `name`.
-
-    On PostgreSQL that is `= ANY(:name)`, the list sent as one array: a page's `IN` list of 100-200 values is
-    otherwise rendered into the SQL by SQLAlchemy and parsed back out by psycopg on every query (~1 ms of CPU
-    per 100 values, most of the invoices' query time in bench/reconcile), and the statement's text changes
-    with the list's length, so it is never prepared. SQLite has no arrays: the list is expanded there.
-    """
-    if postgresql:
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
-    return column.in_(bindparam(name, expanding=True))
-
-
-def _lookups(postgresql: bool) -> Lookups:
+def _lookups(dialect: str) -> Lookups:
     def among(column: Any, name: str) -> ColumnElement[bool]:
-        return _among(column, name, postgresql)
+        return db.among(column, name, dialect)
 
     return Lookups(
         statuses=select(StripeEvent.id, StripeEvent.status).where(among(StripeEvent.id, "ids")),
@@ -473,11 +460,11 @@ def _lookups(postgresql: bool) -> Lookups:
     )
 
 
-LOOKUPS = {postgresql: _lookups(postgresql) for postgresql in (False, True)}  # built once, for each kind of database
+LOOKUPS = {dialect: _lookups(dialect) for dialect in ("postgresql", "sqlite")}  # built once, for each kind of database
 
 
 def lookups(session: Session) -> Lookups:
-    return LOOKUPS[is_postgresql(session)]
+    return LOOKUPS[session.get_bind().dialect.name]
 
 
 def _accounts(session: Session, customer: str | None) -> list[str]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import hmac
 import json
+import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -26,14 +26,15 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import accounts, findings, idempotency, ledger, logs, metrics, referrals, spending, usage
 from service.accounts import AccountNotFound
 from service.db import transaction
+from service.group_commit import Stopped
 from service.models import utcnow
 from service.runtime import Runtime
+from service.spends import SpendJob, Spends
 from service.schemas import (
     GrantRequest,
     MemberRequest,
@@ -51,10 +52,9 @@ from webhooks.writer import InboxWriter
 
 log = logs.get("api")
 SPEND_PATH = "/v1/accounts/{account}/spend"
-FALLBACK = "credits.spend_fallback"  # scope key: SpendRoute passes this request on to FastAPI
-# Threads that run spends: fewer than the engine's pool holds (db.POOL_SIZE), for the other routes and the
-# webhook writer; more than enough to keep a database commit in flight while the others' Python runs.
-SPEND_THREADS = 8
+USUAL_WAY = "credits.usual_way"  # scope key: a door passes this request on through the middleware stack
+SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while another waits for it (Python's default: 0.005)
+SPEND_DOOR = re.compile(r"/v1/accounts/([^/]+)/spend")  # SPEND_PATH, as Starlette matches it
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
 
 
@@ -122,19 +122,13 @@ Work = Callable[[Session], tuple[int, dict[str, Any]]]
 
 def _once(rt: Runtime, request: Request, key: str | None, body: BaseModel, work: Work) -> JSONResponse:
     """Run `work` in one transaction under the request's Idempotency-Key, replaying an earlier outcome."""
-    return _answer(_outcome(rt, request, key, body, work))
+    client_key, digest = _key(key), _digest(request, body)
+    with transaction(rt.sessions) as session:
+        return _answer(idempotency.run_once(session, client_key, digest, lambda: work(session)))
 
 
-def _outcome(rt: Runtime, request: Request, key: str | None, body: BaseModel, work: Work) -> idempotency.Outcome:
-    client_key = _key(key)
-    digest = idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
-    try:
-        with transaction(rt.sessions) as session:
-            return idempotency.run_once(session, client_key, digest, lambda: work(session))
-    except idempotency.KeyReused as exc:
-        raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request") from exc
-    except idempotency.KeyInFlight as exc:
-        raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still running") from exc
+def _digest(request: Request, body: BaseModel) -> str:
+    return idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
 
 
 def _answer(outcome: idempotency.Outcome) -> JSONResponse:
@@ -224,87 +218,58 @@ def post_grant(
     responses={402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
                404: {"description": "unknown account or member"}, 422: {"description": "unknown action"}},
 )
-def post_spend(
-    account: str, body: SpendRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
-) -> JSONResponse:
+async def post_spend(account: str, body: SpendRequest, request: Request, key: IdempotencyKey = None) -> JSONResponse:
     """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
     `resource`, once per (action, resource) in the account; with a `member_id`, from that member's
     allocation or within its limit. 402 when short; nothing is then spent.
 
-    A well-formed request with a valid token is served by `SpendRoute` (below) before it gets here; this
-    operation answers the others (401, 400, 422) and documents the route."""
-    return _once(rt, request, key, body, _spend(rt, account, body, key))
+    A well-formed request with a valid token is served by `SpendDoor` (below) before it gets here; this
+    operation answers the others (401, 400, 422), a streamed body, and documents the route. Both hand the
+    spend to the process's batches of spends (service/spends.py)."""
+    return _answer(await _spend(request, account, body, _key(key)))
 
 
-def _spend(rt: Runtime, account: str, body: SpendRequest, key: str | None) -> Work:
-    """The spend's work in the request's transaction: lock the account, spend, and the answer to store."""
-
-    def work(session: Session) -> tuple[int, dict[str, Any]]:
-        acct = accounts.lock_ref(session, account)
-        structlog.contextvars.bind_contextvars(account_id=acct.public_id)
-        charge = spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
-        try:
-            spent = spending.spend_locked(session, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
-        except ledger.InsufficientCredits as exc:
-            log.info("spend.refused", balance=exc.balance, requested=exc.requested)
-            return 402, {"error": "insufficient_credits", "balance": exc.balance, "requested": exc.requested}
-        except spending.MemberLimitReached as exc:
-            return 402, {"error": "member_limit_reached", "limit": exc.limit, "used": exc.used, "requested": exc.requested}
-        except spending.UnknownMember:
-            return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {acct.public_id}"}
-        except spending.UnknownAction as exc:
-            return 422, {"error": "unknown_action", "message": str(exc), "known_actions": exc.known}
-        echo = {k: v for k, v in (("action", body.action), ("quantity", body.quantity if body.action else None),
-                                  ("resource", body.resource), ("member_id", body.member_id)) if v is not None}
-        return 200, {"balance": spent.balance, "spent": spent.charged, "charged": spent.charged,
-                     "entry_id": spent.entry_id, **echo}
-
-    return work
+async def _spend(request: Request, account: str, body: SpendRequest, key: str) -> idempotency.Outcome:
+    """The spend done in the next batch, with the request's context (its request id) for its log lines."""
+    job = SpendJob(account, body, key, _digest(request, body), contextvars.copy_context())
+    return await request.app.state.spends.submit(job)  # type: ignore[no-any-return]
 
 
-class SpendRoute(Route):
-    """POST /v1/accounts/{account}/spend, the product's hot path, served without FastAPI's per-request
-    machinery (route matching over every operation, dependency solving, a hop to anyio's thread pool).
+class SpendDoor:
+    """POST /v1/accounts/{account}/spend, the product's hot path, taken at the app's door (see `Api`): none
+    of the middleware stack, route matching over every operation, dependency solving or body parsing into a
+    model twice.
 
-    A request that carries a valid bearer token, an Idempotency-Key and a JSON body SpendRequest accepts is
-    answered here: its whole database part runs in ONE hop on `executor`, a few threads of its own (fewer
-    than the connection pool has, so spends never wait for a connection or open extra ones, and few threads
-    take turns at the GIL while one of them holds an account's row lock). Every other request goes on, body
-    intact, to the FastAPI operation `post_spend`, so a refusal (401, 400, 422) is exactly FastAPI's.
+    A request that declares its length, carries a valid bearer token and an Idempotency-Key, and has a JSON
+    body SpendRequest accepts is answered here, its spend done in the next batch (service/spends.py); an
+    error is answered by the app's own exception handlers, as on the usual way. Every other request goes on,
+    body intact, the usual way to the FastAPI operation `post_spend`, so a refusal (401, 400, 413, 422) or a
+    streamed body is exactly FastAPI's.
     """
 
-    def __init__(self, executor: Executor, fallback: ASGIApp) -> None:
-        super().__init__(SPEND_PATH, _SpendEndpoint(executor, fallback), methods=["POST"], name="spend")
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope.get(FALLBACK):
-            return Match.NONE, {}
-        return super().matches(scope)
-
-
-class _SpendEndpoint:
-    def __init__(self, executor: Executor, fallback: ASGIApp) -> None:
-        self.executor, self.fallback = executor, fallback
+    def __init__(self, app: Api) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope)
-        rt: Runtime = request.app.state.runtime  # read per request, as the `runtime` dependency does
-        if not request.headers.get("content-length", "").isdigit():  # streamed: FastAPI reads (and caps) it
-            await self.fallback({**scope, FALLBACK: True}, receive, send)
+        rt: Runtime = self.app.state.runtime  # read per request, as the `runtime` dependency does
+        declared = request.headers.get("content-length", "")
+        if not declared.isdigit() or int(declared) > MAX_BODY:  # streamed or too large: FastAPI reads (and caps) it
+            await self.app({**scope, USUAL_WAY: True}, receive, send)
             return
         raw = await _read_body(receive)
         if raw is None:  # the client went away
             return
         body = _well_formed(request, raw, rt)
         if body is None:
-            await self.fallback({**scope, FALLBACK: True}, _replay(raw, receive), send)
+            await self.app({**scope, USUAL_WAY: True}, _replay(raw, receive), send)
             return
-        key = request.headers["idempotency-key"]
-        work = _spend(rt, scope["path_params"]["account"], body, key)
-        context = contextvars.copy_context()  # the request id, for the log lines of the work
-        outcome = await asyncio.get_running_loop().run_in_executor(
-            self.executor, context.run, _outcome, rt, request, key, body, work)
-        await _answer(outcome)(scope, receive, send)
+        try:
+            response: Response = _answer(await _spend(request, SPEND_DOOR.fullmatch(scope["path"])[1],  # type: ignore[index]
+                                                      body, request.headers["idempotency-key"]))
+        except Exception as exc:  # noqa: BLE001 - answered as the app answers it (404, 409, 503, a logged 500)
+            response = await self.app.error_response(request, exc)
+        await response(scope, receive, send)
 
 
 def _well_formed(request: Request, raw: bytes, rt: Runtime) -> SpendRequest | None:
@@ -468,6 +433,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _not_found(_: Request, exc: AccountNotFound) -> JSONResponse:
         return _error(404, "account_not_found", f"no account or Stripe customer {exc.args[0]!r}")
 
+    @app.exception_handler(idempotency.KeyReused)
+    async def _reused(_: Request, exc: idempotency.KeyReused) -> JSONResponse:
+        return _error(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
+
+    @app.exception_handler(idempotency.KeyInFlight)
+    async def _in_flight(_: Request, exc: idempotency.KeyInFlight) -> JSONResponse:
+        return _error(409, "request_in_progress", "a request with this Idempotency-Key is still running")
+
+    @app.exception_handler(Stopped)
+    async def _stopping(_: Request, exc: Stopped) -> JSONResponse:
+        return _error(503, "shutting_down", "the service is shutting down; retry")
+
     @app.exception_handler(ledger.IdempotencyConflict)
     async def _conflict(_: Request, exc: ledger.IdempotencyConflict) -> JSONResponse:
         return _error(409, "idempotency_conflict", str(exc))
@@ -565,22 +542,32 @@ class BodyLimit:
 
 
 class Api(FastAPI):
-    """The service's FastAPI app, with Stripe's deliveries taken at the door.
+    """The service's FastAPI app, with its two hot paths taken at the door.
 
-    A delivery is the hot path, and it needs none of the app's middleware or routing: its receiver caps the
-    body and answers every failure itself. So POST /webhooks/stripe goes straight to the receiver, wrapped in
-    RequestContext alone (the request id and the request log line); every other request takes the usual way
-    through the middleware stack. The route stays in the router too, so the path answers other methods, and
-    shows in the route table, as before."""
+    A Stripe delivery and a spend need none of the app's middleware or routing. So POST /webhooks/stripe
+    goes straight to the webhook receiver (which caps the body and answers every failure itself) and POST
+    /v1/accounts/{account}/spend to `SpendDoor`, each wrapped in RequestContext alone (the request id and
+    the request log line); every other request — and whatever a door passes on — takes the usual way through
+    the middleware stack. The routes stay in the router too, so the paths answer other methods, show in the
+    route table and in the OpenAPI schema, as before."""
 
-    door: ASGIApp | None = None
+    webhook_door: ASGIApp | None = None
+    spend_door: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self.door is not None and scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"] == webhooks.PATH):
-            await self.door(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get(USUAL_WAY):
+            door = self.webhook_door if scope["path"] == webhooks.PATH else (
+                self.spend_door if SPEND_DOOR.fullmatch(scope["path"]) else None)
+            if door is not None:
+                scope["app"] = self  # as Starlette sets it: `request.app` on the door's way too
+                await door(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+    async def error_response(self, request: Request, exc: Exception) -> Response:
+        """The answer the app's exception handlers give `exc` (the most specific one registered)."""
+        handler = next(self.exception_handlers[kind] for kind in type(exc).__mro__ if kind in self.exception_handlers)
+        return await handler(request, exc)  # type: ignore[no-any-return]
 
 
 def create_app(rt: Runtime) -> FastAPI:
@@ -588,15 +575,18 @@ def create_app(rt: Runtime) -> FastAPI:
     problem = rt.settings.token_problem()
     if problem:
         raise ValueError(problem)
-    inline, writer = InlineProcessor(rt), InboxWriter(rt.engine)
-    # Not shut down with the lifespan: the server waits for the requests in hand, which wait for their spends,
-    # and an app may be started again (a test client per test).
-    spends = ThreadPoolExecutor(max_workers=SPEND_THREADS, thread_name_prefix="spend")
+    # The app's threads (the group commits' of webhooks and spends, the inline processor) wait on the database
+    # and then for the GIL, which the event loop holds meanwhile for up to the switch interval. At Python's
+    # default 5 ms that wait is taken after nearly every round trip and was most of a batch of spends' time
+    # (bench/spend: a batch of 15 took 34 ms for 10 ms of CPU); the process asks for it back sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    inline, writer, spends = InlineProcessor(rt), InboxWriter(rt.engine), Spends(rt)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await run_in_threadpool(writer.stop)  # answer the deliveries in hand
+        await run_in_threadpool(spends.stop)  # and the spends
         await run_in_threadpool(inline.stop)  # finish the events in hand; the worker gets the rest
 
     # No OpenTelemetry here (metrics are Prometheus, logs structlog): FastAPI's native telemetry off, which
@@ -604,7 +594,7 @@ def create_app(rt: Runtime) -> FastAPI:
     app = Api(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
               lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.runtime = rt
-    app.state.inline, app.state.writer = inline, writer
+    app.state.inline, app.state.writer, app.state.spends = inline, writer, spends
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(metrics.DatabaseCollector(rt.sessions, rt.settings.inbox_alert_seconds))
     install_error_handlers(app)
@@ -613,8 +603,7 @@ def create_app(rt: Runtime) -> FastAPI:
     app.include_router(admin)
     receiver = webhooks.Receiver(rt.settings.webhook_secrets, writer, inline)
     app.router.routes.insert(0, webhooks.route(receiver))
-    app.door = RequestContext(receiver)
-    app.router.routes.insert(1, SpendRoute(spends, app.router))  # matched before the FastAPI operations
+    app.webhook_door, app.spend_door = RequestContext(receiver), RequestContext(SpendDoor(app))
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app

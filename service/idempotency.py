@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from service.db import dialect_insert
+from service.db import Bulk, among, dialect_insert, recordset
 from service.models import ApiRequest, utcnow
 
 MAX_KEY_LENGTH = 255
@@ -40,18 +40,35 @@ class Outcome:
     replayed: bool
 
 
-def _claim(dialect: str) -> Insert:
-    table = ApiRequest.__table__
-    return (dialect_insert(dialect, table)
-            .values(key=bindparam("claimed"), fingerprint=bindparam("digest"), created_at=bindparam("at"))
-            .on_conflict_do_nothing(index_elements=["key"])
-            .returning(table.c.key))
+_requests = ApiRequest.__table__
 
 
-# Built once, per dialect: every API POST runs both, and building a statement costs more than running it.
-CLAIM = {dialect: _claim(dialect) for dialect in ("postgresql", "sqlite")}
-RECORD = (update(ApiRequest.__table__).where(ApiRequest.__table__.c.key == bindparam("claimed"))
-          .values(status_code=bindparam("status"), response=bindparam("body")))
+def _claim() -> Bulk:
+    """Rows of (claimed, digest, at): INSERT … ON CONFLICT (key) DO NOTHING RETURNING the keys claimed, in
+    the order of the keys."""
+    rows = recordset(claimed=_requests.c.key.type, digest=_requests.c.fingerprint.type, at=_requests.c.created_at.type)
+    new = select(rows.c.claimed, rows.c.digest, rows.c.at).order_by(rows.c.claimed)
+    return Bulk(
+        dialect_insert("postgresql", _requests).from_select(["key", "fingerprint", "created_at"], new)
+        .on_conflict_do_nothing(index_elements=["key"]).returning(_requests.c.key),
+        dialect_insert("sqlite", _requests)
+        .values(key=bindparam("claimed"), fingerprint=bindparam("digest"), created_at=bindparam("at"))
+        .on_conflict_do_nothing(index_elements=["key"]).returning(_requests.c.key))
+
+
+def _record() -> Bulk:
+    """Rows of (claimed, status, body): the outcome stored under each claimed key."""
+    rows = recordset(claimed=_requests.c.key.type, status=_requests.c.status_code.type, body=_requests.c.response.type)
+    return Bulk(
+        update(_requests).where(_requests.c.key == rows.c.claimed).values(status_code=rows.c.status, response=rows.c.body),
+        update(_requests).where(_requests.c.key == bindparam("claimed"))
+        .values(status_code=bindparam("status"), response=bindparam("body")))
+
+
+# Built once: every API POST runs them, and building a statement costs more than running it.
+CLAIM, RECORD = _claim(), _record()
+EARLIER = {dialect: select(_requests.c.key, _requests.c.fingerprint, _requests.c.status_code, _requests.c.response)
+           .where(among(_requests.c.key, "keys", dialect)) for dialect in ("postgresql", "sqlite")}
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:
@@ -60,17 +77,40 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def claim(session: Session, requests: list[tuple[str, str]]) -> dict[str, Outcome | None]:
+    """Claim each (key, digest) for this transaction: None for a key now claimed (do the work, then `record`),
+    the stored Outcome to replay for a key an earlier request holds. Raises KeyReused when a key was used with
+    another request, KeyInFlight when its request has not finished. The keys must be distinct.
+
+    The keys are claimed in sorted order, so two transactions claiming overlapping keys (a batch of spends
+    and a client's retry in another) wait for each other in one order, never in a cycle."""
+    at = utcnow()
+    params = [{"claimed": key, "digest": digest, "at": at} for key, digest in sorted(requests)]
+    claimed = set(CLAIM.execute(session, params).scalars())
+    earlier = {key: digest for key, digest in requests if key not in claimed}
+    replays: dict[str, Outcome | None] = dict.fromkeys(claimed)
+    if earlier:
+        lookup = EARLIER[session.get_bind().dialect.name]
+        for key, fingerprint_, status_code, response in session.execute(lookup, {"keys": list(earlier)}):
+            if fingerprint_ != earlier[key]:
+                raise KeyReused(key)
+            if status_code is None or response is None:
+                raise KeyInFlight(key)
+            replays[key] = Outcome(status_code, response, replayed=True)
+    return replays
+
+
+def record(session: Session, outcomes: list[tuple[str, int, dict[str, Any]]]) -> None:
+    """Store each claimed key's (key, status, body) outcome, in the transaction that did its work."""
+    if outcomes:
+        RECORD.execute(session, [{"claimed": key, "status": status, "body": body} for key, status, body in outcomes])
+
+
 def run_once(session: Session, key: str, digest: str, work: Callable[[], tuple[int, dict[str, Any]]]) -> Outcome:
     """Run `work` under `key` unless the key has a stored outcome, which is then replayed."""
-    claim = CLAIM[session.get_bind().dialect.name]
-    claimed = session.scalar(claim, {"claimed": key, "digest": digest, "at": utcnow()})
-    if claimed is None:
-        earlier = session.get_one(ApiRequest, key, populate_existing=True)
-        if earlier.fingerprint != digest:
-            raise KeyReused(key)
-        if earlier.status_code is None or earlier.response is None:
-            raise KeyInFlight(key)
-        return Outcome(earlier.status_code, earlier.response, replayed=True)
+    earlier = claim(session, [(key, digest)])[key]
+    if earlier is not None:
+        return earlier
     status_code, body = work()
-    session.execute(RECORD, {"claimed": key, "status": status_code, "body": body})
+    record(session, [(key, status_code, body)])
     return Outcome(status_code, body, replayed=False)

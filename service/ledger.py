@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, func, or_, select
+from sqlalchemy import BigInteger, Select, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import accounts, logs, metrics, periods
-from service.db import dialect_insert
+from service.db import Bulk, dialect_insert, recordset, table_columns
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
@@ -29,11 +29,25 @@ NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
 HELD_WHERE = and_(Grant.account_id == bindparam("account_id"), Grant.remaining > 0)  # oldest first
 HELD = select(Grant).where(HELD_WHERE).order_by(Grant.id)
 BY_KEY = select(LedgerEntry).where(LedgerEntry.idempotency_key == bindparam("key"))
-ALLOCATE = Allocation.__table__.insert()
-_grants = Grant.__table__.c
-MOVE = {kind: Grant.__table__.update().where(_grants.id == bindparam("grant_id"))
-        .values({_grants.remaining: _grants.remaining - bindparam("part"), _grants[column]: _grants[column] + bindparam("part")})
-        for kind, column in DEBIT_COLUMNS.items()}
+_allocations, _grants = Allocation.__table__, Grant.__table__.c
+_ALLOCATION_COLUMNS = ("entry_id", "grant_id", "amount")
+ALLOCATE = Bulk(insert(_allocations).from_select(
+    _ALLOCATION_COLUMNS, select(*recordset(**table_columns(_allocations, *_ALLOCATION_COLUMNS)).c)), _allocations.insert())
+
+
+def _move(into: str) -> Bulk:
+    """Move parts of grants' remainders into their column `into` (spent, expired, reversed): rows of
+    (grant_id, part)."""
+    rows = recordset(grant_id=BigInteger(), part=BigInteger())
+    target = _grants[into]
+    return Bulk(
+        update(Grant.__table__).where(_grants.id == rows.c.grant_id)
+        .values({_grants.remaining: _grants.remaining - rows.c.part, target: target + rows.c.part}),
+        update(Grant.__table__).where(_grants.id == bindparam("grant_id"))
+        .values({_grants.remaining: _grants.remaining - bindparam("part"), target: target + bindparam("part")}))
+
+
+MOVE = {kind: _move(into) for kind, into in DEBIT_COLUMNS.items()}
 
 
 class LedgerError(Exception):
@@ -53,6 +67,22 @@ class IdempotencyConflict(LedgerError):
     """The key was already used for a different operation."""
 
 
+@dataclass
+class Debit:
+    """A debit decided in memory under its account's lock — the grants it takes from already show it — and
+    written with the others of its batch by `write_debits`, which fills in `entry_id`."""
+
+    account: Account
+    kind: str
+    parts: list[tuple[Grant, int]]
+    key: str
+    reason: str | None
+    actor: str | None
+    meta: dict[str, Any]
+    now: datetime
+    entry_id: int | None = None
+
+
 @dataclass(frozen=True)
 class Posted:
     """A ledger entry and whether this call wrote it (False: an earlier call with the same key did)."""
@@ -69,7 +99,7 @@ def balance(session: Session, account: Account, now: datetime | None = None) -> 
 def open_grants(session: Session, account: Account, now: datetime | None = None) -> list[Grant]:
     """Unexpired grants with credits left, in the order spends consume them (soonest-expiring first)."""
     now = now or utcnow()
-    return _spending_order(_held(session, account), account, now)
+    return spending_order(_held(session, account), account, now)
 
 
 def spendable(session: Session, account: Account, now: datetime, held: Sequence[Grant] | None = None) -> list[Grant]:
@@ -78,7 +108,7 @@ def spendable(session: Session, account: Account, now: datetime, held: Sequence[
     may pass what it read of HELD_WHERE's grants itself (spending.spend reads them with its own checks)."""
     held = _held(session, account) if held is None else held
     _expire(session, account, held, now)
-    return _spending_order(held, account, now)
+    return spending_order(held, account, now)
 
 
 def _held(session: Session, account: Account) -> Sequence[Grant]:
@@ -86,7 +116,8 @@ def _held(session: Session, account: Account) -> Sequence[Grant]:
     return session.scalars(HELD, {"account_id": account.id}).all()
 
 
-def _spending_order(grants: Iterable[Grant], account: Account, now: datetime) -> list[Grant]:
+def spending_order(grants: Iterable[Grant], account: Account, now: datetime) -> list[Grant]:
+    """The unexpired grants with credits left, in the order spends consume them."""
     live = [g for g in grants if g.remaining > 0 and (g.expires_at is None or g.expires_at > now)]
     return sorted(live, key=lambda g: (spend_deadline(g, account, now), g.id))
 
@@ -247,6 +278,32 @@ def reverse(
     return _debit(session, account, "reverse", take, key, reason, actor, info, now or utcnow())
 
 
+def take(account: Account, kind: str, grants: list[Grant], amount: int, *, key: str, reason: str | None,
+         actor: str | None, meta: dict[str, Any], now: datetime) -> Debit:
+    """Take `amount` from `grants` in their order, in memory (the caller checked there is enough and holds
+    the account's lock): a Debit for `write_debits`. A batch of spends decides each spend this way against
+    what the ones before it left, and writes them all at once."""
+    parts = _take(grants, amount)
+    _moved(kind, parts)
+    return Debit(account, kind, parts, key, reason, actor, meta, now)
+
+
+def write_debits(session: Session, debits: list[Debit]) -> None:
+    """Write decided debits: their entries with one INSERT (their keys are new: each was looked for under its
+    account's lock, and the UNIQUE constraint still holds), their allocations and grant updates."""
+    if not debits:
+        return
+    rows = [{"account_id": d.account.id, "kind": d.kind, "amount": -sum(part for _, part in d.parts),
+             "idempotency_key": d.key, "reason": d.reason, "actor": d.actor, "metadata": d.meta, "created_at": d.now}
+            for d in debits]
+    ids = {key: entry_id for key, entry_id in NEW_ENTRIES.execute(session, rows)}
+    for debit, row in zip(debits, rows):
+        debit.entry_id = ids[debit.key]
+        log.info("ledger.posted", kind=debit.kind, amount=row["amount"], idempotency_key=debit.key,
+                 account_id=debit.account.public_id)
+    _write_moves(session, [(d.entry_id, d.kind, d.parts) for d in debits])  # type: ignore[misc]
+
+
 def _take(grants: list[Grant], amount: int) -> list[tuple[Grant, int]]:
     """Split `amount` over `grants` in their order."""
     parts: list[tuple[Grant, int]] = []
@@ -274,18 +331,35 @@ def _debit(
     """Write one debit entry, its allocations, and move the credits out of each grant's remainder."""
     total = sum(part for _, part in parts)
     posted = _post(session, account, kind, -total, key, reason, actor, meta, now)
-    if not posted.created or not parts:
-        return posted
-    # Core statements, not the unit of work: the same rows for a fraction of the CPU. The loaded grants are
-    # then told their new values as the database's own, so they read right without a flush or a reload.
-    session.execute(ALLOCATE, [{"entry_id": posted.entry.id, "grant_id": g.id, "amount": part} for g, part in parts])
-    session.execute(MOVE[kind], [{"grant_id": g.id, "part": part} for g, part in parts])
+    if posted.created and parts:
+        _moved(kind, parts)
+        _write_moves(session, [(posted.entry.id, kind, parts)])
+    return posted
+
+
+def _moved(kind: str, parts: list[tuple[Grant, int]]) -> None:
+    """Tell the loaded grants their new values as the database's own (the writes are Core statements, not
+    the unit of work: the same rows for a fraction of the CPU), so they read right without a flush or a reload."""
     column = DEBIT_COLUMNS[kind]
     for g, part in parts:
-        metrics.count_credits(session, kind, g.source, part)
         set_committed_value(g, "remaining", g.remaining - part)
         set_committed_value(g, column, getattr(g, column) + part)
-    return posted
+
+
+def _write_moves(session: Session, moves: list[tuple[int, str, list[tuple[Grant, int]]]]) -> None:
+    """The allocations of each (entry id, kind, parts), and each grant's remainder moved into the kind's column
+    once for all the parts that take from it (a batch of spends on one account updates its grant once)."""
+    ALLOCATE.execute(session, [{"entry_id": entry_id, "grant_id": g.id, "amount": part}
+                               for entry_id, _, parts in moves for g, part in parts])
+    totals: dict[tuple[str, int], int] = {}
+    for _, kind, parts in moves:
+        for g, part in parts:
+            metrics.count_credits(session, kind, g.source, part)
+            totals[kind, g.id] = totals.get((kind, g.id), 0) + part
+    for kind in DEBIT_COLUMNS:
+        updates = [{"grant_id": grant_id, "part": part} for (moved, grant_id), part in totals.items() if moved == kind]
+        if updates:
+            MOVE[kind].execute(session, updates)
 
 
 def _post(
@@ -325,6 +399,12 @@ def _new_entry(dialect: str) -> Any:
 # running it. The grant row is a Core INSERT, not an ORM object flushed: a later query loads it when asked.
 NEW_ENTRY = {dialect: _new_entry(dialect) for dialect in ("postgresql", "sqlite")}
 NEW_GRANT = Grant.__table__.insert()
+_entries = LedgerEntry.__table__
+_ENTRY_COLUMNS = ("account_id", "kind", "amount", "idempotency_key", "reason", "actor", "metadata", "created_at")
+NEW_ENTRIES = Bulk(  # a batch's debits: the keys are new (each looked for under its account's lock), so no ON CONFLICT
+    insert(_entries).from_select(_ENTRY_COLUMNS, select(*recordset(**table_columns(_entries, *_ENTRY_COLUMNS)).c))
+    .returning(_entries.c.idempotency_key, _entries.c.id),
+    _entries.insert().returning(_entries.c.idempotency_key, _entries.c.id))
 
 
 def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:

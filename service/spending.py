@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, periods
 from service.catalogue import Catalogue
-from service.db import insert
+from service.db import among, insert
 from service.models import Account, Grant, LedgerEntry, Member, ResourceCharge, utcnow
 
 
@@ -73,61 +73,137 @@ def cost(catalogue: Catalogue, charge: Charge) -> int:
 
 
 RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
-# Everything a spend reads under the account's lock, in one round trip where three statements would take
-# three (each round trip under the lock is one more wait for the next spend on the account): the entry that
-# already holds the key, if any, the credits members' allocations reserve, and the grants with credits left
-# (outer-joined, so the first two come back when there are none).
-_standing = select(
-    select(LedgerEntry.id).where(LedgerEntry.idempotency_key == bindparam("key")).scalar_subquery().label("earlier"),
-    RESERVED.scalar_subquery().label("reserved"),
-).subquery("standing")
-STANDING = (select(_standing.c.earlier, _standing.c.reserved, Grant).select_from(_standing)
-            .outerjoin(Grant, ledger.HELD_WHERE).order_by(Grant.id))
+# What a batch of spends reads under its accounts' locks, in two round trips however many spends it holds
+# (each round trip under the locks is one more wait for the next batch): each account's grants with credits
+# left and the credits its members' allocations reserve (outer-joined, so an account without grants comes
+# back too), and the ledger entries that already hold any of the batch's keys.
+_accounts = Account.__table__.c
+_reserve = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == _accounts.id)
+STANDING = {dialect: select(_accounts.id, _reserve.scalar_subquery().label("reserved"), Grant)
+            .select_from(Account.__table__)
+            .outerjoin(Grant, and_(Grant.account_id == _accounts.id, Grant.remaining > 0))
+            .where(among(_accounts.id, "account_ids", dialect)).order_by(_accounts.id, Grant.id)
+            for dialect in ("postgresql", "sqlite")}
+EARLIER = {dialect: select(LedgerEntry.idempotency_key, LedgerEntry.amount, LedgerEntry.id)
+           .where(among(LedgerEntry.idempotency_key, "keys", dialect)) for dialect in ("postgresql", "sqlite")}
+Refused = ledger.InsufficientCredits | MemberLimitReached | UnknownMember | UnknownAction
+
+
+@dataclass(frozen=True)
+class Call:
+    """One spend of a batch: its account (locked by the caller), what it asks for, and its ledger key."""
+
+    account: Account
+    charge: Charge
+    key: str
 
 
 def spend(session: Session, catalogue: Catalogue, account: Account, charge: Charge, *, key: str,
           now: datetime | None = None) -> Spent:
     """Spend for `charge` once per `key`: free when the resource was already charged in this account;
     from the member's allocation, within its period limit, or from the pool that allocations leave."""
-    return spend_locked(session, catalogue, accounts.lock(session, account), charge, key=key, now=now)
+    done = spend_many(session, catalogue, [Call(accounts.lock(session, account), charge, key)], now)[0]
+    if isinstance(done, Exception):
+        raise done
+    return done
 
 
-def spend_locked(session: Session, catalogue: Catalogue, account: Account, charge: Charge, *, key: str,
-                 now: datetime | None = None) -> Spent:
-    """`spend`, for a caller that already holds the account's lock (the API locks by public id in one
-    statement, `accounts.lock_ref`, where `get` then `lock` would take two)."""
-    now = now or utcnow()
-    price = cost(catalogue, charge)
-    rows = session.execute(STANDING, {"key": key, "account_id": account.id}).all()
-    earlier_id, reserved = rows[0].earlier, rows[0].reserved
-    if earlier_id is not None:
-        earlier = session.get_one(LedgerEntry, earlier_id)
-        return Spent(-earlier.amount, earlier.id, ledger.balance(session, account, now))
-    member = _member(session, account, charge.member_id) if charge.member_id else None
-    if charge.resource and charge.action and _charged_before(session, account, charge):
-        return Spent(0, None, ledger.balance(session, account, now))
-    # read once: the checks, the spend and the new balance
-    grants = ledger.spendable(session, account, now, held=[row.Grant for row in rows if row.Grant is not None])
-    balance = sum(g.remaining for g in grants)
-    if member is not None and member.limit_per_period is not None:
-        used = member_usage(session, account, member.member_id, now, periods.months_of(catalogue, account))
-        if used + price > member.limit_per_period:
-            raise MemberLimitReached(member.limit_per_period, used, price)
-    available = member.allocation if member is not None and member.allocation is not None else balance - int(reserved)
-    if price > available:
-        raise ledger.InsufficientCredits(max(available, 0), price)
-    meta = {k: v for k, v in {"action": charge.action, "quantity": charge.quantity if charge.action else None,
-                              "resource": charge.resource, "member_id": charge.member_id}.items() if v is not None}
-    posted = ledger.consume(session, account, grants, price, key=key, reason=charge.reason,
-                            actor=charge.member_id or "api", meta=meta, now=now)
-    if member is not None and member.allocation is not None:
-        member.allocation -= price
-    if charge.resource and charge.action:
-        session.execute(insert(session, ResourceCharge).values(
-            account_id=account.id, action=charge.action, resource=charge.resource, entry_id=posted.entry.id,
-            member_id=charge.member_id, created_at=now,
-        ).on_conflict_do_nothing())
-    return Spent(price, posted.entry.id, balance - price)
+def spend_many(session: Session, catalogue: Catalogue, calls: list[Call], now: datetime | None = None) -> list[Spent | Refused]:
+    """`spend` for each call, in order, for a caller that holds every call's account lock (the API's batches
+    of spends lock all their accounts with one statement, `accounts.lock_refs`): what each spent, or why it
+    was refused (nothing spent). The keys must be distinct.
+
+    The accounts' standing is read once for all the calls, each spend is decided in memory against what the
+    spends before it left, and the plain ones (no member, no resource) are written together at the end; a
+    spend that reads or writes more first writes what is decided, so its reads see the spends before it."""
+    return _Batch(session, catalogue, calls, now or utcnow()).spend_all(calls)
+
+
+class _Batch:
+    """The spends of one transaction: each account's grants and reserve as the spends so far left them,
+    the debits decided and not yet written, and the results waiting for their entries' ids."""
+
+    def __init__(self, session: Session, catalogue: Catalogue, calls: list[Call], now: datetime) -> None:
+        self.session, self.catalogue, self.now = session, catalogue, now
+        self.held: dict[int, list[Grant]] = {}
+        self.reserved: dict[int, int] = {}
+        self.swept: set[int] = set()
+        ids, dialect = sorted({call.account.id for call in calls}), session.get_bind().dialect.name
+        for account_id, reserved, grant in session.execute(STANDING[dialect], {"account_ids": ids}):
+            self.reserved[account_id] = int(reserved)
+            self.held.setdefault(account_id, []).extend([grant] if grant is not None else [])
+        self.earlier = {key: (amount, entry_id) for key, amount, entry_id in
+                        session.execute(EARLIER[dialect], {"keys": [call.key for call in calls]})}
+        self.pending: list[ledger.Debit] = []
+
+    def spend_all(self, calls: list[Call]) -> list[Spent | Refused]:
+        done = [self._spend(call) for call in calls]
+        self._write()
+        return [Spent(price, debit.entry_id, balance) if isinstance(debit, ledger.Debit) else debit  # type: ignore[misc]
+                for debit, (price, balance) in done]
+
+    def _spend(self, call: Call) -> tuple[ledger.Debit | Spent | Refused, tuple[int, int]]:
+        """Decide one spend: its debit (written later) with the price and balance after, or its result now."""
+        account, charge, session = call.account, call.charge, self.session
+        try:
+            price = cost(self.catalogue, charge)
+        except UnknownAction as exc:
+            return exc, (0, 0)
+        if call.key in self.earlier:
+            amount, entry_id = self.earlier[call.key]
+            return Spent(-amount, entry_id, self._balance(account)), (0, 0)
+        if charge.member_id or charge.resource or self._due(account):
+            self._write()  # what follows reads or writes the database: it must see the spends before it
+        try:
+            member = _member(session, account, charge.member_id) if charge.member_id else None
+        except UnknownMember as exc:
+            return exc, (0, 0)
+        if charge.resource and charge.action and _charged_before(session, account, charge):
+            return Spent(0, None, self._balance(account)), (0, 0)
+        grants = self._spendable(account)
+        balance = sum(g.remaining for g in grants)
+        if member is not None and member.limit_per_period is not None:
+            used = member_usage(session, account, member.member_id, self.now, periods.months_of(self.catalogue, account))
+            if used + price > member.limit_per_period:
+                return MemberLimitReached(member.limit_per_period, used, price), (0, 0)
+        own = member is not None and member.allocation is not None
+        available = member.allocation if own else balance - self.reserved[account.id]  # type: ignore[union-attr]
+        if price > available:  # type: ignore[operator]
+            return ledger.InsufficientCredits(max(available, 0), price), (0, 0)  # type: ignore[call-overload]
+        meta = {k: v for k, v in {"action": charge.action, "quantity": charge.quantity if charge.action else None,
+                                  "resource": charge.resource, "member_id": charge.member_id}.items() if v is not None}
+        debit = ledger.take(account, "spend", grants, price, key=call.key, reason=charge.reason,
+                            actor=charge.member_id or "api", meta=meta, now=self.now)
+        self.pending.append(debit)
+        if own:  # from the member's own credits: the pool keeps what it had
+            member.allocation -= price  # type: ignore[union-attr,operator]
+            self.reserved[account.id] -= price
+        if charge.resource and charge.action:
+            self._write()
+            session.execute(insert(session, ResourceCharge).values(
+                account_id=account.id, action=charge.action, resource=charge.resource, entry_id=debit.entry_id,
+                member_id=charge.member_id, created_at=self.now,
+            ).on_conflict_do_nothing())
+        return debit, (price, balance - price)
+
+    def _due(self, account: Account) -> bool:
+        """Whether the account has grants whose expiry has passed and that this batch has not expired yet."""
+        return account.id not in self.swept and any(
+            g.expires_at is not None and g.expires_at <= self.now for g in self.held[account.id])
+
+    def _spendable(self, account: Account) -> list[Grant]:
+        """The account's grants in spending order, expiring what is due first (once per account and batch)."""
+        if account.id not in self.swept:
+            self.swept.add(account.id)
+            return ledger.spendable(self.session, account, self.now, held=self.held[account.id])
+        return ledger.spending_order(self.held[account.id], account, self.now)
+
+    def _balance(self, account: Account) -> int:
+        return sum(g.remaining for g in ledger.spending_order(self.held[account.id], account, self.now))
+
+    def _write(self) -> None:
+        ledger.write_debits(self.session, self.pending)
+        self.pending = []
 
 
 def pool(session: Session, account: Account, now: datetime) -> int:

@@ -37,6 +37,7 @@ from service import accounts, ledger, referrals, spending
 from service.api import create_app
 from service.db import transaction
 from service.runtime import Runtime
+from service.spends import Spends
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from tests.reliability.support import runtime_for, settings_for
 
@@ -45,7 +46,8 @@ EXAMPLES = 25  # per operation and token
 
 # The app whose schema is fuzzed. Its Runtime is a placeholder at import (loading the schema needs no
 # database, and this engine never connects); `fuzz_db` puts a fresh, seeded database behind it for each
-# test (every route reads `app.state.runtime` at request time).
+# test (every route reads `app.state.runtime` at request time; the spends' batches are bound to a
+# runtime's engine, so they are swapped with it).
 APP = create_app(runtime_for(settings_for("sqlite://")))
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP).include(path_regex=r"^/v1/")
 OPERATIONS = {op.label: op for op in (result.ok() for result in SCHEMA.get_all_operations())}
@@ -93,9 +95,11 @@ def fuzz_db(rt: Runtime) -> Iterator[Runtime]:
         ledger.grant(session, account, 1000, source="admin", key="seed:acct_fuzz", reason="seed")
         SEEDED["code"] = referrals.code_for(session, account)
         spending.set_member(session, account, "member_1", allocation=None, limit_per_period=100)
-    placeholder, APP.state.runtime = APP.state.runtime, rt
+    placeholder = APP.state.runtime, APP.state.spends
+    APP.state.runtime, APP.state.spends = rt, Spends(rt)
     yield rt
-    APP.state.runtime = placeholder
+    APP.state.spends.stop()
+    APP.state.runtime, APP.state.spends = placeholder
 
 
 def _fuzz(label: str, token: str) -> None:

@@ -1,0 +1,111 @@
+"""The spend API's requests, done in batches: concurrent `POST /v1/accounts/{id}/spend` requests share one
+transaction, one statement locking their accounts and one commit (service/group_commit.py).
+
+A spend is the product's hot path, and most of its cost was per transaction, not per spend: the BEGIN and
+the COMMIT (a WAL flush), a pool checkout, the account's row lock taken and held across round trips. A
+batch pays them once. Each spend in it is still exactly what it was alone — its Idempotency-Key claimed
+and its outcome stored with it, its account locked before its balance is read, refused (402) with nothing
+spent when short — and the batch does them in arrival order, so two spends on one account in one batch
+see each other as they would in two transactions one after the other.
+
+A spend that cannot be answered as part of its batch (an unknown account, an Idempotency-Key reused for
+another request, a value the database refuses) makes the batch roll back; group_commit then does the
+batch's spends again one by one, so that only that request gets the error.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
+from service import accounts, idempotency, ledger, logs, spending
+from service.group_commit import GroupCommit
+from service.idempotency import Outcome
+from service.models import Account
+from service.runtime import Runtime
+from service.schemas import SpendRequest
+
+log = logs.get("spends")
+MAX_BATCH = 64  # spends in one transaction at most: under one lock, a batch also delays the next one's requests
+
+
+@dataclass(frozen=True)
+class SpendJob:
+    """One spend request: the account as the request names it (public id or Stripe customer id), its body,
+    its Idempotency-Key, its fingerprint, and its context (the request id its log lines carry)."""
+
+    account: str
+    body: SpendRequest
+    key: str
+    digest: str
+    context: contextvars.Context
+
+
+class Spends(GroupCommit[SpendJob, Outcome]):
+    """The process's spends, done in batches on a thread of its own."""
+
+    def __init__(self, rt: Runtime, max_batch: int = MAX_BATCH) -> None:
+        def work(conn: Connection, jobs: list[SpendJob]) -> list[Outcome]:
+            with rt.sessions(bind=conn) as session, session.begin():
+                return spend_all(session, rt, jobs)
+
+        super().__init__(rt.engine, work, name="spends", max_batch=max_batch)
+
+
+def spend_all(session: Session, rt: Runtime, jobs: list[SpendJob]) -> list[Outcome]:
+    """Do the jobs' spends in this transaction, each once per Idempotency-Key; an outcome per job, in order.
+
+    Keys are claimed first (sorted), then every account the new spends name is locked with one statement
+    (in id order), then the spends are done in arrival order (spending.spend_many) and their outcomes are
+    stored. A key that comes twice in the batch is done once: the later request replays the first one's
+    outcome (or is refused as another request under the same key), as it would right after it."""
+    first: dict[str, SpendJob] = {}
+    for job in jobs:
+        first.setdefault(job.key, job)
+    outcomes = idempotency.claim(session, [(job.key, job.digest) for job in first.values()])
+    new = [job for job in first.values() if outcomes[job.key] is None]
+    locked = accounts.lock_refs(session, {job.account for job in new}) if new else {}
+    calls = [spending.Call(locked[job.account], _charge(job.body), f"spend:{locked[job.account].public_id}:{job.key}")
+             for job in new]
+    spent = spending.spend_many(session, rt.catalogue, calls)
+    done = [(job.key, *job.context.run(_answer, call.account, job.body, result))
+            for job, call, result in zip(new, calls, spent)]
+    idempotency.record(session, done)
+    outcomes.update((key, Outcome(status, body, replayed=False)) for key, status, body in done)
+    return [_again(job, first[job.key], outcomes[job.key]) for job in jobs]  # type: ignore[arg-type]
+
+
+def _again(job: SpendJob, first: SpendJob, outcome: Outcome) -> Outcome:
+    """A job's outcome: its own, or for a repeat of a key earlier in the batch the first one's, replayed."""
+    if job is first:
+        return outcome
+    if job.digest != first.digest:
+        raise idempotency.KeyReused(job.key)
+    return Outcome(outcome.status_code, outcome.body, replayed=True)
+
+
+def _charge(body: SpendRequest) -> spending.Charge:
+    return spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
+
+
+def _answer(account: Account, body: SpendRequest, result: spending.Spent | spending.Refused) -> tuple[int, dict[str, Any]]:
+    """The status and body to answer and store for one spend's result (run in its request's context)."""
+    structlog.contextvars.bind_contextvars(account_id=account.public_id)
+    if isinstance(result, ledger.InsufficientCredits):
+        log.info("spend.refused", balance=result.balance, requested=result.requested)
+        return 402, {"error": "insufficient_credits", "balance": result.balance, "requested": result.requested}
+    if isinstance(result, spending.MemberLimitReached):
+        return 402, {"error": "member_limit_reached", "limit": result.limit, "used": result.used, "requested": result.requested}
+    if isinstance(result, spending.UnknownMember):
+        return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {account.public_id}"}
+    if isinstance(result, spending.UnknownAction):
+        return 422, {"error": "unknown_action", "message": str(result), "known_actions": result.known}
+    echo = {k: v for k, v in (("action", body.action), ("quantity", body.quantity if body.action else None),
+                              ("resource", body.resource), ("member_id", body.member_id)) if v is not None}
+    return 200, {"balance": result.balance, "spent": result.charged, "charged": result.charged,
+                 "entry_id": result.entry_id, **echo}

@@ -28,6 +28,8 @@ from typing import Generic, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from service import metrics
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 # Does a batch's items in ONE transaction on the connection and commits it; returns one result per item, in order.
@@ -88,7 +90,7 @@ class GroupCommit(Generic[Item, Result]):
         a thread that is gone)."""
         self.threads = [thread for thread in self.threads if thread.is_alive()]
         while len(self.threads) < self.count:
-            thread = threading.Thread(target=self._run, name=f"{self.name}-{len(self.threads)}", daemon=True)
+            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             thread.start()
             self.threads.append(thread)
 
@@ -138,6 +140,7 @@ class GroupCommit(Generic[Item, Result]):
                 for pending in batch:  # isolate the item that failed
                     self._do([pending])
         else:
+            metrics.BATCHES.labels(self.name).observe(len(batch))
             for (_, outcome), result in zip(batch, results, strict=True):
                 outcome.set_result(result)
 

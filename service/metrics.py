@@ -23,6 +23,9 @@ log = logs.get("metrics")
 
 WEBHOOKS = Counter("credits_webhook_deliveries_total", "Webhook deliveries by event type and outcome.", ["type", "outcome"])
 PROCESSING = Histogram("credits_event_processing_seconds", "Time to handle one inbox event.", ["type", "status"])
+BATCHES = Histogram("credits_group_commit_batch_size", "Items done in one transaction by a group commit "
+                    "(inbox-writer: webhook deliveries stored; spends: spend requests).", ["name"],
+                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 CREDITS = Counter("credits_credits_total", "Credits moved, by kind (grant, spend, expire, reverse) and grant source.",
                   ["kind", "source"])
 STRIPE_CALLS = Counter("credits_stripe_api_calls_total", "Outbound Stripe API calls by outcome.", ["outcome"])

@@ -1,0 +1,135 @@
+"""The spend API's batches (service/spends.py): spends that share a transaction are each exactly what they
+would be alone, one after the other — on both databases. `in_one_batch` hands spend_all its jobs as one
+batch; `together` submits them concurrently to the process's batches, as concurrent requests do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from service import accounts, idempotency, ledger, spending
+from service.accounts import AccountNotFound
+from service.db import transaction
+from service.idempotency import Outcome
+from service.models import ApiRequest, utcnow
+from service.runtime import Runtime
+from service.schemas import SpendRequest
+from service.spends import SpendJob, Spends, spend_all
+from tests.helpers import balance_of, state
+
+
+def job(key: str, body: dict[str, Any], account: str = "acct_1") -> SpendJob:
+    digest = idempotency.fingerprint("POST", f"/v1/accounts/{account}/spend", body)
+    return SpendJob(account, SpendRequest(**body), key, digest, contextvars.copy_context())
+
+
+def in_one_batch(rt: Runtime, *jobs: SpendJob) -> list[tuple[int, dict[str, Any], bool]]:
+    with transaction(rt.sessions) as session:
+        return [(o.status_code, o.body, o.replayed) for o in spend_all(session, rt, list(jobs))]
+
+
+def together(rt: Runtime, *jobs: SpendJob) -> list[Outcome | BaseException]:
+    spends = Spends(rt)
+
+    async def submit() -> list[Outcome | BaseException]:
+        return await asyncio.gather(*(spends.submit(j) for j in jobs), return_exceptions=True)
+
+    try:
+        return asyncio.run(submit())
+    finally:
+        spends.stop()
+
+
+def fund(rt: Runtime, amount: int, account: str = "acct_1", expires_at: Any = None) -> None:
+    with transaction(rt.sessions) as session:
+        ledger.grant(session, accounts.get_or_create(session, account), amount, source="admin",
+                     key=f"fund:{account}:{amount}:{expires_at}", expires_at=expires_at)
+
+
+def test_spends_on_one_account_in_one_batch_see_each_other_and_never_overdraw(rt: Runtime) -> None:
+    fund(rt, 25)
+    outcomes = in_one_batch(rt, *(job(f"k{n}", {"amount": 10}) for n in range(4)))
+    assert [(status, body.get("balance")) for status, body, _ in outcomes] == [(200, 15), (200, 5), (402, 5), (402, 5)]
+    entries, grants = state(rt.sessions, "acct_1")
+    assert entries[1:] == [("spend", -10, "spend:acct_1:k0"), ("spend", -10, "spend:acct_1:k1")]
+    assert grants == [("admin", 25, 5, 20, 0, 0)]
+
+
+def test_spends_on_several_accounts_in_one_batch_each_take_from_their_own(rt: Runtime) -> None:
+    fund(rt, 10, "acct_a")
+    fund(rt, 20, "acct_b")
+    outcomes = in_one_batch(rt, job("ka", {"amount": 4}, "acct_a"), job("kb", {"amount": 15}, "acct_b"),
+                            job("kc", {"amount": 7}, "acct_a"))
+    assert [(status, body.get("balance")) for status, body, _ in outcomes] == [(200, 6), (200, 5), (402, 6)]
+    assert (balance_of(rt.sessions, "acct_a"), balance_of(rt.sessions, "acct_b")) == (6, 5)
+    with transaction(rt.sessions) as session:
+        assert ledger.check(session) == []
+
+
+def test_a_key_repeated_in_one_batch_spends_once_and_the_repeat_replays(rt: Runtime) -> None:
+    fund(rt, 100)
+    first, again = in_one_batch(rt, job("same", {"amount": 30}), job("same", {"amount": 30}))
+    assert first == (200, {"balance": 70, "spent": 30, "charged": 30, "entry_id": 2}, False)
+    assert again == (200, first[1], True)
+    assert balance_of(rt.sessions, "acct_1") == 70
+
+
+def test_a_key_repeated_in_one_batch_with_another_body_is_refused(rt: Runtime) -> None:
+    fund(rt, 100)
+    with pytest.raises(idempotency.KeyReused):
+        in_one_batch(rt, job("same", {"amount": 30}), job("same", {"amount": 31}))
+
+
+def test_a_member_spending_its_allocation_leaves_the_pool_what_it_had(rt: Runtime) -> None:
+    fund(rt, 100)
+    with transaction(rt.sessions) as session:
+        spending.set_member(session, accounts.get(session, "acct_1"), "ana", allocation=30, limit_per_period=None)
+    outcomes = in_one_batch(rt, job("k1", {"amount": 10, "member_id": "ana"}), job("k2", {"amount": 70}),
+                            job("k3", {"amount": 21, "member_id": "ana"}))
+    assert [(status, body.get("balance")) for status, body, _ in outcomes] == [(200, 90), (200, 20), (402, 20)]
+    assert outcomes[2][1] == {"error": "insufficient_credits", "balance": 20, "requested": 21}
+
+
+def test_a_resource_charged_twice_in_one_batch_is_charged_once(rt: Runtime) -> None:
+    fund(rt, 100)
+    unlock = {"action": "unlock_prospect", "resource": "prospect:1"}
+    outcomes = in_one_batch(rt, job("k1", unlock), job("k2", unlock), job("k3", {"amount": 5}))
+    assert [(status, body["charged"], body["balance"]) for status, body, _ in outcomes] == [(200, 1, 99), (200, 0, 99),
+                                                                                         (200, 5, 94)]
+
+
+def test_an_expired_grant_is_expired_once_before_the_batch_spends(rt: Runtime) -> None:
+    fund(rt, 50, expires_at=utcnow() + timedelta(milliseconds=300))
+    fund(rt, 20)
+    time.sleep(0.4)
+    outcomes = in_one_batch(rt, job("k1", {"amount": 5}), job("k2", {"amount": 5}))
+    assert [(status, body.get("balance")) for status, body, _ in outcomes] == [(200, 15), (200, 10)]
+    entries, grants = state(rt.sessions, "acct_1")
+    assert [(kind, amount) for kind, amount, _ in entries[2:]] == [("expire", -50), ("spend", -5), ("spend", -5)]
+    assert [g[2:] for g in grants] == [(0, 0, 50, 0), (10, 10, 0, 0)]
+
+
+def test_an_unknown_account_fails_its_own_request_and_the_rest_of_the_batch_is_spent(rt: Runtime) -> None:
+    fund(rt, 100)
+    outcomes = together(rt, job("k1", {"amount": 10}), job("k2", {"amount": 10}, "nobody"), job("k3", {"amount": 10}))
+    assert isinstance(outcomes[1], AccountNotFound)
+    assert [(o.status_code, o.body["balance"]) for o in (outcomes[0], outcomes[2])] in ([(200, 90), (200, 80)],
+                                                                                        [(200, 80), (200, 90)])
+    assert balance_of(rt.sessions, "acct_1") == 80
+    with rt.sessions() as session:  # the unknown account's key was not kept: a retry after the account exists spends
+        assert session.get(ApiRequest, "k2") is None
+
+
+def test_concurrent_spends_share_commits(rt: Runtime) -> None:
+    fund(rt, 1000)
+    commits: list[int] = []
+    event.listen(rt.engine, "commit", lambda _conn: commits.append(1))
+    outcomes = together(rt, *(job(f"k{n}", {"amount": 1}) for n in range(20)))
+    assert sorted(o.body["balance"] for o in outcomes) == list(range(980, 1000))  # type: ignore[union-attr]
+    assert len(commits) < 20  # one per batch, not one per spend

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (ARRAY, ColumnElement, Engine, Executable, Result, TableValuedAlias, Text, any_, bindparam,
-                        cast, column, create_engine, event, func)
+                        cast, column, create_engine, event, func, select)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
@@ -91,6 +91,15 @@ def recordset(**types: Any) -> TableValuedAlias:
     (jsonb_to_recordset), for a `Bulk` statement."""
     rows = func.jsonb_to_recordset(cast(bindparam("rows", type_=Text), JSONB))
     return rows.table_valued(*(column(name, type_) for name, type_ in types.items())).render_derived("rows", with_types=True)
+
+
+def listed(column: Any, name: str) -> ColumnElement[bool]:
+    """PostgreSQL, in a `Bulk` UPDATE joined to its `recordset()`: `column` is one of the rows' `name` values, as
+    `= ANY(ARRAY(…))`. Joined to the recordset alone, the planner takes the rows for 100 (a function's estimate),
+    plans a hash join and scans the whole table — seconds apart as the table grows; with the list it looks the
+    rows up by the column's index."""
+    values = func.jsonb_array_elements(cast(bindparam("rows", type_=Text), JSONB)).table_valued("value").alias("listed")
+    return column == any_(func.array(select(cast(values.c.value.op("->>")(name), column.type)).scalar_subquery()))  # type: ignore[no-any-return]
 
 
 def table_columns(table: Any, *names: str) -> dict[str, Any]:

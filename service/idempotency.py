@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from service.db import Bulk, among, dialect_insert, recordset
+from service.db import Bulk, among, dialect_insert, listed, recordset
 from service.models import ApiRequest, utcnow
 
 MAX_KEY_LENGTH = 255
@@ -60,7 +60,7 @@ def _record() -> Bulk:
     """Rows of (claimed, status, body): the outcome stored under each claimed key."""
     rows = recordset(claimed=_requests.c.key.type, status=_requests.c.status_code.type, body=_requests.c.response.type)
     return Bulk(
-        update(_requests).where(_requests.c.key == rows.c.claimed).values(status_code=rows.c.status, response=rows.c.body),
+        update(_requests).where(_requests.c.key == rows.c.claimed, listed(_requests.c.key, "claimed")).values(status_code=rows.c.status, response=rows.c.body),
         update(_requests).where(_requests.c.key == bindparam("claimed"))
         .values(status_code=bindparam("status"), response=bindparam("body")))
 

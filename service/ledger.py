@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import accounts, logs, metrics, periods
-from service.db import Bulk, dialect_insert, recordset, table_columns
+from service.db import Bulk, dialect_insert, listed, recordset, table_columns
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
@@ -41,7 +41,7 @@ def _move(into: str) -> Bulk:
     rows = recordset(grant_id=BigInteger(), part=BigInteger())
     target = _grants[into]
     return Bulk(
-        update(Grant.__table__).where(_grants.id == rows.c.grant_id)
+        update(Grant.__table__).where(_grants.id == rows.c.grant_id, listed(_grants.id, "grant_id"))
         .values({_grants.remaining: _grants.remaining - rows.c.part, target: target + rows.c.part}),
         update(Grant.__table__).where(_grants.id == bindparam("grant_id"))
         .values({_grants.remaining: _grants.remaining - bindparam("part"), target: target + bindparam("part")}))

@@ -2,7 +2,8 @@
 
 1. a fresh PostgreSQL database (`credits_bench_<random>`), migrated to head, dropped at the end (the ingest
    benchmark's helpers); 1,000 accounts with credits, one hot account, and one account with little, seeded
-   in SQL (bench/spend/seed.py, not measured);
+   in SQL, with 100,000 earlier requests' stored outcomes and planner statistics (bench/spend/seed.py, not
+   measured);
 2. the real service in its own process (bench/ingest/server.py: uvicorn, one worker, logs at WARNING), and a
    count of the SQL statements one spend sends (bench/spend/statements.py, the app in a process of its own);
 3. across accounts, then on the hot account: the load generator (bench/spend/loadgen.py, its own process;
@@ -52,6 +53,7 @@ from bench.spend import profile as spend_profile
 # Seeded accounts: the load generator and pgbench name and pick them the same way (PREFIX + 4 digits).
 ACROSS, HOT, RACE = "acct-", "hot-", "race-"
 PLENTY = 10_000_000  # credits per account: no spend of the measured phases can run short
+HISTORY = 100_000  # earlier API requests already stored (seed.history)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         across_ids = seed.seed(db, ACROSS, args.accounts, PLENTY)
         hot_ids = seed.seed(db, HOT, 1, PLENTY)
         seed.seed(db, RACE, 1, args.race_credits)
+        seed.history(db, HISTORY)
         env = service_env(url)
 
         port = free_port()

@@ -41,16 +41,13 @@ class Stopped(Exception):
 
 
 class GroupCommit(Generic[Item, Result]):
-    """Does items in batches on `threads` threads of its own (started on first use). With more than one, a
-    batch is taken while another waits on the database: the work must be safe to run side by side (it takes
-    its row locks in one order, and its writes are idempotent)."""
+    """Does items in batches on a thread of its own (started on first use)."""
 
-    def __init__(self, engine: Engine, work: Work[Item, Result], *, name: str, max_batch: int = 128,
-                 threads: int = 1) -> None:
-        self.engine, self.work, self.name, self.max_batch, self.count = engine, work, name, max_batch, threads
-        self.held = threading.local()  # .conn: each thread's own connection, held between batches
+    def __init__(self, engine: Engine, work: Work[Item, Result], *, name: str, max_batch: int = 128) -> None:
+        self.engine, self.work, self.name, self.max_batch = engine, work, name, max_batch
+        self.conn: Connection | None = None  # the thread's own, held between batches
         self.queue: queue.SimpleQueue[tuple[Item, Future[Result]] | None] = queue.SimpleQueue()
-        self.threads: list[threading.Thread] = []
+        self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         self.stopping = False
 
@@ -69,10 +66,9 @@ class GroupCommit(Generic[Item, Result]):
         """Do what is queued, then end the thread; a request still waiting after that gets Stopped."""
         with self.lock:
             self.stopping = True
-            threads, self.threads = self.threads, []
-            for _ in threads:
-                self.queue.put(None)  # a stop mark for each thread
-        for thread in threads:
+            thread, self.thread = self.thread, None
+            self.queue.put(None)
+        if thread is not None:
             thread.join(timeout)
         self._fail_leftovers()
 
@@ -86,17 +82,14 @@ class GroupCommit(Generic[Item, Result]):
                 pending[1].set_exception(Stopped("shutting down"))
 
     def _start(self) -> None:
-        """Under the lock: start the threads on first use, or again any that died (a request must never wait on
+        """Under the lock: start the thread on first use, or again if it died (a request must never wait on
         a thread that is gone)."""
-        self.threads = [thread for thread in self.threads if thread.is_alive()]
-        while len(self.threads) < self.count:
-            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
 
     def _run(self) -> None:
-        """A thread: batch after batch until its stop mark."""
-        self.held.conn = None
+        """The thread: batch after batch until the stop mark."""
         try:
             while True:
                 batch, stopping = self._next_batch()
@@ -106,9 +99,9 @@ class GroupCommit(Generic[Item, Result]):
                 if stopping:
                     return
         finally:
-            if self.held.conn is not None:
-                self.held.conn.close()
-                self.held.conn = None
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
 
     def _next_batch(self) -> tuple[list[tuple[Item, Future[Result]]], bool]:
         """Block for the first item, then take whatever else is already waiting."""
@@ -145,18 +138,18 @@ class GroupCommit(Generic[Item, Result]):
                 outcome.set_result(result)
 
     def _commit(self, items: list[Item]) -> list[Result]:
-        """Do and commit on this thread's own connection, held from batch to batch: a checkout from the pool,
+        """Do and commit on the thread's own connection, held from batch to batch: a checkout from the pool,
         with its ping, costs a round trip and about 100 µs of CPU per batch (measured in-process). A held
         connection may have died meanwhile (a database restart); the batch that finds out is done once more
         on a new connection, checked out and pinged as usual, and fails only if that fails too. If the lost
         connection had committed it, the second attempt finds its writes there, as a retry would: the work
         must be idempotent (the inbox's ON CONFLICT, the spends' Idempotency-Keys)."""
         while True:
-            fresh = self.held.conn is None
+            fresh = self.conn is None
             try:
-                if self.held.conn is None:
-                    self.held.conn = self.engine.connect()
-                return self.work(self.held.conn, items)
+                if self.conn is None:
+                    self.conn = self.engine.connect()
+                return self.work(self.conn, items)
             except (OperationalError, InterfaceError):
                 self._drop_connection()
                 if fresh:
@@ -164,7 +157,7 @@ class GroupCommit(Generic[Item, Result]):
 
     def _drop_connection(self) -> None:
         """Discard a connection that failed, so the pool never hands it out again."""
-        conn, self.held.conn = self.held.conn, None
+        conn, self.conn = self.conn, None
         if conn is not None:
             with suppress(Exception):  # it is already broken: closing it can fail too, and nothing depends on that
                 conn.invalidate()

@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -116,8 +118,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{args.concurrency} connections, {len(ids)} account(s) …")
             phases[name] = {"service": [], "pgbench": []}
             for r in range(args.rounds):
-                phases[name]["service"].append(
-                    _loadgen(args, env, base, server.pid, f"{prefix}:{len(ids)}", f"s{run_id}{name[0]}{r}-"))
+                before = batches(base)
+                turn = _loadgen(args, env, base, server.pid, f"{prefix}:{len(ids)}", f"s{run_id}{name[0]}{r}-")
+                turn["batches"] = {k: v - before[k] for k, v in batches(base).items()}
+                phases[name]["service"].append(turn)
                 phases[name]["pgbench"].append(pgbench.run(db, workdir, first=ids[0], accounts=len(ids),
                                                            amount=args.amount, clients=args.concurrency,
                                                            seconds=args.seconds))
@@ -159,6 +163,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["credits_check_command"] = "DATABASE_URL=<bench db> .venv/bin/credits check"
         results["server_log_bytes"] = server.log_path.stat().st_size
     return invocation.finished(results, clock, report)
+
+
+def batches(base: str) -> dict[str, float]:
+    """The service's batches of spends so far, from its /metrics: how many, and how many spends they held."""
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    found = dict(re.findall(r'^credits_group_commit_batch_size_(count|sum)\{name="spends"\} (\S+)$', text, re.M))
+    return {"count": float(found.get("count", 0)), "sum": float(found.get("sum", 0))}
 
 
 def _json_of(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:

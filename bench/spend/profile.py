@@ -1,8 +1,9 @@
 """Where a spend's time goes, from a py-spy profile of the service (bench/ingest/profile.py records it).
 
 The stages are tried in this order and the first whose function is anywhere in a sample's stack wins, so
-the innermost step of the spend path is named: the ledger's writes, then its reads, then the rest of
-`spending.spend`, the account look-up, the idempotency claim and record, the commit.
+the innermost step of the spend path is named: in the batch thread the ledger's writes, the reads under the
+locks, deciding the spends, the accounts' lock, the idempotency claim and record, the rest (session, COMMIT);
+on the event loop the request's own parsing, checking and answer; the rest is the HTTP machinery.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ from bench.ingest import profile
 
 STAGES = [
     ("logging (structlog)", r"\(structlog/|\(service/logs\.py"),
-    ("ledger writes (ledger._debit/_post: entry, allocations, grant update, flush)",
-     r"(^|\.)(_debit|_post) \(service/ledger\.py"),
-    ("ledger reads (open grants, balance, expiry sweep, earlier entry)",
-     r"(^|\.)(open_grants|spendable|_held|balance|expire_due|_expire|_find) \(service/ledger\.py"),
-    ("account row lock (accounts.lock, accounts.lock_ref)", r"(^|\.)(lock|lock_ref) \(service/accounts\.py"),
-    ("rest of spending.spend (the one read under the lock: earlier entry, members' reserve, grants; members, "
-     "resource checks)", r"\(service/spending\.py"),
-    ("account look-up (accounts.get)", r"(^|\.)(get|find) \(service/accounts\.py"),
-    ("idempotency claim and response record (idempotency.run_once)", r"\(service/idempotency\.py"),
-    ("transaction begin/commit, session (db.transaction)", r"(^|\.)transaction \(service/db\.py"),
-    ("request body and response (pydantic, JSON, fingerprint)",
-     r"(^|\.)(fingerprint|_once|_outcome|_answer|_well_formed|_read_body) \(service/"),
+    ("batch: ledger writes (ledger.write_debits: entries, allocations, grant updates)",
+     r"(^|\.)(write_debits|_write_moves|_debit|_post) \(service/ledger\.py"),
+    ("batch: reads under the locks (grants and reserves, earlier entries)", r"_Batch\.__init__ \(service/spending\.py"),
+    ("batch: deciding the spends in memory (spending._Batch._spend; expiry, members, resources)",
+     r"\(service/spending\.py"),
+    ("batch: the accounts' lock (accounts.lock_refs)", r"(^|\.)lock_refs \(service/accounts\.py"),
+    ("batch: idempotency claim and stored responses (idempotency.claim, record)", r"\(service/idempotency\.py"),
+    ("batch: the rest (session, BEGIN, COMMIT, answers)", r"\(service/(spends|group_commit)\.py"),
+    ("request: body, checks, fingerprint, hand-off and answer (api.SpendDoor)",
+     r"(^|\.)(fingerprint|_spend|_digest|_answer|_well_formed|_read_body) \(service/api\.py|SpendDoor\.__call__"),
 ]
-OTHER = "HTTP/ASGI machinery, routing, event loop, threads (uvicorn, h11, starlette, fastapi, asyncio, anyio)"
+OTHER = "HTTP/ASGI machinery, event loop, threads (uvicorn, httptools, asyncio, futures)"
 
 
 def summarise(raw: Path) -> dict[str, Any]:

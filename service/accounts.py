@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import bindparam, event, exists, or_, select
 from sqlalchemy.orm import Session, SessionTransaction
@@ -57,7 +58,18 @@ LOCK_BY_PUBLIC_ID = (select(Account).where(Account.public_id == bindparam("ref")
                      .execution_options(populate_existing=True))
 LOCK_BY_CUSTOMER = (select(Account).where(Account.stripe_customer_id == bindparam("customer")).with_for_update()
                     .execution_options(populate_existing=True))
-LOCKED = "accounts.locked"  # session.info: ids of the accounts whose rows this transaction has locked
+LOCKED = "accounts.locked"  # session.info: the accounts whose rows this transaction has locked, by id (a Hold each)
+
+
+@dataclass
+class Hold:
+    """An account row this transaction holds locked. The ORM object is kept referenced, so the session keeps it
+    in its identity map and the next `lock` or `resolve` of the account reads nothing: nobody else can change
+    the row until the transaction ends. `facts` is what the transaction has learnt about the account meanwhile
+    (referrals.py keeps its live referral's status there), valid for as long as the lock."""
+
+    account: Account
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def find(session: Session, ref: str) -> Account | None:
@@ -96,7 +108,7 @@ def get_or_create(session: Session, ref: str, customer: str | None = None, email
         return get(session, ref)
     if customer is not None:
         log.info("account.linked", account_id=ref, customer=customer)
-    _locked(session).add(created.id)  # a row this transaction inserted is invisible to every other until it commits
+    _hold(session, created)  # a row this transaction inserted is invisible to every other until it commits
     return created
 
 
@@ -104,15 +116,37 @@ def lock(session: Session, account: Account) -> Account:
     """Lock the account row until the transaction ends (FOR UPDATE on PostgreSQL; on SQLite the
     transaction already holds the database write lock) and return it freshly read. A row this transaction
     already locked is not read again: nobody else can have changed it since."""
-    if account.id in _locked(session):
-        return session.get_one(Account, account.id)
+    held = _locked(session).get(account.id)
+    if held is not None:
+        return held.account
     locked = session.scalars(LOCK, {"id": account.id}).one()
-    _locked(session).add(locked.id)
+    _hold(session, locked)
     return locked
 
 
-def _locked(session: Session) -> set[int]:
-    return session.info.setdefault(LOCKED, set())
+def facts(session: Session, account_id: int) -> dict[str, Any] | None:
+    """What this transaction has noted about an account it holds locked (see Hold); None when it does not hold
+    the account's lock, and so cannot know that a fact still holds."""
+    held = _locked(session).get(account_id)
+    return held.facts if held is not None else None
+
+
+def expire_all_but_locked(session: Session) -> None:
+    """Flush, then expire every object the session holds but the accounts it holds locked: what the next
+    statements use is read afresh, as in a transaction of its own, except the rows nobody else can change."""
+    session.flush()
+    locked = {id(held.account) for held in _locked(session).values()}
+    for instance in list(session.identity_map.values()):
+        if id(instance) not in locked:
+            session.expire(instance)
+
+
+def _locked(session: Session) -> dict[int, Hold]:
+    return session.info.setdefault(LOCKED, {})
+
+
+def _hold(session: Session, account: Account) -> None:
+    _locked(session).setdefault(account.id, Hold(account))
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -130,7 +164,7 @@ def lock_ref(session: Session, ref: str) -> Account:
     account = session.scalars(LOCK_BY_PUBLIC_ID, {"ref": ref}).one_or_none()
     if account is None:
         return lock(session, get(session, ref))
-    _locked(session).add(account.id)
+    _hold(session, account)
     return account
 
 
@@ -173,10 +207,14 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
 
 def _lock_by_customer(session: Session, customer: str) -> Account | None:
     """The customer's linked account, locked: every handler writes to the account it resolves, so reading it
-    with the lock saves the handler's own `lock` a second read."""
+    with the lock saves the handler's own `lock` a second read. An account this transaction already holds is
+    not read again (a worker lane's later events: one customer's, in one transaction)."""
+    held = next((h.account for h in _locked(session).values() if h.account.stripe_customer_id == customer), None)
+    if held is not None:
+        return held
     account = session.scalar(LOCK_BY_CUSTOMER, {"customer": customer})
     if account is not None:
-        _locked(session).add(account.id)
+        _hold(session, account)
     return account
 
 
@@ -199,6 +237,7 @@ def _rekey(session: Session, account: Account, wanted: str) -> Account:
         customer = account.stripe_customer_id
         session.delete(account)
         session.flush()
+        _locked(session).pop(account.id, None)
         target.stripe_customer_id = customer
         log.info("account.linked", account_id=target.public_id, customer=customer)
         return target

@@ -112,13 +112,19 @@ def attribute(
     )
     session.add(referral)
     session.flush()
-    _log_status(referral, None, referrer, referee)
+    _changed(session, referral, None, referrer, referee)
     if reason is None:
         settle(session, catalogue, referee, now)
     return Attribution(referral, created=True)
 
 
-LIVE = select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")  # built once: hot
+# Built once (settle runs for nearly every event): the referee's live attribution, read afresh, and its status alone.
+LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
+        .execution_options(populate_existing=True))
+_referrals = Referral.__table__.c
+LIVE_STATUS = select(_referrals.status).where(_referrals.referee_id == bindparam("referee"), _referrals.status != "rejected")
+SETTLED = ("paid", "reversed", "held")  # nothing left for `settle` to do (a held one waits for support)
+STATUS = "referral"  # accounts.facts: the status of the account's live attribution as a referee (None: none)
 
 
 def live_referral(session: Session, referee: Account) -> Referral | None:
@@ -126,23 +132,44 @@ def live_referral(session: Session, referee: Account) -> Referral | None:
     return session.scalar(LIVE, {"referee": referee.id})
 
 
-def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> Referral | None:
-    """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent."""
+def live_status(session: Session, referee: Account) -> str | None:
+    """The status of the referee's live attribution (None: it has none), without loading it — and without
+    reading anything when this transaction holds the referee locked and has looked already (a worker lane's
+    later events). The noted status stays right while the lock is held: a new attribution needs the
+    referee's lock, and what others may do meanwhile (a retried payout) only takes a referral out of `settle`'s
+    reach, never back into it; this transaction's own changes are noted as they are made (`_changed`)."""
+    known = accounts.facts(session, referee.id)
+    if known is not None and STATUS in known:
+        return known[STATUS]
+    session.flush()  # the read is Core, which does not autoflush: it must see this transaction's changes
+    status = session.execute(LIVE_STATUS, {"referee": referee.id}).scalar()
+    if known is not None:
+        known[STATUS] = status
+    return status
+
+
+def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> str | None:
+    """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent. Returns the
+    status of the referee's live attribution (None: it has none). Most calls find nothing to do from the status
+    alone; only an attribution still to be qualified or paid is loaded."""
     now = now or utcnow()
-    referral = live_referral(session, referee)
-    if referral is None or referral.status in ("paid", "reversed", "held"):  # held waits for support
-        return referral
+    status = live_status(session, referee)
+    if status is None or status in SETTLED:
+        return status
+    referral = session.scalars(LIVE, {"referee": referee.id}).one()
+    if referral.status in SETTLED:  # settled meanwhile by another transaction (a retried payout)
+        return _note(session, referral)
     terms = catalogue.referrals
     if referral.qualified_at is None:
         if terms.qualify_on == "signup":
-            _qualify(referral, "signup", now)
+            _qualify(session, referral, "signup", now)
         else:
             invoice = first_qualifying_invoice(session, referee, terms.min_amount)
             if invoice is None:
-                return referral
-            _qualify(referral, invoice.id, now)
+                return referral.status
+            _qualify(session, referral, invoice.id, now)
     pay(session, catalogue, referral, now)
-    return referral
+    return referral.status
 
 
 def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False) -> None:
@@ -185,7 +212,7 @@ def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetim
     else:
         referral.status, referral.reason = "qualified", f"unpaid: {', '.join(unpaid)} (will be retried)"
     if referral.status != before:
-        _log_status(referral, before, referrer, referee)
+        _changed(session, referral, before, referrer, referee)
 
 
 def side_paid(session: Session, referral: Referral, side: str) -> bool:
@@ -217,7 +244,7 @@ def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded
         )
         shortfall += int(posted.entry.meta.get("shortfall", 0))
     referral.status, referral.reason = "reversed", f"{payment.id} refunded" + (f"; shortfall {shortfall}" if shortfall else "")
-    _log_status(referral, before, None, None)
+    _changed(session, referral, before, None, None)
     return f"referral {referral.id} clawed back" + (f" (shortfall {shortfall})" if shortfall else "")
 
 
@@ -258,10 +285,10 @@ def link(code: str, base: str) -> str:
     return f"{base}{code}"
 
 
-def _qualify(referral: Referral, payment_id: str, now: datetime) -> None:
+def _qualify(session: Session, referral: Referral, payment_id: str, now: datetime) -> None:
     referral.qualifying_payment, referral.qualified_at = payment_id, now
     before, referral.status = referral.status, "qualified"
-    _log_status(referral, before, None, None)
+    _changed(session, referral, before, None, None)
 
 
 def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> Payment | None:
@@ -306,7 +333,18 @@ def _side_grant(session: Session, referral: Referral, side: str) -> Grant | None
     return session.scalar(select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key == key))
 
 
-def _log_status(referral: Referral, before: str | None, referrer: Account | None, referee: Account | None) -> None:
+def _note(session: Session, referral: Referral) -> str:
+    """Note a live referral's status for its referee's lock (see live_status), and return it."""
+    known = accounts.facts(session, referral.referee_id)
+    if known is not None and referral.status != "rejected":  # a rejected one is no attribution at all
+        known[STATUS] = referral.status
+    return referral.status
+
+
+def _changed(session: Session, referral: Referral, before: str | None, referrer: Account | None,
+             referee: Account | None) -> None:
+    """Every status change: noted for the referee's lock, and logged as a `referral.status` event."""
+    _note(session, referral)
     log.info(
         "referral.status",
         referral=referral.id,

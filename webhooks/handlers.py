@@ -61,7 +61,7 @@ class Context:
             except referrals.AlreadyAttributed as exc:
                 note = f"; referral code {code!r} ignored: {exc}"
         settled = None if settled_already else referrals.settle(self.session, self.catalogue, referee, self.now)
-        return note + (f"; referral {settled.status}" if settled is not None and not note else "")
+        return note + (f"; referral {settled}" if settled is not None and not note else "")
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
         customer = so.customer(self.stripe.retrieve_customer(customer_id))

@@ -151,11 +151,17 @@ def _hold(session: Session, account: Account) -> None:
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_locks(session: Session, transaction: SessionTransaction) -> None:
-    """Row locks end with the transaction, and a savepoint rolled back releases those taken inside it: at
-    either end (a savepoint released too, to keep this simple) the next `lock` reads and locks again. A flush's
-    own subtransaction ends nothing in the database."""
-    if transaction.parent is None or transaction.nested:
+    """Row locks end with the transaction: the next `lock` reads and locks again. A savepoint released keeps
+    its locks (they pass to the enclosing transaction), and a flush's own subtransaction ends nothing."""
+    if transaction.parent is None:
         session.info.pop(LOCKED, None)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_locks_rolled_back(session: Session) -> None:
+    """A rollback — of a savepoint too, which releases the locks taken inside it and expires what it changed
+    — forgets every lock and fact (all of them, to keep this simple): the next `lock` reads and locks again."""
+    session.info.pop(LOCKED, None)
 
 
 def lock_ref(session: Session, ref: str) -> Account:

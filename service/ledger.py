@@ -123,6 +123,7 @@ def grant(
     now = now or utcnow()
     accounts.lock(session, account)
     posted = _post(session, account, "grant", amount, key, reason, actor, {"source": source, **(meta or {})}, now)
+    _known_keys(session, account).add(key)
     if posted.created:
         metrics.count_credits(session, "grant", source, amount)
         session.execute(NEW_GRANT, {
@@ -131,6 +132,23 @@ def grant(
             "rollover": rollover, "created_at": now,
         })
     return posted
+
+
+def granted(session: Session, account: Account, key: str) -> bool:
+    """Whether an entry holds `key` already. Without a read when this transaction, holding the account's lock,
+    has posted or found the key before: an entry is never removed, so it is there until the transaction ends
+    (a worker lane's duplicates: `invoice.payment_succeeded` after `invoice.paid`, `payment_intent.succeeded`
+    after the pack's Checkout)."""
+    known = _known_keys(session, account)
+    if key not in known and session.execute(KEY_TAKEN, {"key": key}).first() is not None:
+        known.add(key)
+    return key in known
+
+
+def _known_keys(session: Session, account: Account) -> set[str]:
+    """The keys `granted` knows to be taken, noted with the account's lock (a throwaway set without it)."""
+    facts = accounts.facts(session, account.id)
+    return facts.setdefault("ledger keys", set()) if facts is not None else set()
 
 
 def spend(
@@ -325,6 +343,7 @@ def _new_entry(dialect: str) -> Any:
 # running it. The grant row is a Core INSERT, not an ORM object flushed: a later query loads it when asked.
 NEW_ENTRY = {dialect: _new_entry(dialect) for dialect in ("postgresql", "sqlite")}
 NEW_GRANT = Grant.__table__.insert()
+KEY_TAKEN = select(LedgerEntry.__table__.c.id).where(LedgerEntry.__table__.c.idempotency_key == bindparam("key"))
 
 
 def _find(session: Session, key: str, account: Account, kind: str, amount: int) -> LedgerEntry | None:

@@ -123,6 +123,13 @@ LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Refe
         .execution_options(populate_existing=True))
 _referrals = Referral.__table__.c
 LIVE_STATUS = select(_referrals.status).where(_referrals.referee_id == bindparam("referee"), _referrals.status != "rejected")
+_payments, _entries = Payment.__table__.c, LedgerEntry.__table__.c
+FIRST_QUALIFYING = (select(_payments.id).where(_payments.account_id == bindparam("account_id"), _payments.kind == "invoice",
+                                               _payments.amount >= bindparam("min_amount"))
+                    .order_by(_payments.paid_at, _payments.id).limit(1))
+REWARDS_SINCE = select(func.count()).where(  # the referrer's referral rewards since the start of the month
+    _entries.account_id == bindparam("account_id"), _entries.kind == "grant",
+    _entries.idempotency_key.like("referral:%:referrer"), _entries.created_at >= bindparam("since"))
 SETTLED = ("paid", "reversed", "held")  # nothing left for `settle` to do (a held one waits for support)
 STATUS = "referral"  # accounts.facts: the status of the account's live attribution as a referee (None: none)
 
@@ -167,7 +174,7 @@ def settle(session: Session, catalogue: Catalogue, referee: Account, now: dateti
             invoice = first_qualifying_invoice(session, referee, terms.min_amount)
             if invoice is None:
                 return referral.status
-            _qualify(session, referral, invoice.id, now)
+            _qualify(session, referral, invoice, now)
     pay(session, catalogue, referral, now)
     return referral.status
 
@@ -176,35 +183,19 @@ def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetim
     """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops
     the other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
     terms = catalogue.referrals
-    referrer = session.get_one(Account, referral.referrer_id)
-    referee = session.get_one(Account, referral.referee_id)
+    owners = {"referrer": session.get_one(Account, referral.referrer_id), "referee": session.get_one(Account, referral.referee_id)}
     amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
     before = referral.status
     held = None
+    unpaid = []
     for side in SIDES:
         if amounts[side] <= 0 or side_paid(session, referral, side):
             continue
         if side == "referrer" and not override_cap and _over_cap(session, referral, terms.max_rewards_per_referrer_per_month, now):
             held = f"referrer reached {terms.max_rewards_per_referrer_per_month} rewards this month"
+        elif _pay_side(session, referral, side, owners[side], amounts[side], now):
             continue
-        owner = referrer if side == "referrer" else referee
-        try:
-            with session.begin_nested():
-                ledger.grant(
-                    session,
-                    owner,
-                    amounts[side],
-                    source="referral",
-                    key=f"referral:{referral.id}:{side}",
-                    reason=f"referral {referral.id} ({side})",
-                    actor="referrals",
-                    rollover=True,
-                    meta={"referral": referral.id, "side": side},
-                    now=now,
-                )
-        except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
-            log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
-    unpaid = [s for s in SIDES if amounts[s] > 0 and not side_paid(session, referral, s)]
+        unpaid.append(side)
     if not unpaid:
         referral.status, referral.reason, referral.paid_at = "paid", None, referral.paid_at or now
     elif held:
@@ -212,13 +203,39 @@ def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetim
     else:
         referral.status, referral.reason = "qualified", f"unpaid: {', '.join(unpaid)} (will be retried)"
     if referral.status != before:
-        _changed(session, referral, before, referrer, referee)
+        _changed(session, referral, before, owners["referrer"], owners["referee"])
+
+
+def _pay_side(session: Session, referral: Referral, side: str, owner: Account, credits: int, now: datetime) -> bool:
+    """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid."""
+    try:
+        with session.begin_nested():
+            ledger.grant(
+                session,
+                owner,
+                credits,
+                source="referral",
+                key=_side_key(referral, side),
+                reason=f"referral {referral.id} ({side})",
+                actor="referrals",
+                rollover=True,
+                meta={"referral": referral.id, "side": side},
+                now=now,
+            )
+    except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
+        log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 def side_paid(session: Session, referral: Referral, side: str) -> bool:
     """Whether this side's grant exists (the ledger, not a flag, is the truth)."""
-    key = f"referral:{referral.id}:{side}"
-    return session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None
+    owner = session.get_one(Account, referral.referrer_id if side == "referrer" else referral.referee_id)
+    return ledger.granted(session, owner, _side_key(referral, side))
+
+
+def _side_key(referral: Referral, side: str) -> str:
+    return f"referral:{referral.id}:{side}"
 
 
 def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded_to: int, now: datetime) -> str | None:
@@ -291,14 +308,10 @@ def _qualify(session: Session, referral: Referral, payment_id: str, now: datetim
     _changed(session, referral, before, None, None)
 
 
-def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> Payment | None:
-    """The referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial invoice);
-    public because a support backfill looks here before it asks Stripe."""
-    return session.scalars(
-        select(Payment)
-        .where(Payment.account_id == referee.id, Payment.kind == "invoice", Payment.amount >= max(min_amount, 1))
-        .order_by(Payment.paid_at, Payment.id)
-    ).first()
+def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> str | None:
+    """The id of the referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial
+    invoice); public because a support backfill looks here before it asks Stripe."""
+    return session.execute(FIRST_QUALIFYING, {"account_id": referee.id, "min_amount": max(min_amount, 1)}).scalar()
 
 
 def self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
@@ -315,21 +328,11 @@ def self_referral(referrer: Account, referee: Account, email: str | None) -> str
 def _over_cap(session: Session, referral: Referral, cap: int, now: datetime) -> bool:
     """Whether the referrer already got `cap` referral rewards this calendar month."""
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    paid = session.scalar(
-        select(func.count())
-        .select_from(LedgerEntry)
-        .where(
-            LedgerEntry.account_id == referral.referrer_id,
-            LedgerEntry.kind == "grant",
-            LedgerEntry.idempotency_key.like("referral:%:referrer"),
-            LedgerEntry.created_at >= month_start,
-        )
-    )
-    return (paid or 0) >= cap
+    return session.execute(REWARDS_SINCE, {"account_id": referral.referrer_id, "since": month_start}).scalar_one() >= cap
 
 
 def _side_grant(session: Session, referral: Referral, side: str) -> Grant | None:
-    key = f"referral:{referral.id}:{side}"
+    key = _side_key(referral, side)
     return session.scalar(select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key == key))
 
 

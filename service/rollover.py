@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger
@@ -98,9 +98,11 @@ def _take_extension(account: Account, now: datetime) -> datetime | None:
     return until
 
 
+# Built once (every renewal): building a statement and its cache key costs more than running it.
+HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.rollover.is_(True), Grant.remaining > 0)
+
+
 def _held(session: Session, account: Account, now: datetime) -> list[Grant]:
-    grants = session.scalars(
-        select(Grant).where(Grant.account_id == account.id, Grant.rollover.is_(True), Grant.remaining > 0)
-    ).all()
+    grants = session.scalars(HELD, {"account_id": account.id}).all()
     live = [g for g in grants if g.expires_at is None or g.expires_at > now]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))

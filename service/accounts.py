@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, event, exists, or_, select
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service import logs
 from service.db import insert
@@ -58,6 +59,8 @@ LOCK_BY_PUBLIC_ID = (select(Account).where(Account.public_id == bindparam("ref")
                      .execution_options(populate_existing=True))
 LOCK_BY_CUSTOMER = (select(Account).where(Account.stripe_customer_id == bindparam("customer")).with_for_update()
                     .execution_options(populate_existing=True))
+# SET from the parameters given: compiled once per set of columns (the compiled cache keys on them).
+UPDATE = Account.__table__.update().where(Account.__table__.c.id == bindparam("account_id"))
 LOCKED = "accounts.locked"  # session.info: the accounts whose rows this transaction has locked, by id (a Hold each)
 
 
@@ -122,6 +125,18 @@ def lock(session: Session, account: Account) -> Account:
     locked = session.scalars(LOCK, {"id": account.id}).one()
     _hold(session, locked)
     return locked
+
+
+def update(session: Session, account: Account, **values: Any) -> None:
+    """Write the columns of `values` that differ now, with one Core UPDATE, and give them to the loaded account
+    as the database's own: the same row for a fraction of a unit-of-work flush's CPU, and nothing left for
+    the next flush to write. The processing path's account writes (a subscription's state, a refill's plan)."""
+    changed = {name: value for name, value in values.items() if getattr(account, name) != value}
+    if not changed:
+        return
+    session.execute(UPDATE, {"account_id": account.id, **changed})
+    for name, value in changed.items():
+        set_committed_value(account, name, value)
 
 
 def facts(session: Session, account_id: int) -> dict[str, Any] | None:
@@ -199,14 +214,14 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     else:
         account = get_or_create(session, wanted or who.customer, who.customer, email)  # type: ignore[arg-type]
         if who.customer and account.stripe_customer_id is None:
-            account.stripe_customer_id = who.customer
+            update(session, account, stripe_customer_id=who.customer)
             log.info("account.linked", account_id=account.public_id, customer=who.customer)
         elif who.customer and account.stripe_customer_id != who.customer:
             raise AccountConflict(
                 f"account {account.public_id!r} is linked to {account.stripe_customer_id}, not {who.customer}"
             )
     if email and not account.email:
-        account.email = email
+        update(session, account, email=email)
     session.flush()
     return account
 

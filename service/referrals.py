@@ -93,7 +93,7 @@ def attribute(
         raise UnknownCode(code)
     accounts.lock_many(session, [referrer, referee])
     if email and not referee.email:
-        referee.email = email
+        accounts.update(session, referee, email=email)
     live = live_referral(session, referee)
     if live is not None:
         if live.referrer_id != referrer.id:
@@ -148,7 +148,6 @@ def live_status(session: Session, referee: Account) -> str | None:
     known = accounts.facts(session, referee.id)
     if known is not None and STATUS in known:
         return known[STATUS]
-    session.flush()  # the read is Core, which does not autoflush: it must see this transaction's changes
     status = session.execute(LIVE_STATUS, {"referee": referee.id}).scalar()
     if known is not None:
         known[STATUS] = status

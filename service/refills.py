@@ -61,9 +61,8 @@ def refill(session: Session, catalogue: Catalogue, account: Account, invoice: In
             },
             now=now,
         )
-    account.plan = name
-    if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
-        account.period_end = invoice.period_end
+    later = invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end)
+    accounts.update(session, account, plan=name, **({"period_end": invoice.period_end} if later else {}))
     record("granted", product=name, credits=credits)
     return f"granted {credits} credits ({name})"
 

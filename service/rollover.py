@@ -34,7 +34,7 @@ def apply(
     `{key}:extension`, outside the policy and expiring at the extension's date: the balance keeps them and
     the ledger says why. The extension is used up by this renewal, whatever it cuts.
     """
-    kept_until = _take_extension(account, now)
+    kept_until = _take_extension(session, account, now)
     limit = policy.carry_limit()
     if limit is None:
         return 0
@@ -89,12 +89,12 @@ def extend(session: Session, account: Account, until: datetime, *, force: bool, 
     return previous
 
 
-def _take_extension(account: Account, now: datetime) -> datetime | None:
+def _take_extension(session: Session, account: Account, now: datetime) -> datetime | None:
     """The pending extension's date, cleared because this renewal uses it up; None when there is none."""
     until = account.rollover_extended_until
     if until is None or until <= now:
         return None
-    account.rollover_extended_until = None
+    accounts.update(session, account, rollover_extended_until=None)
     return until
 
 

@@ -85,18 +85,23 @@ def attribute(
     """Attribute `referee` to the owner of `code` (first attribution wins) and settle what is due.
 
     A self-referral is stored as `rejected` with its reason (and is not the referee's one attribution).
+    A referee this transaction holds locked already (a webhook's, resolved) and attributed before with this
+    very code — the code carried again by each of its later events — is answered without reading or locking
+    the referrer: a code is one referrer's for good.
     """
     now = now or utcnow()
     normalized = normalize_code(code)
-    referrer = session.scalar(select(Account).where(Account.referral_code == normalized))
-    if referrer is None:
-        raise UnknownCode(code)
-    accounts.lock_many(session, [referrer, referee])
+    live = live_referral(session, referee) if accounts.facts(session, referee.id) is not None else None
+    if live is None or live.code != normalized:
+        referrer = session.scalar(BY_CODE, {"code": normalized})
+        if referrer is None:
+            raise UnknownCode(code)
+        accounts.lock_many(session, [referrer, referee])
+        live = live_referral(session, referee)
     if email and not referee.email:
         accounts.update(session, referee, email=email)
-    live = live_referral(session, referee)
     if live is not None:
-        if live.referrer_id != referrer.id:
+        if live.code != normalized and live.referrer_id != referrer.id:
             raise AlreadyAttributed(live)
         return Attribution(live, created=False)
     reason = self_referral(referrer, referee, email)
@@ -118,6 +123,7 @@ def attribute(
     return Attribution(referral, created=True)
 
 
+BY_CODE = select(Account).where(Account.referral_code == bindparam("code"))  # built once: every event carrying a code
 # Built once (settle runs for nearly every event): the referee's live attribution, read afresh, and its status alone.
 LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
         .execution_options(populate_existing=True))

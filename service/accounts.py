@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import logs
-from service.db import insert
+from service.db import dialect_insert
 from service.models import Account, LedgerEntry, Payment, utcnow
 
 log = logs.get("accounts")
@@ -57,10 +57,15 @@ LOCK = (select(Account).where(Account.id == bindparam("id")).with_for_update()
         .execution_options(populate_existing=True))
 LOCK_BY_PUBLIC_ID = (select(Account).where(Account.public_id == bindparam("ref")).with_for_update()
                      .execution_options(populate_existing=True))
-LOCK_BY_CUSTOMER = (select(Account).where(Account.stripe_customer_id == bindparam("customer")).with_for_update()
-                    .execution_options(populate_existing=True))
+# The customer's linked account and the account the objects name, locked in ascending id order (Sort under LockRows).
+LOCK_LINKED = (select(Account).where(or_(Account.stripe_customer_id == bindparam("customer"), Account.public_id == bindparam("named")))
+               .order_by(Account.id).with_for_update().execution_options(populate_existing=True))
+NEW = {dialect: select(Account).from_statement(
+    dialect_insert(dialect, Account.__table__).on_conflict_do_nothing(index_elements=["public_id"])
+    .returning(*Account.__table__.c)) for dialect in ("postgresql", "sqlite")}
 # SET from the parameters given: compiled once per set of columns (the compiled cache keys on them).
 UPDATE = Account.__table__.update().where(Account.__table__.c.id == bindparam("account_id"))
+INSERTED = "inserted"  # Hold.facts: the row was inserted by this transaction (nothing else refers to it yet)
 LOCKED = "accounts.locked"  # session.info: the accounts whose rows this transaction has locked, by id (a Hold each)
 
 
@@ -96,22 +101,21 @@ def get_or_create(session: Session, ref: str, customer: str | None = None, email
     A new ref that looks like a Stripe customer id (`cus_…`) is that customer's account, as DESIGN.md
     says for customers that carry no account id.
     """
-    existing = find(session, ref)
-    if existing is not None:
-        return existing
+    return find(session, ref) or _create(session, ref, customer, email)
+
+
+def _create(session: Session, ref: str, customer: str | None, email: str | None) -> Account:
+    """`get_or_create` once `find` has found nothing: the INSERT, or the row a concurrent one inserted."""
     keyed_by_customer = ref if ref.startswith("cus_") else None
-    created = session.scalar(
-        insert(session, Account)
-        .values(public_id=ref, stripe_customer_id=customer or keyed_by_customer, status="active", email=email,
-                created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["public_id"])  # a customer linked elsewhere meanwhile: an error
-        .returning(Account)
-    )
+    created = session.scalar(NEW[session.get_bind().dialect.name], {  # a customer linked elsewhere meanwhile: an error
+        "public_id": ref, "stripe_customer_id": customer or keyed_by_customer, "status": "active", "email": email,
+        "created_at": utcnow(),
+    })
     if created is None:
         return get(session, ref)
     if customer is not None:
         log.info("account.linked", account_id=ref, customer=customer)
-    _hold(session, created)  # a row this transaction inserted is invisible to every other until it commits
+    _hold(session, created).facts[INSERTED] = True  # invisible to every other transaction until this one commits
     return created
 
 
@@ -160,8 +164,8 @@ def _locked(session: Session) -> dict[int, Hold]:
     return session.info.setdefault(LOCKED, {})
 
 
-def _hold(session: Session, account: Account) -> None:
-    _locked(session).setdefault(account.id, Hold(account))
+def _hold(session: Session, account: Account) -> Hold:
+    return _locked(session).setdefault(account.id, Hold(account))
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -202,7 +206,7 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     customer is retrieved from Stripe (`lookup`) for its `metadata.account_id`; else the customer id is the
     account id. A customer first keyed by its own id is re-keyed when an account id for it turns up.
     """
-    linked = _lock_by_customer(session, who.customer) if who.customer else None
+    linked, named = _lock_linked(session, who.customer, who.account_id)
     wanted, email = who.account_id, who.email
     if wanted is None and who.customer and linked is None:
         record = lookup(who.customer)
@@ -212,7 +216,11 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     elif wanted is None and who.customer is None:
         raise Unresolvable("the objects name no account id and no customer")
     else:
-        account = get_or_create(session, wanted or who.customer, who.customer, email)  # type: ignore[arg-type]
+        ref: str = wanted or who.customer  # type: ignore[assignment]
+        if ref == who.account_id:  # looked for already, by `_lock_linked`
+            account = named or _create(session, ref, who.customer, email)
+        else:
+            account = get_or_create(session, ref, who.customer, email)
         if who.customer and account.stripe_customer_id is None:
             update(session, account, stripe_customer_id=who.customer)
             log.info("account.linked", account_id=account.public_id, customer=who.customer)
@@ -226,17 +234,19 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     return account
 
 
-def _lock_by_customer(session: Session, customer: str) -> Account | None:
-    """The customer's linked account, locked: every handler writes to the account it resolves, so reading it
-    with the lock saves the handler's own `lock` a second read. An account this transaction already holds is
-    not read again (a worker lane's later events: one customer's, in one transaction)."""
-    held = next((h.account for h in _locked(session).values() if h.account.stripe_customer_id == customer), None)
-    if held is not None:
-        return held
-    account = session.scalar(LOCK_BY_CUSTOMER, {"customer": customer})
-    if account is not None:
+def _lock_linked(session: Session, customer: str | None, named: str | None) -> tuple[Account | None, Account | None]:
+    """The customer's linked account and the account named `named` (each None when there is none), both read
+    with their locks by one statement: every handler writes to the account it resolves, so reading it locked
+    saves the handler's own `lock` a second read. An account this transaction already holds linked to the
+    customer is not read again (a worker lane's later events: one customer's, in one transaction)."""
+    held = next((h.account for h in _locked(session).values() if customer and h.account.stripe_customer_id == customer), None)
+    if held is not None or (customer is None and named is None):
+        return held, None
+    found = session.scalars(LOCK_LINKED, {"customer": customer, "named": named}).all()
+    for account in found:
         _hold(session, account)
-    return account
+    linked = next((a for a in found if customer and a.stripe_customer_id == customer), None)
+    return linked, next((a for a in found if a.public_id == named), None)
 
 
 def _rekey(session: Session, account: Account, wanted: str) -> Account:

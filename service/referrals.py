@@ -154,6 +154,8 @@ def live_status(session: Session, referee: Account) -> str | None:
     known = accounts.facts(session, referee.id)
     if known is not None and STATUS in known:
         return known[STATUS]
+    if known is not None and known.get(accounts.INSERTED):  # a new account: no attribution but one made since (noted)
+        return None
     status = session.execute(LIVE_STATUS, {"referee": referee.id}).scalar()
     if known is not None:
         known[STATUS] = status

@@ -24,6 +24,7 @@ from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 DEBIT_COLUMNS = {"spend": "spent", "expire": "expired", "reverse": "reversed"}
 log = logs.get("ledger")
 NEVER = datetime.max.replace(tzinfo=utcnow().tzinfo)
+KEYS = "ledger keys"  # accounts.facts: the idempotency keys this transaction has posted or found for the account
 
 # The spend path's statements, built once: building a statement and its cache key costs more than running it.
 HELD_WHERE = and_(Grant.account_id == bindparam("account_id"), Grant.remaining > 0)  # oldest first
@@ -145,10 +146,17 @@ def granted(session: Session, account: Account, key: str) -> bool:
     return key in known
 
 
+def holds_no_grant(session: Session, account: Account) -> bool:
+    """True when the account is known, without a read, to hold no grant at all: this transaction inserted it
+    and has granted it nothing (every grant is made by `grant`, which notes its key)."""
+    facts = accounts.facts(session, account.id)
+    return facts is not None and facts.get(accounts.INSERTED, False) and not facts.get(KEYS)
+
+
 def _known_keys(session: Session, account: Account) -> set[str]:
     """The keys `granted` knows to be taken, noted with the account's lock (a throwaway set without it)."""
     facts = accounts.facts(session, account.id)
-    return facts.setdefault("ledger keys", set()) if facts is not None else set()
+    return facts.setdefault(KEYS, set()) if facts is not None else set()
 
 
 def spend(

@@ -103,6 +103,8 @@ HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.ro
 
 
 def _held(session: Session, account: Account, now: datetime) -> list[Grant]:
+    if ledger.holds_no_grant(session, account):  # a signup's first invoice: nothing to read
+        return []
     grants = session.scalars(HELD, {"account_id": account.id}).all()
     live = [g for g in grants if g.expires_at is None or g.expires_at > now]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))

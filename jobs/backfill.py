@@ -239,7 +239,7 @@ def _qualifying_invoice(session: Session, rt: Runtime, referee: Account, named: 
         return _found(session, obj, "Stripe (--invoice)")
     recorded = referrals.first_qualifying_invoice(session, referee, minimum)
     if recorded is not None:
-        return Invoice(recorded.id, "recorded payments")
+        return Invoice(recorded, "recorded payments")
     if customer is None:
         return None
     listed = [

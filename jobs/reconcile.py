@@ -373,8 +373,7 @@ class Scan:
         with transaction(self.rt.sessions) as session:
             referral = session.get_one(Referral, referral_id)
             referee = session.get_one(Account, referral.referee_id)
-            settled = referrals.settle(session, self.rt.catalogue, referee)
-            return settled is not None and settled.status == "paid"
+            return referrals.settle(session, self.rt.catalogue, referee) == "paid"
 
 
 def _referee(invoice: so.InvoiceFacts, find: Callable[[str], A | None]) -> A | None:

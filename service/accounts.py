@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import bindparam, event, exists, or_, select
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service import logs
-from service.db import among, insert
+from service.db import among, dialect_insert
 from service.models import Account, LedgerEntry, Payment, utcnow
 
 log = logs.get("accounts")
@@ -53,13 +55,31 @@ CustomerLookup = Callable[[str], CustomerRecord]
 BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref")))
 LOCK = (select(Account).where(Account.id == bindparam("id")).with_for_update()
         .execution_options(populate_existing=True))
-LOCK_BY_CUSTOMER = (select(Account).where(Account.stripe_customer_id == bindparam("customer")).with_for_update()
-                    .execution_options(populate_existing=True))
 LOCK_BY_REFS = {dialect: select(Account).where(or_(among(Account.public_id, "refs", dialect),
                                                     among(Account.stripe_customer_id, "refs", dialect)))
                 .order_by(Account.id).with_for_update().execution_options(populate_existing=True)
                 for dialect in ("postgresql", "sqlite")}
-LOCKED = "accounts.locked"  # session.info: ids of the accounts whose rows this transaction has locked
+# The customer's linked account and the account the objects name, locked in ascending id order (Sort under LockRows).
+LOCK_LINKED = (select(Account).where(or_(Account.stripe_customer_id == bindparam("customer"), Account.public_id == bindparam("named")))
+               .order_by(Account.id).with_for_update().execution_options(populate_existing=True))
+NEW = {dialect: select(Account).from_statement(
+    dialect_insert(dialect, Account.__table__).on_conflict_do_nothing(index_elements=["public_id"])
+    .returning(*Account.__table__.c)) for dialect in ("postgresql", "sqlite")}
+# SET from the parameters given: compiled once per set of columns (the compiled cache keys on them).
+UPDATE = Account.__table__.update().where(Account.__table__.c.id == bindparam("account_id"))
+INSERTED = "inserted"  # Hold.facts: the row was inserted by this transaction (nothing else refers to it yet)
+LOCKED = "accounts.locked"  # session.info: the accounts whose rows this transaction has locked, by id (a Hold each)
+
+
+@dataclass
+class Hold:
+    """An account row this transaction holds locked. The ORM object is kept referenced, so the session keeps it
+    in its identity map and the next `lock` or `resolve` of the account reads nothing: nobody else can change
+    the row until the transaction ends. `facts` is what the transaction has learnt about the account meanwhile
+    (referrals.py keeps its live referral's status there), valid for as long as the lock."""
+
+    account: Account
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def find(session: Session, ref: str) -> Account | None:
@@ -83,22 +103,21 @@ def get_or_create(session: Session, ref: str, customer: str | None = None, email
     A new ref that looks like a Stripe customer id (`cus_…`) is that customer's account, as DESIGN.md
     says for customers that carry no account id.
     """
-    existing = find(session, ref)
-    if existing is not None:
-        return existing
+    return find(session, ref) or _create(session, ref, customer, email)
+
+
+def _create(session: Session, ref: str, customer: str | None, email: str | None) -> Account:
+    """`get_or_create` once `find` has found nothing: the INSERT, or the row a concurrent one inserted."""
     keyed_by_customer = ref if ref.startswith("cus_") else None
-    created = session.scalar(
-        insert(session, Account)
-        .values(public_id=ref, stripe_customer_id=customer or keyed_by_customer, status="active", email=email,
-                created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["public_id"])  # a customer linked elsewhere meanwhile: an error
-        .returning(Account)
-    )
+    created = session.scalar(NEW[session.get_bind().dialect.name], {  # a customer linked elsewhere meanwhile: an error
+        "public_id": ref, "stripe_customer_id": customer or keyed_by_customer, "status": "active", "email": email,
+        "created_at": utcnow(),
+    })
     if created is None:
         return get(session, ref)
     if customer is not None:
         log.info("account.linked", account_id=ref, customer=customer)
-    _locked(session).add(created.id)  # a row this transaction inserted is invisible to every other until it commits
+    _hold(session, created).facts[INSERTED] = True  # invisible to every other transaction until this one commits
     return created
 
 
@@ -106,24 +125,64 @@ def lock(session: Session, account: Account) -> Account:
     """Lock the account row until the transaction ends (FOR UPDATE on PostgreSQL; on SQLite the
     transaction already holds the database write lock) and return it freshly read. A row this transaction
     already locked is not read again: nobody else can have changed it since."""
-    if account.id in _locked(session):
-        return session.get_one(Account, account.id)
+    held = _locked(session).get(account.id)
+    if held is not None:
+        return held.account
     locked = session.scalars(LOCK, {"id": account.id}).one()
-    _locked(session).add(locked.id)
+    _hold(session, locked)
     return locked
 
 
-def _locked(session: Session) -> set[int]:
-    return session.info.setdefault(LOCKED, set())
+def update(session: Session, account: Account, **values: Any) -> None:
+    """Write the columns of `values` that differ now, with one Core UPDATE, and give them to the loaded account
+    as the database's own: the same row for a fraction of a unit-of-work flush's CPU, and nothing left for
+    the next flush to write. The processing path's account writes (a subscription's state, a refill's plan)."""
+    changed = {name: value for name, value in values.items() if getattr(account, name) != value}
+    if not changed:
+        return
+    session.execute(UPDATE, {"account_id": account.id, **changed})
+    for name, value in changed.items():
+        set_committed_value(account, name, value)
+
+
+def facts(session: Session, account_id: int) -> dict[str, Any] | None:
+    """What this transaction has noted about an account it holds locked (see Hold); None when it does not hold
+    the account's lock, and so cannot know that a fact still holds."""
+    held = _locked(session).get(account_id)
+    return held.facts if held is not None else None
+
+
+def expire_all_but_locked(session: Session) -> None:
+    """Flush, then expire every object the session holds but the accounts it holds locked: what the next
+    statements use is read afresh, as in a transaction of its own, except the rows nobody else can change."""
+    session.flush()
+    locked = {id(held.account) for held in _locked(session).values()}
+    for instance in list(session.identity_map.values()):
+        if id(instance) not in locked:
+            session.expire(instance)
+
+
+def _locked(session: Session) -> dict[int, Hold]:
+    return session.info.setdefault(LOCKED, {})
+
+
+def _hold(session: Session, account: Account) -> Hold:
+    return _locked(session).setdefault(account.id, Hold(account))
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_locks(session: Session, transaction: SessionTransaction) -> None:
-    """Row locks end with the transaction, and a savepoint rolled back releases those taken inside it: at
-    either end (a savepoint released too, to keep this simple) the next `lock` reads and locks again. A flush's
-    own subtransaction ends nothing in the database."""
-    if transaction.parent is None or transaction.nested:
+    """Row locks end with the transaction: the next `lock` reads and locks again. A savepoint released keeps
+    its locks (they pass to the enclosing transaction), and a flush's own subtransaction ends nothing."""
+    if transaction.parent is None:
         session.info.pop(LOCKED, None)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_locks_rolled_back(session: Session) -> None:
+    """A rollback — of a savepoint too, which releases the locks taken inside it and expires what it changed
+    — forgets every lock and fact (all of them, to keep this simple): the next `lock` reads and locks again."""
+    session.info.pop(LOCKED, None)
 
 
 def lock_refs(session: Session, refs: set[str]) -> dict[str, Account]:
@@ -131,7 +190,8 @@ def lock_refs(session: Session, refs: set[str]) -> dict[str, Account]:
     locked by one statement in ascending id order — the order `lock_many` uses — so a batch of spends on many
     accounts never deadlocks with another transaction. Raises AccountNotFound for the first ref nobody answers to."""
     found = session.scalars(LOCK_BY_REFS[session.get_bind().dialect.name], {"refs": sorted(refs)}).all()
-    _locked(session).update(account.id for account in found)
+    for account in found:
+        _hold(session, account)
     by_public_id = {account.public_id: account for account in found}
     by_customer = {account.stripe_customer_id: account for account in found if account.stripe_customer_id}
     named = {ref: by_public_id.get(ref) or by_customer.get(ref) for ref in refs}
@@ -154,7 +214,7 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     customer is retrieved from Stripe (`lookup`) for its `metadata.account_id`; else the customer id is the
     account id. A customer first keyed by its own id is re-keyed when an account id for it turns up.
     """
-    linked = _lock_by_customer(session, who.customer) if who.customer else None
+    linked, named = _lock_linked(session, who.customer, who.account_id)
     wanted, email = who.account_id, who.email
     if wanted is None and who.customer and linked is None:
         record = lookup(who.customer)
@@ -164,27 +224,37 @@ def resolve(session: Session, who: Identity, lookup: CustomerLookup) -> Account:
     elif wanted is None and who.customer is None:
         raise Unresolvable("the objects name no account id and no customer")
     else:
-        account = get_or_create(session, wanted or who.customer, who.customer, email)  # type: ignore[arg-type]
+        ref: str = wanted or who.customer  # type: ignore[assignment]
+        if ref == who.account_id:  # looked for already, by `_lock_linked`
+            account = named or _create(session, ref, who.customer, email)
+        else:
+            account = get_or_create(session, ref, who.customer, email)
         if who.customer and account.stripe_customer_id is None:
-            account.stripe_customer_id = who.customer
+            update(session, account, stripe_customer_id=who.customer)
             log.info("account.linked", account_id=account.public_id, customer=who.customer)
         elif who.customer and account.stripe_customer_id != who.customer:
             raise AccountConflict(
                 f"account {account.public_id!r} is linked to {account.stripe_customer_id}, not {who.customer}"
             )
     if email and not account.email:
-        account.email = email
+        update(session, account, email=email)
     session.flush()
     return account
 
 
-def _lock_by_customer(session: Session, customer: str) -> Account | None:
-    """The customer's linked account, locked: every handler writes to the account it resolves, so reading it
-    with the lock saves the handler's own `lock` a second read."""
-    account = session.scalar(LOCK_BY_CUSTOMER, {"customer": customer})
-    if account is not None:
-        _locked(session).add(account.id)
-    return account
+def _lock_linked(session: Session, customer: str | None, named: str | None) -> tuple[Account | None, Account | None]:
+    """The customer's linked account and the account named `named` (each None when there is none), both read
+    with their locks by one statement: every handler writes to the account it resolves, so reading it locked
+    saves the handler's own `lock` a second read. An account this transaction already holds linked to the
+    customer is not read again (a worker lane's later events: one customer's, in one transaction)."""
+    held = next((h.account for h in _locked(session).values() if customer and h.account.stripe_customer_id == customer), None)
+    if held is not None or (customer is None and named is None):
+        return held, None
+    found = session.scalars(LOCK_LINKED, {"customer": customer, "named": named}).all()
+    for account in found:
+        _hold(session, account)
+    linked = next((a for a in found if customer and a.stripe_customer_id == customer), None)
+    return linked, next((a for a in found if a.public_id == named), None)
 
 
 def _rekey(session: Session, account: Account, wanted: str) -> Account:
@@ -206,6 +276,7 @@ def _rekey(session: Session, account: Account, wanted: str) -> Account:
         customer = account.stripe_customer_id
         session.delete(account)
         session.flush()
+        _locked(session).pop(account.id, None)
         target.stripe_customer_id = customer
         log.info("account.linked", account_id=target.public_id, customer=customer)
         return target

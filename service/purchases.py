@@ -7,12 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, logs, payments
 from service.catalogue import Catalogue, Pack
-from service.models import Account, LedgerEntry
+from service.models import Account
 
 log = logs.get("purchases")
 
@@ -46,7 +45,7 @@ def grant_pack(
         payment_intent=purchase.payment_intent, charge=purchase.charge, paid_at=now,
     )
 
-    if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None:
+    if ledger.granted(session, account, key):
         record("granted")
         return f"already granted ({key})"
     found = _pack(catalogue, purchase.pack, prices)

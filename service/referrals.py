@@ -85,18 +85,23 @@ def attribute(
     """Attribute `referee` to the owner of `code` (first attribution wins) and settle what is due.
 
     A self-referral is stored as `rejected` with its reason (and is not the referee's one attribution).
+    A referee this transaction holds locked already (a webhook's, resolved) and attributed before with this
+    very code — the code carried again by each of its later events — is answered without reading or locking
+    the referrer: a code is one referrer's for good.
     """
     now = now or utcnow()
     normalized = normalize_code(code)
-    referrer = session.scalar(select(Account).where(Account.referral_code == normalized))
-    if referrer is None:
-        raise UnknownCode(code)
-    accounts.lock_many(session, [referrer, referee])
+    live = live_referral(session, referee) if accounts.facts(session, referee.id) is not None else None
+    if live is None or live.code != normalized:
+        referrer = session.scalar(BY_CODE, {"code": normalized})
+        if referrer is None:
+            raise UnknownCode(code)
+        accounts.lock_many(session, [referrer, referee])
+        live = live_referral(session, referee)
     if email and not referee.email:
-        referee.email = email
-    live = live_referral(session, referee)
+        accounts.update(session, referee, email=email)
     if live is not None:
-        if live.referrer_id != referrer.id:
+        if live.code != normalized and live.referrer_id != referrer.id:
             raise AlreadyAttributed(live)
         return Attribution(live, created=False)
     reason = self_referral(referrer, referee, email)
@@ -112,13 +117,27 @@ def attribute(
     )
     session.add(referral)
     session.flush()
-    _log_status(referral, None, referrer, referee)
+    _changed(session, referral, None, referrer, referee)
     if reason is None:
         settle(session, catalogue, referee, now)
     return Attribution(referral, created=True)
 
 
-LIVE = select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")  # built once: hot
+BY_CODE = select(Account).where(Account.referral_code == bindparam("code"))  # built once: every event carrying a code
+# Built once (settle runs for nearly every event): the referee's live attribution, read afresh, and its status alone.
+LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
+        .execution_options(populate_existing=True))
+_referrals = Referral.__table__.c
+LIVE_STATUS = select(_referrals.status).where(_referrals.referee_id == bindparam("referee"), _referrals.status != "rejected")
+_payments, _entries = Payment.__table__.c, LedgerEntry.__table__.c
+FIRST_QUALIFYING = (select(_payments.id).where(_payments.account_id == bindparam("account_id"), _payments.kind == "invoice",
+                                               _payments.amount >= bindparam("min_amount"))
+                    .order_by(_payments.paid_at, _payments.id).limit(1))
+REWARDS_SINCE = select(func.count()).where(  # the referrer's referral rewards since the start of the month
+    _entries.account_id == bindparam("account_id"), _entries.kind == "grant",
+    _entries.idempotency_key.like("referral:%:referrer"), _entries.created_at >= bindparam("since"))
+SETTLED = ("paid", "reversed", "held")  # nothing left for `settle` to do (a held one waits for support)
+STATUS = "referral"  # accounts.facts: the status of the account's live attribution as a referee (None: none)
 
 
 def live_referral(session: Session, referee: Account) -> Referral | None:
@@ -126,58 +145,64 @@ def live_referral(session: Session, referee: Account) -> Referral | None:
     return session.scalar(LIVE, {"referee": referee.id})
 
 
-def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> Referral | None:
-    """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent."""
+def live_status(session: Session, referee: Account) -> str | None:
+    """The status of the referee's live attribution (None: it has none), without loading it — and without
+    reading anything when this transaction holds the referee locked and has looked already (a worker lane's
+    later events). The noted status stays right while the lock is held: a new attribution needs the
+    referee's lock, and what others may do meanwhile (a retried payout) only takes a referral out of `settle`'s
+    reach, never back into it; this transaction's own changes are noted as they are made (`_changed`)."""
+    known = accounts.facts(session, referee.id)
+    if known is not None and STATUS in known:
+        return known[STATUS]
+    if known is not None and known.get(accounts.INSERTED):  # a new account: no attribution but one made since (noted)
+        return None
+    status = session.execute(LIVE_STATUS, {"referee": referee.id}).scalar()
+    if known is not None:
+        known[STATUS] = status
+    return status
+
+
+def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> str | None:
+    """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent. Returns the
+    status of the referee's live attribution (None: it has none). Most calls find nothing to do from the status
+    alone; only an attribution still to be qualified or paid is loaded."""
     now = now or utcnow()
-    referral = live_referral(session, referee)
-    if referral is None or referral.status in ("paid", "reversed", "held"):  # held waits for support
-        return referral
+    status = live_status(session, referee)
+    if status is None or status in SETTLED:
+        return status
+    referral = session.scalars(LIVE, {"referee": referee.id}).one()
+    if referral.status in SETTLED:  # settled meanwhile by another transaction (a retried payout)
+        return _note(session, referral)
     terms = catalogue.referrals
     if referral.qualified_at is None:
         if terms.qualify_on == "signup":
-            _qualify(referral, "signup", now)
+            _qualify(session, referral, "signup", now)
         else:
             invoice = first_qualifying_invoice(session, referee, terms.min_amount)
             if invoice is None:
-                return referral
-            _qualify(referral, invoice.id, now)
+                return referral.status
+            _qualify(session, referral, invoice, now)
     pay(session, catalogue, referral, now)
-    return referral
+    return referral.status
 
 
 def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False) -> None:
     """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops
     the other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
     terms = catalogue.referrals
-    referrer = session.get_one(Account, referral.referrer_id)
-    referee = session.get_one(Account, referral.referee_id)
+    owners = {"referrer": session.get_one(Account, referral.referrer_id), "referee": session.get_one(Account, referral.referee_id)}
     amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
     before = referral.status
     held = None
+    unpaid = []
     for side in SIDES:
         if amounts[side] <= 0 or side_paid(session, referral, side):
             continue
         if side == "referrer" and not override_cap and _over_cap(session, referral, terms.max_rewards_per_referrer_per_month, now):
             held = f"referrer reached {terms.max_rewards_per_referrer_per_month} rewards this month"
+        elif _pay_side(session, referral, side, owners[side], amounts[side], now):
             continue
-        owner = referrer if side == "referrer" else referee
-        try:
-            with session.begin_nested():
-                ledger.grant(
-                    session,
-                    owner,
-                    amounts[side],
-                    source="referral",
-                    key=f"referral:{referral.id}:{side}",
-                    reason=f"referral {referral.id} ({side})",
-                    actor="referrals",
-                    rollover=True,
-                    meta={"referral": referral.id, "side": side},
-                    now=now,
-                )
-        except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
-            log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
-    unpaid = [s for s in SIDES if amounts[s] > 0 and not side_paid(session, referral, s)]
+        unpaid.append(side)
     if not unpaid:
         referral.status, referral.reason, referral.paid_at = "paid", None, referral.paid_at or now
     elif held:
@@ -185,13 +210,39 @@ def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetim
     else:
         referral.status, referral.reason = "qualified", f"unpaid: {', '.join(unpaid)} (will be retried)"
     if referral.status != before:
-        _log_status(referral, before, referrer, referee)
+        _changed(session, referral, before, owners["referrer"], owners["referee"])
+
+
+def _pay_side(session: Session, referral: Referral, side: str, owner: Account, credits: int, now: datetime) -> bool:
+    """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid."""
+    try:
+        with session.begin_nested():
+            ledger.grant(
+                session,
+                owner,
+                credits,
+                source="referral",
+                key=_side_key(referral, side),
+                reason=f"referral {referral.id} ({side})",
+                actor="referrals",
+                rollover=True,
+                meta={"referral": referral.id, "side": side},
+                now=now,
+            )
+    except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
+        log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 def side_paid(session: Session, referral: Referral, side: str) -> bool:
     """Whether this side's grant exists (the ledger, not a flag, is the truth)."""
-    key = f"referral:{referral.id}:{side}"
-    return session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)) is not None
+    owner = session.get_one(Account, referral.referrer_id if side == "referrer" else referral.referee_id)
+    return ledger.granted(session, owner, _side_key(referral, side))
+
+
+def _side_key(referral: Referral, side: str) -> str:
+    return f"referral:{referral.id}:{side}"
 
 
 def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded_to: int, now: datetime) -> str | None:
@@ -217,7 +268,7 @@ def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded
         )
         shortfall += int(posted.entry.meta.get("shortfall", 0))
     referral.status, referral.reason = "reversed", f"{payment.id} refunded" + (f"; shortfall {shortfall}" if shortfall else "")
-    _log_status(referral, before, None, None)
+    _changed(session, referral, before, None, None)
     return f"referral {referral.id} clawed back" + (f" (shortfall {shortfall})" if shortfall else "")
 
 
@@ -258,20 +309,16 @@ def link(code: str, base: str) -> str:
     return f"{base}{code}"
 
 
-def _qualify(referral: Referral, payment_id: str, now: datetime) -> None:
+def _qualify(session: Session, referral: Referral, payment_id: str, now: datetime) -> None:
     referral.qualifying_payment, referral.qualified_at = payment_id, now
     before, referral.status = referral.status, "qualified"
-    _log_status(referral, before, None, None)
+    _changed(session, referral, before, None, None)
 
 
-def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> Payment | None:
-    """The referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial invoice);
-    public because a support backfill looks here before it asks Stripe."""
-    return session.scalars(
-        select(Payment)
-        .where(Payment.account_id == referee.id, Payment.kind == "invoice", Payment.amount >= max(min_amount, 1))
-        .order_by(Payment.paid_at, Payment.id)
-    ).first()
+def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> str | None:
+    """The id of the referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial
+    invoice); public because a support backfill looks here before it asks Stripe."""
+    return session.execute(FIRST_QUALIFYING, {"account_id": referee.id, "min_amount": max(min_amount, 1)}).scalar()
 
 
 def self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
@@ -288,25 +335,26 @@ def self_referral(referrer: Account, referee: Account, email: str | None) -> str
 def _over_cap(session: Session, referral: Referral, cap: int, now: datetime) -> bool:
     """Whether the referrer already got `cap` referral rewards this calendar month."""
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    paid = session.scalar(
-        select(func.count())
-        .select_from(LedgerEntry)
-        .where(
-            LedgerEntry.account_id == referral.referrer_id,
-            LedgerEntry.kind == "grant",
-            LedgerEntry.idempotency_key.like("referral:%:referrer"),
-            LedgerEntry.created_at >= month_start,
-        )
-    )
-    return (paid or 0) >= cap
+    return session.execute(REWARDS_SINCE, {"account_id": referral.referrer_id, "since": month_start}).scalar_one() >= cap
 
 
 def _side_grant(session: Session, referral: Referral, side: str) -> Grant | None:
-    key = f"referral:{referral.id}:{side}"
+    key = _side_key(referral, side)
     return session.scalar(select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key == key))
 
 
-def _log_status(referral: Referral, before: str | None, referrer: Account | None, referee: Account | None) -> None:
+def _note(session: Session, referral: Referral) -> str:
+    """Note a live referral's status for its referee's lock (see live_status), and return it."""
+    known = accounts.facts(session, referral.referee_id)
+    if known is not None and referral.status != "rejected":  # a rejected one is no attribution at all
+        known[STATUS] = referral.status
+    return referral.status
+
+
+def _changed(session: Session, referral: Referral, before: str | None, referrer: Account | None,
+             referee: Account | None) -> None:
+    """Every status change: noted for the referee's lock, and logged as a `referral.status` event."""
+    _note(session, referral)
     log.info(
         "referral.status",
         referral=referral.id,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, logs, payments, rollover
@@ -15,14 +15,13 @@ from service.models import Account, Grant, LedgerEntry
 from service.stripe_objects import InvoiceFacts
 
 log = logs.get("refills")
-GRANTED = select(LedgerEntry.id).where(LedgerEntry.idempotency_key == bindparam("key"))  # built once: every invoice
 
 
 def refill(session: Session, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> str:
     """Grant the plan's credits for `invoice` once; return what happened, for the event's outcome."""
     account = accounts.lock(session, account)
     key = f"invoice:{invoice.id}"
-    if session.scalar(GRANTED, {"key": key}) is not None:
+    if ledger.granted(session, account, key):
         return f"already granted ({key})"
     record = payments.recorder(
         session, invoice.id, account, kind="invoice", amount=invoice.amount_paid, currency=invoice.currency,
@@ -62,9 +61,8 @@ def refill(session: Session, catalogue: Catalogue, account: Account, invoice: In
             },
             now=now,
         )
-    account.plan = name
-    if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
-        account.period_end = invoice.period_end
+    later = invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end)
+    accounts.update(session, account, plan=name, **({"period_end": invoice.period_end} if later else {}))
     record("granted", product=name, credits=credits)
     return f"granted {credits} credits ({name})"
 

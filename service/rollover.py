@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger
@@ -34,7 +34,7 @@ def apply(
     `{key}:extension`, outside the policy and expiring at the extension's date: the balance keeps them and
     the ledger says why. The extension is used up by this renewal, whatever it cuts.
     """
-    kept_until = _take_extension(account, now)
+    kept_until = _take_extension(session, account, now)
     limit = policy.carry_limit()
     if limit is None:
         return 0
@@ -89,18 +89,22 @@ def extend(session: Session, account: Account, until: datetime, *, force: bool, 
     return previous
 
 
-def _take_extension(account: Account, now: datetime) -> datetime | None:
+def _take_extension(session: Session, account: Account, now: datetime) -> datetime | None:
     """The pending extension's date, cleared because this renewal uses it up; None when there is none."""
     until = account.rollover_extended_until
     if until is None or until <= now:
         return None
-    account.rollover_extended_until = None
+    accounts.update(session, account, rollover_extended_until=None)
     return until
 
 
+# Built once (every renewal): building a statement and its cache key costs more than running it.
+HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.rollover.is_(True), Grant.remaining > 0)
+
+
 def _held(session: Session, account: Account, now: datetime) -> list[Grant]:
-    grants = session.scalars(
-        select(Grant).where(Grant.account_id == account.id, Grant.rollover.is_(True), Grant.remaining > 0)
-    ).all()
+    if ledger.holds_no_grant(session, account):  # a signup's first invoice: nothing to read
+        return []
+    grants = session.scalars(HELD, {"account_id": account.id}).all()
     live = [g for g in grants if g.expires_at is None or g.expires_at > now]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))

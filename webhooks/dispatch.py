@@ -16,7 +16,7 @@ from datetime import datetime
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from service import logs, metrics
+from service import accounts, logs, metrics
 from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
@@ -69,9 +69,8 @@ def process_together(rt: Runtime, event_ids: list[str], stop: threading.Event | 
                     break
                 structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
                 started, now = time.perf_counter(), utcnow()
-                if handled:  # each event reads the rows it uses afresh, as in a transaction of its own
-                    session.flush()
-                    session.expire_all()
+                if handled:  # each event reads afresh the rows it uses, as in a transaction of its own, but
+                    accounts.expire_all_but_locked(session)  # the accounts held locked: nobody else can change them
                 status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
                 handled.append((event, status, outcome, now))
                 took.append(time.perf_counter() - started)

@@ -61,7 +61,7 @@ class Context:
             except referrals.AlreadyAttributed as exc:
                 note = f"; referral code {code!r} ignored: {exc}"
         settled = None if settled_already else referrals.settle(self.session, self.catalogue, referee, self.now)
-        return note + (f"; referral {settled.status}" if settled is not None and not note else "")
+        return note + (f"; referral {settled}" if settled is not None and not note else "")
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
         customer = so.customer(self.stripe.retrieve_customer(customer_id))
@@ -166,13 +166,11 @@ def subscription_changed(ctx: Context, obj: so.Obj) -> str:
         return f"older than the state applied at {account.subscription_as_of.isoformat()}: skipped"
     deleted = ctx.event.type == "customer.subscription.deleted"
     plan = next((hit[0] for hit in map(ctx.catalogue.plan_for_price, sub.price_ids) if hit), None)
-    account.status = "canceled" if deleted else (sub.status or account.status)
-    paying = not deleted and account.status in PAYING  # an `incomplete` first payment has not paid for anything
-    account.plan = (plan or account.plan) if paying else None
-    account.subscription_id = sub.id
-    account.subscription_as_of = ctx.event.created
-    if sub.current_period_end and not deleted:
-        account.period_end = sub.current_period_end
+    status = "canceled" if deleted else (sub.status or account.status)
+    paying = not deleted and status in PAYING  # an `incomplete` first payment has not paid for anything
+    period = {"period_end": sub.current_period_end} if sub.current_period_end and not deleted else {}
+    accounts.update(ctx.session, account, status=status, plan=(plan or account.plan) if paying else None,
+                    subscription_id=sub.id, subscription_as_of=ctx.event.created, **period)
     referral = ctx.refer(account, sub.metadata.get("referral_code"), source="subscription")
     return f"{account.public_id}: plan {account.plan}, status {account.status}{referral}"
 

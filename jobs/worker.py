@@ -2,11 +2,11 @@
 before it could), or failed and now past its backoff — and retries referral payouts left one-sided.
 
 Several workers (and the API replicas, which process what they receive) share the inbox safely: each
-event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. A lane's events
-are claimed, handled and marked in one transaction: a customer's burst costs one COMMIT, not one each.
-Within one worker, WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay
-in order on one thread, and a lane stops at an event that fails — because processing an event mostly waits
-on database round trips (PostgreSQL only: SQLite has one writer at a time). Across processes (other
+event is claimed with FOR UPDATE SKIP LOCKED, and handlers are idempotent by key anyway. Within one
+worker, WORKER_THREADS threads take a batch's lanes side by side — one customer's events stay in order on
+one thread, and a lane stops at an event that fails — because processing an event mostly waits on database
+round trips (PostgreSQL only: SQLite has one writer at a time). Each thread's share of the lanes is claimed,
+handled and marked in one transaction: a batch of due events costs a COMMIT a thread, not one a customer. Across processes (other
 workers, the API's inline threads) the order of one customer's events is best effort; the account lock and
 the idempotency keys keep every credit exact either way.
 """
@@ -32,21 +32,23 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
     counts: Counter[str] = Counter()
     seen: set[str] = set()
 
-    def process_lane(event_ids: list[str]) -> Counter[str]:
-        """The lane's events in order, stopping at one that did not go through (failed, or held by another
-        process): the rest wait for the next drain rather than overtake it. All in one transaction when
-        they all go through; one at a time, each in its own, when one fails (dispatch.process_together)."""
-        together = dispatch.process_together(rt, event_ids, stop)
+    def process_lanes(lanes: list[list[str]]) -> Counter[str]:
+        """Each lane's events in order, a lane stopping at one that did not go through (failed, or held by
+        another process): the rest of it waits for the next drain rather than overtake it. All the lanes in
+        one transaction when they all go through; one event at a time, each in its own, when one fails
+        (dispatch.process_together)."""
+        together = dispatch.process_together(rt, lanes, stop)
         if together is not None:
-            return Counter(status or "skipped" for status in together)
+            return Counter(status or "skipped" for statuses in together for status in statuses)
         done: Counter[str] = Counter()
-        for event_id in event_ids:
-            if stop is not None and stop.is_set():
-                break
-            status = dispatch.process(rt, event_id) or "skipped"
-            done[status] += 1
-            if status not in ("processed", "ignored"):
-                break
+        for event_ids in lanes:
+            for event_id in event_ids:
+                if stop is not None and stop.is_set():
+                    return done
+                status = dispatch.process(rt, event_id) or "skipped"
+                done[status] += 1
+                if status not in ("processed", "ignored"):
+                    break
         return done
 
     # SQLite has one writer at a time (BEGIN IMMEDIATE): more threads would only queue for its lock.
@@ -61,13 +63,20 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
             for event_id, lane in batch:
                 lanes[lane].append(event_id)
                 seen.add(event_id)  # a failure is rescheduled; it is not retried again within this drain
-            for done in pool.map(process_lane, lanes.values()):
+            for done in pool.map(process_lanes, _shares(list(lanes.values()), threads)):
                 counts.update(done)
     with transaction(rt.sessions) as session:
         retried = referrals.retry_unpaid(session, rt.catalogue)
     if retried:
         counts["referrals retried"] += retried
     return counts
+
+
+def _shares(lanes: list[list[str]], threads: int) -> list[list[list[str]]]:
+    """The batch's lanes dealt out to the threads, each thread's share done in one transaction: under a
+    trickle of deliveries a lane is one event, and one COMMIT (with its BEGIN, claim, mark and pool checkout)
+    per lane was most of the worker's cost per event beyond the handlers (bench/e2e)."""
+    return [share for share in (lanes[n::threads] for n in range(threads)) if share]
 
 
 def run(rt: Runtime, stop: threading.Event, poll_seconds: float = 1.0) -> None:

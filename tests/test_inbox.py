@@ -148,6 +148,22 @@ def test_the_worker_commits_a_customers_due_events_together(rt, sessions) -> Non
         f"invoice:in_{n}" for n in range(4)]
 
 
+def test_the_worker_commits_several_customers_due_events_together(rt, sessions) -> None:  # type: ignore[no-untyped-def]
+    """A thread's share of the lanes shares one transaction: twelve customers' events cost a commit a thread."""
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.paid", linked_invoice("in_0"), event_id="evt_0"), utcnow())
+    one = commits_of_a_drain(rt)
+    with transaction(sessions) as s:
+        for who in range(12):
+            invoice = se.invoice("2025", invoice_id=f"in_c{who}", customer=f"cus_c{who}", price="price_starter_monthly",
+                                 amount_paid=2000, subscription_metadata={"account_id": f"acct_c{who}"})
+            inbox.store(s, se.event("invoice.paid", invoice, event_id=f"evt_c{who}"), utcnow())
+    threads = rt.settings.worker_threads if rt.engine.dialect.name == "postgresql" else 1
+    assert commits_of_a_drain(rt) <= one + threads - 1  # one a customer would be 12
+    for who in range(12):
+        assert [key for _, _, key in state(sessions, f"acct_c{who}")[0]] == [f"invoice:in_c{who}"]
+
+
 def test_a_failure_inside_a_lane_keeps_the_events_before_it_and_holds_back_those_after(rt, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
     """The lane's shared transaction rolls back, and the lane is redone one event at a time: the event before
     the failing one is processed once, the failing one is recorded failed, the one after waits."""

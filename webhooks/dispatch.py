@@ -3,7 +3,7 @@
 A failing handler's transaction rolls back (no partial credits) and the failure is recorded in a fresh
 one, with a retry time or, after the configured attempts, status `dead`. The same function serves the
 request that received the event (right after its 2xx), the worker, and `credits events replay`; the worker
-first tries a lane's events together in one transaction (`process_together`), and falls back to `process`
+first tries several lanes' events together in one transaction (`process_together`), and falls back to `process`
 event by event when one of them fails.
 """
 
@@ -50,41 +50,46 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
     return status
 
 
-def process_together(rt: Runtime, event_ids: list[str], stop: threading.Event | None = None) -> list[str | None] | None:
-    """The worker's way through one lane (one customer's due events, in order): all of them in ONE
-    transaction — one connection, one COMMIT — instead of one transaction each. Returns each event's status
-    in order, ending early at `stop` or at an event another process holds (None, as `process` says it).
+def process_together(rt: Runtime, lanes: list[list[str]], stop: threading.Event | None = None) -> list[list[str | None]] | None:
+    """The worker's way through several lanes (each one customer's due events, in order): all of them in ONE
+    transaction — one connection, one claim, one mark, one COMMIT — instead of one transaction each. Returns
+    each lane's statuses in order, a lane ending early at `stop` or at an event another process holds (None,
+    as `process` says it).
 
     When anything fails, the whole transaction rolls back and None is returned: the caller then processes the
-    lane one event at a time with `process`, which records the failure against the event that caused it and
-    stops the lane there. Handlers are idempotent and nothing of the rolled-back attempt remains, so the
-    failure semantics are exactly `process`'s own; the saving is for the common case."""
+    lanes one event at a time with `process`, which records the failure against the event that caused it and
+    stops that lane there. Handlers are idempotent and nothing of the rolled-back attempt remains, so the
+    failure semantics are exactly `process`'s own; the saving is for the common case. A deadlock with another
+    transaction (the lanes' accounts are locked lane after lane, not in one order) is such a failure too."""
     handled: list[tuple[inbox.Claimed, str, str, datetime]] = []
     took: list[float] = []
+    done: list[list[str | None]] = []
     try:
         with transaction(rt.sessions) as session:
-            claimed = inbox.claim_lane(session, event_ids)
-            for event in claimed:
-                if stop is not None and stop.is_set():
-                    break
-                structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
-                started, now = time.perf_counter(), utcnow()
-                if handled:  # each event reads afresh the rows it uses, as in a transaction of its own, but
-                    accounts.expire_all_but_locked(session)  # the accounts held locked: nobody else can change them
-                status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
-                handled.append((event, status, outcome, now))
-                took.append(time.perf_counter() - started)
+            for claimed, asked in zip(inbox.claim_lanes(session, lanes), lanes):
+                statuses: list[str | None] = []
+                for event in claimed:
+                    if stop is not None and stop.is_set():
+                        break
+                    structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
+                    started, now = time.perf_counter(), utcnow()
+                    if handled:  # each event reads afresh the rows it uses, as in a transaction of its own, but
+                        accounts.expire_all_but_locked(session)  # the accounts held locked: nobody else can change them
+                    status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
+                    handled.append((event, status, outcome, now))
+                    took.append(time.perf_counter() - started)
+                    statuses.append(status)
+                held_elsewhere = len(claimed) < len(asked) and len(statuses) == len(claimed)
+                done.append([*statuses, None] if held_elsewhere else statuses)
             if handled:
                 inbox.finish(session, *handled)
-    except Exception as exc:  # noqa: BLE001 - nothing of the lane happened; `process` redoes it event by event
-        log.info("lane.failed", error=f"{type(exc).__name__}: {exc}", events=len(event_ids))
+    except Exception as exc:  # noqa: BLE001 - nothing of the lanes happened; `process` redoes them event by event
+        log.info("lanes.failed", error=f"{type(exc).__name__}: {exc}", lanes=len(lanes))
         return None
     for (event, status, outcome, _), seconds in zip(handled, took):  # once committed, as `process` reports
         metrics.PROCESSING.labels(event.type, status).observe(seconds)
         log.info("event.handled", event_id=event.id, event_type=event.type, status=status, outcome=outcome)
-    statuses: list[str | None] = [status for _, status, _, _ in handled]
-    held_elsewhere = len(claimed) < len(event_ids) and len(handled) == len(claimed)
-    return [*statuses, None] if held_elsewhere else statuses
+    return done
 
 
 def _handle(ctx: Context, rt: Runtime) -> tuple[str, str]:

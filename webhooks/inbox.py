@@ -163,12 +163,13 @@ def claim(session: Session, event_id: str, *, any_status: bool = False) -> Claim
     return Claimed(*found) if found is not None else None
 
 
-def claim_lane(session: Session, event_ids: list[str]) -> list[Claimed]:
-    """Lock a lane's events for processing with one statement, not one each: those of `event_ids`, in that
-    order, up to the first that another process holds or that needs nothing more — the lane stops there."""
-    rows = session.execute(CLAIMS["lane", is_postgresql(session)], {"ids": event_ids})
+def claim_lanes(session: Session, lanes: list[list[str]]) -> list[list[Claimed]]:
+    """Lock several lanes' events for processing with one statement, not one each: of each lane's event ids,
+    in that order, those up to the first that another process holds or that needs nothing more — a lane
+    stops there."""
+    rows = session.execute(CLAIMS["lane", is_postgresql(session)], {"ids": [i for lane in lanes for i in lane]})
     found = {row.id: Claimed(*row) for row in rows}
-    return list(takewhile(lambda event: event is not None, map(found.get, event_ids)))  # type: ignore[misc]
+    return [list(takewhile(lambda event: event is not None, map(found.get, lane))) for lane in lanes]  # type: ignore[misc]
 
 
 def finish(session: Session, *handled: tuple[Claimed, str, str | None, datetime]) -> None:

@@ -225,8 +225,8 @@ def limits(results: dict[str, Any]) -> list[str]:
                + "; ".join(f"{i}. `{s}`" for i, s in enumerate(stmts.get("last_spend") or [], 1))
                + f". Under the across-accounts load a batch held {_fmt(across.get('mean_batch'))} spends on average "
                f"(on the hot account {_fmt(hot.get('mean_batch'))}), so a spend cost "
-               f"{_fmt(_per(stmts.get('statements_per_spend'), across.get('mean_batch')))} statements and a "
-               f"{_fmt(_per(1, across.get('mean_batch')))}th of a COMMIT, and the hot account's row lock is taken "
+               f"{_fmt(_per(stmts.get('statements_per_spend'), across.get('mean_batch')))} statements, one COMMIT served "
+               f"{_fmt(across.get('mean_batch'))} spends, and the hot account's row lock is taken "
                "once per batch instead of once per spend.")
     if prof.get("by_stage"):
         out += ["", f"The service used {_fmt(across.get('cpu_util'))} of a core across accounts, "
@@ -234,13 +234,13 @@ def limits(results: dict[str, Any]) -> list[str]:
                 f"samples, across-accounts load) — by stage: {_pct(prof['by_stage'])}; by library (innermost frame): "
                 f"{_pct(prof['by_library'])}; hottest functions: "
                 + "; ".join(f"`{f}` {p}%" for f, p in prof.get("top_leaves", [])[:5]) + "."]
-    before = " ".join(
+    before = "; ".join(
         f"{LABELS[name]}: {b['spends_per_s']}/s against pgbench's {b['pgbench_tps']} "
         f"({b['vs_pgbench']}×), {b['cpu_ms_per_spend']} ms of CPU per spend; now "
         f"{_fmt(_get(d, name).get('spends_per_s'))}/s against {_fmt(_get(d, name).get('pgbench_tps'))} "
-        f"({_fmt(_get(d, name).get('vs_pgbench'), '×')}), {_fmt(_get(d, name).get('cpu_ms_per_spend'), ' ms')}."
+        f"({_fmt(_get(d, name).get('vs_pgbench'), '×')}), {_fmt(_get(d, name).get('cpu_ms_per_spend'), ' ms')}"
         for name, b in ((n, BEFORE[n]) for n in LABELS))
-    out += ["", f"**Before and after.** {BEFORE['narrative']} {before}",
+    out += ["", f"**Before and after.** {BEFORE['narrative']} {before}.",
             "", "**What is left.** Across accounts the batch thread is the limit: it is busy most of the time, "
             "but mostly waiting — on PostgreSQL's answers to its round trips, on a machine whose two cores the load "
             "generator, PostgreSQL and the service share, and then for the GIL — while the service as a whole uses "

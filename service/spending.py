@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy import Select, and_, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, periods
@@ -72,14 +72,18 @@ def cost(catalogue: Catalogue, charge: Charge) -> int:
     return catalogue.actions[charge.action] * charge.quantity
 
 
-RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
+def _reserved_by(account_id: Any) -> Select[tuple[int]]:
+    """The credits the members' allocations of account `account_id` hold back from the shared pool."""
+    return select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == account_id)
+
+
+RESERVED = _reserved_by(bindparam("account_id"))
 # What a batch of spends reads under its accounts' locks, in two round trips however many spends it holds
 # (each round trip under the locks is one more wait for the next batch): each account's grants with credits
 # left and the credits its members' allocations reserve (outer-joined, so an account without grants comes
 # back too), and the ledger entries that already hold any of the batch's keys.
 _accounts = Account.__table__.c
-_reserve = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == _accounts.id)
-STANDING = {dialect: select(_accounts.id, _reserve.scalar_subquery().label("reserved"), Grant)
+STANDING = {dialect: select(_accounts.id, _reserved_by(_accounts.id).scalar_subquery().label("reserved"), Grant)
             .select_from(Account.__table__)
             .outerjoin(Grant, and_(Grant.account_id == _accounts.id, Grant.remaining > 0))
             .where(among(_accounts.id, "account_ids", dialect)).order_by(_accounts.id, Grant.id)
@@ -119,6 +123,16 @@ def spend_many(session: Session, catalogue: Catalogue, calls: list[Call], now: d
     return _Batch(session, catalogue, calls, now or utcnow()).spend_all(calls)
 
 
+@dataclass(frozen=True)
+class _Decided:
+    """A spend decided in memory: its debit (its entry id known once the batch has written it), what it costs
+    and the balance it leaves."""
+
+    debit: ledger.Debit
+    price: int
+    balance: int
+
+
 class _Batch:
     """The spends of one transaction: each account's grants and reserve as the spends so far left them,
     the debits decided and not yet written, and the results waiting for their entries' ids."""
@@ -139,37 +153,36 @@ class _Batch:
     def spend_all(self, calls: list[Call]) -> list[Spent | Refused]:
         done = [self._spend(call) for call in calls]
         self._write()
-        return [Spent(price, debit.entry_id, balance) if isinstance(debit, ledger.Debit) else debit  # type: ignore[misc]
-                for debit, (price, balance) in done]
+        return [Spent(d.price, d.debit.entry_id, d.balance) if isinstance(d, _Decided) else d for d in done]
 
-    def _spend(self, call: Call) -> tuple[ledger.Debit | Spent | Refused, tuple[int, int]]:
-        """Decide one spend: its debit (written later) with the price and balance after, or its result now."""
+    def _spend(self, call: Call) -> _Decided | Spent | Refused:
+        """Decide one spend: its debit (written later), or its result now."""
         account, charge, session = call.account, call.charge, self.session
         try:
             price = cost(self.catalogue, charge)
         except UnknownAction as exc:
-            return exc, (0, 0)
+            return exc
         if call.key in self.earlier:
             amount, entry_id = self.earlier[call.key]
-            return Spent(-amount, entry_id, self._balance(account)), (0, 0)
+            return Spent(-amount, entry_id, self._balance(account))
         if charge.member_id or charge.resource or self._due(account):
             self._write()  # what follows reads or writes the database: it must see the spends before it
         try:
             member = _member(session, account, charge.member_id) if charge.member_id else None
         except UnknownMember as exc:
-            return exc, (0, 0)
+            return exc
         if charge.resource and charge.action and _charged_before(session, account, charge):
-            return Spent(0, None, self._balance(account)), (0, 0)
+            return Spent(0, None, self._balance(account))
         grants = self._spendable(account)
         balance = sum(g.remaining for g in grants)
         if member is not None and member.limit_per_period is not None:
             used = member_usage(session, account, member.member_id, self.now, periods.months_of(self.catalogue, account))
             if used + price > member.limit_per_period:
-                return MemberLimitReached(member.limit_per_period, used, price), (0, 0)
+                return MemberLimitReached(member.limit_per_period, used, price)
         own = member is not None and member.allocation is not None
         available = member.allocation if own else balance - self.reserved[account.id]  # type: ignore[union-attr]
         if price > available:  # type: ignore[operator]
-            return ledger.InsufficientCredits(max(available, 0), price), (0, 0)  # type: ignore[call-overload]
+            return ledger.InsufficientCredits(max(available, 0), price)  # type: ignore[call-overload]
         meta = {k: v for k, v in {"action": charge.action, "quantity": charge.quantity if charge.action else None,
                                   "resource": charge.resource, "member_id": charge.member_id}.items() if v is not None}
         debit = ledger.take(account, "spend", grants, price, key=call.key, reason=charge.reason,
@@ -184,7 +197,7 @@ class _Batch:
                 account_id=account.id, action=charge.action, resource=charge.resource, entry_id=debit.entry_id,
                 member_id=charge.member_id, created_at=self.now,
             ).on_conflict_do_nothing())
-        return debit, (price, balance - price)
+        return _Decided(debit, price, balance - price)
 
     def _due(self, account: Account) -> bool:
         """Whether the account has grants whose expiry has passed and that this batch has not expired yet."""

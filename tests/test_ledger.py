@@ -37,6 +37,7 @@ def test_same_grant_key_twice_writes_once(session, acct) -> None:
     again = ledger.grant(session, acct, 100, source="admin", key="k1", now=T0)
     assert (first.created, again.created, again.entry.id) == (True, False, first.entry.id)
     assert entries(session, acct) == [("grant", 100, "k1")]
+    assert grants(session, acct) == [("admin", 100, 100, 0, 0, 0)]
     assert ledger.balance(session, acct, T0) == 100
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import create_engine, func, select
+from sqlalchemy.pool import NullPool
 
 from service import ledger
 from service.db import transaction
@@ -50,7 +51,7 @@ def watch(settings) -> Callable[[], int]:  # type: ignore[no-untyped-def]
     """A count of processed events that never waits on the worker: the service's SQLite sessions begin with the
     write lock, which a busy worker's threads can keep from a poller until they are done; a plain WAL reader
     takes no lock."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, poolclass=NullPool)  # no connection left open between polls
 
     def count() -> int:
         with engine.connect() as conn:

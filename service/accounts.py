@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, event, exists, or_, select
-from sqlalchemy.orm import Session, SessionTransaction, make_transient_to_detached
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import logs
-from service.db import among, dialect_insert
+from service.db import adopt, among, dialect_insert
 from service.models import Account, LedgerEntry, Payment, utcnow
 
 log = logs.get("accounts")
@@ -62,7 +62,7 @@ LOCK_BY_REFS = {dialect: select(Account).where(or_(among(Account.public_id, "ref
 # The customer's linked account and the account the objects name, locked in ascending id order (Sort under LockRows).
 LOCK_LINKED = (select(Account).where(or_(Account.stripe_customer_id == bindparam("customer"), Account.public_id == bindparam("named")))
                .order_by(Account.id).with_for_update().execution_options(populate_existing=True))
-# A Core INSERT returning the whole row, given to the session as an Account by `_adopt`: the ORM loading the
+# A Core INSERT returning the whole row, given to the session as an Account (db.adopt): the ORM loading the
 # row it returned cost twice any other statement of a first invoice's processing (bench/ingest's drain profile).
 NEW = {dialect: dialect_insert(dialect, Account.__table__).on_conflict_do_nothing(index_elements=["public_id"])
        .returning(*Account.__table__.c) for dialect in ("postgresql", "sqlite")}
@@ -116,20 +116,11 @@ def _create(session: Session, ref: str, customer: str | None, email: str | None)
     }).mappings().first()
     if row is None:
         return get(session, ref)
-    created = _adopt(session, row)
+    created = adopt(session, Account(**row))
     if customer is not None:
         log.info("account.linked", account_id=ref, customer=customer)
     _hold(session, created).facts[INSERTED] = True  # invisible to every other transaction until this one commits
     return created
-
-
-def _adopt(session: Session, row: Mapping[str, Any]) -> Account:
-    """The account row this transaction just inserted, as a persistent Account in the session (every column
-    is known: nothing to load or flush)."""
-    account = Account(**row)
-    make_transient_to_detached(account)
-    session.add(account)
-    return account
 
 
 def lock(session: Session, account: Account) -> Account:

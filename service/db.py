@@ -11,14 +11,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (ARRAY, ColumnElement, Engine, Executable, Result, TableValuedAlias, Text, any_, bindparam,
                         cast, column, create_engine, event, func, select)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
 
+Row = TypeVar("Row")
 POOL_SIZE = 10  # connections kept open; up to 20 more are opened (and closed again) at peaks
 
 
@@ -61,6 +62,15 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any exception."""
     with factory() as session, session.begin():
         yield session
+
+
+def adopt(session: Session, instance: Row) -> Row:
+    """A row this transaction has just written with a Core statement, given to the session as a persistent
+    object with every column known: nothing to load or flush (the ORM loading a row a statement returned
+    costs several times the statement's own CPU)."""
+    make_transient_to_detached(instance)
+    session.add(instance)
+    return instance
 
 
 def insert(session: Session, table: Any) -> Any:

@@ -14,11 +14,11 @@ from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Select, and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Session, aliased, make_transient_to_detached
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import accounts, logs, metrics, periods
-from service.db import Bulk, dialect_insert, listed, recordset, table_columns
+from service.db import Bulk, adopt, dialect_insert, listed, recordset, table_columns
 from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
@@ -420,10 +420,7 @@ def _post(
         session.execute(NEW_GRANT, {**row, **grant, "entry_id": created_id, "remaining": amount, "spent": 0,
                                     "expired": 0, "reversed": 0})
     log.info("ledger.posted", kind=kind, amount=amount, idempotency_key=key, account_id=account.public_id)
-    created = LedgerEntry(id=created_id, meta=meta, **row)
-    make_transient_to_detached(created)
-    session.add(created)
-    return Posted(created, created=True)
+    return Posted(adopt(session, LedgerEntry(id=created_id, meta=meta, **row)), created=True)
 
 
 def _new_entry(dialect: str) -> Any:

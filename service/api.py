@@ -7,8 +7,8 @@ import hmac
 import json
 import re
 import sys
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -128,7 +128,9 @@ def _once(rt: Runtime, request: Request, key: str | None, body: BaseModel, work:
 
 
 def _digest(request: Request, body: BaseModel) -> str:
-    return idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
+    """The request's fingerprint over its method, its path as the server received it (the scope's, which
+    `request.url.path` re-escapes after building the whole URL: a tenth of the spend door's CPU) and its body."""
+    return idempotency.fingerprint(request.method, request.scope["path"], body.model_dump(mode="json"))
 
 
 def _answer(outcome: idempotency.Outcome) -> JSONResponse:
@@ -486,7 +488,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
-        request_id = given or uuid.uuid4().hex
+        request_id = given or secrets.token_hex(16)  # 32 hex digits, as uuid4().hex, without building a UUID
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started, status = time.perf_counter(), 500

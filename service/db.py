@@ -133,8 +133,13 @@ class Bulk:
 
     def execute(self, session: Session, rows: Sequence[dict[str, Any]]) -> Result[Any]:
         if session.get_bind().dialect.name == "postgresql":
-            return session.execute(self.postgresql, {"rows": json.dumps(rows, default=_json_value)})
+            return session.execute(self.postgresql, {"rows": json_rows(rows)})
         return session.execute(self.other, list(rows))
+
+
+def json_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as the JSON array a PostgreSQL statement expands (jsonb_to_recordset); datetimes as ISO 8601."""
+    return json.dumps(rows, default=_json_value)
 
 
 def _json_value(value: Any) -> str:

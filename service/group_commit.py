@@ -6,8 +6,8 @@ costs far more than a row; so does each round trip, each pool checkout and each 
 hands its item to the thread and awaits the outcome; the thread takes every item waiting at that moment (up
 to `max_batch`), does them all in one transaction on a connection of its own, commits, and answers the
 waiting requests with one wake-up of their event loop for the whole batch (an asyncio future each, settled
-by one `call_soon_threadsafe`: a concurrent Future per request, wrapped and chained, cost the event loop
-about a tenth of a spend's CPU). Under load the batches grow by themselves; a lone item is done at once, with no waiting
+by one `call_soon_threadsafe`: a concurrent Future per request, wrapped and chained, took about a tenth of
+the event loop's CPU in the spend door's py-spy profile). Under load the batches grow by themselves; a lone item is done at once, with no waiting
 for company. The webhook endpoint stores its events this way (webhooks/writer.py), the spend API its
 spends (service/spends.py).
 

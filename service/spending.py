@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, select
+from sqlalchemy import JSON, ScalarSelect, Select, and_, bindparam, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from service import accounts, ledger, periods
@@ -78,18 +78,28 @@ def _reserved_by(account_id: Any) -> Select[tuple[int]]:
 
 
 RESERVED = _reserved_by(bindparam("account_id"))
-# What a batch of spends reads under its accounts' locks, in two round trips however many spends it holds
-# (each round trip under the locks is one more wait for the next batch): each account's grants with credits
-# left and the credits its members' allocations reserve (outer-joined, so an account without grants comes
-# back too), and the ledger entries that already hold any of the batch's keys.
+
+
+def _earlier(dialect: str) -> ScalarSelect[Any]:
+    """The ledger entries that already hold any of the parameter `keys`, as one JSON array of [key, amount, id]
+    (NULL when none): a subquery that names no outer column, which the database runs once per statement."""
+    entries = LedgerEntry.__table__.c
+    pack = func.jsonb_agg(func.jsonb_build_array(entries.idempotency_key, entries.amount, entries.id)) \
+        if dialect == "postgresql" else func.json_group_array(func.json_array(entries.idempotency_key, entries.amount, entries.id))
+    return select(pack).where(among(entries.idempotency_key, "keys", dialect)).scalar_subquery().label("earlier")
+
+
+# What a batch of spends reads under its accounts' locks, in one round trip however many spends it holds (each
+# round trip under the locks is one more wait for the next batch): each account's grants with credits left and
+# the credits its members' allocations reserve (outer-joined, so an account without grants comes back too),
+# and on every row the same list of the ledger entries that already hold any of the batch's keys.
 _accounts = Account.__table__.c
-STANDING = {dialect: select(_accounts.id, _reserved_by(_accounts.id).scalar_subquery().label("reserved"), Grant)
+STANDING = {dialect: select(_accounts.id, _reserved_by(_accounts.id).scalar_subquery().label("reserved"),
+                            type_coerce(_earlier(dialect), JSON), Grant)
             .select_from(Account.__table__)
             .outerjoin(Grant, and_(Grant.account_id == _accounts.id, Grant.remaining > 0))
             .where(among(_accounts.id, "account_ids", dialect)).order_by(_accounts.id, Grant.id)
             for dialect in ("postgresql", "sqlite")}
-EARLIER = {dialect: select(LedgerEntry.idempotency_key, LedgerEntry.amount, LedgerEntry.id)
-           .where(among(LedgerEntry.idempotency_key, "keys", dialect)) for dialect in ("postgresql", "sqlite")}
 Refused = ledger.InsufficientCredits | MemberLimitReached | UnknownMember | UnknownAction
 
 
@@ -143,11 +153,12 @@ class _Batch:
         self.reserved: dict[int, int] = {}
         self.swept: set[int] = set()
         ids, dialect = sorted({call.account.id for call in calls}), session.get_bind().dialect.name
-        for account_id, reserved, grant in session.execute(STANDING[dialect], {"account_ids": ids}):
+        earlier: list[list[Any]] | None = None
+        for account_id, reserved, earlier, grant in session.execute(
+                STANDING[dialect], {"account_ids": ids, "keys": [call.key for call in calls]}):
             self.reserved[account_id] = int(reserved)
             self.held.setdefault(account_id, []).extend([grant] if grant is not None else [])
-        self.earlier = {key: (amount, entry_id) for key, amount, entry_id in
-                        session.execute(EARLIER[dialect], {"keys": [call.key for call in calls]})}
+        self.earlier = {key: (amount, entry_id) for key, amount, entry_id in earlier or []}
         self.pending: list[ledger.Debit] = []
 
     def spend_all(self, calls: list[Call]) -> list[Spent | Refused]:

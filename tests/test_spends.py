@@ -80,6 +80,18 @@ def test_a_key_repeated_in_one_batch_spends_once_and_the_repeat_replays(rt: Runt
     assert balance_of(rt.sessions, "acct_1") == 70
 
 
+def test_a_spend_whose_ledger_entry_exists_answers_it_and_spends_nothing_more(rt: Runtime) -> None:
+    fund(rt, 100)
+    with transaction(rt.sessions) as session:  # the entry without its stored request (as if the request row were lost)
+        spending.spend(session, rt.catalogue, accounts.get(session, "acct_1"), spending.Charge(30), key="spend:acct_1:k1")
+    outcomes = in_one_batch(rt, job("k1", {"amount": 30}), job("k2", {"amount": 5}))
+    assert outcomes == [(200, {"balance": 70, "spent": 30, "charged": 30, "entry_id": 2}, False),
+                        (200, {"balance": 65, "spent": 5, "charged": 5, "entry_id": 3}, False)]
+    entries, grants = state(rt.sessions, "acct_1")
+    assert entries[1:] == [("spend", -30, "spend:acct_1:k1"), ("spend", -5, "spend:acct_1:k2")]
+    assert grants == [("admin", 100, 65, 35, 0, 0)]
+
+
 def test_a_key_repeated_in_one_batch_with_another_body_is_refused(rt: Runtime) -> None:
     fund(rt, 100)
     with pytest.raises(idempotency.KeyReused):

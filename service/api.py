@@ -6,8 +6,8 @@ import contextvars
 import hmac
 import json
 import re
-import sys
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager

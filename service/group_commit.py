@@ -7,9 +7,9 @@ hands its item to the thread and awaits the outcome; the thread takes every item
 to `max_batch`), does them all in one transaction on a connection of its own, commits, and answers the
 waiting requests with one wake-up of their event loop for the whole batch (an asyncio future each, settled
 by one `call_soon_threadsafe`: a concurrent Future per request, wrapped and chained, took about a tenth of
-the event loop's CPU in the spend door's py-spy profile). Under load the batches grow by themselves; a lone item is done at once, with no waiting
-for company. The webhook endpoint stores its events this way (webhooks/writer.py), the spend API its
-spends (service/spends.py).
+the event loop's CPU in the spend door's py-spy profile). Under load the batches grow by themselves; a lone
+item is done at once, with no waiting for company. The webhook endpoint stores its events this way
+(webhooks/writer.py), the spend API its spends (service/spends.py).
 
 An item that makes its batch fail (a value the database refuses, an unknown account) must not fail the
 items that shared the batch: on any failure but a lost connection the batch is done again item by item, so

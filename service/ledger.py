@@ -472,7 +472,6 @@ FROM entry
 RETURNING entry_id""").bindparams(bindparam("metadata", type_=JSONB), bindparam("created_at", type_=DateTime(timezone=True)),
                                   bindparam("expires_at", type_=DateTime(timezone=True)))
 _entries = LedgerEntry.__table__
-_ENTRY_COLUMNS = ("account_id", "kind", "amount", "idempotency_key", "reason", "actor", "metadata", "created_at")
 NEW_ENTRIES = _entries.insert().returning(_entries.c.idempotency_key, _entries.c.id)  # SQLite: a batch's debits
 # PostgreSQL: a batch's debits in one round trip — their entries (no ON CONFLICT: the keys are new), their
 # allocations (each part names its entry by key) and the grants' remainders moved into spent, expired or

@@ -4,6 +4,7 @@ commit, yet each gets its own answer — new, redelivery, or the error that conc
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -79,6 +80,34 @@ def test_a_delivery_after_the_writer_stopped_is_refused_not_left_waiting(engine:
     with pytest.raises(Stopped):
         asyncio.run(writer.store(rows("evt_a")[0]))
     assert stored_ids(engine) == []
+
+
+def test_a_delivery_whose_client_went_away_before_its_batch_began_is_not_stored(engine: Engine) -> None:
+    writer = InboxWriter(engine)
+    busy, release, write = threading.Event(), threading.Event(), writer.work
+
+    def hold_the_first_batch(conn: Any, batch: list[dict[str, Any]]) -> list[bool]:
+        if not busy.is_set():
+            busy.set()
+            release.wait(10)
+        return write(conn, batch)
+
+    async def deliver() -> tuple[Any, list[Any]]:
+        first = asyncio.ensure_future(writer.store(rows("evt_a")[0]))
+        await asyncio.to_thread(busy.wait, 10)  # the writer's thread is inside evt_a's batch
+        gone = asyncio.ensure_future(writer.store(rows("evt_b")[0]))
+        await asyncio.sleep(0)  # evt_b is queued for the next batch
+        gone.cancel()  # its client went away
+        release.set()
+        return await first, await asyncio.gather(gone, return_exceptions=True)
+
+    writer.work = hold_the_first_batch
+    try:
+        answered, (cancelled,) = asyncio.run(deliver())
+    finally:
+        writer.stop()
+    assert answered is True and isinstance(cancelled, asyncio.CancelledError)
+    assert stored_ids(engine) == ["evt_a"]
 
 
 def test_deliveries_in_flight_together_share_commits(engine: Engine) -> None:

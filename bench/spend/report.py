@@ -242,7 +242,7 @@ def limits(results: dict[str, Any]) -> list[str]:
         f"({_fmt(_get(d, name).get('vs_pgbench'), '×')}), {_fmt(_get(d, name).get('cpu_ms_per_spend'), ' ms')}"
         for name, b in ((n, BEFORE[n]) for n in LABELS))
     out += ["", f"**Before and after.** {BEFORE['narrative']} {before}.",
-            "", "**This round.** Two changes, measured the same morning (bench/spend, service against pgbench in "
+            "", "**This round.** Three changes, measured the same morning (bench/spend, service against pgbench in "
             "turns): the batch's answers handed to the event loop with one `call_soon_threadsafe` per batch, asyncio "
             "futures instead of a chained concurrent Future per request (with the batch's work stubbed, the request "
             "side's CPU went from 0.29 to 0.22-0.26 ms per spend, of which the fingerprint taking the scope's path "

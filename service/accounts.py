@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,11 +187,13 @@ def _forget_locks_rolled_back(session: Session) -> None:
     session.info.pop(LOCKED, None)
 
 
-def lock_refs(session: Session, refs: set[str]) -> dict[str, Account]:
+def lock_refs(session: Session, refs: set[str], found: Sequence[Account] | None = None) -> dict[str, Account]:
     """The accounts named by `refs` (public ids or Stripe customer ids; a public id wins, as in `find`), all
     locked by one statement in ascending id order — the order `lock_many` uses — so a batch of spends on many
-    accounts never deadlocks with another transaction. Raises AccountNotFound for the first ref nobody answers to."""
-    found = session.scalars(LOCK_BY_REFS[session.get_bind().dialect.name], {"refs": sorted(refs)}).all()
+    accounts never deadlocks with another transaction. Raises AccountNotFound for the first ref nobody answers to.
+    `found`: the rows of LOCK_BY_REFS the caller ran itself, for these refs and maybe more (spends.CLAIM_AND_LOCK)."""
+    if found is None:
+        found = session.scalars(LOCK_BY_REFS[session.get_bind().dialect.name], {"refs": sorted(refs)}).all()
     for account in found:
         _hold(session, account)
     by_public_id = {account.public_id: account for account in found}

@@ -84,9 +84,19 @@ def claim(session: Session, requests: list[tuple[str, str]]) -> dict[str, Outcom
 
     The keys are claimed in sorted order, so two transactions claiming overlapping keys (a batch of spends
     and a client's retry in another) wait for each other in one order, never in a cycle."""
+    claimed = set(CLAIM.execute(session, claim_rows(requests)).scalars())
+    return replays(session, requests, claimed)
+
+
+def claim_rows(requests: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """CLAIM's rows for the (key, digest) requests, in key order."""
     at = utcnow()
-    params = [{"claimed": key, "digest": digest, "at": at} for key, digest in sorted(requests)]
-    claimed = set(CLAIM.execute(session, params).scalars())
+    return [{"claimed": key, "digest": digest, "at": at} for key, digest in sorted(requests)]
+
+
+def replays(session: Session, requests: list[tuple[str, str]], claimed: set[str]) -> dict[str, Outcome | None]:
+    """`claim`'s answer once CLAIM has run: None for each key in `claimed`, the stored Outcome of every other
+    (or KeyReused, KeyInFlight)."""
     earlier = {key: digest for key, digest in requests if key not in claimed}
     replays: dict[str, Outcome | None] = dict.fromkeys(claimed)
     if earlier:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Select, func, select, true
+from sqlalchemy.orm import Session, aliased
 
 from service import accounts, idempotency, ledger, logs, spending
+from service.db import is_postgresql, json_rows
 from service.group_commit import GroupCommit
 from service.idempotency import Outcome
 from service.models import Account
@@ -61,15 +62,15 @@ def spend_all(session: Session, rt: Runtime, jobs: list[SpendJob]) -> list[Outco
     """Do the jobs' spends in this transaction, each once per Idempotency-Key; an outcome per job, in order.
 
     Keys are claimed first (sorted), then every account the new spends name is locked with one statement
-    (in id order), then the spends are done in arrival order (spending.spend_many) and their outcomes are
+    (in id order; on PostgreSQL the claim's own), then the spends are done in arrival order (spending.spend_many) and their outcomes are
     stored. A key that comes twice in the batch is done once: the later request replays the first one's
     outcome (or is refused as another request under the same key), as it would right after it."""
     first: dict[str, SpendJob] = {}
     for job in jobs:
         first.setdefault(job.key, job)
-    outcomes = idempotency.claim(session, [(job.key, job.digest) for job in first.values()])
+    outcomes, found = _claim_and_lock(session, list(first.values()))
     new = [job for job in first.values() if outcomes[job.key] is None]
-    locked = accounts.lock_refs(session, {job.account for job in new}) if new else {}
+    locked = accounts.lock_refs(session, {job.account for job in new}, found) if new else {}
     calls = [spending.Call(locked[job.account], _charge(job.body), f"spend:{locked[job.account].public_id}:{job.key}")
              for job in new]
     spent = spending.spend_many(session, rt.catalogue, calls)
@@ -78,6 +79,35 @@ def spend_all(session: Session, rt: Runtime, jobs: list[SpendJob]) -> list[Outco
     idempotency.record(session, done)
     outcomes.update((key, Outcome(status, body, replayed=False)) for key, status, body in done)
     return [_again(job, first[job.key], outcomes[job.key]) for job in jobs]  # type: ignore[arg-type]
+
+
+def _claiming_and_locking() -> Select[Any]:
+    """PostgreSQL: the Idempotency-Keys' claim (idempotency.CLAIM) and then the lock of the accounts named
+    (accounts.LOCK_BY_REFS) as ONE statement, a round trip fewer under every batch: each account locked, in id
+    order, beside the list of the keys claimed — NULL when none was — and one row of no account when none is
+    found. The accounts are the lock's own rows: a row locked after a wait is returned as the holder left it,
+    where a second read of the table in the same statement would see it as it was before the wait."""
+    claimed = idempotency.CLAIM.postgresql.cte("claimed")
+    locked = accounts.LOCK_BY_REFS["postgresql"].cte("locked")
+    claims = select(func.json_agg(claimed.c.key).label("claimed")).subquery("claims")
+    return (select(aliased(Account, locked), claims.c.claimed).select_from(claims).outerjoin(locked, true())
+            .order_by(locked.c.id).execution_options(populate_existing=True))
+
+
+CLAIM_AND_LOCK = _claiming_and_locking()
+
+
+def _claim_and_lock(session: Session, jobs: list[SpendJob]) -> tuple[dict[str, Outcome | None], list[Account] | None]:
+    """The jobs' keys claimed (idempotency.claim's answer) and, on PostgreSQL, every account they name locked
+    by the same statement (for `accounts.lock_refs`; a replay's account too, which costs nothing). On SQLite,
+    in-process, there is no round trip to save: the claim alone, and the caller locks (None)."""
+    requests = [(job.key, job.digest) for job in jobs]
+    if not is_postgresql(session):
+        return idempotency.claim(session, requests), None
+    rows = session.execute(CLAIM_AND_LOCK, {"rows": json_rows(idempotency.claim_rows(requests)),
+                                            "refs": sorted({job.account for job in jobs})}).all()
+    outcomes = idempotency.replays(session, requests, set(rows[0].claimed or ()))
+    return outcomes, [account for account, _ in rows if account is not None]
 
 
 def _again(job: SpendJob, first: SpendJob, outcome: Outcome) -> Outcome:

@@ -138,6 +138,13 @@ def test_an_unknown_account_fails_its_own_request_and_the_rest_of_the_batch_is_s
         assert session.get(ApiRequest, "k2") is None
 
 
+def test_a_batch_that_names_no_known_account_is_refused_with_account_not_found(rt: Runtime) -> None:
+    """On PostgreSQL the keys' claim and the accounts' lock are one statement: finding no account, it still
+    says which keys it claimed."""
+    with pytest.raises(AccountNotFound):
+        in_one_batch(rt, job("k1", {"amount": 1}, "nobody"), job("k2", {"amount": 1}, "nobody_else"))
+
+
 def test_concurrent_spends_share_commits(rt: Runtime) -> None:
     fund(rt, 1000)
     commits: list[int] = []

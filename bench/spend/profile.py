@@ -2,7 +2,8 @@
 
 The stages are tried in this order and the first whose function is anywhere in a sample's stack wins, so
 the innermost step of the spend path is named: in the batch thread the ledger's writes, the reads under the
-locks, deciding the spends, the accounts' lock, the idempotency claim and record, the rest (session, COMMIT);
+locks, deciding the spends, the keys' claim with the accounts' lock, the idempotency claim and record,
+the rest (session, COMMIT);
 on the event loop the request's own parsing, checking and answer; the rest is the HTTP machinery.
 """
 
@@ -20,6 +21,8 @@ STAGES = [
     ("batch: reads under the locks (grants and reserves, earlier entries)", r"_Batch\.__init__ \(service/spending\.py"),
     ("batch: deciding the spends in memory (spending._Batch._spend; expiry, members, resources)",
      r"\(service/spending\.py"),
+    ("batch: the keys' claim and the accounts' lock, one statement (spends._claim_and_lock)",
+     r"(^|\.)_claim_and_lock \(service/spends\.py"),
     ("batch: the accounts' lock (accounts.lock_refs)", r"(^|\.)lock_refs \(service/accounts\.py"),
     ("batch: idempotency claim and stored responses (idempotency.claim, record)", r"\(service/idempotency\.py"),
     ("batch: the rest (session, BEGIN, COMMIT, answers)", r"\(service/(spends|group_commit)\.py"),

@@ -233,7 +233,10 @@ def markdown(results: dict[str, Any]) -> str:
         "parses and stores each ~6 KB JSONB body and serves the worker's statements. 1,000 events/s on this machine "
         "would need all three — the API, the worker and PostgreSQL — at about half their present cost per event: "
         "set-based handlers (one statement per table for a batch of events, as the spends do), or the processing on "
-        "cores of its own.",
+        "cores of its own. A second worker process on the same two cores is not a way there: with two `credits "
+        "worker` processes (as `--scale worker=2` runs them; measured 2026-12-03 with a second worker started "
+        "beside the first by a local change to bench/e2e/run.py, not kept), in turns with one, 288 and 378 "
+        "events/s against 429 and 366 — every balance exact in all four runs.",
         "",
     ]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ The real app (`service.api.create_app`, configuration from the environment as fo
 called through Starlette's TestClient, so that SQLAlchemy's `before_cursor_execute` event sees every statement
 of the request — the idempotency claim, the account lock, the ledger's reads and writes, and the response
 record. Each spend also costs a BEGIN and a COMMIT and the pool's pre-ping, which are not cursor executions and
-not counted. The lock is held from the moment `SELECT … FOR UPDATE` returns until COMMIT has returned; the
+not counted. The lock is held from the moment the statement with `FOR UPDATE` returns until COMMIT has returned; the
 spends run one at a time, so the hold is the spend's own (round trips and Python), with no waiting on other
 spends — what bounds one hot account's rate. Prints one JSON object: the statements per spend over N spends,
 the statements of the last one in short (verb and table), the statements after the lock, and the median hold.
@@ -30,16 +30,28 @@ from service.api import create_app
 from service.config import Settings
 
 
+WRITES = re.compile(r"(?<!FOR )(?<!DO )(INSERT INTO|UPDATE|DELETE FROM) (\w+)")  # not FOR UPDATE, DO UPDATE
+
+
 def short(statement: str) -> str:
-    """`SELECT … FROM credit_grants`, `INSERT INTO ledger_entries`, `SELECT … FROM accounts FOR UPDATE`: what a
-    statement does to which table, for the README's list."""
+    """`SELECT … FROM credit_grants`, `INSERT INTO ledger_entries`, `SELECT … FROM accounts FOR UPDATE`, and for
+    a data-modifying CTE `WITH … INSERT INTO a, UPDATE b`: what a statement does to which table, for the
+    README's list."""
     text = " ".join(statement.split())
+    if text.startswith("WITH"):
+        writes = dict.fromkeys(" ".join(found) for found in WRITES.findall(text))
+        return "WITH … " + ", ".join([*writes, *(["SELECT … FOR UPDATE"] if locks(text) else [])])
     written = re.match(r"(INSERT INTO|UPDATE|DELETE FROM) (\w+)", text)
     read = list(dict.fromkeys(re.findall(r"(?:FROM|JOIN) (\w+)", text)))  # every table, subqueries' too
     if written is None and not (text.startswith("SELECT") and read):
         return text[:60]
     what = f"{written[1]} {written[2]}" if written else f"SELECT … FROM {', '.join(read)}"
     return what + (" FOR UPDATE" if text.endswith("FOR UPDATE") else "")
+
+
+def locks(statement: str) -> bool:
+    """Whether the statement takes row locks (the account's, for a spend)."""
+    return " FOR UPDATE" in statement
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @event.listens_for(rt.engine, "after_cursor_execute")
     def _locked(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
-        if statement.rstrip().endswith("FOR UPDATE"):
+        if locks(statement):
             locked_at[:] = [time.perf_counter()]
 
     @event.listens_for(Session, "after_commit")
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                         headers={**headers, "Idempotency-Key": f"stmt-{run}-{i}"}).raise_for_status()
     rt.engine.dispose()
     last_spend = seen[last:]
-    lock = next((i for i, s in enumerate(last_spend) if s.endswith("FOR UPDATE")), len(last_spend) - 1)
+    lock = next((i for i, s in enumerate(last_spend) if locks(s)), len(last_spend) - 1)
     print(json.dumps({"spends": args.requests, "statements_per_spend": round(len(seen) / args.requests, 2),
                       "last_spend": last_spend, "statements_after_lock": len(last_spend) - lock - 1,
                       "lock_hold_ms": round(1000 * statistics.median(holds), 2) if holds else None}))

@@ -63,8 +63,9 @@ def spend_all(session: Session, rt: Runtime, jobs: list[SpendJob]) -> list[Outco
 
     Keys are claimed first (sorted), then every account the new spends name is locked with one statement
     (in id order; on PostgreSQL the claim's own), then the spends are done in arrival order
-    (spending.spend_many) and their outcomes are stored. A key that comes twice in the batch is done once: the later request replays the first one's
-    outcome (or is refused as another request under the same key), as it would right after it."""
+    (spending.spend_many) and their outcomes are stored. A key that comes twice in the batch is done once:
+    the later request replays the first one's outcome (or is refused as another request under the same
+    key), as it would right after it."""
     first: dict[str, SpendJob] = {}
     for job in jobs:
         first.setdefault(job.key, job)

@@ -245,7 +245,8 @@ def limits(results: dict[str, Any]) -> list[str]:
     out += ["", f"**Before and after.** {BEFORE['narrative']} {before}.",
             "", "**This round.** The Idempotency-Keys' claim and the accounts' lock became one statement on "
             "PostgreSQL (`spends.CLAIM_AND_LOCK`; 4 statements a batch, from 5). Measured in-process on a seeded "
-            "database, the old and the new path alternating in blocks of 25 batches: a batch of 16 spends 8.74 → "
+            "database as `python -m bench.spend.batch` measures a batch, the old and the new path alternating in "
+            "blocks of 25 batches: a batch of 16 spends 8.74 → "
             "8.55 ms of wall time (-2%) and 4.74 → 4.70 ms of CPU, a lone spend 4.18 → 3.82 ms and 2.28 → 2.04 ms. "
             "A round trip saved is worth less than its statement's time: most of a statement's wall time under a "
             "batch is PostgreSQL's own work on its rows, which the merged statement still does. Under load the "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Select, func, select, true
+from sqlalchemy import Connection, Select, case, func, select, true
 from sqlalchemy.orm import Session, aliased
 
 from service import accounts, idempotency, ledger, logs, spending
@@ -85,13 +85,19 @@ def spend_all(session: Session, rt: Runtime, jobs: list[SpendJob]) -> list[Outco
 def _claiming_and_locking() -> Select[Any]:
     """PostgreSQL: the Idempotency-Keys' claim (idempotency.CLAIM) and then the lock of the accounts named
     (accounts.LOCK_BY_REFS) as ONE statement, a round trip fewer under every batch: each account locked, in id
-    order, beside the list of the keys claimed — NULL when none was — and one row of no account when none is
-    found. The accounts are the lock's own rows: a row locked after a wait is returned as the holder left it,
-    where a second read of the table in the same statement would see it as it was before the wait."""
+    order, the first row also carrying the list of the keys claimed (NULL when none was), and one row of no
+    account when none is found. The accounts are the lock's own rows: a row locked after a wait is returned as
+    the holder left it, where a second read of the table in the same statement would see it as it was before.
+
+    Keys before accounts, as every transaction takes them (a batch, `idempotency.run_once`), or two could wait
+    for each other: the sub-statements of a WITH have no order of their own, so the shape gives it — the keys'
+    aggregate is the outer side of a LEFT JOIN `ON true`, which only a nested loop can run, and it reads the
+    whole INSERT before the first row lock is taken."""
     claimed = idempotency.CLAIM.postgresql.cte("claimed")
     locked = accounts.LOCK_BY_REFS["postgresql"].cte("locked")
     claims = select(func.json_agg(claimed.c.key).label("claimed")).subquery("claims")
-    return (select(aliased(Account, locked), claims.c.claimed).select_from(claims).outerjoin(locked, true())
+    once = case((func.row_number().over(order_by=locked.c.id) == 1, claims.c.claimed))  # not the list on every row
+    return (select(aliased(Account, locked), once.label("claimed")).select_from(claims).outerjoin(locked, true())
             .order_by(locked.c.id).execution_options(populate_existing=True))
 
 
@@ -100,7 +106,8 @@ CLAIM_AND_LOCK = _claiming_and_locking()
 
 def _claim_and_lock(session: Session, jobs: list[SpendJob]) -> tuple[dict[str, Outcome | None], list[Account] | None]:
     """The jobs' keys claimed (idempotency.claim's answer) and, on PostgreSQL, every account they name locked
-    by the same statement (for `accounts.lock_refs`; a replay's account too, which costs nothing). On SQLite,
+    by the same statement (for `accounts.lock_refs`; a replay's account too, so the batch may wait for its lock
+    and holds it to the end, as for any account it spends from). On SQLite,
     in-process, there is no round trip to save: the claim alone, and the caller locks (None)."""
     requests = [(job.key, job.digest) for job in jobs]
     if not is_postgresql(session):

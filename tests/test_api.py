@@ -203,7 +203,7 @@ def test_a_database_outage_during_a_spend_is_503(rt: Runtime, monkeypatch: pytes
     def down(*_args: object, **_kwargs: object) -> None:
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
-    monkeypatch.setattr("service.spends.spend_all", down)
+    monkeypatch.setattr("service.spends._claim_and_lock", down)
     client = TestClient(create_app(rt), headers={"Authorization": f"Bearer {API_TOKEN}"})
     response = spend(client, "acct_1", 1, "s1")
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")

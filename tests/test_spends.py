@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select, text
+from sqlalchemy.exc import OperationalError
 
 from service import accounts, idempotency, ledger, spending
 from service.accounts import AccountNotFound
@@ -22,6 +24,10 @@ from service.runtime import Runtime
 from service.schemas import SpendRequest
 from service.spends import SpendJob, Spends, spend_all
 from tests.helpers import balance_of, state
+
+
+WAITING_FOR_A_LOCK = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                          "AND wait_event_type = 'Lock'")
 
 
 def job(key: str, body: dict[str, Any], account: str = "acct_1") -> SpendJob:
@@ -140,9 +146,36 @@ def test_an_unknown_account_fails_its_own_request_and_the_rest_of_the_batch_is_s
 
 def test_a_batch_that_names_no_known_account_is_refused_with_account_not_found(rt: Runtime) -> None:
     """On PostgreSQL the keys' claim and the accounts' lock are one statement: finding no account, it still
-    says which keys it claimed."""
+    says which keys it claimed. Their claims roll back with the batch."""
     with pytest.raises(AccountNotFound):
         in_one_batch(rt, job("k1", {"amount": 1}, "nobody"), job("k2", {"amount": 1}, "nobody_else"))
+    with rt.sessions() as session:
+        assert session.scalars(select(ApiRequest.key)).all() == []
+
+
+def test_a_batch_claims_its_keys_before_it_waits_for_its_accounts_locks(rt: Runtime) -> None:
+    """Keys before accounts, as every transaction takes them: a batch waiting for an account's lock already
+    holds its keys, so a request retried elsewhere under one of them waits for the batch — never the batch
+    for a transaction that holds the key and waits for the account."""
+    if rt.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no row locks: one writer at a time orders everything")
+    fund(rt, 10)
+    done: list[list[tuple[int, dict[str, Any], bool]]] = []
+    with rt.engine.connect() as holder:
+        holder.execute(text("SELECT id FROM accounts WHERE public_id = 'acct_1' FOR UPDATE"))
+        batch = threading.Thread(target=lambda: done.append(in_one_batch(rt, job("k1", {"amount": 1}))))
+        batch.start()
+        with rt.engine.connect() as probe:
+            deadline = time.monotonic() + 10
+            while not probe.scalar(WAITING_FOR_A_LOCK) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            probe.execute(text("SET lock_timeout = '100ms'"))
+            with pytest.raises(OperationalError, match="lock timeout"):  # the key is the waiting batch's
+                probe.execute(text("INSERT INTO api_requests (key, fingerprint, created_at) "
+                                   "VALUES ('k1', 'elsewhere', now()) ON CONFLICT (key) DO NOTHING"))
+        holder.rollback()
+    batch.join(10)
+    assert [(status, body["balance"]) for status, body, _ in done[0]] == [(200, 9)]
 
 
 def test_concurrent_spends_share_commits(rt: Runtime) -> None:

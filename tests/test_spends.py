@@ -178,6 +178,47 @@ def test_a_batch_claims_its_keys_before_it_waits_for_its_accounts_locks(rt: Runt
     assert [(status, body["balance"]) for status, body, _ in done[0]] == [(200, 9)]
 
 
+def test_a_replay_whose_account_no_longer_answers_to_its_ref_still_replays(rt: Runtime) -> None:
+    """The first answer is replayed even after the account was re-keyed (its public id changed), alone or beside
+    a new spend: a replay locks nothing it needs and looks for no account."""
+    fund(rt, 100)
+    fund(rt, 100, "acct_2")
+    first = in_one_batch(rt, job("k1", {"amount": 10}))[0]
+    with transaction(rt.sessions) as session:
+        session.execute(text("UPDATE accounts SET public_id = 'acct_1_rekeyed' WHERE public_id = 'acct_1'"))
+    beside = in_one_batch(rt, job("k1", {"amount": 10}), job("k2", {"amount": 5}, "acct_2"))
+    alone = in_one_batch(rt, job("k1", {"amount": 10}))
+    assert (beside[0], alone[0]) == ((200, first[1], True), (200, first[1], True))
+    assert beside[1][:2] == (200, {"balance": 95, "spent": 5, "charged": 5, "entry_id": 4})
+    assert (balance_of(rt.sessions, "acct_1_rekeyed"), balance_of(rt.sessions, "acct_2")) == (90, 95)
+
+
+def test_two_processes_batches_on_the_same_keys_and_accounts_spend_each_key_once(rt: Runtime) -> None:
+    """Two API processes' batches (two Spends), every key sent three times across both, six accounts: no
+    deadlock or error, one spend per key, and the balances say so."""
+    names = [f"acct_{n}" for n in range(6)]
+    for name in names:
+        fund(rt, 1000, name)
+    keys = [(f"k{n}", names[n % 6]) for n in range(60)]
+    first, second = Spends(rt), Spends(rt)
+
+    async def submit() -> list[Outcome | BaseException]:
+        sent = [(first if (n + round_) % 2 else second).submit(job(key, {"amount": 1}, name))
+                for round_ in range(3) for n, (key, name) in enumerate(keys)]
+        return await asyncio.gather(*sent, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(submit())
+    finally:
+        first.stop()
+        second.stop()
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert sorted(o.replayed for o in outcomes) == [False] * 60 + [True] * 120  # type: ignore[union-attr]
+    assert [balance_of(rt.sessions, name) for name in names] == [990] * 6
+    with transaction(rt.sessions) as session:
+        assert ledger.check(session) == []
+
+
 def test_concurrent_spends_share_commits(rt: Runtime) -> None:
     fund(rt, 1000)
     commits: list[int] = []

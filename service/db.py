@@ -133,8 +133,14 @@ class Bulk:
 
     def execute(self, session: Session, rows: Sequence[dict[str, Any]]) -> Result[Any]:
         if session.get_bind().dialect.name == "postgresql":
-            return session.execute(self.postgresql, {"rows": json_rows(rows)})
+            return session.execute(self.postgresql, recordset_parameters(rows))
         return session.execute(self.other, list(rows))
+
+
+def recordset_parameters(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The parameters of a PostgreSQL statement over `recordset()`, for these rows (a `Bulk`'s, or a statement
+    that holds one, as spends.CLAIM_AND_LOCK holds idempotency.CLAIM)."""
+    return {"rows": json_rows(rows)}
 
 
 def json_rows(rows: Sequence[dict[str, Any]]) -> str:

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Select, case, func, select, true
 from sqlalchemy.orm import Session, aliased
 
 from service import accounts, idempotency, ledger, logs, spending
-from service.db import is_postgresql, json_rows
+from service.db import is_postgresql, recordset_parameters
 from service.group_commit import GroupCommit
 from service.idempotency import Outcome
 from service.models import Account
@@ -107,12 +107,12 @@ CLAIM_AND_LOCK = _claiming_and_locking()
 def _claim_and_lock(session: Session, jobs: list[SpendJob]) -> tuple[dict[str, Outcome | None], list[Account] | None]:
     """The jobs' keys claimed (idempotency.claim's answer) and, on PostgreSQL, every account they name locked
     by the same statement (for `accounts.lock_refs`; a replay's account too, so the batch may wait for its lock
-    and holds it to the end, as for any account it spends from). On SQLite,
-    in-process, there is no round trip to save: the claim alone, and the caller locks (None)."""
+    and holds it to the end, as for any account it spends from). On SQLite, in-process, there is no round trip
+    to save: the claim alone, and the caller locks (None)."""
     requests = [(job.key, job.digest) for job in jobs]
     if not is_postgresql(session):
         return idempotency.claim(session, requests), None
-    rows = session.execute(CLAIM_AND_LOCK, {"rows": json_rows(idempotency.claim_rows(requests)),
+    rows = session.execute(CLAIM_AND_LOCK, {**recordset_parameters(idempotency.claim_rows(requests)),
                                             "refs": sorted({job.account for job in jobs})}).all()
     outcomes = idempotency.replays(session, requests, set(rows[0].claimed or ()))
     return outcomes, [account for account, _ in rows if account is not None]

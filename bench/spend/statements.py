@@ -5,9 +5,9 @@ The real app (`service.api.create_app`, configuration from the environment as fo
 called through Starlette's TestClient, so that SQLAlchemy's `before_cursor_execute` event sees every statement
 of the request — the idempotency claim, the account lock, the ledger's reads and writes, and the response
 record. Each spend also costs a BEGIN and a COMMIT and the pool's pre-ping, which are not cursor executions and
-not counted. The lock is held from the moment the statement with `FOR UPDATE` returns until COMMIT has returned; the
-spends run one at a time, so the hold is the spend's own (round trips and Python), with no waiting on other
-spends — what bounds one hot account's rate. Prints one JSON object: the statements per spend over N spends,
+not counted. The lock is held from the moment the statement with `FOR UPDATE` returns until COMMIT has
+returned; the spends run one at a time, so the hold is the spend's own (round trips and Python), with no
+waiting on other spends — what bounds one hot account's rate. Prints one JSON object: the statements per spend over N spends,
 the statements of the last one in short (verb and table), the statements after the lock, and the median hold.
 """
 
@@ -46,7 +46,7 @@ def short(statement: str) -> str:
     if written is None and not (text.startswith("SELECT") and read):
         return text[:60]
     what = f"{written[1]} {written[2]}" if written else f"SELECT … FROM {', '.join(read)}"
-    return what + (" FOR UPDATE" if text.endswith("FOR UPDATE") else "")
+    return what + (" FOR UPDATE" if locks(text) else "")
 
 
 def locks(statement: str) -> bool:

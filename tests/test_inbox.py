@@ -115,6 +115,30 @@ def test_a_failed_event_holds_back_its_customers_later_events_until_the_next_dra
         ("evt_0", "failed"), ("evt_1", "pending")]
 
 
+def test_each_event_is_stored_with_its_lane_the_customer_its_object_names_else_the_object(sessions) -> None:  # type: ignore[no-untyped-def]
+    expanded = se.invoice("2025", invoice_id="in_2", customer="cus_2", price="price_starter_monthly", amount_paid=2000)
+    expanded["customer"] = se.customer("cus_2")
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.paid", linked_invoice("in_1"), event_id="evt_invoice"), utcnow())
+        inbox.store(s, se.event("invoice.paid", expanded, event_id="evt_expanded"), utcnow())
+        inbox.store(s, se.event("customer.created", se.customer("cus_3"), event_id="evt_customer"), utcnow())
+        inbox.store(s, se.event("ping", {}, event_id="evt_ping"), utcnow())
+    with transaction(sessions) as s:
+        assert sorted(inbox.due(s, utcnow(), 10)) == [
+            ("evt_customer", "cus_3"), ("evt_expanded", "cus_2"), ("evt_invoice", "cus_1"), ("evt_ping", "evt_ping")]
+        assert {event_id: lane for event_id, lane in s.execute(select(StripeEvent.id, StripeEvent.lane))} == {
+            "evt_customer": "cus_3", "evt_expanded": "cus_2", "evt_invoice": "cus_1", "evt_ping": "evt_ping"}
+
+
+def test_an_event_stored_without_a_lane_by_older_code_gets_its_lane_from_its_payload(sessions) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as s:
+        inbox.store(s, se.event("invoice.paid", linked_invoice("in_1"), event_id="evt_1"), utcnow())
+        inbox.store(s, se.event("customer.created", se.customer("cus_3"), event_id="evt_2"), utcnow())
+        s.execute(inbox.EVENTS.update().values(lane=None))
+    with transaction(sessions) as s:
+        assert sorted(inbox.due(s, utcnow(), 10)) == [("evt_1", "cus_1"), ("evt_2", "cus_3")]
+
+
 def linked_invoice(invoice_id: str) -> dict:
     """An invoice of cus_1 that names its account (acct_1), so handling it needs no Stripe call."""
     return se.invoice("2025", invoice_id=invoice_id, customer="cus_1", price="price_starter_monthly", amount_paid=2000,

@@ -38,11 +38,13 @@ def row(event: dict[str, Any], now: datetime, payload: str | None = None) -> dic
     obj = data.get("object") if isinstance(data, dict) else None
     obj = obj if isinstance(obj, dict) else {}
     object_type, object_id = obj.get("object"), ref(obj)
+    lane = ref(obj.get("customer")) or object_id or event["id"]
     return {
         "id": event["id"],
         "type": event["type"],
         "object_type": object_type[:100] if isinstance(object_type, str) else None,
         "object_id": object_id[:255] if object_id else None,
+        "lane": lane[:255],
         "api_version": event.get("api_version") if isinstance(event.get("api_version"), str) else None,
         "livemode": event.get("livemode") is True,
         "created": timestamp(event.get("created")) or now,
@@ -111,15 +113,22 @@ def due(session: Session, now: datetime, limit: int) -> list[tuple[str, str]]:
     """Events waiting to be (re)processed, oldest first, each as (id, lane): the Stripe customer the event's
     object names, else the object itself. One lane's events are processed in order, because one customer's
     events build on each other (a renewal's rollover on the invoice before it); lanes may run side by side."""
-    customer = StripeEvent.payload["data"]["object"]["customer"].as_string()
-    lane = func.coalesce(customer, StripeEvent.object_id, StripeEvent.id)
-    rows = session.execute(
-        select(StripeEvent.id, lane)
-        .where(StripeEvent.status.in_(DUE), StripeEvent.next_attempt_at <= now)
-        .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at)
-        .limit(limit)
-    )
-    return [(event_id, key) for event_id, key in rows]
+    return [(event_id, lane) for event_id, lane in session.execute(DUE_NOW, {"now": now, "limit": limit})]
+
+
+# The lane is the column `row` fills; a row stored before it existed (migration 0006), or by a replica still
+# running older code, has none, and its lane is read from its payload as before. COALESCE stops at the first
+# value that is not NULL, so a row with its lane stored is not detoasted: for a batch of 100 events of ~6 KB
+# that was 7 ms of the database's time a batch, against 0.8 ms (bench/README.md, end to end).
+_STORED_LANE = func.coalesce(
+    StripeEvent.lane, StripeEvent.payload["data"]["object"]["customer"].as_string(), StripeEvent.object_id, StripeEvent.id
+)
+DUE_NOW = (
+    select(StripeEvent.id, _STORED_LANE)
+    .where(StripeEvent.status.in_(DUE), StripeEvent.next_attempt_at <= bindparam("now"))
+    .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at)
+    .limit(bindparam("limit"))
+)
 
 
 @dataclass(frozen=True)

@@ -25,31 +25,35 @@ from webhooks import dispatch, inbox
 
 log = logs.get("worker")
 BATCH = 100
+GONE_THROUGH = ("processed", "ignored")
 
 
 def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
     """Process what is due now, batch after batch, until nothing is due; returns counts by new status."""
     counts: Counter[str] = Counter()
     seen: set[str] = set()
+    stopped: set[str] = set()  # lanes that stopped at an event: their later events wait for the next drain
 
-    def process_lanes(lanes: list[list[str]]) -> Counter[str]:
+    def process_lanes(share: dict[str, list[str]]) -> tuple[Counter[str], set[str]]:
         """Each lane's events in order, a lane stopping at one that did not go through (failed, or held by
         another process): the rest of it waits for the next drain rather than overtake it. All the lanes in
         one transaction when they all go through; one event at a time, each in its own, when one fails
-        (dispatch.process_together)."""
-        together = dispatch.process_together(rt, lanes, stop)
+        (dispatch.process_together). Returns the counts by status and the lanes that stopped."""
+        together = dispatch.process_together(rt, list(share.values()), stop)
         if together is not None:
-            return Counter(status or "skipped" for statuses in together for status in statuses)
-        done: Counter[str] = Counter()
-        for event_ids in lanes:
+            done = Counter(status or "skipped" for statuses in together for status in statuses)
+            return done, {lane for lane, statuses in zip(share, together) if not _went_through(statuses, share[lane])}
+        done, halted = Counter[str](), set[str]()
+        for lane, event_ids in share.items():
             for event_id in event_ids:
                 if stop is not None and stop.is_set():
-                    return done
+                    return done, halted
                 status = dispatch.process(rt, event_id) or "skipped"
                 done[status] += 1
-                if status not in ("processed", "ignored"):
+                if status not in GONE_THROUGH:
+                    halted.add(lane)
                     break
-        return done
+        return done, halted
 
     # SQLite has one writer at a time (BEGIN IMMEDIATE): more threads would only queue for its lock.
     threads = rt.settings.worker_threads if rt.engine.dialect.name == "postgresql" else 1
@@ -61,10 +65,12 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
                 break
             lanes: defaultdict[str, list[str]] = defaultdict(list)
             for event_id, lane in batch:
-                lanes[lane].append(event_id)
                 seen.add(event_id)  # a failure is rescheduled; it is not retried again within this drain
-            for done in pool.map(process_lanes, _shares(list(lanes.values()), threads)):
+                if lane not in stopped:  # nor does a later event of its lane overtake it, from a later batch
+                    lanes[lane].append(event_id)
+            for done, lanes_stopped in pool.map(process_lanes, _shares(lanes, threads)):
                 counts.update(done)
+                stopped |= lanes_stopped
     with transaction(rt.sessions) as session:
         retried = referrals.retry_unpaid(session, rt.catalogue)
     if retried:
@@ -72,11 +78,16 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
     return counts
 
 
-def _shares(lanes: list[list[str]], threads: int) -> list[list[list[str]]]:
+def _went_through(statuses: list[str | None], event_ids: list[str]) -> bool:
+    return len(statuses) == len(event_ids) and all(status in GONE_THROUGH for status in statuses)
+
+
+def _shares(lanes: dict[str, list[str]], threads: int) -> list[dict[str, list[str]]]:
     """The batch's lanes dealt out to the threads, each thread's share done in one transaction: under a
     trickle of deliveries a lane is one event, and one COMMIT (with its BEGIN, claim, mark and pool checkout)
     per lane was most of the worker's cost per event beyond the handlers (bench/e2e)."""
-    return [share for share in (lanes[n::threads] for n in range(threads)) if share]
+    keys = list(lanes)
+    return [{lane: lanes[lane] for lane in keys[n::threads]} for n in range(threads) if keys[n::threads]]
 
 
 def run(rt: Runtime, stop: threading.Event, poll_seconds: float = 1.0) -> None:

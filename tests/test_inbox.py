@@ -139,6 +139,17 @@ def test_an_event_stored_without_a_lane_by_older_code_gets_its_lane_from_its_pay
         assert sorted(inbox.due(s, utcnow(), 10)) == [("evt_1", "cus_1"), ("evt_2", "cus_3")]
 
 
+def test_a_failed_event_holds_back_its_customers_later_events_fetched_in_a_later_batch_of_the_drain(rt, sessions, stripe_api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(worker, "BATCH", 1)  # each event comes in a batch of its own
+    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    with transaction(sessions) as s:
+        for n in range(2):
+            inbox.store(s, se.event("invoice.paid", unlinked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
+    assert worker.drain(rt) == {"failed": 1}
+    assert [(e.id, e.status) for e in (event_row(sessions, "evt_0"), event_row(sessions, "evt_1"))] == [
+        ("evt_0", "failed"), ("evt_1", "pending")]
+
+
 def linked_invoice(invoice_id: str) -> dict:
     """An invoice of cus_1 that names its account (acct_1), so handling it needs no Stripe call."""
     return se.invoice("2025", invoice_id=invoice_id, customer="cus_1", price="price_starter_monthly", amount_paid=2000,

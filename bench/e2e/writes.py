@@ -99,6 +99,7 @@ def reference(db: dict[str, Any], workdir: Path, payload: bytes, counted: dict[s
     with psycopg.connect(autocommit=True, **db) as conn:
         for statement in SETUP:
             conn.execute(statement)
+        pgbench.compressed_as_the_inbox(conn, "bench_e2e_inbox")
     path = workdir / "pgbench_e2e.sql"
     path.write_text(script(payload, inserts, updates))
     done = pgbench.run_script(db, path, clients, ["-t", str(max(1, math.ceil(transactions / clients)))])

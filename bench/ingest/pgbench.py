@@ -1,7 +1,7 @@
 """The database's own limit for one durable insert per event: pgbench, same payload, same concurrency.
 
-A table equivalent to the inbox's core (id text primary key, payload jsonb, status text, created timestamptz)
-and a custom script (`-f`) that inserts the benchmark's own event body as JSONB, one autocommitted
+A table equivalent to the inbox's core (id text primary key, payload jsonb, status text, created timestamptz;
+the payload compressed as the inbox's is, see `compressed_as_the_inbox`) and a custom script (`-f`) that inserts the benchmark's own event body as JSONB, one autocommitted
 transaction per event, with ON CONFLICT (id) DO NOTHING as the service's insert has.
 """
 
@@ -19,6 +19,16 @@ import psycopg
 
 TABLE = "bench_pgbench_events"
 DDL = f"CREATE TABLE {TABLE} (id text PRIMARY KEY, payload jsonb NOT NULL, status text NOT NULL, created timestamptz NOT NULL)"
+
+
+def compressed_as_the_inbox(conn: psycopg.Connection[Any], table: str) -> None:
+    """Give `table`'s payload column the TOAST compression of the inbox's (stripe_events.payload: lz4 where
+    the server has it, migration 0007), so that the reference stores a body for the same CPU as the service."""
+    method = conn.execute("SELECT attcompression FROM pg_attribute WHERE attrelid = 'stripe_events'::regclass "
+                          "AND attname = 'payload'").fetchone()
+    named = {"l": "lz4", "p": "pglz"}.get(method[0] if method else "")
+    if named:
+        conn.execute(f"ALTER TABLE {table} ALTER COLUMN payload SET COMPRESSION {named}")
 
 
 def find_pgbench() -> str | None:
@@ -45,6 +55,7 @@ def run(conninfo: dict[str, Any], workdir: Path, payload: bytes, transactions: i
     with psycopg.connect(autocommit=True, **conninfo) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
         conn.execute(DDL)
+        compressed_as_the_inbox(conn, TABLE)
     path = workdir / "pgbench_insert.sql"
     path.write_text(script(payload))
     limit = ["-t", str(max(1, math.ceil(transactions / clients)))]

@@ -29,7 +29,10 @@ def apply(
 ) -> int:
     """Cut what the policy cuts before `incoming` credits land; returns the credits cut.
 
-    Each cut is its own expire entry keyed `{key}:{grant id}`, so a retried renewal cuts nothing twice. Under
+    Each cut is its own expire entry keyed `{key}:{grant id}`, written together (ledger.write_debits: one
+    statement on PostgreSQL, not four a grant). Their keys are not looked for: the caller holds the account's
+    lock, has found its renewal's grant key unused, and posts that grant in this transaction, so no earlier
+    transaction can have cut for this renewal (and the keys' UNIQUE constraint holds regardless). Under
     a support extension still ahead of `now`, the credits cut are given back at once as one grant keyed
     `{key}:extension`, outside the policy and expiring at the extension's date: the balance keeps them and
     the ledger says why. The extension is used up by this renewal, whatever it cuts.
@@ -45,14 +48,16 @@ def apply(
         reason = f"rollover ({policy.rollover}) at renewal"
     else:
         reason = f"kept under support extension until {kept_until:%Y-%m-%d %H:%M} UTC"
-    cut = 0
+    cuts = []
     for grant in held:
         if excess <= 0:
             break
         part = min(grant.remaining, excess)
-        ledger.expire(session, account, grant, part, key=f"{key}:{grant.id}", reason=reason, now=now)
+        cuts.append(ledger.take(account, "expire", [grant], part, key=f"{key}:{grant.id}", reason=reason,
+                                actor="system", meta={}, now=now))
         excess -= part
-        cut += part
+    ledger.write_debits(session, cuts)
+    cut = sum(part for debit in cuts for _, part in debit.parts)
     if kept_until is not None and cut > 0:
         ledger.grant(
             session,

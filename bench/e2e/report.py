@@ -228,6 +228,26 @@ def markdown(results: dict[str, Any]) -> str:
         "the session as the row it wrote instead of loaded by the ORM. bench/e2e/processing.py on the same day, "
         "before and after: 3.15 → 2.82 statements and 1.35 → 1.12 ms of CPU per event (665 → 786 events/s in-process).",
         "",
+        "**This round (2026-12-03).** Three changes to what the processing costs the database and the worker. "
+        "Each event's lane (its customer, else its object) is a column the endpoint fills when it stores the event "
+        "(migration 0006), so the worker's due query no longer reads the payload out of TOAST to find it: 7.1 → "
+        "1.1 ms of the database's time a batch of 100 (a table of 3,000 events, measured in-process). The inbox's "
+        "payloads are compressed with lz4 instead of pglz (migration 0007): 130 → 60 µs of the server's CPU an "
+        "INSERT of this ~6 KB body, 27–33 µs to read one back either way (pgbench's reference tables take the "
+        "same compression, so the references got faster too). A renewal's rollover cuts are written by the "
+        "spends' one statement (`ledger.write_debits`) instead of four statements a grant: 2.81 → 2.61 "
+        "statements per event in bench/e2e/processing.py. In turns on one afternoon, the code before these "
+        "changes (4b60db0) and after: 564.5 and 575.3 events/s against 624.7 and 642.8, the worker 1.22–1.25 → "
+        "1.12–1.15 ms of CPU per event; pgbench 2,475–2,525 → 2,888–2,901 tps, so the ratio to it stayed at "
+        "0.22×. Tried and not kept, each measured in turns with the kept code: the worker's threads kept fed "
+        "(each thread dealt the next due lanes as it finishes, rather than every thread waiting for the slowest "
+        "share of a batch): 857 and 851 events/s in-process against 881 and 848, with more COMMITs; 8 threads "
+        "instead of 4, and batches of 300, 500 or 1,000 events instead of 100: within the spread; the GIL's "
+        "switch interval at 1 ms or 0.5 ms instead of 5: slower (0.56×, 0.59× against 0.64×); the worker at "
+        "nice 0 instead of 10: the same. A wall-clock profile of the worker's four threads (py-spy, idle "
+        "samples included) puts 41% of their time waiting on PostgreSQL, about a quarter waiting to take the "
+        "GIL back after sending a statement, 18% idle in the pool, and the rest running Python.",
+        "",
         "**What is left.** Per event the worker still spends most of its CPU in SQLAlchemy and psycopg around each "
         "statement (~140 Python calls a statement) and in decoding the payload; PostgreSQL, which shares the 2 cores, "
         "parses and stores each ~6 KB JSONB body and serves the worker's statements. 1,000 events/s on this machine "

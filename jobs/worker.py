@@ -90,7 +90,7 @@ def _shares(lanes: dict[str, list[str]], threads: int) -> list[dict[str, list[st
     return [{lane: lanes[lane] for lane in keys[n::threads]} for n in range(threads) if keys[n::threads]]
 
 
-def run(rt: Runtime, stop: threading.Event, poll_seconds: float = 1.0) -> None:
+def run(rt: Runtime, stop: threading.Event, poll_seconds: float) -> None:
     """Drain, then wait for more, until `stop` is set (SIGTERM): the events in hand are always finished."""
     log.info("worker.started")
     while not stop.is_set():

@@ -335,7 +335,7 @@ def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due,
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    inbox_worker.run(rt, stop)
+    inbox_worker.run(rt, stop, rt.settings.worker_poll_seconds)
 
 
 @events.command("list")

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # Raised niceness of `credits worker`: where it shares cores with the API, Stripe's deliveries and the
     # product's spends get the CPU first, and the backlog (which the inbox keeps) drains with the rest.
     worker_nice: int = Field(default=10, ge=0, le=19)
+    # How long `credits worker` waits, once nothing is due, before it looks again: a burst the API leaves
+    # pending waits at most this long; each look is one indexed query (bench/README.md, end to end).
+    worker_poll_seconds: float = Field(default=0.25, gt=0, le=60)
 
     @field_validator("database_url")
     @classmethod

@@ -59,8 +59,11 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
     threads = rt.settings.worker_threads if rt.engine.dialect.name == "postgresql" else 1
     with ThreadPoolExecutor(threads, thread_name_prefix="worker") as pool:
         while stop is None or not stop.is_set():
+            # The events seen in this drain that are still due (held elsewhere, or behind a lane's stop) come
+            # first in `due`'s order: fetch past them, or enough of them would end the drain with others due.
+            still_due = len(seen) - (counts.total() - counts["skipped"])
             with transaction(rt.sessions) as session:
-                batch = [(i, lane) for i, lane in inbox.due(session, utcnow(), BATCH) if i not in seen]
+                batch = [(i, lane) for i, lane in inbox.due(session, utcnow(), BATCH + still_due) if i not in seen]
             if not batch:
                 break
             lanes: defaultdict[str, list[str]] = defaultdict(list)

@@ -150,6 +150,20 @@ def test_a_failed_event_holds_back_its_customers_later_events_fetched_in_a_later
         ("evt_0", "failed"), ("evt_1", "pending")]
 
 
+def test_events_held_back_behind_a_lanes_failure_do_not_end_the_drain_before_other_customers_events(rt, sessions, stripe_api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(worker, "BATCH", 1)  # the held-back event alone would fill a batch
+    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    with transaction(sessions) as s:
+        for n in range(2):
+            inbox.store(s, se.event("invoice.paid", unlinked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
+        other = se.invoice("2025", invoice_id="in_2", customer="cus_2", price="price_starter_monthly", amount_paid=2000,
+                           subscription_metadata={"account_id": "acct_2"})
+        inbox.store(s, se.event("invoice.paid", other, event_id="evt_2"), utcnow())
+    assert worker.drain(rt) == {"failed": 1, "processed": 1}
+    assert [event_row(sessions, f"evt_{n}").status for n in range(3)] == ["failed", "pending", "processed"]
+    assert state(sessions, "acct_2")[0] == [("grant", 2000, "invoice:in_2")]
+
+
 def linked_invoice(invoice_id: str) -> dict:
     """An invoice of cus_1 that names its account (acct_1), so handling it needs no Stripe call."""
     return se.invoice("2025", invoice_id=invoice_id, customer="cus_1", price="price_starter_monthly", amount_paid=2000,

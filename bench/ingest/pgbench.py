@@ -24,6 +24,8 @@ DDL = f"CREATE TABLE {TABLE} (id text PRIMARY KEY, payload jsonb NOT NULL, statu
 def compressed_as_the_inbox(conn: psycopg.Connection[Any], table: str) -> None:
     """Give `table`'s payload column the TOAST compression of the inbox's (stripe_events.payload: lz4 where
     the server has it, migration 0007), so that the reference stores a body for the same CPU as the service."""
+    if conn.info.server_version < 140000:  # no per-column compression before PostgreSQL 14: pglz everywhere
+        return
     method = conn.execute("SELECT attcompression FROM pg_attribute WHERE attrelid = 'stripe_events'::regclass "
                           "AND attname = 'payload'").fetchone()
     named = {"l": "lz4", "p": "pglz"}.get(method[0] if method else "")

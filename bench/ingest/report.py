@@ -254,8 +254,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_fmt(ours.get('worker_cpu_seconds'), ' s')} of CPU), per event stored in that time (the "
         f"{_fmt(ours.get('events_in_window'))} include the service's {closed.get('warmup')} warm-up events); "
         "“worker process only” is the worker's share of that, per stored event and, in the ratio column, per "
-        "event it processed (counted from its `event.handled` log lines). The worker's idle polling (one query a "
-        "second) is included.",
+        "event it processed (counted from its `event.handled` log lines). The worker's idle polling (one indexed "
+        "query every WORKER_POLL_SECONDS, 0.25 s by default) is included.",
         f"- pgbench (table `id text primary key, payload jsonb, status text, created timestamptz`; the script inserts "
         f"the same ~{closed.get('body_bytes')}-byte body as JSONB under a fresh id, ON CONFLICT DO NOTHING, one "
         f"autocommitted transaction each; server settings: "

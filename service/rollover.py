@@ -48,7 +48,7 @@ def apply(
         reason = f"rollover ({policy.rollover}) at renewal"
     else:
         reason = f"kept under support extension until {kept_until:%Y-%m-%d %H:%M} UTC"
-    cuts = []
+    cuts, cut = [], 0
     for grant in held:
         if excess <= 0:
             break
@@ -56,8 +56,8 @@ def apply(
         cuts.append(ledger.take(account, "expire", [grant], part, key=f"{key}:{grant.id}", reason=reason,
                                 actor="system", meta={}, now=now))
         excess -= part
+        cut += part
     ledger.write_debits(session, cuts)
-    cut = sum(part for debit in cuts for _, part in debit.parts)
     if kept_until is not None and cut > 0:
         ledger.grant(
             session,

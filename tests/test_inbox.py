@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from sqlalchemy import event, select
 
 from jobs import worker
@@ -105,11 +107,18 @@ def test_the_worker_keeps_each_customers_events_in_order_while_it_processes_cust
         assert grants == [f"invoice:in_{who}{n}" for n in range(4)]
 
 
-def test_a_failed_event_holds_back_its_customers_later_events_until_the_next_drain(rt, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+def store_two_events_of_a_customer_stripe_refuses(sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+    """evt_0 and evt_1, invoices of cus_1, whose look-up at Stripe fails: evt_0 fails, evt_1 must wait behind it."""
     stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
     with transaction(sessions) as s:
         for n in range(2):
             inbox.store(s, se.event("invoice.paid", unlinked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
+
+
+@pytest.mark.parametrize("batch", [worker.BATCH, 1], ids=["in one batch", "in batches of one"])
+def test_a_failed_event_holds_back_its_customers_later_events_until_the_next_drain(rt, sessions, stripe_api, monkeypatch, batch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(worker, "BATCH", batch)  # in batches of one, the later event comes in a later batch
+    store_two_events_of_a_customer_stripe_refuses(sessions, stripe_api)
     assert worker.drain(rt) == {"failed": 1}
     assert [(e.id, e.status) for e in (event_row(sessions, "evt_0"), event_row(sessions, "evt_1"))] == [
         ("evt_0", "failed"), ("evt_1", "pending")]
@@ -139,23 +148,10 @@ def test_an_event_stored_without_a_lane_by_older_code_gets_its_lane_from_its_pay
         assert sorted(inbox.due(s, utcnow(), 10)) == [("evt_1", "cus_1"), ("evt_2", "cus_3")]
 
 
-def test_a_failed_event_holds_back_its_customers_later_events_fetched_in_a_later_batch_of_the_drain(rt, sessions, stripe_api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(worker, "BATCH", 1)  # each event comes in a batch of its own
-    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
-    with transaction(sessions) as s:
-        for n in range(2):
-            inbox.store(s, se.event("invoice.paid", unlinked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
-    assert worker.drain(rt) == {"failed": 1}
-    assert [(e.id, e.status) for e in (event_row(sessions, "evt_0"), event_row(sessions, "evt_1"))] == [
-        ("evt_0", "failed"), ("evt_1", "pending")]
-
-
 def test_events_held_back_behind_a_lanes_failure_do_not_end_the_drain_before_other_customers_events(rt, sessions, stripe_api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(worker, "BATCH", 1)  # the held-back event alone would fill a batch
-    stripe_api.get("/v1/customers/cus_1").respond(400, json={"error": {"type": "invalid_request_error", "message": "nope"}})
+    store_two_events_of_a_customer_stripe_refuses(sessions, stripe_api)
     with transaction(sessions) as s:
-        for n in range(2):
-            inbox.store(s, se.event("invoice.paid", unlinked_invoice(f"in_{n}"), event_id=f"evt_{n}"), utcnow())
         other = se.invoice("2025", invoice_id="in_2", customer="cus_2", price="price_starter_monthly", amount_paid=2000,
                            subscription_metadata={"account_id": "acct_2"})
         inbox.store(s, se.event("invoice.paid", other, event_id="evt_2"), utcnow())

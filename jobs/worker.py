@@ -28,8 +28,10 @@ BATCH = 100
 GONE_THROUGH = ("processed", "ignored")
 
 
-def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
-    """Process what is due now, batch after batch, until nothing is due; returns counts by new status."""
+def drain(rt: Runtime, stop: threading.Event | None = None, partition: inbox.Partition = inbox.WHOLE) -> Counter[str]:
+    """Process what is due now in `partition`'s lanes, batch after batch, until nothing is due; returns counts
+    by new status. The first partition's drain also retries the referral payouts left one-sided: one process
+    is enough, and two would only race for the same grants."""
     counts: Counter[str] = Counter()
     seen: set[str] = set()
     stopped: set[str] = set()  # lanes that stopped at an event: their later events wait for the next drain
@@ -63,7 +65,7 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
             # first in `due`'s order: fetch past them, or enough of them would end the drain with others due.
             still_due = len(seen) - (counts.total() - counts["skipped"])
             with transaction(rt.sessions) as session:
-                batch = [(i, lane) for i, lane in inbox.due(session, utcnow(), BATCH + still_due) if i not in seen]
+                batch = [(i, lane) for i, lane in inbox.due(session, utcnow(), BATCH + still_due, partition) if i not in seen]
             if not batch:
                 break
             lanes: defaultdict[str, list[str]] = defaultdict(list)
@@ -74,6 +76,8 @@ def drain(rt: Runtime, stop: threading.Event | None = None) -> Counter[str]:
             for done, lanes_stopped in pool.map(process_lanes, _shares(lanes, threads)):
                 counts.update(done)
                 stopped |= lanes_stopped
+    if partition.index > 0:
+        return counts
     with transaction(rt.sessions) as session:
         retried = referrals.retry_unpaid(session, rt.catalogue)
     if retried:
@@ -93,11 +97,11 @@ def _shares(lanes: dict[str, list[str]], threads: int) -> list[dict[str, list[st
     return [{lane: lanes[lane] for lane in keys[n::threads]} for n in range(threads) if keys[n::threads]]
 
 
-def run(rt: Runtime, stop: threading.Event, poll_seconds: float) -> None:
+def run(rt: Runtime, stop: threading.Event, poll_seconds: float, partition: inbox.Partition = inbox.WHOLE) -> None:
     """Drain, then wait for more, until `stop` is set (SIGTERM): the events in hand are always finished."""
-    log.info("worker.started")
+    log.info("worker.started", partition=f"{partition.index + 1} of {partition.count}")
     while not stop.is_set():
-        counts = drain(rt, stop)
+        counts = drain(rt, stop, partition)
         if counts:
             log.info("worker.drained", **counts)
         stop.wait(poll_seconds)

@@ -30,7 +30,7 @@ from rich.table import Table
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobs import reconcile as reconcile_job
-from jobs import report
+from jobs import report, supervisor
 from jobs import worker as inbox_worker
 from service import accounts, audit, ledger, logs, runtime, support_cli, usage
 from service import demo as demo_story
@@ -326,7 +326,7 @@ app.command(name="audit")(support_cli.audit_trail)
 @app.command()
 def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due, then exit.")] = False) -> None:
     """Process inbox events that are due (unprocessed, or failed and past their backoff)."""
-    rt = runtime.load()
+    rt = runtime.load()  # in this process too: a bad catalogue or URL fails here, before any worker starts
     os.nice(rt.settings.worker_nice)
     if once:
         counts = inbox_worker.drain(rt)
@@ -335,7 +335,13 @@ def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due,
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    inbox_worker.run(rt, stop, rt.settings.worker_poll_seconds)
+    # SQLite has one writer at a time: a second process would only queue for its lock.
+    processes = rt.settings.worker_processes if rt.engine.dialect.name == "postgresql" else 1
+    if processes == 1:
+        inbox_worker.run(rt, stop, rt.settings.worker_poll_seconds)
+        return
+    rt.engine.dispose()  # the workers open their own connections
+    raise typer.Exit(supervisor.run(processes, stop))
 
 
 @events.command("list")

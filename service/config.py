@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     worker_max_attempts: int = 8
     worker_backoff_seconds: float = 30.0
     worker_threads: int = Field(default=4, ge=1, le=16)  # within the connection pool (10 + 20 overflow)
+    # `credits worker`'s processes, each draining its own share of the lanes (PostgreSQL; SQLite: one). One
+    # process's threads share one core, however many there are (its interpreter lock): bench/README.md.
+    worker_processes: int = Field(default=2, ge=1, le=16)
     # Raised niceness of `credits worker`: where it shares cores with the API, Stripe's deliveries and the
     # product's spends get the CPU first, and the backlog (which the inbox keeps) drains with the rest.
     worker_nice: int = Field(default=10, ge=0, le=19)

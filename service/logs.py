@@ -22,9 +22,10 @@ def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
-    """Write to whatever sys.stderr is now (it is swapped by test capture and daemon redirection)."""
-    return structlog.PrintLogger(sys.stderr)
+def _stderr_logger(*_args: Any) -> structlog.WriteLogger:
+    """Write to whatever sys.stderr is now (it is swapped by test capture and daemon redirection), each line in
+    one write: print() writes the line and its newline apart, and `credits worker`'s processes share one stderr."""
+    return structlog.WriteLogger(sys.stderr)
 
 
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:

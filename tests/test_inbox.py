@@ -148,6 +148,47 @@ def test_an_event_stored_without_a_lane_by_older_code_gets_its_lane_from_its_pay
         assert sorted(inbox.due(s, utcnow(), 10)) == [("evt_1", "cus_1"), ("evt_2", "cus_3")]
 
 
+def test_the_partitions_of_the_due_events_share_them_out_whole_lanes_each_to_one(engine, sessions) -> None:  # type: ignore[no-untyped-def]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: its worker runs one process, on every lane")
+    store_events_of_customers(sessions, customers=30, each=2)
+    with transaction(sessions) as s:
+        everything = inbox.due(s, utcnow(), 100)
+        shares = [inbox.due(s, utcnow(), 100, inbox.Partition(n, 3)) for n in range(3)]
+    assert sorted(pair for share in shares for pair in share) == sorted(everything)  # each event in exactly one
+    lanes = [{lane for _, lane in share} for share in shares]
+    assert all(lanes) and not (lanes[0] & lanes[1] or lanes[0] & lanes[2] or lanes[1] & lanes[2])
+
+
+def test_a_drain_of_one_partition_processes_its_own_lanes_and_leaves_the_others_due(engine, rt, sessions) -> None:  # type: ignore[no-untyped-def]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: its worker runs one process, on every lane")
+    store_events_of_customers(sessions, customers=10, each=1)
+    with transaction(sessions) as s:
+        others = inbox.due(s, utcnow(), 100, inbox.Partition(1, 2))
+    assert worker.drain(rt, partition=inbox.Partition(0, 2)) == {"processed": 10 - len(others)}
+    with transaction(sessions) as s:
+        assert inbox.due(s, utcnow(), 100) == others
+
+
+def test_lane_partitions_are_refused_on_sqlite_and_out_of_range(engine, sessions) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="partition 2 of 2"):
+        inbox.Partition(2, 2)
+    if engine.dialect.name == "sqlite":
+        with transaction(sessions) as s, pytest.raises(ValueError, match="need PostgreSQL"):
+            inbox.due(s, utcnow(), 10, inbox.Partition(0, 2))
+
+
+def store_events_of_customers(sessions, *, customers: int, each: int) -> None:  # type: ignore[no-untyped-def]
+    """`each` paid invoices for each of `customers` customers (cus_0 …), all naming their accounts."""
+    with transaction(sessions) as s:
+        for c in range(customers):
+            for n in range(each):
+                invoice = se.invoice("2025", invoice_id=f"in_{c}_{n}", customer=f"cus_{c}", price="price_starter_monthly",
+                                     amount_paid=2000, subscription_metadata={"account_id": f"acct_{c}"})
+                inbox.store(s, se.event("invoice.paid", invoice, event_id=f"evt_{c}_{n}"), utcnow())
+
+
 def test_events_held_back_behind_a_lanes_failure_do_not_end_the_drain_before_other_customers_events(rt, sessions, stripe_api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(worker, "BATCH", 1)  # the held-back event alone would fill a batch
     store_two_events_of_a_customer_stripe_refuses(sessions, stripe_api)

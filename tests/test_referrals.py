@@ -13,6 +13,7 @@ from service.catalogue import Referrals
 from service.models import utcnow
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
+from webhooks import inbox
 
 NOW = utcnow().replace(microsecond=0)
 THIS_MONTH = (NOW - timedelta(days=1), NOW + timedelta(days=29))
@@ -214,7 +215,8 @@ def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver
     assert balance_of(sessions, "acct_ana") == 3000
 
 
-def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def a_referral_paid_on_one_side(client, deliver, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """acct_bob's first invoice qualifies acct_ana's referral of him, and her side's grant fails."""
     real_grant = ledger.grant
 
     def flaky(session, account, amount, **kwargs):  # type: ignore[no-untyped-def]
@@ -223,13 +225,26 @@ def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client
         return real_grant(session, account, amount, **kwargs)
 
     refer(client, code_of(client, "acct_ana"), "acct_bob")
-    monkeypatch.setattr(ledger, "grant", flaky)
-    deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+    with monkeypatch.context() as patched:
+        patched.setattr(ledger, "grant", flaky)
+        deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+
+
+def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    a_referral_paid_on_one_side(client, deliver, monkeypatch)
     assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
     assert balance_of(sessions, "acct_ana") == 0
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "qualified"
-    monkeypatch.setattr(ledger, "grant", real_grant)
     assert worker.drain(rt)["referrals retried"] == 1
     assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
     assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "paid"
+
+
+def test_of_the_workers_processes_only_the_first_partitions_retries_the_one_sided_payouts(engine, client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: its worker runs one process, on every lane")
+    a_referral_paid_on_one_side(client, deliver, monkeypatch)
+    assert "referrals retried" not in worker.drain(rt, partition=inbox.Partition(1, 2))
+    assert worker.drain(rt, partition=inbox.Partition(0, 2))["referrals retried"] == 1
+    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]

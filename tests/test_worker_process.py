@@ -1,8 +1,9 @@
 """The worker as a real process: SIGKILL mid-batch loses and doubles nothing; SIGTERM finishes the event
-in hand and exits cleanly."""
+in hand and exits cleanly; on PostgreSQL, its processes (WORKER_PROCESSES) live and die together."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
@@ -34,12 +36,27 @@ def stored_invoices(sessions) -> None:  # type: ignore[no-untyped-def]
 
 
 def start_worker(settings, log: Path, *args: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    """`credits worker` in its own process, logging to `log` (a pipe would fill up and stall it)."""
+    """`credits worker` in its own process group (its processes with it), logging to `log` (a pipe would fill
+    up and stall it)."""
     env = {**os.environ, "DATABASE_URL": settings.database_url, "CREDITS_CONFIG": str(settings.credits_config),
            "LOG_FORMAT": "json", "WORKER_BACKOFF_SECONDS": "0"}
     with log.open("ab") as sink:
         return subprocess.Popen([str(Path(sys.executable).parent / "credits"), "worker", *args], env=env,
-                                stdout=sink, stderr=sink)
+                                stdout=sink, stderr=sink, start_new_session=True)
+
+
+def logged(log: Path, name: str) -> list[dict]:
+    """The worker's JSON log lines of event `name`."""
+    lines = (json.loads(line) for line in log.read_text().splitlines() if line.startswith("{"))
+    return [line for line in lines if line["event"] == name]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def processed(sessions) -> int:  # type: ignore[no-untyped-def]
@@ -73,7 +90,7 @@ def test_a_worker_killed_mid_batch_loses_and_doubles_nothing_after_a_restart(set
     try:
         wait_until(lambda: done() >= 10)
     finally:
-        worker.send_signal(signal.SIGKILL)
+        os.killpg(worker.pid, signal.SIGKILL)  # all its processes at once, as a container's stop that timed out
         worker.wait(10)
     assert processed(sessions) < EVENTS, "the worker finished before it was killed: nothing was tested"
     restarted = start_worker(settings, tmp_path / "worker.log", "--once")
@@ -97,3 +114,46 @@ def test_sigterm_lets_the_worker_finish_its_event_and_exit_cleanly(settings, ses
     with sessions() as s:
         states = {tuple(row) for row in s.execute(select(StripeEvent.status, StripeEvent.attempts))}
     assert states <= {("processed", 1), ("pending", 0)}
+
+
+def test_on_postgresql_the_worker_runs_a_process_for_each_partition_of_the_lanes(engine, settings, sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "worker.log"
+    worker, _ = started_in_two_processes(engine, settings, log)
+    stored_invoices(sessions)
+    wait_until(lambda: processed(sessions) == EVENTS, seconds=60)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    assert sorted(line["partition"] for line in logged(log, "worker.started")) == ["1 of 2", "2 of 2"]
+    with sessions() as s:
+        assert set(s.scalars(select(StripeEvent.attempts))) == {1}
+        assert s.scalar(select(func.count()).select_from(LedgerEntry)) == EVENTS
+    assert logged(log, "supervisor.stopped")[0]["failed"] == []
+
+
+def test_a_worker_process_that_dies_stops_the_others_and_the_worker_exits_with_an_error(engine, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "worker.log"
+    worker, (first, second) = started_in_two_processes(engine, settings, log)
+    os.kill(first, signal.SIGKILL)
+    assert worker.wait(20) == 1  # the service manager restarts the whole worker, and the failure is seen
+    assert not alive(second)
+    assert logged(log, "supervisor.worker_exited")[0] | {"timestamp": None} == {
+        "process": "worker-1", "pid": first, "exit_code": -9, "event": "supervisor.worker_exited", "level": "error",
+        "timestamp": None}
+
+
+def test_the_worker_processes_stop_on_their_own_when_their_supervisor_is_killed(engine, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "worker.log"
+    worker, processes = started_in_two_processes(engine, settings, log)
+    worker.send_signal(signal.SIGKILL)  # the supervisor alone: left running, its workers would go on unseen
+    worker.wait(10)
+    wait_until(lambda: not any(map(alive, processes)))
+    assert len(logged(log, "worker.stopped")) == 2
+
+
+def started_in_two_processes(engine, settings, log: Path) -> tuple[subprocess.Popen[bytes], list[int]]:  # type: ignore[no-untyped-def]
+    """`credits worker` with its default two processes, both started; and their pids."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: its worker is one process")
+    worker = start_worker(settings, log)
+    wait_until(lambda: len(logged(log, "worker.started")) == 2)
+    return worker, logged(log, "supervisor.started")[0]["processes"]

@@ -109,11 +109,33 @@ def store(session: Session, event: dict[str, Any], now: datetime) -> bool:
     return session.scalar(insert_new(session.get_bind().dialect.name), row(event, now)) is not None
 
 
-def due(session: Session, now: datetime, limit: int) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class Partition:
+    """One of `count` disjoint shares of the lanes, by a hash of the lane: each of `credits worker`'s processes
+    drains its own (WORKER_PROCESSES), so they neither fetch the same events nor run one lane's side by side."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"partition {self.index} of {self.count}")
+
+
+WHOLE = Partition()
+
+
+def due(session: Session, now: datetime, limit: int, partition: Partition = WHOLE) -> list[tuple[str, str]]:
     """Events waiting to be (re)processed, oldest first, each as (id, lane): the Stripe customer the event's
     object names, else the object itself. One lane's events are processed in order, because one customer's
-    events build on each other (a renewal's rollover on the invoice before it); lanes may run side by side."""
-    return [(event_id, lane) for event_id, lane in session.execute(DUE_NOW, {"now": now, "limit": limit})]
+    events build on each other (a renewal's rollover on the invoice before it); lanes may run side by side.
+    Only the lanes of `partition` (PostgreSQL: SQLite's one writer leaves nothing to share out)."""
+    if partition == WHOLE:
+        return [(event_id, lane) for event_id, lane in session.execute(DUE_NOW, {"now": now, "limit": limit})]
+    if not is_postgresql(session):
+        raise ValueError("lane partitions need PostgreSQL")
+    found = session.execute(DUE_IN_PARTITION, {"now": now, "limit": limit, "parts": partition.count, "part": partition.index})
+    return [(event_id, lane) for event_id, lane in found]
 
 
 # The lane is the column `row` fills; a row stored before it existed (migration 0006), or by a replica still
@@ -129,6 +151,8 @@ DUE_NOW = (
     .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at)
     .limit(bindparam("limit"))
 )
+# abs() of the remainder, not of the hash: hashtext is a signed int4, and abs(-2^31) is out of range.
+DUE_IN_PARTITION = DUE_NOW.where(func.abs(func.hashtext(_STORED_LANE) % bindparam("parts")) == bindparam("part"))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.ingest import profile
 
-SAMPLING = ("--idle", "--nonblocking")
+SAMPLING = ("--idle", "--nonblocking", "--subprocesses")  # the worker's processes (WORKER_PROCESSES), not their supervisor alone
 
 # (label, pattern on one frame "func (file"); the first rule matching any frame of the stack wins, so the
 # more specific parts of the processing come first (a ledger write inside a rollover inside a refill is "ledger").
@@ -35,6 +35,7 @@ STAGES = [
     ("logging (structlog)", r"\(structlog/|\(service/logs\.py"),
     ("transaction begin/rollback (service/db.py)", r"\(service/db\.py"),
     ("idle between polls (stop.wait)", r"(^|\.)wait \(threading\.py"),
+    ("the supervisor, waiting on its worker processes (jobs/supervisor.py)", r"\(jobs/supervisor\.py"),
 ]
 OTHER = "other (dispatch, worker loop, interpreter)"
 

@@ -14,7 +14,8 @@ turn with N/R events, so a drift in the machine's background load hits every tar
 
 With `--pause NAME=PID` a helper process of target NAME (the service's inbox worker, `credits worker`) runs only
 while NAME takes its turns: it is stopped (SIGSTOP) before any other target's warm-up and turn, so it cannot take
-their CPU, and continued (SIGCONT) before NAME's and at the end, whatever happens.
+their CPU, and continued (SIGCONT) before NAME's and at the end, whatever happens. The signals go to the process
+group PID leads (`credits worker`'s processes with it: the harness starts it as a session leader).
 
 Every phase is bounded: N requests at most, and `--max-seconds` of wall time.
 """
@@ -55,6 +56,28 @@ def proc_cpu(pid: int | None) -> tuple[float, float] | None:
     except OSError:
         return None
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def tree_cpu(pid: int) -> float | None:
+    """CPU seconds used so far by process `pid` and every process under it (`credits worker`'s processes,
+    WORKER_PROCESSES); None once `pid` has exited."""
+    own = proc_cpu(pid)
+    if own is None:
+        return None
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except OSError:  # exited meanwhile
+                continue
+    total, pending = sum(own), list(parents.get(pid, []))
+    while pending:
+        child = pending.pop()
+        total += sum(proc_cpu(child) or (0.0, 0.0))
+        pending += parents.get(child, [])
+    return total
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -209,7 +232,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pid", action="append", default=[], metavar="NAME=PID",
                         help="report this server process's CPU seconds during the target's load")
     parser.add_argument("--pause", action="append", default=[], metavar="NAME=PID",
-                        help="a helper process of target NAME: SIGSTOP during the other targets' turns, SIGCONT for NAME's")
+                        help="a helper process group of target NAME (its leader's pid): SIGSTOP during the other targets' turns, SIGCONT for NAME's")
     parser.add_argument("--secret", default=os.environ.get("STRIPE_WEBHOOK_SECRET"), help="default $STRIPE_WEBHOOK_SECRET")
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("-n", "--requests", type=int, default=5000, help="events per target (at most)")
@@ -254,7 +277,7 @@ def _signal_helpers(pauses: list[tuple[str, int]], running: str | None) -> None:
     """Let the helpers of target `running` run and stop every other target's (None: let all run)."""
     for owner, pid in pauses:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGCONT if running is None or owner == running else signal.SIGSTOP)
+            os.killpg(pid, signal.SIGCONT if running is None or owner == running else signal.SIGSTOP)
 
 
 def aggregate(segments: list[Segment], cpu_split: tuple[float, float] | None, busy: float,

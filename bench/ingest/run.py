@@ -73,18 +73,17 @@ class Child:
         return self.process.poll() is None
 
     def cpu(self) -> float | None:
-        """CPU seconds (user + system, all threads) used so far; None once it has exited."""
-        from bench.ingest.loadgen import proc_cpu
+        """CPU seconds (user + system, all threads, its own processes' too) used so far; None once it has exited."""
+        from bench.ingest.loadgen import tree_cpu
 
-        split = proc_cpu(self.pid) if self.alive() else None
-        return sum(split) if split else None
+        return tree_cpu(self.pid) if self.alive() else None
 
     def stop(self) -> None:
         if self.process.poll() is not None:
             return
         self.process.terminate()
         with suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGCONT)  # a paused worker must see its SIGTERM
+            os.killpg(self.pid, signal.SIGCONT)  # a paused worker (its processes too) must see its SIGTERM
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -394,7 +393,7 @@ def loadgen(targets: dict[str, tuple[Child, str]], secret: str, prefix: str, arg
     finally:
         for helper in (pause or {}).values():  # never left stopped, even if the generator was killed
             with suppress(ProcessLookupError):
-                os.kill(helper.pid, signal.SIGCONT)
+                os.killpg(helper.pid, signal.SIGCONT)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -35,7 +35,7 @@ STAGES = [
     ("logging (structlog)", r"\(structlog/|\(service/logs\.py"),
     ("transaction begin/rollback (service/db.py)", r"\(service/db\.py"),
     ("idle between polls (stop.wait)", r"(^|\.)wait \(threading\.py"),
-    ("the supervisor, waiting on its worker processes (jobs/supervisor.py)", r"\(jobs/supervisor\.py"),
+    ("the supervisor, and each process's watch on it: waiting (jobs/supervisor.py)", r"\(jobs/supervisor\.py"),
 ]
 OTHER = "other (dispatch, worker loop, interpreter)"
 

@@ -223,8 +223,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"the reference `{_get(results, 'servers').get('reference')}` (FastAPI, one route that only calls "
         "`stripe.Webhook.construct_event(body, header, secret, tolerance=300)` and answers 200). Environment: "
         f"`{_get(results, 'servers').get('environment')}`.",
-        f"- The worker, as in production: `{_get(results, 'servers').get('worker') or '.venv/bin/credits worker'}`, a "
-        "process of its own beside the service during every phase that loads it (closed loop, open loop, INFO-logs "
+        f"- The worker, as in production: `{_get(results, 'servers').get('worker') or '.venv/bin/credits worker'}`, "
+        "its own processes (WORKER_PROCESSES, default 2, each on its own share of the lanes) beside the service during every phase that loads it (closed loop, open loop, INFO-logs "
         "diagnostic, profile; not during the two diagnostics that split ingest from processing), with the same "
         "environment, started (and its `worker.started` line awaited) before the load and stopped in a `finally` "
         "(SIGTERM, wait, then kill). `credits worker` has no log-level option, so it logs at its default level, "
@@ -232,7 +232,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_get(results, 'servers').get('worker_log') or '$WORKDIR/worker.log'}, as the servers' stderr does "
         f"({_fmt(ours.get('worker_log_lines_per_processed_event'))} lines, "
         f"{_fmt(ours.get('worker_log_bytes_per_processed_event'))} bytes per event it processed). While the reference takes its turns the load generator pauses the worker "
-        "(SIGSTOP, then SIGCONT before the service's turn and at the end) so that it cannot take the "
+        "(SIGSTOP, then SIGCONT before the service's turn and at the end, to its process group) so that it cannot take the "
         "reference's CPU; the API process is left running, as in the earlier runs.",
         f"- Closed loop (both targets, same generator process, A B A B in {closed.get('rounds')} rounds, "
         f"{closed.get('warmup')} unmeasured events per target first; at most {args.get('requests')} events or "
@@ -249,7 +249,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{drained.get('plan_grants')} plan grants for {drained.get('rows')} events.",
         f"- CPU: “API process only” is the API process's CPU during its own turns of load, per accepted event, as in "
         "the earlier runs (/proc/PID/stat, read by the load generator); it leaves out what the API's inline threads "
-        "finish after a turn. “API + worker” counts both processes from just before the closed loop until its "
+        "finish after a turn. “API + worker” counts the API and the worker's processes from just before the closed loop until its "
         f"backlog was processed ({_fmt(ours.get('api_cpu_seconds_to_drained'), ' s')} + "
         f"{_fmt(ours.get('worker_cpu_seconds'), ' s')} of CPU), per event stored in that time (the "
         f"{_fmt(ours.get('events_in_window'))} include the service's {closed.get('warmup')} warm-up events); "

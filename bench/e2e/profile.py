@@ -35,9 +35,12 @@ STAGES = [
     ("logging (structlog)", r"\(structlog/|\(service/logs\.py"),
     ("transaction begin/rollback (service/db.py)", r"\(service/db\.py"),
     ("idle between polls (stop.wait)", r"(^|\.)wait \(threading\.py"),
+    ("dispatch and the drain loop (webhooks/dispatch.py, jobs/worker.py)", r"\((webhooks/dispatch|jobs/worker)\.py"),
+    ("idle threads of the pool, waiting for a share of a batch", r"(^|\.)_worker \(.*concurrent/futures/thread\.py"),
     ("the supervisor, and each process's watch on it: waiting (jobs/supervisor.py)", r"\(jobs/supervisor\.py"),
+    ("multiprocessing's resource tracker process, idle", r"multiprocessing\.resource_tracker"),
 ]
-OTHER = "other (dispatch, worker loop, interpreter)"
+OTHER = "other (interpreter, start-up)"
 
 
 RATE = 50  # samples a second: enough for shares to a percent over a run, at half py-spy's default CPU

@@ -184,12 +184,14 @@ def markdown(results: dict[str, Any]) -> str:
         "### Where the time goes",
         "",
     ]
-    prof = results.get("profile") or {}
+    prof, spied = results.get("profile") or {}, get(results, "profile_run")
     if prof.get("by_stage"):
         lines += [
-            f"py-spy sampled the worker during the measured run, wall-clock samples without pausing it "
+            f"py-spy sampled the worker's processes in a run of their own, after the measured one, of "
+            f"{fmt(spied.get('events'))} events ({fmt(spied.get('events_per_s'))} events/s under the sampler; balances "
+            f"equal: {spied.get('balances_equal')}), wall-clock samples without pausing them "
             f"(`{prof.get('command')}`; {prof.get('samples')} samples, py-spy itself used "
-            f"{fmt(cpu.get('py_spy_seconds'), ' s')} of CPU):",
+            f"{fmt(get(spied, 'cpu').get('py_spy_seconds'), ' s')} of CPU, taken from the same 2 cores — hence the run of its own):",
             "",
             *(f"- {line}" for line in _profile_lines(results)),
             "- hottest functions: " + "; ".join(f"`{label}` {pct}%" for label, pct in prof.get("top_leaves", [])[:5]),

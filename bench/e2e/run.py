@@ -8,11 +8,14 @@
    before the clock starts, as a referrer has its link before sharing it;
 3. the load generator (bench/e2e/loadgen.py, its own process) delivers the months one after the other, each
    once the previous is processed; the clock runs from its first delivery to the last event's processing
-   (the inbox's `processed_at`), with py-spy sampling the worker meanwhile when it is installed;
+   (the inbox's `processed_at`);
 4. the service is stopped, and PostgreSQL's counters give the row writes per event;
 5. verification: every event processed, every balance equal to what the catalogue says the mix must give,
    `credits check` passes;
-6. pgbench doing as many row writes per event, with as many clients as accounts in flight — the reference.
+6. pgbench doing as many row writes per event, with as many clients as accounts in flight — the reference;
+7. when py-spy is installed, steps 1–5 again with PROFILE_EVENTS events and py-spy sampling the worker's
+   processes: the profile, and that run's rate under the sampler (py-spy's CPU is taken from the same 2 cores,
+   so the figures come from the run without it).
 
 Every child process is stopped in a `finally`; the database is dropped; every wait is bounded.
 """
@@ -38,6 +41,7 @@ from bench.ingest.loadgen import proc_cpu
 from bench.ingest.profile import find_py_spy
 from service.catalogue import load as load_catalogue
 
+PROFILE_EVENTS = 8_000  # the profiled run's: thousands of samples, shares to a percent
 STATS_SETTLE_SECONDS = 1.5  # backends report their write counters at most once a second when idle
 PGBENCH_MAX_TRANSACTIONS = 10_000  # the reference rate needs no more; keeps the run within its budget
 
@@ -90,7 +94,21 @@ def delivered(load: dict[str, Any]) -> dict[int, set[str]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The measured run, then (py-spy installed, --profile) the profiled one; the figures are the first's."""
     clock = time.monotonic()
+    results = measure(args, clock, profile=False)
+    if args.profile and find_py_spy():
+        invocation.progress("bench.e2e", clock)(f"again with py-spy on the worker, {min(args.events, PROFILE_EVENTS)} events …")
+        profiled = measure(argparse.Namespace(**{**vars(args), "events": min(args.events, PROFILE_EVENTS)}), clock,
+                           profile=True)
+        results["profile"] = profiled.get("profile")
+        results["profile_run"] = {"events": profiled["inbox"]["rows"], "events_per_s": report.derive(profiled)["events_per_s"],
+                                  "cpu": profiled["cpu"], "balances_equal": profiled["balances"].get("equal")}
+    return invocation.finished(results, clock, report)
+
+
+def measure(args: argparse.Namespace, clock: float, *, profile: bool) -> dict[str, Any]:
+    """Steps 1–6 of the docstring, with py-spy on the worker's processes when `profile`."""
     admin = harness.conninfo(args.admin_url)
     with harness.staged(admin, "credits-bench-e2e-") as stage:
         workdir, children = stage.workdir, stage.children
@@ -133,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"(+{args.drain_seconds:g} s to settle) …")
         with ExitStack() as stack:
             rec = (stack.enter_context(worker_profile.recorder(worker.pid, workdir / "worker.pyspy.txt"))
-                   if args.profile and find_py_spy() else None)
+                   if profile else None)
             done = subprocess.run(command, cwd=harness.ROOT, env=env, capture_output=True, text=True,
                                   timeout=args.max_seconds + args.drain_seconds + 120, check=False)
             spy_cpu = proc_cpu(rec.process.pid) if rec and rec.process else None
@@ -163,12 +181,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["ledger"] = verify.ledger(db)
         results["check"] = verify.credits_check(harness.CREDITS, env, harness.ROOT)
 
+        if profile:  # the reference is the measured run's
+            return results
         transactions = min(results["inbox"]["rows"], PGBENCH_MAX_TRANSACTIONS)
         say(f"pgbench, {transactions} transactions of {results['writes']['writes_per_event']} row writes …")
         sample = next(c for c in plan.chains(1) if c.invoice)
         payload = Builder(prefix, {}, args.months).bodies(sample)[mix.SIGNUP.index("invoice.paid")]  # a typical body
         results["pgbench"] = writes.reference(db, workdir, payload, results["writes"], transactions, args.concurrency)
-    return invocation.finished(results, clock, report)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

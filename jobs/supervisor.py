@@ -11,7 +11,9 @@ is seen, not papered over. A killed process loses nothing: its transactions roll
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.resource_tracker
 import signal
+import sys
 import threading
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -31,17 +33,20 @@ def run(processes: int, stop: threading.Event) -> int:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no engine or lock shared by fork
     children = [context.Process(target=_work, args=(Partition(n, processes),), name=f"worker-{n + 1}")
                 for n in range(processes)]
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)  # inherited: held until each child has its handlers
+    # Inherited by each process, the stop signals are held until it has its handlers. The resource tracker is
+    # started first: starting it unblocks them in this thread (multiprocessing/resource_tracker.py).
+    multiprocessing.resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)
     try:
         for child in children:
             child.start()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)
     log.info("supervisor.started", processes=[child.pid for child in children])
-    lost = False  # a process exited on its own
+    lost = False  # a process exited on its own, not because this supervisor was asked to stop
     while not stop.is_set() and not lost:
         exited = wait([child.sentinel for child in children], timeout=CHECK_SECONDS)
-        if exited:
+        if exited and not stop.is_set():  # Ctrl-C, or a stop sent to the process group, stops them all at once
             gone = next(child for child in children if child.sentinel in exited)
             gone.join()
             log.error("supervisor.worker_exited", process=gone.name, pid=gone.pid, exit_code=gone.exitcode)
@@ -62,16 +67,23 @@ def _stop(children: list[BaseProcess]) -> None:
 
 
 def _work(partition: Partition) -> None:
-    """One worker process: `credits worker`'s loop over its partition, stopped by SIGTERM or SIGINT."""
+    """One worker process: `credits worker`'s loop over its partition, stopped by SIGTERM or SIGINT. Every log
+    line names its partition; a failure is one logged line and exit code 1, as `credits worker` alone gives."""
     settings = Settings()
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, static={"partition": f"{partition.index + 1} of {partition.count}"})
     stop = threading.Event()
     for signum in STOPPING:
         signal.signal(signum, lambda *_: stop.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)  # a stop sent while this process started is seen now
     threading.Thread(target=_orphaned, args=(stop,), name="supervisor-watch", daemon=True).start()
-    rt = runtime.load(settings)
-    worker.run(rt, stop, settings.worker_poll_seconds, partition)
+    try:
+        worker.run(runtime.load(settings), stop, settings.worker_poll_seconds, partition)
+    except Exception:  # noqa: BLE001 - the supervisor sees the exit code; the log says why
+        log.exception("worker.failed")
+        sys.exit(1)
+    finally:
+        for signum in STOPPING:  # stopping already: a second stop (a group's, then the supervisor's) changes nothing
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _orphaned(stop: threading.Event) -> None:

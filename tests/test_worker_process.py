@@ -17,9 +17,11 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from service import ledger
+from service.config import Settings
 from service.db import transaction
 from service.models import LedgerEntry, StripeEvent, utcnow
 from tests import stripe_events as se
+from tests.conftest import DATA
 from webhooks import inbox
 
 EVENTS = 600  # enough that the worker is still busy when the test kills it, even on a fast run
@@ -52,11 +54,12 @@ def logged(log: Path, name: str) -> list[dict]:
 
 
 def alive(pid: int) -> bool:
+    """Running, not a zombie left for a PID 1 that does not reap (a container's shell, say)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
 
 
 def processed(sessions) -> int:  # type: ignore[no-untyped-def]
@@ -148,6 +151,35 @@ def test_the_worker_processes_stop_on_their_own_when_their_supervisor_is_killed(
     worker.wait(10)
     wait_until(lambda: not any(map(alive, processes)))
     assert len(logged(log, "worker.stopped")) == 2
+
+
+def test_a_sigterm_as_the_worker_processes_start_still_stops_them_cleanly(engine, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: its worker is one process")
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log)
+    wait_until(lambda: logged(log, "supervisor.started"))  # spawned: their handlers are not installed yet
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    assert logged(log, "supervisor.stopped")[0]["failed"] == []
+
+
+def test_ctrl_c_stops_every_worker_process_and_the_worker_exits_cleanly(engine, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "worker.log"
+    worker, _ = started_in_two_processes(engine, settings, log)
+    os.killpg(worker.pid, signal.SIGINT)  # as a terminal sends it: to the whole process group
+    assert worker.wait(20) == 0
+    assert logged(log, "supervisor.worker_exited") == []
+    assert logged(log, "supervisor.stopped")[0]["failed"] == []
+
+
+def test_worker_processes_that_cannot_reach_the_database_each_log_one_line_and_the_worker_exits_1(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "worker.log"
+    unreachable = Settings(database_url="postgresql://root@127.0.0.1:9/none", credits_config=DATA / "catalogue.toml")
+    assert start_worker(unreachable, log).wait(60) == 1
+    assert all(line.startswith("{") for line in log.read_text().splitlines())  # no raw traceback
+    assert sorted(line["partition"] for line in logged(log, "worker.failed")) == ["1 of 2", "2 of 2"]
+    assert "OperationalError" in logged(log, "worker.failed")[0]["exception"]
 
 
 def started_in_two_processes(engine, settings, log: Path) -> tuple[subprocess.Popen[bytes], list[int]]:  # type: ignore[no-untyped-def]

@@ -45,6 +45,7 @@ import psycopg
 
 from bench import invocation
 from bench.ingest import pgbench, profile, report
+from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -96,14 +97,15 @@ class Child:
         return ""
 
 
-def wait_logged(child: Child, text: str, timeout: float = 30.0) -> None:
-    """Until `text` appears in the child's log (e.g. the worker's `worker.started`); bounded by `timeout`."""
+def wait_logged(child: Child, text: str, timeout: float = 30.0, times: int = 1) -> None:
+    """Until `text` appears `times` times in the child's log (e.g. the worker's `worker.started`, once a
+    process); bounded by `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
         with suppress(OSError):
-            if text in child.log_path.read_text(errors="replace"):
+            if child.log_path.read_text(errors="replace").count(text) >= times:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{child.name} did not log {text!r} within {timeout:.0f} s:\n{child.tail()}")
@@ -179,13 +181,15 @@ def start_server(name: str, module: str, extra: list[str], ready: str | None, en
 
 
 def start_service_worker(name: str, env: dict[str, str], workdir: Path, children: list[Child]) -> Child:
-    """`credits worker` beside the service, as in production: same environment; it has no log-level
-    option, so it logs at INFO, and its stderr (with stdout) goes to $WORKDIR/<name>.log."""
+    """`credits worker` beside the service, as in production: same environment, and awaited until each of its
+    processes has started; it has no log-level option, so it logs at INFO, and its stderr (with stdout) goes
+    to $WORKDIR/<name>.log."""
     if not CREDITS.exists():
         raise RuntimeError(f"{CREDITS} is missing (make install)")
     child = Child(name, [str(CREDITS), "worker"], env, workdir)
     children.append(child)
-    wait_logged(child, '"worker.started"')
+    processes = int(env.get("WORKER_PROCESSES", Settings.model_fields["worker_processes"].default))
+    wait_logged(child, '"worker.started"', times=processes)  # each of its processes
     return child
 
 

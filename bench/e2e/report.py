@@ -255,13 +255,6 @@ def markdown(results: dict[str, Any]) -> str:
         "samples included) puts 41% of their time waiting on PostgreSQL, about a quarter waiting to take the "
         "GIL back after sending a statement, 18% idle in the pool, and the rest running Python.",
         "",
-        "**What is left.** Per event the worker still spends most of its CPU in SQLAlchemy and psycopg around each "
-        "statement (~140 Python calls a statement) and in decoding the payload; PostgreSQL, which shares the 2 cores, "
-        "parses and stores each ~6 KB JSONB body and serves the worker's statements. 1,000 events/s on this machine "
-        "would need all three — the API, the worker and PostgreSQL — at about half their present cost per event: "
-        "set-based handlers (one statement per table for a batch of events, as the spends do), or the processing on "
-        "cores of its own.",
-        "",
         "**Later the same day: the worker's processes.** The machine was 75% busy under this run with one worker "
         "process, and that process at 0.76 of a core: its threads take turns at one core (the GIL), whatever the "
         "cores beside it. A second `credits worker` (as `--scale worker=2` runs one) did not help — 836 events/s "
@@ -275,6 +268,14 @@ def markdown(results: dict[str, Any]) -> str:
         "more CPU in all, on cores that were idle. The endpoint's tail beside it (bench/ingest, in turns, 3 runs "
         "each): p99 at 500 req/s 12–33 ms with 2 processes, 15–23 ms with 1; the closed loop 1.79–2.08× the minimal "
         "handler with 2, 1.89–1.98× with 1 — within the spread, the tail more variable with 2.",
+        "",
+        "**What is left.** Half of pgbench's rate for the same row writes would need the API, the worker and "
+        "PostgreSQL, which share the 2 cores, at about half their present cost per event. Per event the worker "
+        "still spends most of its CPU in SQLAlchemy and psycopg around each statement (~140 Python calls a "
+        "statement: ~90 µs of CPU against ~48 µs for psycopg alone, measured in-process) and in decoding the "
+        "payload; PostgreSQL parses and stores each ~6 KB JSONB body and serves the worker's statements. The ways "
+        "there: set-based handlers (one statement per table for a batch of events, as the spends do), or the "
+        "processing on cores of its own.",
         "",
     ]
     return "\n".join(lines)

@@ -99,7 +99,7 @@ def _shares(lanes: dict[str, list[str]], threads: int) -> list[dict[str, list[st
 
 def run(rt: Runtime, stop: threading.Event, poll_seconds: float, partition: inbox.Partition = inbox.WHOLE) -> None:
     """Drain, then wait for more, until `stop` is set (SIGTERM): the events in hand are always finished."""
-    log.info("worker.started", partition=f"{partition.index + 1} of {partition.count}")
+    log.info("worker.started", partition=str(partition))
     while not stop.is_set():
         counts = drain(rt, stop, partition)
         if counts:

@@ -121,6 +121,10 @@ class Partition:
         if not 0 <= self.index < self.count:
             raise ValueError(f"partition {self.index} of {self.count}")
 
+    def __str__(self) -> str:
+        """As the logs name it: "1 of 2"."""
+        return f"{self.index + 1} of {self.count}"
+
 
 WHOLE = Partition()
 
@@ -130,11 +134,10 @@ def due(session: Session, now: datetime, limit: int, partition: Partition = WHOL
     object names, else the object itself. One lane's events are processed in order, because one customer's
     events build on each other (a renewal's rollover on the invoice before it); lanes may run side by side.
     Only the lanes of `partition` (PostgreSQL: SQLite's one writer leaves nothing to share out)."""
-    if partition == WHOLE:
-        return [(event_id, lane) for event_id, lane in session.execute(DUE_NOW, {"now": now, "limit": limit})]
-    if not is_postgresql(session):
+    if partition != WHOLE and not is_postgresql(session):
         raise ValueError("lane partitions need PostgreSQL")
-    found = session.execute(DUE_IN_PARTITION, {"now": now, "limit": limit, "parts": partition.count, "part": partition.index})
+    statement = DUE_NOW if partition == WHOLE else DUE_IN_PARTITION
+    found = session.execute(statement, {"now": now, "limit": limit, "parts": partition.count, "part": partition.index})
     return [(event_id, lane) for event_id, lane in found]
 
 

@@ -32,6 +32,11 @@ def fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def percent(share: float | None) -> str:
+    """A share (0.88) as a whole percentage ("88%"), "—" when missing."""
+    return "—" if share is None else f"{round(100 * share)}%"
+
+
 def met(flag: bool | None) -> str:
     return "met" if flag else "**not met**"
 

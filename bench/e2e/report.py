@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.format import columns, fmt, get, met, ratio
+from bench.format import columns, fmt, get, met, percent, ratio
 
 # Issue 8, item 3: events delivered and processed into the ledger, per second until the last balance is final.
 TARGET_EVENTS_PER_S = 1000.0
@@ -29,6 +29,10 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
                and get(results, "balances").get("equal") is True and get(results, "check").get("passed") is True)
     per_event = lambda seconds: round(1000 * seconds / processed, 2) if seconds is not None and processed else None  # noqa: E731
     vs_pgbench = ratio(rate, pg.get("tps"))
+    cores, spent = get(results, "machine").get("nproc"), get(pg, "cpu")
+    machine_ms = per_event(_busy_seconds(cpu))
+    pgbench_ms = (round(1000 * _busy_seconds(spent) / pg["transactions"], 2)  # type: ignore[operator]
+                  if _busy_seconds(spent) is not None and pg.get("transactions") else None)
     return {
         "clock_seconds": clock,
         "events_per_s": rate,
@@ -45,10 +49,25 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         "api_cpu_ms_per_event": per_event(cpu.get("api_seconds")),
         "worker_cpu_ms_per_event": per_event(cpu.get("worker_seconds")),
         "worker_share": ratio(cpu.get("worker_processed"), processed),
+        "postgresql_cpu_ms_per_event": per_event(cpu.get("postgresql_seconds")),
+        "loadgen_cpu_ms_per_event": per_event(cpu.get("children_seconds")),
+        "machine_busy": cpu.get("machine_busy"),
+        "machine_cpu_ms_per_event": machine_ms,
+        "ceiling_events_per_s": round(1000 * cores / machine_ms) if cores and machine_ms else None,
+        "pgbench_machine_ms": pgbench_ms,
+        "pgbench_postgresql_ms": (round(1000 * spent["postgresql_seconds"] / pg["transactions"], 2)
+                                  if spent.get("postgresql_seconds") is not None and pg.get("transactions") else None),
+        "target_machine_ms": (round(1000 * cores / (TARGET_VS_PGBENCH * pg["tps"]), 2) if cores and pg.get("tps") else None),
         "sending_seconds": round(sum(m["sending_seconds"] for m in months), 2),
         "held_seconds": round(sum(m["held_seconds"] for m in months), 2),
         "waiting_seconds": round(sum(m["wait_seconds"] for m in months), 2),
     }
+
+
+def _busy_seconds(cpu: dict[str, Any]) -> float | None:
+    """The core-seconds the whole machine was busy over a budget.Budget's stretch."""
+    busy, total = cpu.get("machine_busy"), cpu.get("machine_core_seconds")
+    return busy * total if busy is not None and total else None
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -76,6 +95,14 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("CPU per event: API process / worker", f"{fmt(d.get('api_cpu_ms_per_event'), ' ms')} / "
          f"{fmt(d.get('worker_cpu_ms_per_event'), ' ms')}", f"worker processed {fmt(get(results, 'cpu').get('worker_processed'))}",
          f"{fmt(d.get('worker_share'))} of events"),
+        ("CPU per event: PostgreSQL / load generator", f"{fmt(d.get('postgresql_cpu_ms_per_event'), ' ms')} / "
+         f"{fmt(d.get('loadgen_cpu_ms_per_event'), ' ms')}", f"the machine {percent(d.get('machine_busy'))} busy", ""),
+        ("the machine's CPU per event, every process", fmt(d.get("machine_cpu_ms_per_event"), " ms"),
+         f"pgbench {fmt(d.get('pgbench_machine_ms'), ' ms')} a transaction (PostgreSQL {fmt(d.get('pgbench_postgresql_ms'), ' ms')})",
+         fmt(ratio(d.get("machine_cpu_ms_per_event"), d.get("pgbench_machine_ms")), "×")),
+        (f"… events/s that cost allows on {get(results, 'machine').get('nproc')} cores", fmt(d.get("ceiling_events_per_s")),
+         f"{TARGET_VS_PGBENCH:.0%} of pgbench needs <= {fmt(d.get('target_machine_ms'), ' ms')} an event",
+         fmt(ratio(d.get("target_machine_ms"), d.get("machine_cpu_ms_per_event")), "×")),
     ]
     for m in load.get("months") or []:
         out.append((f"month {m['month']}: events sent, then settled", f"{fmt(m['accepted'])} of {fmt(m['events'])} in "
@@ -176,7 +203,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"- CPU: the API process {fmt(cpu.get('api_seconds'), ' s')} and the worker {fmt(cpu.get('worker_seconds'), ' s')} "
         f"(its processes together) from just before the first delivery until the inbox settled (/proc/PID/stat); the worker processed "
         f"{fmt(cpu.get('worker_processed'))} of the events itself (its `event.handled` log lines), the API's inline "
-        "threads the rest.",
+        "threads the rest. Over the load generator's run (its start-up, building and signing every body, included; "
+        f"bench/e2e/budget.py): PostgreSQL's processes {fmt(cpu.get('postgresql_seconds'), ' s')} (every process under "
+        "the server's, sampled every 0.25 s), the load generator "
+        f"{fmt(cpu.get('children_seconds'), ' s')} (its rusage), and the machine {percent(cpu.get('machine_busy'))} busy "
+        f"of {fmt(cpu.get('machine_core_seconds'), ' core-seconds')} (/proc/stat; other tenants included); pgbench's "
+        f"run the same way: PostgreSQL {fmt(get(pg, 'cpu').get('postgresql_seconds'), ' s')}, pgbench "
+        f"{fmt(get(pg, 'cpu').get('children_seconds'), ' s')}, the machine {percent(get(pg, 'cpu').get('machine_busy'))} "
+        "busy.",
         f"- Machine: {machine.get('nproc')} cores ({machine.get('cpu_model')}), PostgreSQL {machine.get('postgresql')} "
         f"{machine.get('postgresql_settings')}, Python {machine.get('python')}; "
         f"{int(100 * (machine.get('cpu_busy_before_start') or 0))}% busy before the run (other tenants).",
@@ -269,13 +303,34 @@ def markdown(results: dict[str, Any]) -> str:
         "each): p99 at 500 req/s 12–33 ms with 2 processes, 15–23 ms with 1; the closed loop 1.79–2.08× the minimal "
         "handler with 2, 1.89–1.98× with 1 — within the spread, the tail more variable with 2.",
         "",
-        "**What is left.** Half of pgbench's rate for the same row writes would need the API, the worker and "
-        "PostgreSQL, which share the 2 cores, at about half their present cost per event. Per event the worker "
-        "still spends most of its CPU in SQLAlchemy and psycopg around each statement (~140 Python calls a "
-        "statement: ~90 µs of CPU against ~48 µs for psycopg alone, measured in-process) and in decoding the "
-        "payload; PostgreSQL parses and stores each ~6 KB JSONB body and serves the worker's statements. The ways "
-        "there: set-based handlers (one statement per table for a batch of events, as the spends do), or the "
-        "processing on cores of its own.",
+        _what_is_left(d, pg),
         "",
     ]
     return "\n".join(lines)
+
+
+def _what_is_left(d: dict[str, Any], pg: dict[str, Any]) -> str:
+    """The CPU budget the target leaves the worker, from this run's figures."""
+    others = [d.get(k) for k in ("postgresql_cpu_ms_per_event", "api_cpu_ms_per_event", "loadgen_cpu_ms_per_event")]
+    target = d.get("target_machine_ms")
+    left = round(target - sum(others), 2) if target is not None and None not in others else None  # type: ignore[arg-type]
+    return (
+        f"**What is left.** The machine's CPU sets the rate. Over the load generator's run the machine was "
+        f"{percent(d.get('machine_busy'))} busy, and each event cost it {fmt(d.get('machine_cpu_ms_per_event'), ' ms')} "
+        f"of CPU in all: the worker {fmt(d.get('worker_cpu_ms_per_event'), ' ms')}, PostgreSQL "
+        f"{fmt(d.get('postgresql_cpu_ms_per_event'), ' ms')}, the API {fmt(d.get('api_cpu_ms_per_event'), ' ms')}, the "
+        f"load generator {fmt(d.get('loadgen_cpu_ms_per_event'), ' ms')}, the rest the kernel's and other tenants'. At "
+        f"that cost 2 cores allow at most {fmt(d.get('ceiling_events_per_s'))} events/s. Half of pgbench's rate "
+        f"({fmt(TARGET_VS_PGBENCH * pg['tps'] if pg.get('tps') else None)}/s) allows "
+        f"{fmt(target, ' ms')} an event in all. PostgreSQL serving the service takes "
+        f"{fmt(d.get('postgresql_cpu_ms_per_event'), ' ms')} an event (against {fmt(d.get('pgbench_postgresql_ms'), ' ms')} "
+        "for pgbench's transaction of as many row writes: the service's also parse and store each ~6 KB JSONB body, "
+        "read it back for the worker and find the due events), and the API and the load generator take theirs, "
+        f"which leaves the worker {fmt(left, ' ms')} an event against {fmt(d.get('worker_cpu_ms_per_event'), ' ms')} "
+        "now. The worker spends most of its CPU in SQLAlchemy and psycopg around each statement (~140 Python calls "
+        "a statement: ~90 µs of CPU against ~48 µs for psycopg alone, measured in-process; 130–220 µs of a thread's "
+        "CPU a statement among the worker's threads) and in decoding the payload. So the target is out of reach "
+        "while the processing shares these 2 cores with the API, PostgreSQL and the load generator, whatever the "
+        "handlers do; set-based handlers (one statement per table for a batch of events, as the spends do) would "
+        "bring the rate closer, and the processing on cores of its own would leave the API and PostgreSQL these."
+    )

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import invocation
-from bench.e2e import mix, report, verify, writes
+from bench.e2e import budget, mix, report, verify, writes
 from bench.e2e import profile as worker_profile
 from bench.e2e.events import Builder
 from bench.ingest import run as harness
@@ -139,7 +139,7 @@ def measure(args: argparse.Namespace, clock: float, *, profile: bool) -> dict[st
                                                         prefix, plan.referrers)))
         time.sleep(STATS_SETTLE_SECONDS)
         before = writes.snapshot(db)
-        cpu_before = {"api": api.cpu(), "worker": worker.cpu()}
+        cpu_before, server = {"api": api.cpu(), "worker": worker.cpu()}, budget.postmaster(db)
 
         command = [harness.PYTHON, "-m", "bench.e2e.loadgen", "--target", hook, "--pid", str(api.pid),
                    "--database-url", f"postgresql://{db['user']}@{db['host']}:{db['port']}/{dbname}",
@@ -152,8 +152,9 @@ def measure(args: argparse.Namespace, clock: float, *, profile: bool) -> dict[st
         with ExitStack() as stack:
             rec = (stack.enter_context(worker_profile.recorder(worker.pid, workdir / "worker.pyspy.txt"))
                    if profile else None)
-            done = subprocess.run(command, cwd=harness.ROOT, env=env, capture_output=True, text=True,
-                                  timeout=args.max_seconds + args.drain_seconds + 120, check=False)
+            with budget.Budget(server) as spent:
+                done = subprocess.run(command, cwd=harness.ROOT, env=env, capture_output=True, text=True,
+                                      timeout=args.max_seconds + args.drain_seconds + 120, check=False)
             spy_cpu = proc_cpu(rec.process.pid) if rec and rec.process else None
         if done.returncode != 0:
             raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -163,7 +164,7 @@ def measure(args: argparse.Namespace, clock: float, *, profile: bool) -> dict[st
         results["cpu"] = {"api_seconds": round(api.cpu() - cpu_before["api"], 2),
                           "worker_seconds": round(worker.cpu() - cpu_before["worker"], 2),
                           "worker_processed": harness.log_events(worker)[0],
-                          "py_spy_seconds": round(sum(spy_cpu), 2) if spy_cpu else None}
+                          "py_spy_seconds": round(sum(spy_cpu), 2) if spy_cpu else None, **spent.result()}
         if rec:
             results["profile"] = worker_profile.summarise(rec)
         say("stopping the service; counting row writes; verifying …")
@@ -187,7 +188,8 @@ def measure(args: argparse.Namespace, clock: float, *, profile: bool) -> dict[st
         say(f"pgbench, {transactions} transactions of {results['writes']['writes_per_event']} row writes …")
         sample = next(c for c in plan.chains(1) if c.invoice)
         payload = Builder(prefix, {}, args.months).bodies(sample)[mix.SIGNUP.index("invoice.paid")]  # a typical body
-        results["pgbench"] = writes.reference(db, workdir, payload, results["writes"], transactions, args.concurrency)
+        results["pgbench"] = writes.reference(db, workdir, payload, results["writes"], transactions, args.concurrency,
+                                              server)
     return results
 
 

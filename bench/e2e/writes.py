@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from bench.e2e import budget
 from bench.ingest import pgbench
 
 ACCOUNTS = 10_000  # rows of the accounts-like table; updates pick one at random, so clients rarely collide
@@ -91,9 +92,10 @@ def script(payload: bytes, inserts: int, updates: int) -> str:
 
 
 def reference(db: dict[str, Any], workdir: Path, payload: bytes, counted: dict[str, Any], transactions: int,
-              clients: int) -> dict[str, Any]:
+              clients: int, server: int | None) -> dict[str, Any]:
     """pgbench with `script` for the writes counted per event (deletes count as updates: both write a row
-    version); returns its figures, the script's composition and the command as the README shows it."""
+    version); returns its figures, the script's composition, the command as the README shows it, and what
+    its run cost the machine (`server`, the postmaster: budget.Budget)."""
     inserts = max(1, round(counted["inserts_per_event"] or 0))
     updates = round((counted["updates_per_event"] or 0) + (counted["deletes_per_event"] or 0))
     with psycopg.connect(autocommit=True, **db) as conn:
@@ -102,8 +104,9 @@ def reference(db: dict[str, Any], workdir: Path, payload: bytes, counted: dict[s
         pgbench.compressed_as_the_inbox(conn, "bench_e2e_inbox")
     path = workdir / "pgbench_e2e.sql"
     path.write_text(script(payload, inserts, updates))
-    done = pgbench.run_script(db, path, clients, ["-t", str(max(1, math.ceil(transactions / clients)))])
+    with budget.Budget(server) as spent:
+        done = pgbench.run_script(db, path, clients, ["-t", str(max(1, math.ceil(transactions / clients)))])
     if "command" in done:
         done["command"] = done["command"].replace(str(workdir), "$WORKDIR")
-    return {**done, "inserts_per_transaction": inserts, "updates_per_transaction": updates,
+    return {**done, "cpu": spent.result(), "inserts_per_transaction": inserts, "updates_per_transaction": updates,
             "writes_per_transaction": inserts + updates, "commits_per_transaction": 2}

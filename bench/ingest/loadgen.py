@@ -61,23 +61,32 @@ def proc_cpu(pid: int | None) -> tuple[float, float] | None:
 def tree_cpu(pid: int) -> float | None:
     """CPU seconds used so far by process `pid` and every process under it (`credits worker`'s processes,
     WORKER_PROCESSES); None once `pid` has exited."""
-    own = proc_cpu(pid)
-    if own is None:
+    if proc_cpu(pid) is None:
         return None
-    parents: dict[int, list[int]] = {}
+    return sum(tree(pid).values())
+
+
+def tree(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds used so far by `pid` and each process under it, keyed by (pid, start time): a pid the
+    kernel reuses for a new process is a new key."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
             except OSError:  # exited meanwhile
                 continue
-    total, pending = sum(own), list(parents.get(pid, []))
+    parents: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        parents.setdefault(int(fields[1]), []).append(child)
+    found, pending = {}, [pid] if pid in stats else []
     while pending:
-        child = pending.pop()
-        total += sum(proc_cpu(child) or (0.0, 0.0))
-        pending += parents.get(child, [])
-    return total
+        at = pending.pop()
+        fields = stats[at]
+        found[at, int(fields[19])] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        pending += parents.get(at, [])
+    return found
 
 
 def machine_cpu() -> tuple[float, float]:

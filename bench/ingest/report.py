@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.format import columns, profile_lines
+from bench.format import columns, percent, profile_lines
 from bench.format import fmt as _fmt
 from bench.format import get as _get
 from bench.format import met as _met
@@ -295,7 +295,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"PostgreSQL {m.get('postgresql')} on 127.0.0.1 (shared_buffers {_get(m, 'postgresql_settings').get('shared_buffers')}); "
         f"Python {m.get('python')}; {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}. "
         f"Date {results.get('started')}. The servers, the load generator and PostgreSQL share these cores, and so do "
-        f"other tenants: the machine was {_pct_of(m.get('cpu_busy_before_start'))} busy before the run started "
+        f"other tenants: the machine was {percent(m.get('cpu_busy_before_start'))} busy before the run started "
         f"(load average {' '.join(m.get('loadavg_at_start') or [])}), which is why the targets take turns "
         "(A B A B) and why only ratios measured in the same run are compared.",
         "",
@@ -304,10 +304,6 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     out.append(limits(results))
     return "\n".join(out) + "\n"
-
-
-def _pct_of(value: float | None) -> str:
-    return "—" if value is None else f"{round(100 * value)}%"
 
 
 def limits(results: dict[str, Any]) -> str:
@@ -352,15 +348,15 @@ def limits(results: dict[str, Any]) -> str:
            "accepted event was stored and processed (the worker processed "
            f"{_fmt(ours.get('worker_processed'))} of the "
            f"{_fmt(ours.get('events_in_window'))} closed-loop events, "
-           f"{_pct_of(d.get('worker_share_of_events'))})." if all_done else
+           f"{percent(d.get('worker_share_of_events'))})." if all_done else
            f"they were not all processed within {_fmt(drained.get('drain_timeout_seconds'), ' s')} "
            f"(closed: {drained.get('statuses')}; open: {opened.get('statuses')})."),
         f"**CPU.** The API process used {_fmt(ours.get('server_cpu_util'))} of a core during its turns "
         f"({_fmt(ours.get('server_cpu_ms_per_event'), ' ms')} of CPU per accepted event, against "
         f"{_fmt(ref.get('server_cpu_ms_per_event'), ' ms')} for the minimal handler, "
         f"{_fmt(d.get('cpu_per_event_vs_reference'), '×')}; "
-        f"{_pct_of(ours.get('server_cpu_system_share'))} of it in the kernel against "
-        f"{_pct_of(ref.get('server_cpu_system_share'))}), {bound} "
+        f"{percent(ours.get('server_cpu_system_share'))} of it in the kernel against "
+        f"{percent(ref.get('server_cpu_system_share'))}), {bound} "
         f"(pgbench does {_fmt(_get(results, 'pgbench').get('tps'))} single-row inserts of this payload per second, "
         "one commit each). On these 2 cores the API shares the machine with the load generator, PostgreSQL and the "
         "worker, which processes the backlog during the service's turns (it is paused during the reference's) at "

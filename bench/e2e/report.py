@@ -303,6 +303,17 @@ def markdown(results: dict[str, Any]) -> str:
         "each): p99 at 500 req/s 12–33 ms with 2 processes, 15–23 ms with 1; the closed loop 1.79–2.08× the minimal "
         "handler with 2, 1.89–1.98× with 1 — within the spread, the tail more variable with 2.",
         "",
+        "**The next day (2026-12-03, evening).** A lane batch's claim listed its event ids as an `IN` list that "
+        "SQLAlchemy rendered and psycopg parsed back on every batch, new text for every batch size; it now sends "
+        "them as one array (`db.among`, as the spends and reconcile do): in-process (bench/e2e/processing.py, "
+        "8,000 events) the claim went from 115 to 98 µs of a thread's CPU per event, the payload's JSON decoding "
+        "33–39 µs of it. How the processing is split did not change what it costs, in turns on one machine "
+        "(processes × threads): 2 × 4 1,211 events/s, 4 × 1 1,136, 2 × 2 944, 3 × 1 924, the worker at 0.72–0.73 ms "
+        "of CPU an event in every one. In-process one thread costs less CPU than four (0.54 against 0.61–0.63 ms "
+        "an event: the GIL's hand-offs) but processes fewer (1,228–1,268 against 1,386–1,459 events/s). This run "
+        "also measures what every event costs the machine in all (the CPU rows; bench/e2e/budget.py), which is "
+        "what bounds the rate:",
+        "",
         _what_is_left(d, pg),
         "",
     ]

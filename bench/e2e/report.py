@@ -303,7 +303,7 @@ def markdown(results: dict[str, Any]) -> str:
         "each): p99 at 500 req/s 12–33 ms with 2 processes, 15–23 ms with 1; the closed loop 1.79–2.08× the minimal "
         "handler with 2, 1.89–1.98× with 1 — within the spread, the tail more variable with 2.",
         "",
-        "**The next day (2026-12-03, evening).** A lane batch's claim listed its event ids as an `IN` list that "
+        "**Later still, the same evening.** A lane batch's claim listed its event ids as an `IN` list that "
         "SQLAlchemy rendered and psycopg parsed back on every batch, new text for every batch size; it now sends "
         "them as one array (`db.among`, as the spends and reconcile do): in-process (bench/e2e/processing.py, "
         "8,000 events) the claim went from 115 to 98 µs of a thread's CPU per event, the payload's JSON decoding "
@@ -338,10 +338,11 @@ def _what_is_left(d: dict[str, Any], pg: dict[str, Any]) -> str:
         "for pgbench's transaction of as many row writes: the service's also parse and store each ~6 KB JSONB body, "
         "read it back for the worker and find the due events), and the API and the load generator take theirs, "
         f"which leaves the worker {fmt(left, ' ms')} an event against {fmt(d.get('worker_cpu_ms_per_event'), ' ms')} "
-        "now. The worker spends most of its CPU in SQLAlchemy and psycopg around each statement (~140 Python calls "
-        "a statement: ~90 µs of CPU against ~48 µs for psycopg alone, measured in-process; 130–220 µs of a thread's "
-        "CPU a statement among the worker's threads) and in decoding the payload. So the target is out of reach "
-        "while the processing shares these 2 cores with the API, PostgreSQL and the load generator, whatever the "
-        "handlers do; set-based handlers (one statement per table for a batch of events, as the spends do) would "
-        "bring the rate closer, and the processing on cores of its own would leave the API and PostgreSQL these."
+        f"now ({fmt(ratio(left, d.get('worker_cpu_ms_per_event')), '×')}). The worker spends most of its CPU in "
+        "SQLAlchemy and psycopg around each statement (~140 Python calls a statement: ~90 µs of CPU against ~48 µs "
+        "for psycopg alone, measured in-process; 130–220 µs of a thread's CPU a statement among the worker's "
+        "threads) and in decoding the payload. So on these 2 cores the target needs the processing at a fraction "
+        "of its cost, not a few statements fewer: set-based handlers (one statement per table for a batch of "
+        "events, as the spends do) are the way towards it, or the processing on cores of its own, which would "
+        "leave these to the API and PostgreSQL."
     )

@@ -80,7 +80,8 @@ def tree(pid: int) -> dict[tuple[int, int], float]:
     parents: dict[int, list[int]] = {}
     for child, fields in stats.items():
         parents.setdefault(int(fields[1]), []).append(child)
-    found, pending = {}, [pid] if pid in stats else []
+    found: dict[tuple[int, int], float] = {}
+    pending = [pid] if pid in stats else []
     while pending:
         at = pending.pop()
         fields = stats[at]

@@ -173,13 +173,16 @@ def test_ctrl_c_stops_every_worker_process_and_the_worker_exits_cleanly(engine, 
     assert logged(log, "supervisor.stopped")[0]["failed"] == []
 
 
-def test_worker_processes_that_cannot_reach_the_database_each_log_one_line_and_the_worker_exits_1(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_worker_processes_that_cannot_reach_the_database_each_end_in_one_line_and_the_worker_exits_1(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The first process to fail stops the other, which fails too or, if it had not connected yet, stops cleanly.
     log = tmp_path / "worker.log"
     unreachable = Settings(database_url="postgresql://root@127.0.0.1:9/none", credits_config=DATA / "catalogue.toml")
     assert start_worker(unreachable, log).wait(60) == 1
     assert all(line.startswith("{") for line in log.read_text().splitlines())  # no raw traceback
-    assert sorted(line["partition"] for line in logged(log, "worker.failed")) == ["1 of 2", "2 of 2"]
-    assert "OperationalError" in logged(log, "worker.failed")[0]["exception"]
+    failed, stopped = logged(log, "worker.failed"), logged(log, "worker.stopped")
+    assert sorted(line["partition"] for line in failed + stopped) == ["1 of 2", "2 of 2"]
+    assert failed and all("OperationalError" in line["exception"] for line in failed)
+    assert logged(log, "supervisor.stopped")[0]["failed"] == sorted(f"worker-{line['partition'][0]}" for line in failed)
 
 
 def started_in_two_processes(engine, settings, log: Path) -> tuple[subprocess.Popen[bytes], list[int]]:  # type: ignore[no-untyped-def]

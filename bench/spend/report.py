@@ -200,11 +200,6 @@ def _commands(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _ceiling(cpu_ms: float | None) -> float | None:
-    """Spends per second one core could do at this much CPU per spend."""
-    return round(1000 / cpu_ms) if cpu_ms else None
-
-
 def _budget(cores: float | None, rate: float) -> float | None:
     """Milliseconds of CPU a spend may cost for `rate` spends a second on this share of a core."""
     return round(1000 * cores / rate, 2) if cores else None
@@ -279,8 +274,9 @@ def limits(results: dict[str, Any]) -> list[str]:
             "over its CPU per spend: at this run's share, 2,000 spends/s needs at most "
             f"{_fmt(_budget(across.get('cpu_util'), TARGETS['across']), ' ms')} of CPU a spend, against "
             f"{_fmt(across.get('cpu_ms_per_spend'), ' ms')} now, and that figure moves with the machine (0.34 ms "
-            "and 2,003/s in the run of 2026-12-03 19:01, whose pgbench did 2,724 of these transactions a second) "
-            "— or a batch's waits overlapped with the next batch's work. What is left of the CPU is a batch's fixed 2.0-2.3 ms (four statements and the COMMIT through "
+            "and 2,003/s in the run of 2026-12-03 19:01, whose pgbench did 2,724 of these transactions a second). "
+            "The other way is a batch's waits overlapped with the next batch's work. What is left of the CPU is a "
+            "batch's fixed 2.0-2.3 ms (four statements and the COMMIT through "
             "SQLAlchemy and psycopg), about 0.16 ms per spend inside the batch (the ORM rows for the accounts and "
             "grants read, their instrumented attributes, the JSON parameters; cProfile in-process), and the HTTP "
             "request itself (a bare uvicorn ASGI app "

@@ -10,9 +10,7 @@ can never pay twice.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -22,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from jobs.pages import prefetched
 from jobs.referral_codes import ReferralCodes
-from service import accounts, db, findings, ledger, logs, referrals
+from service import accounts, db, findings, heap, ledger, logs, referrals
 from service import stripe_objects as so
 from service.db import transaction
 from service.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
@@ -111,7 +109,7 @@ def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Calla
     report = Report(since, until, fix, [], run_row.id)
     try:
         scan = Scan(rt, since, until, tick)
-        with _heap_frozen():
+        with heap.frozen():  # Stripe's pages decoded: keep the collector off the start-up heap
             scan.events()
             scan.invoices()
         scan.local()
@@ -128,22 +126,6 @@ def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Calla
         findings.finish_run(session, run_row, [f.seen() for f in report.found], status, report.summary())
     log.info("reconcile.finished", **{k: v for k, v in report.summary().items() if k != "remaining_by_kind"})
     return report
-
-
-@contextmanager
-def _heap_frozen() -> Iterator[None]:
-    """Keep the cyclic garbage collector off what exists before the scan (modules, SQLAlchemy's metadata:
-    ~120k objects) while Stripe's pages are decoded.
-
-    Each page of JSON allocates tens of thousands of containers, so the collector runs every few hundred
-    microseconds and its older generations re-traverse the whole start-up heap: 45% of the decoding time
-    (bench/reconcile). Frozen, those objects are skipped; unfrozen after, so nothing stays exempt.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _attempt(finding: Found) -> bool:

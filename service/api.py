@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import accounts, findings, idempotency, ledger, logs, metrics, referrals, spending, usage
+from service import accounts, findings, heap, idempotency, ledger, logs, metrics, referrals, spending, usage
 from service.accounts import AccountNotFound
 from service.db import transaction
 from service.group_commit import Stopped
@@ -586,7 +586,8 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+        with heap.frozen():  # a full collection walking the start-up heap stalled every delivery (service/heap.py)
+            yield
         await run_in_threadpool(writer.stop)  # answer the deliveries in hand
         await run_in_threadpool(spends.stop)  # and the spends
         await run_in_threadpool(inline.stop)  # finish the events in hand; the worker gets the rest

@@ -4,7 +4,8 @@ CPython's oldest generation is collected when it has grown by a quarter, and eac
 object still alive — the imported modules, SQLAlchemy's metadata and compiled statements, the FastAPI app:
 ~140k objects in the API process, almost none of them ever garbage. In the API process one such pass held
 the GIL for 40-110 ms on this 2-core machine under load (bench/ingest), freezing the event loop and the group
-commit's thread at once, so every delivery that arrived meanwhile waited for it: the open loop's p99.
+commit's thread at once, so every delivery that arrived meanwhile waited for it: one cause of the open
+loop's tail (the benchmark's p99 moved within its spread when it went; bench/ingest/report.py says what remains).
 `gc.freeze()` moves what exists into a permanent generation that collections skip; later garbage is
 collected as before.
 """

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -32,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from jobs import reconcile as reconcile_job
 from jobs import report, supervisor
 from jobs import worker as inbox_worker
-from service import accounts, audit, ledger, logs, runtime, support_cli, usage
+from service import accounts, audit, ledger, logs, priority, runtime, support_cli, usage
 from service import demo as demo_story
 from service.accounts import AccountNotFound
 from service.catalogue import CatalogueError
@@ -327,7 +326,8 @@ app.command(name="audit")(support_cli.audit_trail)
 def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due, then exit.")] = False) -> None:
     """Process inbox events that are due (unprocessed, or failed and past their backoff)."""
     rt = runtime.load()  # in this process too: a bad catalogue or URL fails here, before any worker starts
-    os.nice(rt.settings.worker_nice)
+    session_niced = priority.lower(rt.settings.worker_nice)
+    logs.get("worker").info("worker.priority", nice=rt.settings.worker_nice, session_niced=session_niced)
     if once:
         counts = inbox_worker.drain(rt)
         out.print("processed: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"))

@@ -131,7 +131,7 @@ def test_demo_posts_the_whole_story_and_shows_the_ledger(run) -> None:  # type: 
 
 def test_the_worker_gives_way_on_the_cpu_by_worker_nice(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     niced: list[int] = []
-    monkeypatch.setattr("service.cli.os.nice", niced.append)
+    monkeypatch.setattr("service.cli.priority.lower", lambda nice: niced.append(nice) or False)
     monkeypatch.setenv("WORKER_NICE", "15")
     assert run("worker", "--once")[0] == 0
     assert niced == [15]

@@ -326,8 +326,8 @@ app.command(name="audit")(support_cli.audit_trail)
 def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due, then exit.")] = False) -> None:
     """Process inbox events that are due (unprocessed, or failed and past their backoff)."""
     rt = runtime.load()  # in this process too: a bad catalogue or URL fails here, before any worker starts
-    session_niced = priority.lower(rt.settings.worker_nice)
-    logs.get("worker").info("worker.priority", nice=rt.settings.worker_nice, session_niced=session_niced)
+    session_written = priority.lower(rt.settings.worker_nice)
+    logs.get("worker").info("worker.priority", nice=rt.settings.worker_nice, session_nice_written=session_written)
     if once:
         counts = inbox_worker.drain(rt)
         out.print("processed: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"))

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     # `credits worker`'s processes, each draining its own share of the lanes (PostgreSQL; SQLite: one). One
     # process's threads share one core, however many there are (its interpreter lock): bench/README.md.
     worker_processes: int = Field(default=2, ge=1, le=16)
-    # Raised niceness of `credits worker`: where it shares cores with the API, Stripe's deliveries and the
-    # product's spends get the CPU first, and the backlog (which the inbox keeps) drains with the rest.
+    # Raised niceness of `credits worker` (and of its session, when it leads one: service/priority.py): where
+    # it shares cores with the API outside containers, Stripe's deliveries and the product's spends get the CPU
+    # first, and the backlog (which the inbox keeps) drains with the rest.
     worker_nice: int = Field(default=10, ge=0, le=19)
     # How long `credits worker` waits, once nothing is due, before it looks again: a burst the API leaves
     # pending waits at most this long; each look is one indexed query (bench/README.md, end to end).

@@ -378,7 +378,7 @@ def limits(results: dict[str, Any]) -> str:
         "alone (/proc/stat over each turn). The worker's lower priority did not hold until 2026-12-04, and that was "
         "the tail beside it: Linux's autogroup scheduling (on here) shares the CPU between sessions first, and "
         "niceness ranks a process only among those of its own session. The harness starts the worker in a session "
-        "of its own, as a supervisor or a container's init would, so `WORKER_NICE` ranked it below nothing. A "
+        "of its own, as a supervisor or `setsid` would, so `WORKER_NICE` ranked it below nothing. A "
         "run-queue recorder (each thread's /proc/…/schedstat every 10 ms) showed the API's threads waiting for a "
         "core 40% of the time in the open loop while the worker's processes ran nearly a whole core, and stalls of "
         "50–100 ms whenever the writer's PostgreSQL session waited for a core as well; PostgreSQL's own log put "

@@ -1,6 +1,7 @@
 """service/priority.py: the worker's lower CPU priority holds against processes of other sessions too.
 
-Each case runs in a child interpreter: niceness cannot be taken back, and the test process must not keep it.
+The cases that really lower a priority run in a child interpreter: niceness cannot be taken back, and the
+test process must not keep it. The kernel's refusals are played by a stand-in for the autogroup file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from service import priority
 
-AUTOGROUP = Path("/proc/self/autogroup")
+AUTOGROUP = priority.AUTOGROUP
 ROOT = Path(__file__).parent.parent
 needs_autogroup = pytest.mark.skipif(not AUTOGROUP.exists() or not AUTOGROUP.read_text().split(),
                                 reason="Linux autogroup scheduling only")

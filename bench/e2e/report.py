@@ -285,8 +285,8 @@ def markdown(results: dict[str, Any]) -> str:
         "share of a batch): 857 and 851 events/s in-process against 881 and 848, with more COMMITs; 8 threads "
         "instead of 4, and batches of 300, 500 or 1,000 events instead of 100: within the spread; the GIL's "
         "switch interval at 1 ms or 0.5 ms instead of 5: slower (0.56×, 0.59× against 0.64×); the worker at "
-        "nice 0 instead of 10: the same (its niceness did not hold then, in a session of its own: service/priority.py). A wall-clock profile of the worker's four threads (py-spy, idle "
-        "samples included) puts 41% of their time waiting on PostgreSQL, about a quarter waiting to take the "
+        "nice 0 instead of 10: the same (its niceness did not hold then, in a session of its own: "
+        "service/priority.py). A wall-clock profile of the worker's four threads (py-spy, idle samples included) puts 41% of their time waiting on PostgreSQL, about a quarter waiting to take the "
         "GIL back after sending a statement, 18% idle in the pool, and the rest running Python.",
         "",
         "**Later the same day: the worker's processes.** The machine was 75% busy under this run with one worker "

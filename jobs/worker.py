@@ -17,8 +17,10 @@ import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+from sqlalchemy.exc import DBAPIError
+
 from service import logs, referrals
-from service.db import transaction
+from service.db import is_conflict, transaction
 from service.models import utcnow
 from service.runtime import Runtime
 from webhooks import dispatch, inbox
@@ -76,12 +78,30 @@ def drain(rt: Runtime, stop: threading.Event | None = None, partition: inbox.Par
             for done, lanes_stopped in pool.map(process_lanes, _shares(lanes, threads)):
                 counts.update(done)
                 stopped |= lanes_stopped
-    if partition.index > 0:
-        return counts
+    if partition.index == 0:
+        counts.update(retry_referrals(rt))
+    return counts
+
+
+def retry_referrals(rt: Runtime) -> Counter[str]:
+    """Retry the referral payouts left one-sided, each referral in a transaction of its own. One that loses a
+    lock conflict (a deadlock with a handler paying the same accounts) is logged and left for the next drain:
+    a conflict is a normal outcome between concurrent transactions, and must not stop the worker's process
+    (which it did, the whole supervisor with it, when every retry shared one transaction that raised)."""
+    counts: Counter[str] = Counter()
     with transaction(rt.sessions) as session:
-        retried = referrals.retry_unpaid(session, rt.catalogue)
-    if retried:
-        counts["referrals retried"] += retried
+        due = referrals.unpaid(session)
+    for referral_id in due:
+        try:
+            with transaction(rt.sessions) as session:
+                referrals.retry(session, rt.catalogue, referral_id)
+        except DBAPIError as exc:
+            if not is_conflict(exc):
+                raise
+            log.warning("referral.retry_conflict", referral=referral_id, error=f"{type(exc.orig).__name__}: {exc.orig}")
+            counts["referral retries conflicted"] += 1
+            continue
+        counts["referrals retried"] += 1
     return counts
 
 

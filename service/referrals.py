@@ -272,12 +272,22 @@ def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded
     return f"referral {referral.id} clawed back" + (f" (shortfall {shortfall})" if shortfall else "")
 
 
-def retry_unpaid(session: Session, catalogue: Catalogue, now: datetime | None = None) -> int:
-    """Pay the sides of qualified referrals that are still unpaid (not held ones: those wait for support)."""
-    pending = session.scalars(select(Referral).where(Referral.status == "qualified")).all()
-    for referral in pending:
+def unpaid(session: Session) -> list[int]:
+    """The qualified referrals with a side still unpaid (not held ones: those wait for support), oldest first."""
+    return list(session.scalars(select(Referral.id).where(Referral.status == "qualified").order_by(Referral.id)))
+
+
+def retry(session: Session, catalogue: Catalogue, referral_id: int, now: datetime | None = None) -> str:
+    """Pay whatever side of one qualified referral is still unpaid; returns its status after. Both accounts are
+    locked first, in the one order (`lock_many`), then the referral is read again under them: another process
+    may have paid it meanwhile. The caller gives each referral a transaction of its own, so one that loses a
+    deadlock against a handler (which locks the referee, then the referrer) leaves the others paid."""
+    referral = session.get_one(Referral, referral_id)
+    accounts.lock_many(session, [session.get_one(Account, referral.referrer_id), session.get_one(Account, referral.referee_id)])
+    session.refresh(referral)
+    if referral.status == "qualified":
         pay(session, catalogue, referral, now or utcnow())
-    return len(pending)
+    return referral.status
 
 
 def view(session: Session, account: Account, link_base: str) -> dict[str, Any]:

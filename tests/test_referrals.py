@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from datetime import timedelta
 
+import psycopg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from jobs import worker
-from service import accounts, ledger
+from service import accounts, ledger, referrals
 from service.catalogue import Referrals
 from service.models import utcnow
 from tests import stripe_events as se
@@ -215,8 +220,8 @@ def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver
     assert balance_of(sessions, "acct_ana") == 3000
 
 
-def a_referral_paid_on_one_side(client, deliver, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """acct_bob's first invoice qualifies acct_ana's referral of him, and her side's grant fails."""
+def a_referral_paid_on_one_side(client, deliver, monkeypatch, referrer: str = "acct_ana", referee: str = "acct_bob") -> None:  # type: ignore[no-untyped-def]
+    """The referee's first invoice qualifies the referrer's referral of them, and the referrer's grant fails."""
     real_grant = ledger.grant
 
     def flaky(session, account, amount, **kwargs):  # type: ignore[no-untyped-def]
@@ -224,10 +229,10 @@ def a_referral_paid_on_one_side(client, deliver, monkeypatch) -> None:  # type: 
             raise RuntimeError("referrer's grant failed")
         return real_grant(session, account, amount, **kwargs)
 
-    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    refer(client, code_of(client, referrer), referee)
     with monkeypatch.context() as patched:
         patched.setattr(ledger, "grant", flaky)
-        deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+        deliver(se.event("invoice.paid", paid_invoice(referee, invoice_id=f"in_{referee}")))
 
 
 def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -239,6 +244,63 @@ def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client
     assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
     assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "paid"
+
+
+def test_a_retry_that_loses_a_deadlock_waits_for_the_next_drain_and_the_others_are_paid(client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_ana", "acct_bob")
+    a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_cat", "acct_dan")
+    real_retry, lost = referrals.retry, []
+
+    def deadlocked_once(session, catalogue, referral_id, now=None):  # type: ignore[no-untyped-def]
+        if not lost:
+            lost.append(referral_id)
+            raise OperationalError("UPDATE referrals …", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+        return real_retry(session, catalogue, referral_id, now)
+
+    monkeypatch.setattr(referrals, "retry", deadlocked_once)
+    assert worker.drain(rt) == {"referral retries conflicted": 1, "referrals retried": 1}
+    assert balance_of(sessions, "acct_ana") == 0
+    assert referral_rows(sessions, "acct_cat") == [("grant", 3000, "referral:2:referrer")]
+    assert worker.drain(rt) == {"referrals retried": 1}
+    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+    assert worker.drain(rt) == {}
+
+
+def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(engine, client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A handler holds the referee and wants the referrer while the retry holds the referrer and wants the
+    referee: PostgreSQL aborts the retry, which waited first, and the drain goes on without it."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no row locks: one writer at a time, no deadlock")
+    a_referral_paid_on_one_side(client, deliver, monkeypatch)
+    with sessions() as session:
+        referrer, referee = (accounts.get(session, ref).id for ref in ("acct_ana", "acct_bob"))
+    assert referrer < referee, "the retry locks in ascending id order: the referrer first"
+    lock = text("SELECT id FROM accounts WHERE id = :id FOR UPDATE")
+    drained: list[object] = []
+    with engine.connect() as handler:
+        handler.execute(text("SET deadlock_timeout = '2s'"))  # the retry, waiting first, detects the cycle first
+        handler.execute(lock, {"id": referee})
+        retrying = threading.Thread(target=lambda: drained.append(worker.drain(rt)))
+        retrying.start()
+        time.sleep(0.5)  # the retry has locked the referrer and waits for the referee
+        handler.execute(lock, {"id": referrer})
+        handler.rollback()
+    retrying.join(10)
+    assert drained == [{"referral retries conflicted": 1}]
+    assert worker.drain(rt) == {"referrals retried": 1}
+    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+
+
+def test_a_retry_failing_for_another_reason_than_a_conflict_stops_the_drain(client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A lost connection is not waited out in the loop: the process exits and its service manager restarts it."""
+    a_referral_paid_on_one_side(client, deliver, monkeypatch)
+
+    def disconnected(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(referrals, "retry", disconnected)
+    with pytest.raises(OperationalError, match="server closed the connection"):
+        worker.drain(rt)
 
 
 def test_of_the_workers_processes_only_the_first_partitions_retries_the_one_sided_payouts(engine, client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]

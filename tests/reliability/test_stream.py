@@ -146,7 +146,8 @@ def _stream_and_check(database_url: str, sessions, tmp_path: Path, started: tupl
             logs = "\n".join(p.tail(15) for p in running)
             raise AssertionError(f"inbox did not settle: {now}; e.g. {stuck}\n{logs}") from None
         handled = time.monotonic()
-        assert all(p.alive() for p in running), "a service process died"
+        dead = [f"{p.name} exited {p.proc.returncode if p.proc else None}\n{p.tail(20)}" for p in running if not p.alive()]
+        assert not dead, "a service process died (its last log lines say why):\n" + "\n".join(dead)
         cpu = {p.name: p.cpu_seconds() for p in running}
     finally:
         for process in running:

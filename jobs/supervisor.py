@@ -70,7 +70,7 @@ def _work(partition: Partition) -> None:
     """One worker process: `credits worker`'s loop over its partition, stopped by SIGTERM or SIGINT. Every log
     line names its partition; a failure is one logged line and exit code 1, as `credits worker` alone gives."""
     settings = Settings()
-    logs.configure(settings.log_format, static={"partition": str(partition)})
+    logs.configure(settings.log_format, settings.log_threshold, static={"partition": str(partition)})
     stop = threading.Event()
     for signum in STOPPING:
         signal.signal(signum, lambda *_: stop.set())

@@ -17,16 +17,19 @@ import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_exponential
 
 from service import logs, referrals
-from service.db import is_conflict, transaction
+from service.db import transaction
 from service.models import utcnow
 from service.runtime import Runtime
 from webhooks import dispatch, inbox
 
 log = logs.get("worker")
 BATCH = 100
+UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)  # the database, not the work, is the problem
 GONE_THROUGH = ("processed", "ignored")
 
 
@@ -78,16 +81,16 @@ def drain(rt: Runtime, stop: threading.Event | None = None, partition: inbox.Par
             for done, lanes_stopped in pool.map(process_lanes, _shares(lanes, threads)):
                 counts.update(done)
                 stopped |= lanes_stopped
-    if partition.index == 0:
+    if partition.index == 0 and not (stop is not None and stop.is_set()):
         counts.update(retry_referrals(rt))
     return counts
 
 
 def retry_referrals(rt: Runtime) -> Counter[str]:
-    """Retry the referral payouts left one-sided, each referral in a transaction of its own. One that loses a
-    lock conflict (a deadlock with a handler paying the same accounts) is logged and left for the next drain:
-    a conflict is a normal outcome between concurrent transactions, and must not stop the worker's process
-    (which it did, the whole supervisor with it, when every retry shared one transaction that raised)."""
+    """Retry the referral payouts left one-sided, each referral in a transaction of its own. One that fails —
+    most often a deadlock lost to a handler paying the same accounts, a normal outcome between concurrent
+    transactions — is logged and left for the next drain, the others paid: before, every retry shared one
+    transaction, and its failure ended the worker's process (and its supervisor with it)."""
     counts: Counter[str] = Counter()
     with transaction(rt.sessions) as session:
         due = referrals.unpaid(session)
@@ -95,11 +98,9 @@ def retry_referrals(rt: Runtime) -> Counter[str]:
         try:
             with transaction(rt.sessions) as session:
                 referrals.retry(session, rt.catalogue, referral_id)
-        except DBAPIError as exc:
-            if not is_conflict(exc):
-                raise
-            log.warning("referral.retry_conflict", referral=referral_id, error=f"{type(exc.orig).__name__}: {exc.orig}")
-            counts["referral retries conflicted"] += 1
+        except Exception as exc:  # noqa: BLE001 - one referral's failure must not hold up the others
+            log.warning("referral.retry_failed", referral=referral_id, error=f"{type(exc).__name__}: {exc}")
+            counts["referral retries failed"] += 1
             continue
         counts["referrals retried"] += 1
     return counts
@@ -118,11 +119,29 @@ def _shares(lanes: dict[str, list[str]], threads: int) -> list[dict[str, list[st
 
 
 def run(rt: Runtime, stop: threading.Event, poll_seconds: float, partition: inbox.Partition = inbox.WHOLE) -> None:
-    """Drain, then wait for more, until `stop` is set (SIGTERM): the events in hand are always finished."""
+    """Drain, then wait for more, until `stop` is set (SIGTERM): the events in hand are always finished.
+
+    A drain that cannot reach the database (a connection broken, refused or timed out) is tried again with
+    backoff for up to WORKER_OUTAGE_SECONDS, so a database restart or a dropped connection does not stop the
+    process; an outage that lasts longer raises, and the process exits 1 for its service manager to restart
+    it and the outage to be seen. The handlers' own failures never get here: each is recorded on its event."""
     log.info("worker.started", partition=str(partition))
+    riding_out = Retrying(
+        retry=retry_if_exception_type(UNREACHABLE),
+        stop=stop_after_delay(rt.settings.worker_outage_seconds) | stop_when_event_set(stop),
+        wait=wait_exponential(multiplier=0.25, max=5),
+        sleep=stop.wait,
+        before_sleep=lambda state: log.warning("worker.drain_failed", attempt=state.attempt_number,
+                                               error=_error(state.outcome.exception())),  # type: ignore[union-attr]
+        reraise=True,
+    )
     while not stop.is_set():
-        counts = drain(rt, stop, partition)
+        counts = riding_out(drain, rt, stop, partition)
         if counts:
             log.info("worker.drained", **counts)
         stop.wait(poll_seconds)
     log.info("worker.stopped")
+
+
+def _error(exc: BaseException | None) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import httpx
 import stripe
 import typer
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -60,7 +60,8 @@ class Failure(Exception):
 
 @app.callback()
 def _setup() -> None:
-    logs.configure(Settings().log_format)
+    settings = Settings()
+    logs.configure(settings.log_format, settings.log_threshold)
 
 
 @app.command()
@@ -408,6 +409,18 @@ def main() -> None:
     except OperationalError as exc:
         err.print(f"error: the database is unavailable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
         sys.exit(1)
+    except ValidationError as exc:  # the environment's settings (Settings): each variable named with its problem
+        for problem in exc.errors():
+            err.print(f"error: {_setting(problem)}: {problem['msg']}", markup=False, highlight=False)
+        sys.exit(2)
+
+
+def _setting(problem: Any) -> str:
+    """The environment variable a settings error is about, with the value it had unless that may be secret."""
+    variable = "_".join(str(part) for part in problem["loc"]).upper()
+    if any(word in variable for word in ("SECRET", "TOKEN", "KEY", "URL")):
+        return variable
+    return f"{variable}={problem.get('input')!r}"
 
 
 if __name__ == "__main__":  # `python -m service.cli …`, e.g. from a benchmark that must run this tree

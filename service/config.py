@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +25,7 @@ class Settings(BaseSettings):
     credits_admin_token: SecretStr | None = None
     referral_link_base: str = "https://example.com/r/"
     log_format: str = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_token: SecretStr | None = None
     inbox_alert_seconds: float = 300.0
     worker_max_attempts: int = 8
@@ -38,6 +41,9 @@ class Settings(BaseSettings):
     # How long `credits worker` waits, once nothing is due, before it looks again: a burst the API leaves
     # pending waits at most this long; each look is one indexed query (bench/README.md, end to end).
     worker_poll_seconds: float = Field(default=0.25, gt=0, le=60)
+    # How long a `credits worker` process rides out a database it cannot reach (a restart, a failover), retrying
+    # with backoff, before it exits 1 for its service manager to restart it and the outage to be seen.
+    worker_outage_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     @field_validator("database_url")
     @classmethod
@@ -47,6 +53,11 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+    @property
+    def log_threshold(self) -> int:
+        """LOG_LEVEL as the logging module's number, for logs.configure."""
+        return int(getattr(logging, self.log_level.upper()))
 
     @property
     def webhook_secrets(self) -> list[str]:

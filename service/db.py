@@ -17,7 +17,6 @@ from sqlalchemy import (ARRAY, ColumnElement, Engine, Executable, Result, TableV
                         cast, column, create_engine, event, func, select)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
 
 Row = TypeVar("Row")
@@ -159,15 +158,3 @@ def is_postgresql(session: Session) -> bool:
     """True when row locks (FOR UPDATE, SKIP LOCKED) are real."""
     return session.get_bind().dialect.name == "postgresql"
 
-
-# SQLSTATEs of a transaction that lost to a concurrent one and would succeed if run again: a deadlock, a
-# serialization failure, a lock not available (NOWAIT, lock_timeout).
-CONFLICTS = frozenset({"40P01", "40001", "55P03"})
-
-
-def is_conflict(error: DBAPIError) -> bool:
-    """Whether the database refused this transaction only because of a concurrent one (PostgreSQL's SQLSTATEs;
-    SQLite's writers queue for its one lock instead, and time out as "database is locked")."""
-    if getattr(error.orig, "sqlstate", None) in CONFLICTS:
-        return True
-    return "database is locked" in str(error.orig)

@@ -55,6 +55,17 @@ def test_a_mistyped_command_is_a_usage_error(run) -> None:  # type: ignore[no-un
     assert "No such command" in err
 
 
+def test_a_bad_setting_in_the_environment_is_named_in_one_line_not_a_traceback(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("LOG_LEVEL", "loud")
+    monkeypatch.setenv("WORKER_PROCESSES", "0")
+    code, out, err = run("events", "list")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "error: LOG_LEVEL='loud': Input should be 'debug', 'info', 'warning' or 'error'",
+        "error: WORKER_PROCESSES='0': Input should be greater than or equal to 1",
+    ]
+
+
 def test_a_non_positive_amount_is_a_usage_error(run) -> None:  # type: ignore[no-untyped-def]
     assert run("grant", "acct_1", "0", "--reason", "r", "--actor", "a")[0] == 2
 

@@ -37,11 +37,11 @@ def stored_invoices(sessions) -> None:  # type: ignore[no-untyped-def]
             inbox.store(s, se.event("invoice.paid", invoice, event_id=f"evt_{n}"), utcnow())
 
 
-def start_worker(settings, log: Path, *args: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+def start_worker(settings, log: Path, *args: str, **env_extra: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
     """`credits worker` in its own process group (its processes with it), logging to `log` (a pipe would fill
     up and stall it)."""
     env = {**os.environ, "DATABASE_URL": settings.database_url, "CREDITS_CONFIG": str(settings.credits_config),
-           "LOG_FORMAT": "json", "WORKER_BACKOFF_SECONDS": "0"}
+           "LOG_FORMAT": "json", "WORKER_BACKOFF_SECONDS": "0", **env_extra}
     with log.open("ab") as sink:
         return subprocess.Popen([str(Path(sys.executable).parent / "credits"), "worker", *args], env=env,
                                 stdout=sink, stderr=sink, start_new_session=True)
@@ -173,12 +173,14 @@ def test_ctrl_c_stops_every_worker_process_and_the_worker_exits_cleanly(engine, 
     assert logged(log, "supervisor.stopped")[0]["failed"] == []
 
 
-def test_worker_processes_that_cannot_reach_the_database_each_end_in_one_line_and_the_worker_exits_1(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # The first process to fail stops the other, which fails too or, if it had not connected yet, stops cleanly.
+def test_worker_processes_that_cannot_reach_the_database_retry_then_each_end_in_one_line_and_the_worker_exits_1(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The first process to give up stops the other, which gives up too or, stopped while it waits to try again
+    # (or before it had connected), stops cleanly.
     log = tmp_path / "worker.log"
     unreachable = Settings(database_url="postgresql://root@127.0.0.1:9/none", credits_config=DATA / "catalogue.toml")
-    assert start_worker(unreachable, log).wait(60) == 1
+    assert start_worker(unreachable, log, WORKER_OUTAGE_SECONDS="1").wait(60) == 1
     assert all(line.startswith("{") for line in log.read_text().splitlines())  # no raw traceback
+    assert logged(log, "worker.drain_failed"), "tried again before giving up"
     failed, stopped = logged(log, "worker.failed"), logged(log, "worker.stopped")
     assert sorted(line["partition"] for line in failed + stopped) == ["1 of 2", "2 of 2"]
     assert failed and all("OperationalError" in line["exception"] for line in failed)

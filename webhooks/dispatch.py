@@ -14,7 +14,6 @@ import time
 from datetime import datetime
 
 import structlog
-from sqlalchemy.exc import DBAPIError
 
 from service import accounts, logs, metrics
 from service.db import transaction
@@ -42,7 +41,7 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
             status, outcome = _handle(Context(session, rt.catalogue, rt.stripe, event, now), rt)
             inbox.finish(session, (event, status, outcome, now))
     except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried, none may be lost
-        failed = _failed(rt, event_id, exc, now)
+        failed = _failed(rt, event_id, exc, now, replay)
         metrics.PROCESSING.labels(event_type, failed or "unrecorded").observe(time.perf_counter() - started)
         return failed
     metrics.PROCESSING.labels(event_type, status).observe(time.perf_counter() - started)
@@ -107,18 +106,19 @@ def _handle(ctx: Context, rt: Runtime) -> tuple[str, str]:
     return "processed", handler(ctx, obj)
 
 
-def _failed(rt: Runtime, event_id: str, exc: Exception, now: datetime) -> str | None:
+def _failed(rt: Runtime, event_id: str, exc: Exception, now: datetime, replay: bool) -> str | None:
     try:
         status = inbox.record_failure(
             rt.sessions,
             event_id,
             exc,
+            any_status=replay,
             max_attempts=rt.settings.worker_max_attempts,
             backoff_seconds=rt.settings.worker_backoff_seconds,
             now=now,
         )
-    except DBAPIError:
-        log.exception("event.failure_not_recorded")  # still pending or failed: the worker will retry it
+    except Exception:  # noqa: BLE001 - still pending or failed: the worker retries it; nothing may end the caller
+        log.exception("event.failure_not_recorded")
         return None
     log.warning("event.failed", status=status, error=f"{type(exc).__name__}: {exc}")
     return status

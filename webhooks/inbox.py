@@ -226,11 +226,17 @@ def record_failure(
     max_attempts: int,
     backoff_seconds: float,
     now: datetime,
+    any_status: bool = False,
 ) -> str:
     """In a fresh transaction (the handler's was rolled back): count the attempt, keep the error, and
-    schedule a retry with exponential backoff, or declare the event dead. Returns the new status."""
+    schedule a retry with exponential backoff, or declare the event dead. Returns the new status. An event
+    that another process handled meanwhile (this waited for its row lock) keeps its status: the attempt that
+    failed changed nothing, and the event needs nothing more — unless this was a replay (`any_status`), whose
+    failure is recorded whatever the status was."""
     with transaction(sessions) as session:
         event = session.get_one(StripeEvent, event_id, with_for_update=True)
+        if event.status not in DUE and not any_status:
+            return event.status
         attempts = event.attempts + 1
         status = "dead" if attempts >= max_attempts else "failed"
         delay = min(backoff_seconds * 2 ** (attempts - 1), 6 * 3600)

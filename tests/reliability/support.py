@@ -86,19 +86,8 @@ def post_signed(http: httpx.Client, url: str, body: bytes) -> httpx.Response:
 
 # --- the real commands in subprocesses -------------------------------------------------------------------
 
-# `credits` itself (service.cli.main), with one difference: structlog's level is WARNING instead of INFO, so
-# the processes keep quiet (their INFO lines — several per event — cost a fifth of the server's CPU).
-QUIET_CREDITS = (
-    "import logging, sys; from service import logs; configure = logs.configure; "
-    "logs.configure = lambda fmt='auto', level=logging.INFO: configure(fmt, logging.WARNING); "
-    "sys.argv[0] = 'credits'; from service.cli import main; main()"
-)
-
-
-def credits_command(quiet: bool = True) -> list[str]:
-    """The `credits` command of this interpreter's environment (quiet: at log level WARNING)."""
-    if quiet:
-        return [sys.executable, "-c", QUIET_CREDITS]
+def credits_command() -> list[str]:
+    """The `credits` command of this interpreter's environment."""
     script = Path(sys.executable).with_name("credits")
     return [str(script)] if script.exists() else [sys.executable, "-c", "from service.cli import main; main()"]
 
@@ -115,6 +104,9 @@ def service_env(database_url: str, **extra: str) -> dict[str, str]:
         CREDITS_API_TOKEN=API_TOKEN,
         CREDITS_ADMIN_TOKEN=ADMIN_TOKEN,
         LOG_FORMAT="json",
+        # Quiet, so that a failure's lines stand out, and cheap: the INFO lines, several an event, cost a fifth
+        # of the server's CPU. The worker's processes read it too (a wrapper around `credits` would not reach them).
+        LOG_LEVEL="warning",
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p),
     )
@@ -171,21 +163,30 @@ class Process:
             return ""
         return f"--- last lines of {self.name} ({self.log_path}) ---\n" + "\n".join(text.splitlines()[-lines:])
 
+    def exited(self) -> str:
+        """How the process ended, for an assertion's message: its exit code and its last log lines."""
+        return f"{self.name} exited {self.proc.returncode if self.proc else None}\n{self.tail()}"
+
 
 def start_servers(names: list[str], env: dict[str, str], log_dir: Path, timeout: float = 20.0) -> list[tuple[Process, str]]:
     """`credits serve --host 127.0.0.1 --port P`, one per name, each on a free port, started side by side;
     returns (process, base URL) pairs once every /healthz answers."""
-    launched = [_launch_server(name, env, log_dir) for name in names]
-    return [_await_server(server, url, env, log_dir, timeout) for server, url in launched]
+    taken: set[int] = set()  # the kernel may offer a port again while the server it was picked for starts
+    launched = [_launch_server(name, env, log_dir, taken) for name in names]
+    return [_await_server(server, url, env, log_dir, timeout, taken) for server, url in launched]
 
 
-def _launch_server(name: str, env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
+def _launch_server(name: str, env: dict[str, str], log_dir: Path, taken: set[int]) -> tuple[Process, str]:
     port = free_port()
+    while port in taken:
+        port = free_port()
+    taken.add(port)
     args = [*credits_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
     return Process(name, args, env, log_dir / f"{name}.log").start(), f"http://127.0.0.1:{port}"
 
 
-def _await_server(server: Process, url: str, env: dict[str, str], log_dir: Path, timeout: float) -> tuple[Process, str]:
+def _await_server(server: Process, url: str, env: dict[str, str], log_dir: Path, timeout: float,
+                  taken: set[int]) -> tuple[Process, str]:
     for _ in range(3):  # the port was free when picked; another process could take it before uvicorn binds it
 
         def up() -> bool | None:
@@ -201,7 +202,7 @@ def _await_server(server: Process, url: str, env: dict[str, str], log_dir: Path,
             return server, url
         if "address already in use" not in server.tail(200).lower():
             raise AssertionError(f"{server.name} exited at start-up\n{server.tail()}")
-        server, url = _launch_server(server.name, env, log_dir)
+        server, url = _launch_server(server.name, env, log_dir, taken)
     raise AssertionError(f"{server.name} could not bind a free port three times")
 
 

@@ -2,7 +2,7 @@
 2 workers alongside, all on one PostgreSQL database, ends with exactly the ledger one ordered delivery gives.
 
 Everything runs as it does in production: `credits serve` twice and `credits worker` twice, each its own
-process on 127.0.0.1, configured by environment, logging JSON (at WARNING, to keep quiet) to a file under the
+process on 127.0.0.1, configured by environment, logging JSON (LOG_LEVEL=warning, to keep quiet) to a file under the
 test's tmp_path. What one ordered delivery gives is computed from the event list itself, grant by grant
 (tests/reliability/scenario.py; it also says why the chosen events' ledger does not depend on their order):
 per account, every entry (kind, amount, idempotency key) and the balance; plus `ledger.check()` clean, and
@@ -146,8 +146,8 @@ def _stream_and_check(database_url: str, sessions, tmp_path: Path, started: tupl
             logs = "\n".join(p.tail(15) for p in running)
             raise AssertionError(f"inbox did not settle: {now}; e.g. {stuck}\n{logs}") from None
         handled = time.monotonic()
-        dead = [f"{p.name} exited {p.proc.returncode if p.proc else None}\n{p.tail(20)}" for p in running if not p.alive()]
-        assert not dead, "a service process died (its last log lines say why):\n" + "\n".join(dead)
+        dead = [p.exited() for p in running if not p.alive()]
+        assert not dead, "a service process died:\n" + "\n".join(dead)
         cpu = {p.name: p.cpu_seconds() for p in running}
     finally:
         for process in running:

@@ -157,4 +157,3 @@ def _json_value(value: Any) -> str:
 def is_postgresql(session: Session) -> bool:
     """True when row locks (FOR UPDATE, SKIP LOCKED) are real."""
     return session.get_bind().dialect.name == "postgresql"
-

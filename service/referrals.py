@@ -277,8 +277,8 @@ def unpaid(session: Session) -> list[int]:
     return list(session.scalars(select(Referral.id).where(Referral.status == "qualified").order_by(Referral.id)))
 
 
-def retry(session: Session, catalogue: Catalogue, referral_id: int, now: datetime | None = None) -> str:
-    """Pay whatever side of one qualified referral is still unpaid; returns its status after. Both accounts are
+def retry(session: Session, catalogue: Catalogue, referral_id: int, now: datetime | None = None) -> None:
+    """Pay whatever side of one qualified referral is still unpaid. Both accounts are
     locked first, in the one order (`lock_many`), then the referral is read again under them: another process
     may have paid it meanwhile. The caller gives each referral a transaction of its own, so one that loses a
     deadlock against a handler (which locks the referee, then the referrer) leaves the others paid."""
@@ -287,7 +287,6 @@ def retry(session: Session, catalogue: Catalogue, referral_id: int, now: datetim
     session.refresh(referral)
     if referral.status == "qualified":
         pay(session, catalogue, referral, now or utcnow())
-    return referral.status
 
 
 def view(session: Session, account: Account, link_base: str) -> dict[str, Any]:

@@ -76,9 +76,7 @@ def test_a_dead_event_can_be_replayed_by_hand(deliver, rt: Runtime, sessions, st
 
 
 def test_replaying_a_processed_event_changes_nothing(deliver, rt: Runtime, sessions) -> None:  # type: ignore[no-untyped-def]
-    inv = se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
-                     subscription_metadata={"account_id": "acct_1"})
-    deliver(se.event("invoice.paid", inv, event_id="evt_1"))
+    deliver(se.event("invoice.paid", linked_invoice("in_1"), event_id="evt_1"))
     assert dispatch.process(rt, "evt_1", replay=True) == "processed"
     assert state(sessions, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
 
@@ -86,18 +84,14 @@ def test_replaying_a_processed_event_changes_nothing(deliver, rt: Runtime, sessi
 def test_a_failure_recorded_after_another_process_handled_the_event_leaves_it_handled(deliver, rt: Runtime, sessions) -> None:  # type: ignore[no-untyped-def]
     """This process's attempt failed while another's went through (it waited for the event's row lock to
     record the failure): the event needs nothing more, and is not scheduled again."""
-    inv = se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
-                     subscription_metadata={"account_id": "acct_1"})
-    deliver(se.event("invoice.paid", inv, event_id="evt_1"))
+    deliver(se.event("invoice.paid", linked_invoice("in_1"), event_id="evt_1"))
     status = inbox.record_failure(sessions, "evt_1", RuntimeError("lost"), max_attempts=8, backoff_seconds=30, now=utcnow())
     row = event_row(sessions, "evt_1")
     assert (status, row.status, row.attempts, row.last_error) == ("processed", "processed", 1, None)
 
 
 def test_a_replay_that_fails_is_recorded_whatever_the_status_was(deliver, rt: Runtime, sessions) -> None:  # type: ignore[no-untyped-def]
-    inv = se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
-                     subscription_metadata={"account_id": "acct_1"})
-    deliver(se.event("invoice.paid", inv, event_id="evt_1"))
+    deliver(se.event("invoice.paid", linked_invoice("in_1"), event_id="evt_1"))
     status = inbox.record_failure(sessions, "evt_1", RuntimeError("lost"), max_attempts=8, backoff_seconds=30,
                                   now=utcnow(), any_status=True)
     row = event_row(sessions, "evt_1")

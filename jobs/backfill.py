@@ -18,11 +18,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import accounts, audit, ledger, referrals
-from service import stripe_objects as so
-from service.db import transaction
-from service.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
-from service.runtime import Runtime
+from service.domain import accounts, audit, ledger, referrals
+from service.infra import stripe_objects as so
+from service.infra.db import transaction
+from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
+from service.infra.runtime import Runtime
 from webhooks import dispatch, handlers, inbox
 
 ACTION = "backfill.referral"

@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 
 from jobs.pages import prefetched
 from jobs.referral_codes import ReferralCodes
-from service import accounts, db, findings, heap, ledger, logs, referrals
-from service import stripe_objects as so
-from service.db import transaction
-from service.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
-from service.runtime import Runtime
+from service.domain import accounts, findings, ledger, referrals
+from service.infra import db, heap, logs
+from service.infra import stripe_objects as so
+from service.infra.db import transaction
+from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
+from service.infra.runtime import Runtime
 from webhooks import dispatch, inbox
 from webhooks.handlers import HANDLERS
 

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from service import stripe_objects as so
-from service.stripe_client import StripeGateway
+from service.infra import stripe_objects as so
+from service.infra.stripe_client import StripeGateway
 
 CHECKOUT_LIFETIME: Final = timedelta(hours=24)  # Stripe's longest `expires_at` for a Checkout session
 Found = tuple[str, str]  # the code, and where it was found

@@ -16,11 +16,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger, rollover
-from service.catalogue import Free
-from service.db import transaction
-from service.models import Account, LedgerEntry, utcnow
-from service.runtime import Runtime
+from service.domain import accounts, ledger, rollover
+from service.infra.catalogue import Free
+from service.infra.db import transaction
+from service.infra.models import Account, LedgerEntry, utcnow
+from service.infra.runtime import Runtime
 
 MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 Track = Callable[[Sequence[int]], Iterable[int]]

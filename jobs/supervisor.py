@@ -19,8 +19,8 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
 from jobs import worker
-from service import logs, runtime
-from service.config import Settings
+from service.infra import logs, runtime
+from service.infra.config import Settings
 from webhooks.inbox import Partition
 
 log = logs.get("supervisor")

@@ -21,10 +21,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_exponential
 
-from service import logs, referrals
-from service.db import transaction
-from service.models import utcnow
-from service.runtime import Runtime
+from service.domain import referrals
+
+from service.infra import logs
+from service.infra.db import transaction
+from service.infra.models import utcnow
+from service.infra.runtime import Runtime
 from webhooks import dispatch, inbox
 
 log = logs.get("worker")

@@ -23,15 +23,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from tenacity import wait_none
 
-from service import catalogue, cli, metrics
-from service.api import create_app
-from service.config import Settings
-from service.db import make_engine, make_sessionmaker
-from service.migrate import upgrade
-from service.models import Base
-from service.runtime import Runtime
-from service import stripe_client
-from service.stripe_client import StripeGateway
+from service.entry import cli
+
+from service.infra import catalogue, metrics
+from service.entry.api import create_app
+from service.infra.config import Settings
+from service.infra.db import make_engine, make_sessionmaker
+from service.infra.migrate import upgrade
+from service.infra.models import Base
+from service.infra.runtime import Runtime
+from service.infra import stripe_client
+from service.infra.stripe_client import StripeGateway
 from tests import stripe_events
 
 DATA = Path(__file__).parent / "data"

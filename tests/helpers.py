@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger
-from service.models import Account, Grant, LedgerEntry
+from service.domain import accounts, ledger
+from service.infra.models import Account, Grant, LedgerEntry
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

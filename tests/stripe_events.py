@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from service import demo
+from service.entry import demo
 from tests.helpers import T0
 
 DATA = Path(__file__).parent / "data" / "stripe"

@@ -3,7 +3,7 @@ unlinked customer, the customer id as a last resort, and re-keying when the real
 
 from __future__ import annotations
 
-from service.models import StripeEvent
+from service.infra.models import StripeEvent
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from service.api import create_app
-from service.db import make_engine, make_sessionmaker
-from service.runtime import Runtime
+from service.entry.api import create_app
+from service.infra.db import make_engine, make_sessionmaker
+from service.infra.runtime import Runtime
 from tests.conftest import API_TOKEN
 
 
@@ -213,7 +213,7 @@ def test_a_database_outage_during_a_spend_is_503(rt: Runtime, monkeypatch: pytes
     def down(*_args: object, **_kwargs: object) -> None:
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
-    monkeypatch.setattr("service.spends._claim_and_lock", down)
+    monkeypatch.setattr("service.entry.spends._claim_and_lock", down)
     client = TestClient(create_app(rt), headers={"Authorization": f"Bearer {API_TOKEN}"})
     response = spend(client, "acct_1", 1, "s1")
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from service import accounts
-from service.models import Referral, StripeEvent
+from service.domain import accounts
+from service.infra.models import Referral, StripeEvent
 from tests import stripe_events as se
 from tests.helpers import state
 from tests.test_referrals import NOW, THIS_MONTH, code_of, paid_invoice, refer, referral_rows

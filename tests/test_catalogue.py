@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service import catalogue
-from service.catalogue import CatalogueError
+from service.infra import catalogue
+from service.infra.catalogue import CatalogueError
 
 ROOT = Path(__file__).parent.parent
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from sqlalchemy import text
 
-from service.models import utcnow
+from service.infra.models import utcnow
 from tests import stripe_events as se
 from webhooks import inbox
 
-from service.db import transaction
+from service.infra.db import transaction
 
 
 def test_grant_then_balance_as_json(run) -> None:  # type: ignore[no-untyped-def]
@@ -142,7 +142,7 @@ def test_demo_posts_the_whole_story_and_shows_the_ledger(run) -> None:  # type: 
 
 def test_the_worker_gives_way_on_the_cpu_by_worker_nice(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     niced: list[int] = []
-    monkeypatch.setattr("service.cli.priority.lower", lambda nice: niced.append(nice) or False)
+    monkeypatch.setattr("service.entry.cli.priority.lower", lambda nice: niced.append(nice) or False)
     monkeypatch.setenv("WORKER_NICE", "15")
     assert run("worker", "--once")[0] == 0
     assert niced == [15]

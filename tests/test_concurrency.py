@@ -7,8 +7,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 
-from service import accounts, ledger
-from service.db import transaction
+from service.domain import accounts, ledger
+from service.infra.db import transaction
 
 
 def test_25_concurrent_spends_of_10_against_100_give_10_successes_and_15_refusals(sessions) -> None:  # type: ignore[no-untyped-def]

@@ -23,10 +23,10 @@ import yaml
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service import catalogue, runtime
-from service.api import create_app
-from service.cli import app as cli_app
-from service.config import Settings
+from service.infra import catalogue, runtime
+from service.entry.api import create_app
+from service.entry.cli import app as cli_app
+from service.infra.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

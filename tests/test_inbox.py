@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import event, select
 
 from jobs import worker
-from service.db import transaction
-from service.models import StripeEvent, utcnow
-from service.runtime import Runtime
+from service.infra.db import transaction
+from service.infra.models import StripeEvent, utcnow
+from service.infra.runtime import Runtime
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 from webhooks import dispatch, inbox

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from service.db import make_engine
-from service.group_commit import Stopped
-from service.models import StripeEvent, utcnow
+from service.infra.db import make_engine
+from service.infra.group_commit import Stopped
+from service.infra.models import StripeEvent, utcnow
 from tests import stripe_events as se
 from webhooks import inbox
 from webhooks.writer import InboxWriter

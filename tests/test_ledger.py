@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from service import accounts, ledger
-from service.db import transaction
-from service.models import Grant
+from service.domain import accounts, ledger
+from service.infra.db import transaction
+from service.infra.models import Grant
 from tests.helpers import T0, entries, grants
 
 

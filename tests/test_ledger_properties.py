@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from service import accounts, ledger
-from service.models import LedgerEntry
+from service.domain import accounts, ledger
+from service.infra.models import LedgerEntry
 from tests.helpers import T0
 
 

@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, text
 
-from service.models import Base
+from service.infra.models import Base
 
 HAS_LZ4 = importlib.import_module("service.migrations.versions.0007_payload_lz4").HAS_LZ4
 

@@ -12,11 +12,13 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from service import accounts, ledger, logs
-from service.api import create_app
-from service.db import transaction
-from service.models import utcnow
-from service.runtime import Runtime
+from service.domain import accounts, ledger
+
+from service.infra import logs
+from service.entry.api import create_app
+from service.infra.db import transaction
+from service.infra.models import utcnow
+from service.infra.runtime import Runtime
 from tests import stripe_events as se
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from webhooks import inbox

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from service import priority
+from service.infra import priority
 
 AUTOGROUP = priority.AUTOGROUP
 ROOT = Path(__file__).parent.parent
 needs_autogroup = pytest.mark.skipif(not AUTOGROUP.exists() or not AUTOGROUP.read_text().split(),
                                 reason="Linux autogroup scheduling only")
 
-PROBE = "from service import priority; import os; print(priority.lower(7), os.nice(0), open('/proc/self/autogroup').read().split()[-1])"
+PROBE = "from service.infra import priority; import os; print(priority.lower(7), os.nice(0), open('/proc/self/autogroup').read().split()[-1])"
 
 
 def _lowered(*, own_session: bool) -> list[str]:

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from service.models import Payment, StripeEvent, utcnow
+from service.infra.models import Payment, StripeEvent, utcnow
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 

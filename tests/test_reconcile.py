@@ -16,9 +16,9 @@ import respx
 from sqlalchemy import text
 
 from jobs import reconcile
-from service import ledger
-from service.db import transaction
-from service.models import StripeEvent, utcnow
+from service.domain import ledger
+from service.infra.db import transaction
+from service.infra.models import StripeEvent, utcnow
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 

@@ -13,9 +13,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from jobs import worker
-from service import accounts, ledger, referrals
-from service.catalogue import Referrals
-from service.models import utcnow
+from service.domain import accounts, ledger, referrals
+from service.infra.catalogue import Referrals
+from service.infra.models import utcnow
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 from webhooks import inbox

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from service.models import Payment, StripeEvent
+from service.infra.models import Payment, StripeEvent
 from tests import stripe_events as se
 from tests.helpers import T0, balance_of, state
 

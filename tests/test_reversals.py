@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from service.models import LedgerEntry, StripeEvent, utcnow
+from service.infra.models import LedgerEntry, StripeEvent, utcnow
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 from webhooks import dispatch

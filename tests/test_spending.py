@@ -11,9 +11,9 @@ from itertools import count
 import pytest
 from sqlalchemy import select
 
-from service import accounts, ledger, spending
-from service.db import transaction
-from service.models import LedgerEntry, utcnow
+from service.domain import accounts, ledger, spending
+from service.infra.db import transaction
+from service.infra.models import LedgerEntry, utcnow
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 

@@ -15,14 +15,16 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import OperationalError
 
-from service import accounts, idempotency, ledger, spending
-from service.accounts import AccountNotFound
-from service.db import transaction
-from service.idempotency import Outcome
-from service.models import ApiRequest, utcnow
-from service.runtime import Runtime
-from service.schemas import SpendRequest
-from service.spends import SpendJob, Spends, spend_all
+from service.entry import idempotency
+
+from service.domain import accounts, ledger, spending
+from service.domain.accounts import AccountNotFound
+from service.infra.db import transaction
+from service.entry.idempotency import Outcome
+from service.infra.models import ApiRequest, utcnow
+from service.infra.runtime import Runtime
+from service.entry.schemas import SpendRequest
+from service.entry.spends import SpendJob, Spends, spend_all
 from tests.helpers import balance_of, state
 
 

@@ -15,8 +15,8 @@ import stripe
 from pydantic import SecretStr
 from tenacity import wait_none
 
-from service.config import Settings
-from service.stripe_client import MAX_ATTEMPTS, PAGE_SIZE, STRIPE_API_VERSION, StripeGateway
+from service.infra.config import Settings
+from service.infra.stripe_client import MAX_ATTEMPTS, PAGE_SIZE, STRIPE_API_VERSION, StripeGateway
 
 BASE = "https://stripe.test"
 CUSTOMER = {"id": "cus_1", "object": "customer", "metadata": {"account_id": "acct_a"}}

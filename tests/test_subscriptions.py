@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from service import accounts
+from service.domain import accounts
 from tests import stripe_events as se
 from tests.helpers import T0
 

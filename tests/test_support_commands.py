@@ -10,9 +10,9 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from jobs import refill_free
-from service import accounts
-from service.catalogue import Free
-from service.models import Grant, LedgerEntry, utcnow
+from service.domain import accounts
+from service.infra.catalogue import Free
+from service.infra.models import Grant, LedgerEntry, utcnow
 from tests.helpers import T0, balance_of, state
 from tests.test_refills import FEB, JAN, MAR, pay
 

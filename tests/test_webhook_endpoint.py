@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from jobs import worker
-from service.api import create_app
-from service.db import make_engine, make_sessionmaker
-from service.models import StripeEvent
-from service.runtime import Runtime
+from service.entry.api import create_app
+from service.infra.db import make_engine, make_sessionmaker
+from service.infra.models import StripeEvent
+from service.infra.runtime import Runtime
 from webhooks.router import Pace
 from tests import stripe_events as se
 from tests.helpers import balance_of, state

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from jobs import worker
-from service.config import Settings
+from service.infra.config import Settings
 
 UNREACHABLE = OperationalError("SELECT …", {}, psycopg.OperationalError("connection refused"))
 

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
-from service import ledger
-from service.config import Settings
-from service.db import transaction
-from service.models import LedgerEntry, StripeEvent, utcnow
+from service.domain import ledger
+from service.infra.config import Settings
+from service.infra.db import transaction
+from service.infra.models import LedgerEntry, StripeEvent, utcnow
 from tests import stripe_events as se
 from tests.conftest import DATA
 from webhooks import inbox

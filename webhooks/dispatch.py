@@ -15,10 +15,12 @@ from datetime import datetime
 
 import structlog
 
-from service import accounts, logs, metrics
-from service.db import transaction
-from service.models import utcnow
-from service.runtime import Runtime
+from service.domain import accounts
+
+from service.infra import logs, metrics
+from service.infra.db import transaction
+from service.infra.models import utcnow
+from service.infra.runtime import Runtime
 from webhooks import inbox
 from webhooks.handlers import HANDLERS, Context
 

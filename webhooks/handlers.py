@@ -13,12 +13,12 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from service import accounts, payments, purchases, referrals, refills, reversals
-from service import stripe_objects as so
-from service.accounts import CustomerRecord, Identity
-from service.catalogue import Catalogue
-from service.models import Account, Payment
-from service.stripe_client import StripeGateway
+from service.domain import accounts, payments, purchases, referrals, refills, reversals
+from service.infra import stripe_objects as so
+from service.domain.accounts import CustomerRecord, Identity
+from service.infra.catalogue import Catalogue
+from service.infra.models import Account, Payment
+from service.infra.stripe_client import StripeGateway
 from webhooks.inbox import Claimed
 
 

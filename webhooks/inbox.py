@@ -22,9 +22,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import among, dialect_insert, is_postgresql, transaction
-from service.models import StripeEvent
-from service.stripe_objects import ref, timestamp
+from service.infra.db import among, dialect_insert, is_postgresql, transaction
+from service.infra.models import StripeEvent
+from service.infra.stripe_objects import ref, timestamp
 
 DUE = ("pending", "failed")
 EVENTS = StripeEvent.__table__  # the hot statements below are Core: no ORM row to build, track or flush

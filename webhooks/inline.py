@@ -12,8 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 
-from service import logs
-from service.runtime import Runtime
+from service.infra import logs
+from service.infra.runtime import Runtime
 from webhooks import dispatch
 
 log = logs.get("inline")

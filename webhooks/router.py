@@ -23,9 +23,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from service import logs, metrics
-from service.group_commit import Stopped
-from service.models import utcnow
+from service.infra import logs, metrics
+from service.infra.group_commit import Stopped
+from service.infra.models import utcnow
 from webhooks import inbox
 from webhooks.inline import InlineProcessor
 from webhooks.writer import InboxWriter

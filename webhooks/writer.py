@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from service.group_commit import GroupCommit
+from service.infra.group_commit import GroupCommit
 from webhooks import inbox
 
 

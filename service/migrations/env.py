@@ -1,9 +1,9 @@
-"""Alembic environment: the URL and (optionally) an open connection come from service.migrate."""
+"""Alembic environment: the URL and (optionally) an open connection come from service.infra.migrate."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from service.models import Base
+from service.infra.models import Base
 
 config = context.config
 

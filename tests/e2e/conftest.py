@@ -12,7 +12,7 @@ run leaves nothing on disk and never reads a stale store back.
   store (`DELETE /_config/data`) and, at its end, waits until every webhook localstripe scheduled has been
   delivered, so no event of one test reaches the next test's service.
 - `credits_service` (per test, so per database: it uses the parametrised `engine` fixture of
-  tests/conftest.py): `service.api.create_app(Runtime(...))` served by uvicorn in a thread, configured to
+  tests/conftest.py): `service.entry.api.create_app(Runtime(...))` served by uvicorn in a thread, configured to
   call localstripe as its Stripe API and registered with localstripe as its webhook endpoint.
 """
 
@@ -36,12 +36,12 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 from tenacity import wait_none
 
-from service import catalogue
-from service.api import create_app
-from service.config import Settings
-from service.db import make_sessionmaker
-from service.runtime import Runtime
-from service.stripe_client import StripeGateway
+from service.infra import catalogue
+from service.entry.api import create_app
+from service.infra.config import Settings
+from service.infra.db import make_sessionmaker
+from service.infra.runtime import Runtime
+from service.infra.stripe_client import StripeGateway
 API_TOKEN = "e2e-api-token"
 ADMIN_TOKEN = "e2e-admin-token"
 STRIPE_KEY = "sk_test_12345"

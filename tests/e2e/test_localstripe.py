@@ -17,7 +17,7 @@ import httpx
 import pytest
 import stripe
 
-from service.models import Account
+from service.infra.models import Account
 from tests.e2e.conftest import CreditsService, LocalStripe, wait_for
 from webhooks import inbox
 

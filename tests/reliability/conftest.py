@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from service.db import make_engine
-from service.migrate import upgrade
+from service.infra.db import make_engine
+from service.infra.migrate import upgrade
 
 
 @pytest.fixture

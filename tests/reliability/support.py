@@ -22,12 +22,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tenacity import wait_none
 
-from service import catalogue
-from service.config import Settings
-from service.db import make_engine, make_sessionmaker
-from service.models import Account, Grant, LedgerEntry, Referral, StripeEvent
-from service.runtime import Runtime
-from service.stripe_client import StripeGateway
+from service.infra import catalogue
+from service.infra.config import Settings
+from service.infra.db import make_engine, make_sessionmaker
+from service.infra.models import Account, Grant, LedgerEntry, Referral, StripeEvent
+from service.infra.runtime import Runtime
+from service.infra.stripe_client import StripeGateway
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, DATA
 from tests.stripe_events import SECRET, sign
 
@@ -89,7 +89,7 @@ def post_signed(http: httpx.Client, url: str, body: bytes) -> httpx.Response:
 def credits_command() -> list[str]:
     """The `credits` command of this interpreter's environment."""
     script = Path(sys.executable).with_name("credits")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from service.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from service.entry.cli import main; main()"]
 
 
 def service_env(database_url: str, **extra: str) -> dict[str, str]:

@@ -24,8 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from jobs import worker
-from service import ledger
-from service.models import StripeEvent
+from service.domain import ledger
+from service.infra.models import StripeEvent
 from tests import stripe_events as se
 from tests.helpers import T0
 from tests.reliability.proxy import ProxyProcess

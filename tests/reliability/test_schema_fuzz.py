@@ -1,6 +1,6 @@
 """schemathesis against the service's own OpenAPI schema: no /v1 operation answers a 5xx, whatever it is sent.
 
-The app is the real one (service.api.create_app) served in-process over ASGI, on the test's empty database
+The app is the real one (service.entry.api.create_app) served in-process over ASGI, on the test's empty database
 (tests/conftest.py's `rt`: SQLite, then PostgreSQL, whose text columns refuse the NUL characters SQLite
 stores), seeded with one account that holds credits, a referral code and a member, so that generated
 requests reach the ledger and not only the 404 path: half of the generated account ids are replaced by it,
@@ -33,11 +33,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from service import accounts, ledger, referrals, spending
-from service.api import create_app
-from service.db import transaction
-from service.runtime import Runtime
-from service.spends import Spends
+from service.domain import accounts, ledger, referrals, spending
+from service.entry.api import create_app
+from service.infra.db import transaction
+from service.infra.runtime import Runtime
+from service.entry.spends import Spends
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from tests.reliability.support import runtime_for, settings_for
 

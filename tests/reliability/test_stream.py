@@ -21,9 +21,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from service import accounts, ledger, referrals
-from service.db import make_engine, make_sessionmaker, transaction
-from service.models import StripeEvent
+from service.domain import accounts, ledger, referrals
+from service.infra.db import make_engine, make_sessionmaker, transaction
+from service.infra.models import StripeEvent
 from tests.reliability import scenario
 from tests.reliability.support import (
     Process,

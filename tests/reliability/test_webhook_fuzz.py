@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from service.models import Grant, LedgerEntry, StripeEvent
-from service.runtime import Runtime
+from service.infra.models import Grant, LedgerEntry, StripeEvent
+from service.infra.runtime import Runtime
 from tests import stripe_events as se
 from webhooks.handlers import HANDLERS
 

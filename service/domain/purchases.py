@@ -9,9 +9,11 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger, logs, payments
-from service.catalogue import Catalogue, Pack
-from service.models import Account
+from service.domain import accounts, ledger, payments
+
+from service.infra import logs
+from service.infra.catalogue import Catalogue, Pack
+from service.infra.models import Account
 
 log = logs.get("purchases")
 

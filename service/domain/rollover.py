@@ -15,9 +15,9 @@ from datetime import datetime
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger
-from service.catalogue import RolloverPolicy
-from service.models import Account, Grant
+from service.domain import accounts, ledger
+from service.infra.catalogue import RolloverPolicy
+from service.infra.models import Account, Grant
 
 
 class ExtensionRefused(Exception):

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.models import Account, AuditEntry, utcnow
+from service.infra.models import Account, AuditEntry, utcnow
 
 
 def record(

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from service.db import Bulk, among, dialect_insert, listed, recordset
-from service.models import ApiRequest, utcnow
+from service.infra.db import Bulk, among, dialect_insert, listed, recordset
+from service.infra.models import ApiRequest, utcnow
 
 MAX_KEY_LENGTH = 255
 

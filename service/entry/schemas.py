@@ -9,8 +9,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from sqlalchemy.orm import Session
 
-from service import ledger
-from service.models import Account, Grant, LedgerEntry
+from service.domain import ledger
+from service.infra.models import Account, Grant, LedgerEntry
 
 MAX_AMOUNT = 10**12
 

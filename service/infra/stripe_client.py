@@ -19,8 +19,8 @@ import stripe
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.wait import WaitBaseT
 
-from service import metrics
-from service.config import Settings
+from service.infra import metrics
+from service.infra.config import Settings
 
 # The API version this SDK release was generated for; pinning it means a dashboard default change cannot
 # reshape the objects we read. It moves only when the pinned `stripe` dependency is upgraded.

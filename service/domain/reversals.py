@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger
-from service.models import Account, Grant, LedgerEntry, Payment
+from service.domain import accounts, ledger
+from service.infra.models import Account, Grant, LedgerEntry, Payment
 
 
 def reverse_payment(

@@ -10,9 +10,9 @@ from sqlalchemy import bindparam, event, exists, or_, select
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service import logs
-from service.db import adopt, among, dialect_insert
-from service.models import Account, LedgerEntry, Payment, utcnow
+from service.infra import logs
+from service.infra.db import adopt, among, dialect_insert
+from service.infra.models import Account, LedgerEntry, Payment, utcnow
 
 log = logs.get("accounts")
 

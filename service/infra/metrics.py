@@ -16,8 +16,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import logs
-from service.models import Finding, StripeEvent, utcnow
+from service.infra import logs
+from service.infra.models import Finding, StripeEvent, utcnow
 
 log = logs.get("metrics")
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import catalogue, metrics
-from service.catalogue import Catalogue
-from service.config import Settings
-from service.db import make_engine, make_sessionmaker
-from service.stripe_client import StripeGateway
+from service.infra import catalogue, metrics
+from service.infra.catalogue import Catalogue
+from service.infra.config import Settings
+from service.infra.db import make_engine, make_sessionmaker
+from service.infra.stripe_client import StripeGateway
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from service.db import dialect_insert
-from service.models import Account, Payment, utcnow
+from service.infra.db import dialect_insert
+from service.infra.models import Account, Payment, utcnow
 
 
 def record(

@@ -21,10 +21,11 @@ from rich.table import Table
 
 from jobs import backfill as backfill_job
 from jobs import refill_free as refill_job
-from service import accounts, audit, rollover, runtime
-from service.db import transaction
-from service.models import utcnow
-from service.schemas import aware_utc
+from service.domain import accounts, audit, rollover
+from service.infra import runtime
+from service.infra.db import transaction
+from service.infra.models import utcnow
+from service.entry.schemas import aware_utc
 
 backfill = typer.Typer(help="Repair one support case by hand: a dry run unless --apply.", no_args_is_help=True)
 rollover_app = typer.Typer(help="Support's levers on the rollover policy.", no_args_is_help=True)

@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service import metrics
+from service.infra import metrics
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

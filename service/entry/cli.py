@@ -31,14 +31,16 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from jobs import reconcile as reconcile_job
 from jobs import report, supervisor
 from jobs import worker as inbox_worker
-from service import accounts, audit, ledger, logs, priority, runtime, support_cli, usage
-from service import demo as demo_story
-from service.accounts import AccountNotFound
-from service.catalogue import CatalogueError
-from service.config import Settings
-from service.db import make_engine, transaction
-from service.models import StripeEvent, utcnow
-from service.schemas import aware_utc, balance_view, entry_view
+from service.entry import support_cli
+from service.domain import accounts, audit, ledger, usage
+from service.infra import logs, priority, runtime
+from service.entry import demo as demo_story
+from service.domain.accounts import AccountNotFound
+from service.infra.catalogue import CatalogueError
+from service.infra.config import Settings
+from service.infra.db import make_engine, transaction
+from service.infra.models import StripeEvent, utcnow
+from service.entry.schemas import aware_utc, balance_view, entry_view
 from webhooks import dispatch, inbox
 
 app = typer.Typer(
@@ -89,7 +91,7 @@ def serve(
     out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}")
     import uvicorn  # the web stack (uvicorn, FastAPI: ~25 MB) only where it serves: not in every command's memory
 
-    from service.api import create_app
+    from service.entry.api import create_app
 
     uvicorn.run(create_app(rt), host=host, port=port, access_log=False, log_config=None)
 
@@ -97,7 +99,7 @@ def serve(
 @app.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision."""
-    from service.migrate import upgrade  # alembic (and through mako, pygments' lexers) only where it migrates
+    from service.infra.migrate import upgrade  # alembic (and through mako, pygments' lexers) only where it migrates
 
     settings = Settings()
     upgrade(make_engine(settings.database_url))
@@ -238,8 +240,8 @@ def demo(
         })
         from fastapi.testclient import TestClient  # only the demo needs it (starlette warns when it is imported)
 
-        from service.api import create_app
-        from service.migrate import upgrade
+        from service.entry.api import create_app
+        from service.infra.migrate import upgrade
 
         rt = runtime.load(settings)
         upgrade(rt.engine)
@@ -423,5 +425,5 @@ def _setting(problem: Any) -> str:
     return f"{variable}={problem.get('input')!r}"
 
 
-if __name__ == "__main__":  # `python -m service.cli …`, e.g. from a benchmark that must run this tree
+if __name__ == "__main__":  # `python -m service.entry.cli …`, e.g. from a benchmark that must run this tree
     main()

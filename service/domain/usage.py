@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service import ledger, periods
-from service.catalogue import Catalogue
-from service.models import Account, LedgerEntry, Member, utcnow
+from service.domain import ledger, periods
+from service.infra.catalogue import Catalogue
+from service.infra.models import Account, LedgerEntry, Member, utcnow
 
 
 def report(session: Session, catalogue: Catalogue, account: Account, which: str = "current",

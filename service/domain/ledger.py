@@ -17,9 +17,11 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service import accounts, logs, metrics, periods
-from service.db import Bulk, adopt, dialect_insert, is_postgresql, json_rows, listed, recordset, table_columns
-from service.models import Account, Allocation, Grant, LedgerEntry, utcnow
+from service.domain import accounts, periods
+
+from service.infra import logs, metrics
+from service.infra.db import Bulk, adopt, dialect_insert, is_postgresql, json_rows, listed, recordset, table_columns
+from service.infra.models import Account, Allocation, Grant, LedgerEntry, utcnow
 
 # The grant column each kind of debit moves credits into.
 DEBIT_COLUMNS = {"spend": "spent", "expire": "expired", "reverse": "reversed"}

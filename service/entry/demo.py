@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from service.catalogue import Catalogue
+from service.infra.catalogue import Catalogue
 
 Post = Callable[[str, bytes, dict[str, str]], tuple[int, Any]]
 

@@ -28,14 +28,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import accounts, findings, heap, idempotency, ledger, logs, metrics, referrals, spending, usage
-from service.accounts import AccountNotFound
-from service.db import transaction
-from service.group_commit import Stopped
-from service.models import utcnow
-from service.runtime import Runtime
-from service.spends import SpendJob, Spends
-from service.schemas import (
+from service.entry import idempotency
+
+from service.domain import accounts, findings, ledger, referrals, spending, usage
+
+from service.infra import heap, logs, metrics
+from service.domain.accounts import AccountNotFound
+from service.infra.db import transaction
+from service.infra.group_commit import Stopped
+from service.infra.models import utcnow
+from service.infra.runtime import Runtime
+from service.entry.spends import SpendJob, Spends
+from service.entry.schemas import (
     GrantRequest,
     MemberRequest,
     NoBody,

@@ -23,13 +23,17 @@ import structlog
 from sqlalchemy import Connection, Select, case, func, select, true
 from sqlalchemy.orm import Session, aliased
 
-from service import accounts, idempotency, ledger, logs, spending
-from service.db import is_postgresql, recordset_parameters
-from service.group_commit import GroupCommit
-from service.idempotency import Outcome
-from service.models import Account
-from service.runtime import Runtime
-from service.schemas import SpendRequest
+from service.entry import idempotency
+
+from service.domain import accounts, ledger, spending
+
+from service.infra import logs
+from service.infra.db import is_postgresql, recordset_parameters
+from service.infra.group_commit import GroupCommit
+from service.entry.idempotency import Outcome
+from service.infra.models import Account
+from service.infra.runtime import Runtime
+from service.entry.schemas import SpendRequest
 
 log = logs.get("spends")
 MAX_BATCH = 64  # spends in one transaction at most: under one lock, a batch also delays the next one's requests

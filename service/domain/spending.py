@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import JSON, ScalarSelect, Select, and_, bindparam, func, select, type_coerce
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger, periods
-from service.catalogue import Catalogue
-from service.db import among, insert
-from service.models import Account, Grant, LedgerEntry, Member, ResourceCharge, utcnow
+from service.domain import accounts, ledger, periods
+from service.infra.catalogue import Catalogue
+from service.infra.db import among, insert
+from service.infra.models import Account, Grant, LedgerEntry, Member, ResourceCharge, utcnow
 
 
 class UnknownAction(ValueError):

@@ -9,10 +9,12 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger, logs, payments, rollover
-from service.catalogue import Catalogue
-from service.models import Account, Grant, LedgerEntry
-from service.stripe_objects import InvoiceFacts
+from service.domain import accounts, ledger, payments, rollover
+
+from service.infra import logs
+from service.infra.catalogue import Catalogue
+from service.infra.models import Account, Grant, LedgerEntry
+from service.infra.stripe_objects import InvoiceFacts
 
 log = logs.get("refills")
 

@@ -16,9 +16,11 @@ from typing import Any
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from service import accounts, ledger, logs
-from service.catalogue import Catalogue
-from service.models import Account, Grant, LedgerEntry, Payment, Referral, utcnow
+from service.domain import accounts, ledger
+
+from service.infra import logs
+from service.infra.catalogue import Catalogue
+from service.infra.models import Account, Grant, LedgerEntry, Payment, Referral, utcnow
 
 log = logs.get("referrals")
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, no 1/I: read aloud or typed, nothing is ambiguous

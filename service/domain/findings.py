@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.models import Finding, ReconcileRun, utcnow
+from service.infra.models import Finding, ReconcileRun, utcnow
 
 
 @dataclass(frozen=True)

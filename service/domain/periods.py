@@ -6,8 +6,8 @@ from __future__ import annotations
 import calendar
 from datetime import datetime
 
-from service.catalogue import Catalogue
-from service.models import Account
+from service.infra.catalogue import Catalogue
+from service.infra.models import Account
 
 
 def months_of(catalogue: Catalogue, account: Account) -> int:

@@ -16,11 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from service.domain import accounts, audit, ledger, referrals
 from service.infra import stripe_objects as so
-from service.infra.db import transaction
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
 from service.infra.runtime import Runtime
 from webhooks import dispatch, handlers, inbox
@@ -111,21 +110,22 @@ def referral(rt: Runtime, request: Request, *, apply: bool, now: datetime | None
     named invoice does not qualify; stripe errors propagate.
     """
     now = now or utcnow()
-    with rt.sessions() as session:  # closed without a commit: reading, or a dry run, leaves nothing behind
-        before = _before(session, rt, request, now)
+    with rt.uow() as uow:  # closed without a commit: reading, or a dry run, leaves nothing behind
+        before = _before(uow, rt, request, now)
         if not apply:
             if before.invoice is not None and before.invoice.unrecorded is not None:
-                _handle_inline(session, rt, before.invoice.unrecorded, now)
-            return _repair(session, rt, request, before, now, applied=False), None
+                _handle_inline(uow, rt, before.invoice.unrecorded, now)
+            return _repair(uow, rt, request, before, now, applied=False), None
     if before.invoice is not None and before.invoice.unrecorded is not None:
         _feed(rt, before.invoice.unrecorded, now)  # the inbox commits it in its own transaction, as for a webhook
-    with transaction(rt.sessions) as session:
-        report = _repair(session, rt, request, before, now, applied=True)
-        referee, _ = _parties(session, request)
+    with rt.uow() as uow:
+        report = _repair(uow, rt, request, before, now, applied=True)
+        referee, _ = _parties(uow, request)
         entry = audit.record(
-            session, actor=request.actor, action=ACTION, reason=request.reason, account=referee,
+            uow, actor=request.actor, action=ACTION, reason=request.reason, account=referee,
             ticket=request.ticket, details=report.as_dict(),
         )
+        uow.commit()
         return report, entry.id
 
 
@@ -142,44 +142,44 @@ def synthetic_event(invoice: dict[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
-def _before(session: Session, rt: Runtime, request: Request, now: datetime) -> Before:
+def _before(uow: UnitOfWork, rt: Runtime, request: Request, now: datetime) -> Before:
     """Check the guards, find the qualifying invoice and take both parties' state, changing nothing."""
-    referee, referrer = _parties(session, request)
-    live = referrals.live_referral(session, referee)
+    referee, referrer = _parties(uow, request)
+    live = referrals.live_referral(uow, referee)
     if live is not None and live.referrer_id != referrer.id:
-        raise _conflict(session, referee, live)
+        raise _conflict(uow, referee, live)
     problem = referrals.self_referral(referrer, referee, None)
     if problem is not None:
         raise Refused(problem)
     return Before(
         attributed=live is not None,
-        balances={"referee": ledger.balance(session, referee, now), "referrer": ledger.balance(session, referrer, now)},
-        keys=_keys(session, referee, referrer),
-        invoice=_qualifying_invoice(session, rt, referee, request.invoice),
+        balances={"referee": ledger.balance(uow, referee, now), "referrer": ledger.balance(uow, referrer, now)},
+        keys=_keys(uow, referee, referrer),
+        invoice=_qualifying_invoice(uow, rt, referee, request.invoice),
     )
 
 
-def _repair(session: Session, rt: Runtime, request: Request, before: Before, now: datetime, *, applied: bool) -> Report:
+def _repair(uow: UnitOfWork, rt: Runtime, request: Request, before: Before, now: datetime, *, applied: bool) -> Report:
     """Attribute (first attribution wins, as live) and settle; with `override_cap` a held referrer is paid."""
-    referee, referrer = _parties(session, request)
-    code = referrals.code_for(session, referrer)
+    referee, referrer = _parties(uow, request)
+    code = referrals.code_for(uow, referrer)
     try:
-        referral = referrals.attribute(session, rt.catalogue, referee, code, source="backfill", now=now).referral
+        referral = referrals.attribute(uow, rt.catalogue, referee, code, source="backfill", now=now).referral
     except referrals.AlreadyAttributed as exc:  # attributed elsewhere since the check (a webhook, a fed invoice)
-        raise _conflict(session, referee, exc.referral) from exc
+        raise _conflict(uow, referee, exc.referral) from exc
     if referral.status == "rejected":
         raise Refused(referral.reason or "rejected")
     if request.override_cap and referral.status == "held":
-        referrals.pay(session, rt.catalogue, referral, now, override_cap=True)
+        referrals.pay(uow, rt.catalogue, referral, now, override_cap=True)
     else:
-        referrals.settle(session, rt.catalogue, referee, now)
-    created = sorted(_keys(session, referee, referrer) - before.keys)
+        referrals.settle(uow, rt.catalogue, referee, now)
+    created = sorted(_keys(uow, referee, referrer) - before.keys)
     terms = rt.catalogue.referrals
 
     def party(account: Account, side: str, credits: int) -> Party:
         return Party(
-            account.public_id, credits, _outcome(session, referral, side, credits, before.keys),
-            before.balances[side], ledger.balance(session, account, now),
+            account.public_id, credits, _outcome(uow, referral, side, credits, before.keys),
+            before.balances[side], ledger.balance(uow, account, now),
         )
 
     invoice = before.invoice
@@ -201,14 +201,14 @@ def _repair(session: Session, rt: Runtime, request: Request, before: Before, now
     )
 
 
-def _parties(session: Session, request: Request) -> tuple[Account, Account]:
+def _parties(uow: UnitOfWork, request: Request) -> tuple[Account, Account]:
     """(referee, referrer). A referee named by a Stripe customer id the service never saw is that customer's
     account, as a webhook would have made it; the referrer is an account id, a customer id or a referral code."""
     if request.referee.startswith("cus_"):
-        referee = accounts.get_or_create(session, request.referee)
+        referee = accounts.get_or_create(uow, request.referee)
     else:
-        referee = accounts.get(session, request.referee)
-    referrer = accounts.find(session, request.referrer) or session.scalar(
+        referee = accounts.get(uow, request.referee)
+    referrer = accounts.find(uow, request.referrer) or uow.session.scalar(
         select(Account).where(Account.referral_code == referrals.normalize_code(request.referrer))
     )
     if referrer is None:
@@ -216,15 +216,15 @@ def _parties(session: Session, request: Request) -> tuple[Account, Account]:
     return referee, referrer
 
 
-def _conflict(session: Session, referee: Account, live: Referral) -> Refused:
-    other = session.get_one(Account, live.referrer_id)
+def _conflict(uow: UnitOfWork, referee: Account, live: Referral) -> Refused:
+    other = uow.session.get_one(Account, live.referrer_id)
     return Refused(
         f"{referee.public_id} is already attributed to {other.public_id} (referral {live.id}, {live.status}); "
         "the first attribution is locked"
     )
 
 
-def _qualifying_invoice(session: Session, rt: Runtime, referee: Account, named: str | None) -> Invoice | None:
+def _qualifying_invoice(uow: UnitOfWork, rt: Runtime, referee: Account, named: str | None) -> Invoice | None:
     """The invoice named with --invoice (checked at Stripe), else the referee's first qualifying invoice
     recorded locally, else the first among the customer's paid invoices at Stripe; None when there is none."""
     minimum = max(rt.catalogue.referrals.min_amount, 1)
@@ -236,8 +236,8 @@ def _qualifying_invoice(session: Session, rt: Runtime, referee: Account, named: 
         problem = _disqualified(obj, customer, minimum, rt.settings.stripe_livemode)
         if problem is not None:
             raise Refused(f"invoice {named} does not qualify: {problem}")
-        return _found(session, obj, "Stripe (--invoice)")
-    recorded = referrals.first_qualifying_invoice(session, referee, minimum)
+        return _found(uow, obj, "Stripe (--invoice)")
+    recorded = referrals.first_qualifying_invoice(uow, referee, minimum)
     if recorded is not None:
         return Invoice(recorded, "recorded payments")
     if customer is None:
@@ -249,11 +249,11 @@ def _qualifying_invoice(session: Session, rt: Runtime, referee: Account, named: 
     if not listed:
         return None
     first = min(listed, key=lambda obj: (so.invoice(obj).paid_at or ledger.NEVER, obj["id"]))
-    return _found(session, first, "Stripe (the customer's paid invoices)")
+    return _found(uow, first, "Stripe (the customer's paid invoices)")
 
 
-def _found(session: Session, obj: dict[str, Any], where: str) -> Invoice:
-    recorded = session.get(Payment, obj["id"]) is not None
+def _found(uow: UnitOfWork, obj: dict[str, Any], where: str) -> Invoice:
+    recorded = uow.session.get(Payment, obj["id"]) is not None
     return Invoice(obj["id"], where, None if recorded else obj)
 
 
@@ -271,39 +271,40 @@ def _disqualified(obj: dict[str, Any], customer: str, minimum: int, livemode: bo
     return None
 
 
-def _handle_inline(session: Session, rt: Runtime, invoice: dict[str, Any], now: datetime) -> None:
+def _handle_inline(uow: UnitOfWork, rt: Runtime, invoice: dict[str, Any], now: datetime) -> None:
     """For a dry run: what the inbox would do with the synthetic event, run in the uncommitted transaction."""
     payload = synthetic_event(invoice, now)
     event = inbox.Claimed(payload["id"], payload["type"], payload["livemode"], now, payload)
     _, handle = handlers.HANDLERS[payload["type"]]
-    handle(handlers.Context(session, rt.catalogue, rt.stripe, event, now), invoice)
+    handle(handlers.Context(uow, rt.catalogue, rt.stripe, event, now), invoice)
 
 
 def _feed(rt: Runtime, invoice: dict[str, Any], now: datetime) -> None:
     """Store the synthetic event in the inbox and process it there, exactly as a delivered webhook."""
     payload = synthetic_event(invoice, now)
-    with transaction(rt.sessions) as session:
-        inbox.store(session, payload, now)
+    with rt.uow() as uow:
+        inbox.store(uow, payload, now)
+        uow.commit()
     if dispatch.process(rt, payload["id"], replay=True, now=now) == "processed":
         return
-    with transaction(rt.sessions) as session:
-        stored = session.get_one(StripeEvent, payload["id"])
+    with rt.uow() as uow:
+        stored = uow.session.get_one(StripeEvent, payload["id"])
         raise Refused(f"{stored.id} is {stored.status}: {stored.last_error or stored.outcome or 'held by another process'}")
 
 
-def _keys(session: Session, *parties: Account) -> frozenset[str]:
-    rows = session.scalars(
+def _keys(uow: UnitOfWork, *parties: Account) -> frozenset[str]:
+    rows = uow.session.scalars(
         select(LedgerEntry.idempotency_key).where(LedgerEntry.account_id.in_([a.id for a in parties]))
     )
     return frozenset(rows)
 
 
-def _outcome(session: Session, referral: Referral, side: str, credits: int, before: frozenset[str]) -> str:
+def _outcome(uow: UnitOfWork, referral: Referral, side: str, credits: int, before: frozenset[str]) -> str:
     if credits <= 0:
         return "no payout"
     if f"referral:{referral.id}:{side}" in before:
         return "already paid"
-    if referrals.side_paid(session, referral, side):
+    if referrals.side_paid(uow, referral, side):
         return "paid"
     if side == "referrer" and referral.status == "held":
         return "held"

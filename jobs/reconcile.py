@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import ColumnElement, Select, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import or_, select
 
 from jobs.pages import prefetched
 from jobs.referral_codes import ReferralCodes
 from service.domain import accounts, findings, ledger, referrals
-from service.infra import db, heap, logs
+from service.infra import logs
 from service.infra import stripe_objects as so
-from service.infra.db import transaction
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
 from service.infra.runtime import Runtime
 from webhooks import dispatch, inbox
@@ -105,26 +104,28 @@ class Report:
 
 def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Callable[[str], None] = lambda _: None) -> Report:
     """One reconciliation run, stored with its findings; Stripe errors propagate (the CLI exits 2)."""
-    with transaction(rt.sessions) as session:
-        run_row = findings.start_run(session, since, until, fix)
+    with rt.uow() as uow:
+        run_row = findings.start_run(uow, since, until, fix)
+        uow.commit()
     report = Report(since, until, fix, [], run_row.id)
     try:
         scan = Scan(rt, since, until, tick)
-        with heap.frozen():  # Stripe's pages decoded: keep the collector off the start-up heap
-            scan.events()
-            scan.invoices()
+        scan.events()
+        scan.invoices()
         scan.local()
         report.found = list(scan.found.values())
         if fix:
             for finding in report.found:
                 finding.fixed = finding.repair is not None and _attempt(finding)
     except Exception:
-        with transaction(rt.sessions) as session:
-            findings.finish_run(session, run_row, [], "error", {"error": "see logs"})
+        with rt.uow() as uow:
+            findings.finish_run(uow, run_row, [], "error", {"error": "see logs"})
+            uow.commit()
         raise
-    with transaction(rt.sessions) as session:
+    with rt.uow() as uow:
         status = "findings" if report.remaining else "clean"
-        findings.finish_run(session, run_row, [f.seen() for f in report.found], status, report.summary())
+        findings.finish_run(uow, run_row, [f.seen() for f in report.found], status, report.summary())
+        uow.commit()
     log.info("reconcile.finished", **{k: v for k, v in report.summary().items() if k != "remaining_by_kind"})
     return report
 
@@ -162,13 +163,15 @@ class Scan:
         """Every handled event Stripe has for the window that the inbox has not processed."""
         listed = self.rt.stripe.iterate_events(created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff), types=sorted(HANDLERS))
         for page in prefetched(listed, PAGE):
-            with self.rt.sessions() as session:
-                statuses = dict(session.connection().execute(lookups(session).statuses, {"ids": [e["id"] for e in page]}).all())
+            with self.rt.uow() as uow:
+                session = uow.session
+                query = select(StripeEvent.id, StripeEvent.status).where(StripeEvent.id.in_([e["id"] for e in page]))
+                statuses: dict[str, str] = dict(session.execute(query).all())
                 for event in page:
                     self.tick("events")
                     status = statuses.get(event["id"])
                     if status is None or status in inbox.DUE:
-                        self._unprocessed(session, event, session.get(StripeEvent, event["id"]) if status else None)
+                        self._unprocessed(uow, event, session.get(StripeEvent, event["id"]) if status else None)
                     elif status == "dead":
                         self._dead(session.get_one(StripeEvent, event["id"]))
 
@@ -178,8 +181,9 @@ class Scan:
         min_amount = max(self.rt.catalogue.referrals.min_amount, 1)
         for page in prefetched(listed, PAGE):
             facts = [so.invoice(obj) for obj in page]
-            with self.rt.sessions() as session:
-                known = Known.fetch(session, [invoice for invoice in facts if invoice.amount_paid > 0])
+            with self.rt.uow() as uow:
+                session = uow.session
+                known = Known.fetch(uow, [invoice for invoice in facts if invoice.amount_paid > 0])
                 for obj, invoice in zip(page, facts):
                     self.tick("invoices")
                     if invoice.amount_paid <= 0:
@@ -189,13 +193,14 @@ class Scan:
                         payment = session.get_one(Payment, invoice.id) if outcome else None
                         self.add(self._missing_refill(invoice, payment, obj))
                     if invoice.amount_paid >= min_amount:
-                        self._referral_of_invoice(session, invoice, known)
+                        self._referral_of_invoice(uow, invoice, known)
 
     # -- the local side --------------------------------------------------------------------------------
 
     def local(self) -> None:
         """Dead and stuck events, unsettled referrals, unknown prices, shortfalls and ledger drift."""
-        with self.rt.sessions() as session:
+        with self.rt.uow() as uow:
+            session = uow.session
             for row in session.scalars(select(StripeEvent).where(StripeEvent.status.in_(("dead", *inbox.DUE)))):
                 self.tick("inbox")
                 if row.id in self.reported_events:
@@ -203,14 +208,14 @@ class Scan:
                 if row.status == "dead":
                     self._dead(row)
                 elif row.received_at < utcnow() - GRACE:
-                    self._unprocessed(session, row.payload, row)
+                    self._unprocessed(uow, row.payload, row)
             for referral in session.scalars(select(Referral).where(Referral.status.in_(UNSETTLED))):
                 self.tick("referrals")
-                self._unsettled(session, referral)
+                self._unsettled(uow, referral)
             for payment in session.scalars(select(Payment).where(Payment.outcome.in_(("unknown_price", "unknown_pack")))):
-                self._unknown_product(session, payment)
-            self._shortfalls(session)
-            for drift in ledger.check(session):
+                self._unknown_product(uow, payment)
+            self._shortfalls(uow)
+            for drift in ledger.check(uow):
                 self.add(Found("ledger_drift", f"{drift.account}:{drift.what}",
                                f"{drift.what}: the ledger says {drift.expected}, the stored value is {drift.actual}",
                                "investigate before any fix: `credits check` shows every drift", [drift.account],
@@ -218,7 +223,7 @@ class Scan:
 
     # -- findings ----------------------------------------------------------------------------------------
 
-    def _unprocessed(self, session: Session, event: dict[str, Any], row: StripeEvent | None) -> None:
+    def _unprocessed(self, uow: UnitOfWork, event: dict[str, Any], row: StripeEvent | None) -> None:
         self.reported_events.add(event["id"])
         obj = (event.get("data") or {}).get("object") or {}
         kind, subject, credits = self._consequence(event["type"], obj)
@@ -227,7 +232,7 @@ class Scan:
             state += f": {row.last_error.splitlines()[-1]}"
         customer = so.ref(obj.get("customer")) if isinstance(obj, dict) else None
         self.add(Found(kind, subject, f"{event['type']} {event['id']} {state}",
-                       "reconcile --fix processes it through its webhook handler", _accounts(session, customer),
+                       "reconcile --fix processes it through its webhook handler", _accounts(uow, customer),
                        [event["id"], *([so.ref(obj)] if so.ref(obj) else [])], credits, lambda: self._process(event)))
 
     def _dead(self, row: StripeEvent) -> None:
@@ -247,7 +252,7 @@ class Scan:
                      "reconcile --fix grants it through the invoice handler" if plan else "add the price to the catalogue, then --fix",
                      [invoice.customer or ""], [invoice.id], plan[1].credits if plan else 0, lambda: self._process(synthetic))
 
-    def _referral_of_invoice(self, session: Session, invoice: so.InvoiceFacts, known: Known) -> None:
+    def _referral_of_invoice(self, uow: UnitOfWork, invoice: so.InvoiceFacts, known: Known) -> None:
         """A qualifying invoice: is its referee's referral settled, or does Stripe carry an attribution the
         service never saw? Stripe is asked only for a customer's first invoice, once per run."""
         referee = _referee(invoice, known.account)
@@ -256,7 +261,7 @@ class Scan:
             live = next((r for r in attributions if r.status != "rejected"), None)
             if live is not None:
                 if live.status in UNSETTLED:
-                    self._unsettled(session, session.get_one(Referral, live.id), qualifying_invoice=invoice.id)
+                    self._unsettled(uow, uow.session.get_one(Referral, live.id), qualifying_invoice=invoice.id)
                 return
             if attributions:
                 return  # only rejected attributions: nothing is owed
@@ -275,12 +280,13 @@ class Scan:
                        [name], [invoice.id, invoice.customer], terms.referrer_credits + terms.referee_credits,
                        lambda: self._attribute(invoice, code, where)))
 
-    def _unsettled(self, session: Session, referral: Referral, qualifying_invoice: str | None = None) -> None:
+    def _unsettled(self, uow: UnitOfWork, referral: Referral, qualifying_invoice: str | None = None) -> None:
         """A live referral that qualifies (by state, or by a paid invoice just seen at Stripe) but whose
         payouts are missing on one or both sides."""
         if referral.status not in UNSETTLED:
             return
         terms = self.rt.catalogue.referrals
+        session = uow.session
         referee = session.get_one(Account, referral.referee_id)
         qualifies = qualifying_invoice or referral.qualified_at is not None or terms.qualify_on == "signup" or session.scalar(
             select(Payment.id).where(Payment.account_id == referee.id, Payment.kind == "invoice",
@@ -288,7 +294,7 @@ class Scan:
         if not qualifies:
             return
         amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
-        unpaid = [s for s in referrals.SIDES if amounts[s] > 0 and not referrals.side_paid(session, referral, s)]
+        unpaid = [s for s in referrals.SIDES if amounts[s] > 0 and not referrals.side_paid(uow, referral, s)]
         if not unpaid:
             return
         kind = "missed_referral_payout" if len(unpaid) == len([a for a in amounts.values() if a > 0]) else "one_sided_referral_payout"
@@ -298,7 +304,8 @@ class Scan:
                        [referrer.public_id, referee.public_id], [referral.qualifying_payment or qualifying_invoice or ""],
                        sum(amounts[s] for s in unpaid), lambda: self._settle(referral.id)))
 
-    def _unknown_product(self, session: Session, payment: Payment) -> None:
+    def _unknown_product(self, uow: UnitOfWork, payment: Payment) -> None:
+        session = uow.session
         kind = "missing_refill" if payment.kind == "invoice" else "missing_purchase_grant"
         event_id = session.scalar(select(StripeEvent.id).where(StripeEvent.object_id == payment.id).order_by(StripeEvent.received_at))
         owner = session.get_one(Account, payment.account_id).public_id
@@ -306,7 +313,8 @@ class Scan:
                        "add it to the catalogue, then reconcile --fix" + (f" (replays {event_id})" if event_id else ""),
                        [owner], [payment.id], 0, (lambda: self._replay(event_id)) if event_id else None))
 
-    def _shortfalls(self, session: Session) -> None:
+    def _shortfalls(self, uow: UnitOfWork) -> None:
+        session = uow.session
         reversals = session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "reverse", LedgerEntry.created_at >= self.since,
                                                               LedgerEntry.created_at <= self.until))
         for entry in reversals:
@@ -336,27 +344,31 @@ class Scan:
 
     def _process(self, event: dict[str, Any]) -> bool:
         """Store the event in the inbox if it is not there, then run it through its handler."""
-        with transaction(self.rt.sessions) as session:
-            inbox.store(session, event, utcnow())
+        with self.rt.uow() as uow:
+            inbox.store(uow, event, utcnow())
+            uow.commit()
         return self._replay(event["id"])
 
     def _replay(self, event_id: str) -> bool:
         return dispatch.process(self.rt, event_id, replay=True) in ("processed", "ignored")
 
     def _attribute(self, invoice: so.InvoiceFacts, code: str, where: str) -> bool:
-        with transaction(self.rt.sessions) as session:
-            referee = _referee(invoice, lambda ref: accounts.find(session, ref))
+        with self.rt.uow() as uow:
+            referee = _referee(invoice, lambda ref: accounts.find(uow, ref))
             if referee is None:
                 return False  # its refill (and so its account) is not there yet: the next run retries
             source = "checkout" if where == "checkout session" else where
-            referral = referrals.attribute(session, self.rt.catalogue, referee, code, source=source).referral
+            referral = referrals.attribute(uow, self.rt.catalogue, referee, code, source=source).referral
+            uow.commit()
             return referral.status == "paid"
 
     def _settle(self, referral_id: int) -> bool:
-        with transaction(self.rt.sessions) as session:
-            referral = session.get_one(Referral, referral_id)
-            referee = session.get_one(Account, referral.referee_id)
-            return referrals.settle(session, self.rt.catalogue, referee) == "paid"
+        with self.rt.uow() as uow:
+            referral = uow.session.get_one(Referral, referral_id)
+            referee = uow.session.get_one(Account, referral.referee_id)
+            status = referrals.settle(uow, self.rt.catalogue, referee)
+            uow.commit()
+            return status == "paid"
 
 
 def _referee(invoice: so.InvoiceFacts, find: Callable[[str], A | None]) -> A | None:
@@ -404,13 +416,17 @@ class Known:
     referrals: dict[int, list[ReferralRef]]
 
     @classmethod
-    def fetch(cls, session: Session, invoices: list[so.InvoiceFacts]) -> Known:
-        queries, db = lookups(session), session.connection()  # Core execution: no ORM layer for rows of columns
-        outcomes = dict(db.execute(queries.outcomes, {"ids": [i.id for i in invoices]}).all())
+    def fetch(cls, uow: UnitOfWork, invoices: list[so.InvoiceFacts]) -> Known:
+        session = uow.session
+        outcomes = dict(session.execute(select(Payment.id, Payment.outcome)
+                                        .where(Payment.id.in_([i.id for i in invoices]))).all())
         refs = list({ref for invoice in invoices for ref in _account_refs(invoice)})
-        found = [AccountRef(*row) for row in db.execute(queries.accounts, {"refs": refs})]
+        found = [AccountRef(*row) for row in session.execute(
+            select(Account.id, Account.public_id, Account.stripe_customer_id)
+            .where(or_(Account.public_id.in_(refs), Account.stripe_customer_id.in_(refs))))]
         referrals: dict[int, list[ReferralRef]] = {}
-        for row in db.execute(queries.referrals, {"ids": [a.id for a in found]}):
+        for row in session.execute(select(Referral.id, Referral.referee_id, Referral.status)
+                                   .where(Referral.referee_id.in_([a.id for a in found]))):
             referrals.setdefault(row.referee_id, []).append(ReferralRef(*row))
         return cls(outcomes, {a.public_id: a for a in found},
                    {a.stripe_customer_id: a for a in found if a.stripe_customer_id}, referrals)
@@ -420,37 +436,8 @@ class Known:
         return self.by_public_id.get(ref) or self.by_customer.get(ref)
 
 
-class Lookups(NamedTuple):
-    """The scan's per-page queries, each taking its page's ids as one list parameter."""
-
-    statuses: Select[tuple[str, str]]
-    outcomes: Select[tuple[str, str]]
-    accounts: Select[tuple[int, str, str | None]]
-    referrals: Select[tuple[int, int, str]]
-
-
-def _lookups(dialect: str) -> Lookups:
-    def among(column: Any, name: str) -> ColumnElement[bool]:
-        return db.among(column, name, dialect)
-
-    return Lookups(
-        statuses=select(StripeEvent.id, StripeEvent.status).where(among(StripeEvent.id, "ids")),
-        outcomes=select(Payment.id, Payment.outcome).where(among(Payment.id, "ids")),
-        accounts=select(Account.id, Account.public_id, Account.stripe_customer_id).where(
-            or_(among(Account.public_id, "refs"), among(Account.stripe_customer_id, "refs"))),
-        referrals=select(Referral.id, Referral.referee_id, Referral.status).where(among(Referral.referee_id, "ids")),
-    )
-
-
-LOOKUPS = {dialect: _lookups(dialect) for dialect in ("postgresql", "sqlite")}  # built once, for each kind of database
-
-
-def lookups(session: Session) -> Lookups:
-    return LOOKUPS[session.get_bind().dialect.name]
-
-
-def _accounts(session: Session, customer: str | None) -> list[str]:
-    account = accounts.find(session, customer) if customer else None
+def _accounts(uow: UnitOfWork, customer: str | None) -> list[str]:
+    account = accounts.find(uow, customer) if customer else None
     return [account.public_id] if account else ([customer] if customer else [])
 
 

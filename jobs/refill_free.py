@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from service.domain import accounts, ledger, rollover
+from service.domain import ledger, rollover
 from service.infra.catalogue import Free
-from service.infra.db import transaction
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, utcnow
 from service.infra.runtime import Runtime
 
@@ -41,33 +40,34 @@ def run(rt: Runtime, month: str, *, now: datetime | None = None, track: Track = 
     if free.credits == 0:
         return counts
     now = now or utcnow()
-    with transaction(rt.sessions) as session:
-        ids = list(session.scalars(select(Account.id).where(Account.plan.is_(None)).order_by(Account.id)))
+    with rt.uow() as uow:
+        ids = list(uow.session.scalars(select(Account.id).where(Account.plan.is_(None)).order_by(Account.id)))
     for account_id in track(ids):
-        with transaction(rt.sessions) as session:
-            counts[_refill(session, free, session.get_one(Account, account_id), month, now)] += 1
+        with rt.uow() as uow:
+            counts[_refill(uow, free, uow.session.get_one(Account, account_id), month, now)] += 1
+            uow.commit()
     return counts
 
 
-def _refill(session: Session, free: Free, account: Account, month: str, now: datetime) -> str:
+def _refill(uow: UnitOfWork, free: Free, account: Account, month: str, now: datetime) -> str:
     """One account's allowance for `month`: the free policy first, then the grant; what happened."""
-    account = accounts.lock(session, account)
+    account = uow.lock_one(account)
     if account.plan is not None:  # subscribed since the listing
         return "skipped (paid plan)"
-    if _granted(session, account, month):
+    if _granted(uow, account, month):
         return "already granted"
-    rollover.apply(session, account, free, free.credits, key=f"rollover:free:{account.public_id}:{month}", now=now)
+    rollover.apply(uow, account, free, free.credits, key=f"rollover:free:{account.public_id}:{month}", now=now)
     ledger.grant(
-        session, account, free.credits, source="free", key=f"free:{account.public_id}:{month}",
+        uow, account, free.credits, source="free", key=f"free:{account.public_id}:{month}",
         reason=f"free allowance for {month}", actor="refill-free", rollover=True, meta={"month": month}, now=now,
     )
     return "granted"
 
 
-def _granted(session: Session, account: Account, month: str) -> bool:
+def _granted(uow: UnitOfWork, account: Account, month: str) -> bool:
     """Whether the account already has `month`'s allowance — by any public id it had, so an account re-keyed
     from its customer id since the last run is not granted twice."""
-    found = session.scalar(
+    found = uow.session.scalar(
         select(LedgerEntry.id).where(
             LedgerEntry.account_id == account.id,
             LedgerEntry.kind == "grant",

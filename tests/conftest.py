@@ -11,9 +11,11 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import respx
 from fastapi.testclient import TestClient
@@ -25,13 +27,14 @@ from tenacity import wait_none
 
 from service.entry import cli
 
-from service.infra import catalogue, metrics
+from service.infra import catalogue, logs, metrics
 from service.entry.api import create_app
 from service.infra.config import Settings
 from service.infra.db import make_engine, make_sessionmaker
 from service.infra.migrate import upgrade
 from service.infra.models import Base
 from service.infra.runtime import Runtime
+from service.infra.uow import UnitOfWork
 from service.infra import stripe_client
 from service.infra.stripe_client import StripeGateway
 from tests import stripe_events
@@ -40,6 +43,12 @@ DATA = Path(__file__).parent / "data"
 API_TOKEN = "test-api-token"
 ADMIN_TOKEN = "test-admin-token"
 DEFAULT_PG = "postgresql+psycopg://root@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logs() -> None:
+    """Log as every entry point does (to stderr), so a test reading a command's stdout reads only its output."""
+    logs.configure("console")
 
 
 def _answers(url: str) -> bool:
@@ -122,6 +131,7 @@ def settings(engine: Engine) -> Settings:
         stripe_webhook_secret=SecretStr("whsec_test_current,whsec_test_previous"),
         stripe_api_key=SecretStr("sk_test_123"),
         stripe_api_base="https://stripe.test",
+        serve_worker=False,  # the in-process app processes what tests deliver inline; tests drain the rest
     )
 
 
@@ -132,8 +142,11 @@ def rt(settings: Settings, engine: Engine) -> Runtime:
 
 
 @pytest.fixture
-def sessions(rt: Runtime):  # type: ignore[no-untyped-def]
-    return rt.sessions
+def uow(rt: Runtime) -> Iterator[UnitOfWork]:
+    """A unit of work for the test's own reads and domain calls, never committed: what the domain did is read
+    back in it."""
+    with rt.uow() as unit:
+        yield unit
 
 
 @pytest.fixture
@@ -142,12 +155,15 @@ def client(rt: Runtime) -> Iterator[TestClient]:
         yield test_client
 
 
+Deliver = Callable[..., httpx.Response]
+
+
 @pytest.fixture
-def deliver(client: TestClient):  # type: ignore[no-untyped-def]
+def deliver(client: TestClient) -> Deliver:
     """POST a Stripe event to the webhook endpoint, signed as Stripe signs it (or as a test says)."""
 
-    def post(evt: dict | None = None, *, raw: bytes | None = None, secret: str = stripe_events.SECRET,
-             at: int | None = None, header: str | None = None):  # type: ignore[no-untyped-def]
+    def post(evt: dict[str, Any] | None = None, *, raw: bytes | None = None, secret: str = stripe_events.SECRET,
+             at: int | None = None, header: str | None = None) -> httpx.Response:
         body = raw if raw is not None else stripe_events.encode(evt or {})
         signature = header if header is not None else stripe_events.sign(body, secret, at)
         response = client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": signature})
@@ -164,13 +180,15 @@ def stripe_api() -> Iterator[respx.MockRouter]:
         yield router
 
 
+Run = Callable[..., tuple[int, str, str]]
+
+
 @pytest.fixture
-def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
     """Run `credits ARGS…` in-process against the test database; returns (exit code, stdout, stderr)."""
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("CREDITS_CONFIG", str(settings.credits_config))
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("WORKER_NICE", "0")  # `credits worker` in-process must not lower the test run's priority
     monkeypatch.setenv("STRIPE_API_BASE", settings.stripe_api_base)
     monkeypatch.setenv("STRIPE_API_KEY", settings.stripe_api_key.get_secret_value())
     monkeypatch.setattr(stripe_client, "RETRY_POLICY", stripe_client.RETRY_POLICY.copy(wait=wait_none()))

@@ -6,10 +6,10 @@ import json
 from sqlalchemy import text
 
 from service.infra.models import utcnow
+from tests.helpers import committed
 from tests import stripe_events as se
 from webhooks import inbox
 
-from service.infra.db import transaction
 
 
 def test_grant_then_balance_as_json(run) -> None:  # type: ignore[no-untyped-def]
@@ -57,12 +57,12 @@ def test_a_mistyped_command_is_a_usage_error(run) -> None:  # type: ignore[no-un
 
 def test_a_bad_setting_in_the_environment_is_named_in_one_line_not_a_traceback(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("LOG_LEVEL", "loud")
-    monkeypatch.setenv("WORKER_PROCESSES", "0")
+    monkeypatch.setenv("WORKER_THREADS", "0")
     code, out, err = run("events", "list")
     assert (code, out) == (2, "")
     assert err.splitlines() == [
         "error: LOG_LEVEL='loud': Input should be 'debug', 'info', 'warning' or 'error'",
-        "error: WORKER_PROCESSES='0': Input should be greater than or equal to 1",
+        "error: WORKER_THREADS='0': Input should be greater than or equal to 1",
     ]
 
 
@@ -81,10 +81,10 @@ def test_check_passes_on_a_consistent_ledger(run) -> None:  # type: ignore[no-un
     assert (code, "ledger consistent" in out) == (0, True)
 
 
-def test_check_exits_1_on_drift(run, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_check_exits_1_on_drift(run, rt) -> None:  # type: ignore[no-untyped-def]
     run("grant", "acct_1", "100", "--reason", "r", "--actor", "a")
-    with transaction(sessions) as s:
-        s.execute(text("UPDATE credit_grants SET remaining = 90, expired = 10"))
+    with committed(rt) as uow:
+        uow.session.execute(text("UPDATE credit_grants SET remaining = 90, expired = 10"))
     code, out, _ = run("check")
     assert code == 1
     assert "balance" in out and "grant 1 expired" in out
@@ -99,11 +99,11 @@ def test_a_bad_catalogue_stops_the_command_naming_the_line(run, tmp_path, monkey
     assert "bad.toml:2: free.credits" in err
 
 
-def test_worker_once_drains_what_is_due_and_events_list_shows_it(run, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_worker_once_drains_what_is_due_and_events_list_shows_it(run, rt) -> None:  # type: ignore[no-untyped-def]
     inv = se.invoice("2017", invoice_id="in_1", customer="cus_1", price="plan_starter", amount_paid=2000)
     inv["metadata"] = {"account_id": "acct_1"}
-    with transaction(sessions) as s:
-        inbox.store(s, se.event("invoice.payment_succeeded", inv, event_id="evt_1", era="2017"), utcnow())
+    with committed(rt) as uow:
+        inbox.store(uow, se.event("invoice.payment_succeeded", inv, event_id="evt_1", era="2017"), utcnow())
     assert run("worker", "--once")[1].strip() == "processed: 1 processed"
     code, out, _ = run("events", "list", "--status", "processed", "--json")
     assert code == 0
@@ -118,11 +118,11 @@ def test_events_list_refuses_an_unknown_status(run) -> None:  # type: ignore[no-
     assert "must be one of" in err
 
 
-def test_events_replay_reprocesses_one_event(run, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_events_replay_reprocesses_one_event(run, rt) -> None:  # type: ignore[no-untyped-def]
     inv = se.invoice("2020", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
                      subscription_metadata={"account_id": "acct_1"})
-    with transaction(sessions) as s:
-        inbox.store(s, se.event("invoice.paid", inv, event_id="evt_1", era="2020"), utcnow())
+    with committed(rt) as uow:
+        inbox.store(uow, se.event("invoice.paid", inv, event_id="evt_1", era="2020"), utcnow())
     code, out, _ = run("events", "replay", "evt_1")
     assert (code, out.strip()) == (0, "evt_1: processed — granted 2000 credits (starter)")
     assert run("events", "replay", "evt_1")[1].strip() == "evt_1: processed — already granted (invoice:in_1)"
@@ -138,11 +138,3 @@ def test_demo_posts_the_whole_story_and_shows_the_ledger(run) -> None:  # type: 
     assert code == 0
     assert out.count("✓") == 7 and "✗" not in out
     assert "rollover (cap) at renewal" in out and "reverse:re_demo_" in out
-
-
-def test_the_worker_gives_way_on_the_cpu_by_worker_nice(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    niced: list[int] = []
-    monkeypatch.setattr("service.entry.cli.priority.lower", lambda nice: niced.append(nice) or False)
-    monkeypatch.setenv("WORKER_NICE", "15")
-    assert run("worker", "--once")[0] == 0
-    assert niced == [15]

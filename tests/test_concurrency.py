@@ -1,50 +1,91 @@
-"""Concurrent spends: the account row lock (PostgreSQL) or the write lock (SQLite) means no interleaving
-can overdraw and no retried key spends twice."""
+"""Concurrent spends through the API, as the product sends them: the account row lock (PostgreSQL) or the write
+lock (SQLite) means no interleaving overdraws, a member's allocation bounds it as the balance does, and a
+retried Idempotency-Key spends once."""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.domain import accounts, ledger, spending
+from tests.helpers import balance_of, committed
+
+Outcome = tuple[int, dict[str, Any]]
 
 
-from service.domain import accounts, ledger
-from service.infra.db import transaction
+def fund(rt, credits: int, *, members: dict[str, int] | None = None) -> None:  # type: ignore[no-untyped-def]
+    """acct_hot with `credits`, and members with these allocations."""
+    with committed(rt) as uow:
+        account = accounts.get_or_create(uow, "acct_hot")
+        ledger.grant(uow, account, credits, source="admin", key="g1")
+        for member_id, allocation in (members or {}).items():
+            spending.set_member(uow, account, member_id, allocation=allocation, limit_per_period=None)
 
 
-def test_25_concurrent_spends_of_10_against_100_give_10_successes_and_15_refusals(sessions) -> None:  # type: ignore[no-untyped-def]
-    with transaction(sessions) as s:
-        ledger.grant(s, accounts.get_or_create(s, "acct_hot"), 100, source="admin", key="g1")
-    start = threading.Barrier(25)
+def at_once(client: TestClient, bodies: list[dict[str, Any]], keys: list[str]) -> list[Outcome]:
+    """POST each body to acct_hot's spend route under its key, all released at the same moment."""
+    start = threading.Barrier(len(bodies))
 
-    def one_spend(n: int) -> str:
+    def post(n: int) -> Outcome:
         start.wait()
-        try:
-            with transaction(sessions) as s:
-                ledger.spend(s, accounts.get(s, "acct_hot"), 10, key=f"s{n}")
-        except ledger.InsufficientCredits:
-            return "402"
-        return "200"
+        response = client.post("/v1/accounts/acct_hot/spend", json=bodies[n], headers={"Idempotency-Key": keys[n]})
+        return response.status_code, response.json()
 
-    with ThreadPoolExecutor(max_workers=25) as pool:
-        outcomes = list(pool.map(one_spend, range(25)))
-    assert (outcomes.count("200"), outcomes.count("402")) == (10, 15)
-    with transaction(sessions) as s:
-        assert ledger.balance(s, accounts.get(s, "acct_hot")) == 0
-        assert ledger.check(s) == []
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        return list(pool.map(post, range(len(bodies))))
 
 
-def test_concurrent_retries_of_one_spend_spend_once(sessions) -> None:  # type: ignore[no-untyped-def]
-    with transaction(sessions) as s:
-        ledger.grant(s, accounts.get_or_create(s, "acct_hot"), 100, source="admin", key="g1")
-    start = threading.Barrier(10)
+def assert_consistent(rt, balance: int) -> None:  # type: ignore[no-untyped-def]
+    assert balance_of(rt, "acct_hot") == balance
+    with rt.uow() as uow:
+        assert ledger.check(uow) == []
 
-    def retry(_: int) -> int:
-        start.wait()
-        with transaction(sessions) as s:
-            return ledger.spend(s, accounts.get(s, "acct_hot"), 10, key="same").entry.id
 
-    with ThreadPoolExecutor(max_workers=10) as pool:
-        entry_ids = set(pool.map(retry, range(10)))
-    assert len(entry_ids) == 1
-    with transaction(sessions) as s:
-        assert ledger.balance(s, accounts.get(s, "acct_hot")) == 90
+@pytest.mark.parametrize(("spends", "each", "credits", "succeed"), [(25, 10, 100, 10), (50, 3, 100, 33)])
+def test_concurrent_spends_succeed_exactly_as_often_as_the_balance_allows(client, rt, spends, each, credits, succeed) -> None:  # type: ignore[no-untyped-def]
+    fund(rt, credits)
+    outcomes = at_once(client, [{"amount": each}] * spends, [f"s{n}" for n in range(spends)])
+    statuses = [status for status, _ in outcomes]
+    assert (statuses.count(200), statuses.count(402)) == (succeed, spends - succeed)
+    assert all(body["charged"] == each for status, body in outcomes if status == 200)
+    assert_consistent(rt, credits - succeed * each)
+
+
+def test_concurrent_spends_of_a_member_never_pass_its_allocation(client, rt) -> None:  # type: ignore[no-untyped-def]
+    fund(rt, 1000, members={"ana": 100})
+    outcomes = at_once(client, [{"amount": 10, "member_id": "ana"}] * 25, [f"s{n}" for n in range(25)])
+    statuses = [status for status, _ in outcomes]
+    assert (statuses.count(200), statuses.count(402)) == (10, 15)
+    assert_consistent(rt, 900)
+
+
+def test_concurrent_spends_of_a_member_never_pass_the_balance_under_its_allocation(client, rt) -> None:  # type: ignore[no-untyped-def]
+    fund(rt, 100, members={"ana": 100})
+    with committed(rt) as uow:  # most of the credits taken back (a refund): the allocation outgrows the balance
+        ledger.debit(uow, accounts.get(uow, "acct_hot"), 70, kind="reverse", key="reverse:re_1", partial=True)
+    outcomes = at_once(client, [{"amount": 10, "member_id": "ana"}] * 25, [f"s{n}" for n in range(25)])
+    statuses = [status for status, _ in outcomes]
+    assert (statuses.count(200), statuses.count(402)) == (3, 22)
+    assert_consistent(rt, 0)
+
+
+def test_concurrent_retries_of_one_spend_spend_once_and_each_gets_its_answer(client, rt) -> None:  # type: ignore[no-untyped-def]
+    fund(rt, 100)
+    outcomes = at_once(client, [{"amount": 10}] * 10, ["same"] * 10)
+    assert {status for status, _ in outcomes} == {200}
+    assert len({body["entry_id"] for _, body in outcomes}) == 1
+    assert_consistent(rt, 90)
+
+
+def test_concurrent_retries_of_many_spends_spend_each_once(client, rt) -> None:  # type: ignore[no-untyped-def]
+    """Every key sent three times at once, as a client that retries on a timeout does."""
+    fund(rt, 100)
+    keys = [f"s{n % 10}" for n in range(30)]
+    outcomes = at_once(client, [{"amount": 1}] * 30, keys)
+    assert {status for status, _ in outcomes} == {200}
+    assert len({body["entry_id"] for _, body in outcomes}) == 10
+    assert_consistent(rt, 90)

@@ -3,6 +3,7 @@ secrets that never reach a log line or an unauthenticated route."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -16,9 +17,9 @@ from service.domain import accounts, ledger
 
 from service.infra import logs
 from service.entry.api import create_app
-from service.infra.db import transaction
 from service.infra.models import utcnow
 from service.infra.runtime import Runtime
+from tests.helpers import committed
 from tests import stripe_events as se
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from webhooks import inbox
@@ -64,15 +65,15 @@ def test_stripe_retries_are_counted_and_a_failed_event_shows_in_the_inbox_depth(
 
 
 def test_metrics_can_be_put_behind_a_token(rt: Runtime) -> None:
-    locked = Runtime(rt.settings.model_copy(update={"metrics_token": SecretStr("scrape-me")}), rt.catalogue, rt.engine, rt.sessions, rt.stripe)
+    locked = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"metrics_token": SecretStr("scrape-me")}))
     client = TestClient(create_app(locked))
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
 
 
 def test_an_old_pending_event_logs_a_backlog_warning(rt: Runtime, capsys) -> None:  # type: ignore[no-untyped-def]
-    with transaction(rt.sessions) as s:
-        inbox.store(s, se.event("invoice.paid", {"object": "invoice", "id": "in_x"}, event_id="evt_old"), utcnow() - timedelta(hours=1))
+    with committed(rt) as uow:
+        inbox.store(uow, se.event("invoice.paid", {"object": "invoice", "id": "in_x"}, event_id="evt_old"), utcnow() - timedelta(hours=1))
     logs.configure("json")
     text = TestClient(create_app(rt)).get("/metrics").text
     assert scraped(text, "credits_inbox_oldest_pending_seconds") >= 3600
@@ -102,7 +103,7 @@ def test_every_v1_route_refuses_a_request_without_a_token(client) -> None:  # ty
 def test_the_admin_token_may_not_equal_the_api_token(rt: Runtime) -> None:
     same = rt.settings.model_copy(update={"credits_admin_token": SecretStr(API_TOKEN)})
     with pytest.raises(ValueError, match="must differ"):
-        create_app(Runtime(same, rt.catalogue, rt.engine, rt.sessions, rt.stripe))
+        create_app(dataclasses.replace(rt, settings=same))
 
 
 def test_serve_refuses_to_start_with_equal_tokens(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -141,15 +142,15 @@ def test_sql_is_only_built_with_bound_parameters() -> None:
     assert offenders == []
 
 
-def test_credits_are_counted_only_once_their_transaction_commits(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_credits_are_counted_only_once_their_transaction_commits(rt) -> None:  # type: ignore[no-untyped-def]
     def counted() -> float:
         return sample("credits_credits_total", {"kind": "grant", "source": "admin"})
 
     before = counted()
-    with sessions() as s:
-        ledger.grant(s, accounts.get_or_create(s, "acct_1"), 7, source="admin", key="rolled-back")
-        s.rollback()
+    with rt.uow() as uow:
+        ledger.grant(uow, accounts.get_or_create(uow, "acct_1"), 7, source="admin", key="rolled-back")
+        uow.session.rollback()
     assert counted() == before
-    with transaction(sessions) as s:
-        ledger.grant(s, accounts.get_or_create(s, "acct_1"), 5, source="admin", key="kept")
+    with committed(rt) as uow:
+        ledger.grant(uow, accounts.get_or_create(uow, "acct_1"), 5, source="admin", key="kept")
     assert counted() == before + 5

@@ -17,10 +17,9 @@ from sqlalchemy import text
 
 from jobs import reconcile
 from service.domain import ledger
-from service.infra.db import transaction
 from service.infra.models import StripeEvent, utcnow
 from tests import stripe_events as se
-from tests.helpers import balance_of, state
+from tests.helpers import balance_of, committed, state
 
 NOW = utcnow().replace(microsecond=0)
 THIS_MONTH = (NOW - timedelta(hours=2), NOW + timedelta(days=29))
@@ -83,7 +82,7 @@ def test_a_clean_window_exits_0(run, stripe_lists) -> None:  # type: ignore[no-u
     assert "clean" in out
 
 
-def test_an_undelivered_referred_signup_is_found_and_fixed_once(run, client, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_an_undelivered_referred_signup_is_found_and_fixed_once(run, client, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     """No webhook ever arrived: the paid invoice and the referral are found in Stripe; --fix credits the
     refill and both sides; a second --fix finds and changes nothing."""
     code = code_of(client, "acct_ana")
@@ -100,15 +99,15 @@ def test_an_undelivered_referred_signup_is_found_and_fixed_once(run, client, ses
     status, report = reconcile_json(run, "--fix")
     assert status == 0
     assert kinds(report) == [("missed_referral_payout", "referee:cus_bob", "fixed"), ("missing_refill", "in_349", "fixed")]
-    assert state(sessions, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer")]
-    assert state(sessions, "acct_bob")[0] == [("grant", 2000, "invoice:in_349"), ("grant", 3000, "referral:1:referee")]
+    assert state(rt, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer")]
+    assert state(rt, "acct_bob")[0] == [("grant", 2000, "invoice:in_349"), ("grant", 3000, "referral:1:referee")]
 
     status, report = reconcile_json(run, "--fix")
     assert (status, report["findings"]) == (0, [])
-    assert balance_of(sessions, "acct_ana") == 3000 and balance_of(sessions, "acct_bob") == 5000
+    assert balance_of(rt, "acct_ana") == 3000 and balance_of(rt, "acct_bob") == 5000
 
 
-def test_an_attribution_only_on_the_customer_at_stripe_is_found(run, client, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_an_attribution_only_on_the_customer_at_stripe_is_found(run, client, deliver, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     invoice = referred_invoice(code)
     invoice["parent"]["subscription_details"]["metadata"] = {"account_id": "acct_bob"}
@@ -118,10 +117,10 @@ def test_an_attribution_only_on_the_customer_at_stripe_is_found(run, client, del
     status, report = reconcile_json(run, "--fix")
     assert kinds(report) == [("missed_referral_payout", "referee:acct_bob", "fixed")]
     assert "customer metadata carries referral code" in report["findings"][0]["detail"]
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_an_attribution_only_on_the_checkout_session_is_found(run, client, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_an_attribution_only_on_the_checkout_session_is_found(run, client, deliver, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     invoice = referred_invoice(code)
     invoice["parent"]["subscription_details"]["metadata"] = {"account_id": "acct_bob"}
@@ -132,7 +131,7 @@ def test_an_attribution_only_on_the_checkout_session_is_found(run, client, deliv
     serve_list(stripe_lists, "/v1/checkout/sessions", [checkout])
     _, report = reconcile_json(run, "--fix")
     assert kinds(report) == [("missed_referral_payout", "referee:acct_bob", "fixed")]
-    assert balance_of(sessions, "acct_bob") == 5000
+    assert balance_of(rt, "acct_bob") == 5000
 
 
 def first_invoice(n: int, code: str | None = None) -> dict[str, Any]:
@@ -149,7 +148,7 @@ def window_seconds(route: respx.Route) -> int:
     return int(params["created[lte]"]) - int(params["created[gte]"])
 
 
-def test_new_customers_are_listed_once_for_the_window_and_an_older_one_is_looked_up_alone(run, client, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_new_customers_are_listed_once_for_the_window_and_an_older_one_is_looked_up_alone(run, client, deliver, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     """Three first invoices: customers 1 and 2 were created in the window (listed, 1 carrying a code: no
     request of their own — an unexpected one fails the run), customer 3 before it (looked up by id)."""
     code = code_of(client, "acct_ana")
@@ -167,7 +166,7 @@ def test_new_customers_are_listed_once_for_the_window_and_an_older_one_is_looked
     assert abs(window_seconds(listed) - (3 * 86400 - 5 * 60)) <= 1  # the invoices' window: 3 days, less the grace
 
 
-def test_checkout_sessions_are_listed_from_a_day_before_the_window(run, client, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_checkout_sessions_are_listed_from_a_day_before_the_window(run, client, deliver, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     """A Checkout session lives at most 24 hours, so the session behind any first invoice of the window was
     created at most a day before it: completed sessions are listed from then, once, with no per-subscription
     look-up."""
@@ -198,7 +197,7 @@ def test_a_customer_who_never_carried_a_code_is_not_a_finding(run, deliver, stri
     assert (status, report["findings"]) == (0, [])
 
 
-def test_a_locally_known_referral_left_unpaid_is_found_and_paid(run, client, deliver, sessions, stripe_lists, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_locally_known_referral_left_unpaid_is_found_and_paid(run, client, deliver, rt, stripe_lists, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     real_grant = ledger.grant
     monkeypatch.setattr(ledger, "grant", lambda s, a, n, **kw: (_ for _ in ()).throw(RuntimeError("down"))
                         if kw["key"].startswith("referral:") else real_grant(s, a, n, **kw))
@@ -210,10 +209,10 @@ def test_a_locally_known_referral_left_unpaid_is_found_and_paid(run, client, del
     assert (status, kinds(report)) == (1, [("missed_referral_payout", "referral:1", "open")])
     _, report = reconcile_json(run, "--fix")
     assert kinds(report) == [("missed_referral_payout", "referral:1", "fixed")]
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_a_one_sided_payout_is_found_and_completed(run, client, deliver, sessions, stripe_lists, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_one_sided_payout_is_found_and_completed(run, client, deliver, rt, stripe_lists, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     real_grant = ledger.grant
     monkeypatch.setattr(ledger, "grant", lambda s, a, n, **kw: (_ for _ in ()).throw(RuntimeError("down"))
                         if kw["key"].endswith(":referrer") else real_grant(s, a, n, **kw))
@@ -224,8 +223,8 @@ def test_a_one_sided_payout_is_found_and_completed(run, client, deliver, session
     _, report = reconcile_json(run, "--fix")
     assert kinds(report) == [("one_sided_referral_payout", "referral:1", "fixed")]
     assert report["findings"][0]["credits"] == 3000
-    assert state(sessions, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer")]
-    assert state(sessions, "acct_bob")[0][-1] == ("grant", 3000, "referral:1:referee")
+    assert state(rt, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer")]
+    assert state(rt, "acct_bob")[0][-1] == ("grant", 3000, "referral:1:referee")
 
 
 def test_a_failing_event_is_retried_by_fix_and_stays_open_while_it_fails(run, deliver, stripe_lists) -> None:  # type: ignore[no-untyped-def]
@@ -239,12 +238,12 @@ def test_a_failing_event_is_retried_by_fix_and_stays_open_while_it_fails(run, de
     assert detail.startswith("invoice.paid evt_failing failed after 1 attempt(s)") and "InvalidRequestError" in detail
 
 
-def test_a_dead_event_is_reported_with_its_error_and_not_fixed(run, deliver, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_event_is_reported_with_its_error_and_not_fixed(run, deliver, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     stripe_lists.get("/v1/customers/cus_x").respond(400, json={"error": {"type": "invalid_request_error"}})
     deliver(se.event("invoice.paid", se.invoice("2025", invoice_id="in_x", customer="cus_x", price="price_starter_monthly",
                                                 amount_paid=2000), event_id="evt_dead"))
-    with transaction(sessions) as s:
-        s.get_one(StripeEvent, "evt_dead").status = "dead"
+    with committed(rt) as uow:
+        uow.session.get_one(StripeEvent, "evt_dead").status = "dead"
     status, report = reconcile_json(run, "--fix")
     assert (status, kinds(report)) == (1, [("dead_event", "evt_dead", "open")])
     assert report["findings"][0]["action"] == "fix the cause, then `credits events replay evt_dead`"
@@ -259,15 +258,15 @@ def test_refund_shortfalls_are_reported(run, client, deliver, stripe_lists) -> N
     assert (report["findings"][0]["credits"], report["findings"][0]["accounts"]) == (600, ["acct_1"])
 
 
-def test_ledger_drift_is_reported(run, client, admin_headers, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_ledger_drift_is_reported(run, client, admin_headers, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     client.post("/v1/accounts/acct_1/grants", json={"amount": 10, "reason": "x"}, headers={**admin_headers, "Idempotency-Key": "g"})
-    with transaction(sessions) as s:
-        s.execute(text("UPDATE credit_grants SET remaining = 9, expired = 1"))
+    with committed(rt) as uow:
+        uow.session.execute(text("UPDATE credit_grants SET remaining = 9, expired = 1"))
     _, report = reconcile_json(run)
     assert ("ledger_drift", "acct_1:balance", "open") in kinds(report)
 
 
-def test_stripe_pages_are_followed_and_a_429_is_retried(run, client, sessions, stripe_lists) -> None:  # type: ignore[no-untyped-def]
+def test_stripe_pages_are_followed_and_a_429_is_retried(run, client, rt, stripe_lists) -> None:  # type: ignore[no-untyped-def]
     invoices = [se.invoice("2025", invoice_id=f"in_{n}", customer=f"cus_{n}", price="price_starter_monthly", amount_paid=2000,
                            period=THIS_MONTH, billing_reason="subscription_cycle", subscription_metadata={"account_id": f"acct_{n}"})
                 for n in range(5)]
@@ -285,7 +284,7 @@ def test_stripe_pages_are_followed_and_a_429_is_retried(run, client, sessions, s
     _, report = reconcile_json(run, "--fix")
     assert sorted(f["subject"] for f in report["findings"]) == [f"in_{n}" for n in range(5)]
     assert calls["n"] == 4  # one 429, then three pages
-    assert all(balance_of(sessions, f"acct_{n}") == 2000 for n in range(5))
+    assert all(balance_of(rt, f"acct_{n}") == 2000 for n in range(5))
 
 
 def test_stripe_failing_after_retries_is_exit_2(run, stripe_api) -> None:  # type: ignore[no-untyped-def]

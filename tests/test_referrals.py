@@ -17,7 +17,7 @@ from service.domain import accounts, ledger, referrals
 from service.infra.catalogue import Referrals
 from service.infra.models import utcnow
 from tests import stripe_events as se
-from tests.helpers import balance_of, state
+from tests.helpers import balance_of, state, committed
 from webhooks import inbox
 
 NOW = utcnow().replace(microsecond=0)
@@ -43,9 +43,9 @@ def paid_invoice(referee: str, invoice_id: str = "in_349", amount: int = 34900, 
                       billing_reason=reason, period=period, subscription_metadata={"account_id": referee, **(sub_metadata or {})})
 
 
-def referral_rows(sessions, account: str):  # type: ignore[no-untyped-def]
+def referral_rows(rt, account: str):  # type: ignore[no-untyped-def]
     """(kind, amount, key) of the referral-related entries only."""
-    return [e for e in state(sessions, account)[0] if "referral" in e[2] or "clawback" in e[2]]
+    return [e for e in state(rt, account)[0] if "referral" in e[2] or "clawback" in e[2]]
 
 
 def test_codes_are_stable_short_unambiguous_and_case_insensitive(client) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def test_codes_are_stable_short_unambiguous_and_case_insensitive(client) -> None
     assert refer(client, first["code"].lower(), "acct_bob").status_code == 201
 
 
-def test_the_349_dollar_story_pays_both_sides_once_whatever_arrives(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_the_349_dollar_story_pays_both_sides_once_whatever_arrives(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     """A referrer sends the link; the client buys a $349 plan; both get 3,000 credits, once — whichever of
     invoice.paid / invoice.payment_succeeded / redeliveries arrive, in any order."""
     code = code_of(client, "acct_ana")
@@ -66,72 +66,72 @@ def test_the_349_dollar_story_pays_both_sides_once_whatever_arrives(client, deli
     succeeded = se.event("invoice.payment_succeeded", paid_invoice("acct_bob"), event_id="evt_succeeded")
     for evt in (succeeded, paid, succeeded, paid):
         assert deliver(evt).status_code == 200
-    assert state(sessions, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer")]
-    assert state(sessions, "acct_bob")[0] == [("grant", 2000, "invoice:in_349"), ("grant", 3000, "referral:1:referee")]
+    assert state(rt, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer")]
+    assert state(rt, "acct_bob")[0] == [("grant", 2000, "invoice:in_349"), ("grant", 3000, "referral:1:referee")]
     view = client.get("/v1/accounts/acct_ana/referrals").json()
     assert view["credits_earned"] == 3000
     assert [(r["referee_account_id"], r["status"], r["credits_earned"]) for r in view["referrals"]] == [("acct_bob", "paid", 3000)]
     assert view["referrals"][0]["paid_at"] is not None
 
 
-def test_an_invoice_before_its_attribution_still_pays_both_when_the_attribution_arrives(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_an_invoice_before_its_attribution_still_pays_both_when_the_attribution_arrives(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
-    assert referral_rows(sessions, "acct_bob") == []
+    assert referral_rows(rt, "acct_bob") == []
     refer(client, code, "acct_bob")
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_a_trial_invoice_does_not_qualify_the_first_paid_one_does_and_renewals_never_pay_again(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_trial_invoice_does_not_qualify_the_first_paid_one_does_and_renewals_never_pay_again(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_trial", amount=0)))
-    assert balance_of(sessions, "acct_ana") == 0
+    assert balance_of(rt, "acct_ana") == 0
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_first", reason="subscription_cycle")))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_renewal", reason="subscription_cycle")))
-    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
 @pytest.mark.parametrize("era", ["2020", "2025"])
-def test_subscription_metadata_on_the_invoice_attributes_in_both_shapes(client, deliver, sessions, era: str) -> None:  # type: ignore[no-untyped-def]
+def test_subscription_metadata_on_the_invoice_attributes_in_both_shapes(client, deliver, rt, era: str) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", era=era, sub_metadata={"referral_code": code}), era=era))
-    assert balance_of(sessions, "acct_ana") == 3000
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert balance_of(rt, "acct_ana") == 3000
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
-def test_checkout_session_metadata_attributes(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_checkout_session_metadata_attributes(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     session = se.checkout_session(customer="cus_acct_bob", client_reference_id="acct_bob", mode="subscription",
                                   payment_intent=None, metadata={"referral_code": code})
     deliver(se.event("checkout.session.completed", session))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_subscription_event_metadata_attributes(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_subscription_event_metadata_attributes(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     sub = se.subscription("2017", customer="cus_acct_bob", price="plan_starter", metadata={"account_id": "acct_bob", "referral_code": code})
     deliver(se.event("customer.subscription.created", sub, era="2017"))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_customer_metadata_attributes_from_a_customer_event(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_customer_metadata_attributes_from_a_customer_event(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     deliver(se.event("customer.created", se.customer("cus_acct_bob", metadata={"account_id": "acct_bob", "referral_code": code})))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_customer_metadata_attributes_from_the_customer_looked_up_at_stripe(client, deliver, sessions, stripe_api) -> None:  # type: ignore[no-untyped-def]
+def test_customer_metadata_attributes_from_the_customer_looked_up_at_stripe(client, deliver, rt, stripe_api) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
     stripe_api.get("/v1/customers/cus_new").respond(json=se.customer("cus_new", metadata={"account_id": "acct_bob", "referral_code": code}))
     inv = se.invoice("2017", invoice_id="in_1", customer="cus_new", price="plan_starter", amount_paid=34900, period=THIS_MONTH)
     deliver(se.event("invoice.payment_succeeded", inv, era="2017"))
-    assert balance_of(sessions, "acct_ana") == 3000
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert balance_of(rt, "acct_ana") == 3000
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
 def test_the_first_attribution_wins_and_is_locked(client) -> None:  # type: ignore[no-untyped-def]
@@ -155,10 +155,10 @@ def test_an_unknown_code_is_404(client) -> None:  # type: ignore[no-untyped-def]
         ("acct_alias", "Ana.Smith+promo@GoogleMail.com", "self-referral: same email"),
     ],
 )
-def test_self_referral_is_rejected_with_a_reason(client, admin_headers, sessions, referee: str, email: str | None, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_self_referral_is_rejected_with_a_reason(client, admin_headers, rt, referee: str, email: str | None, reason: str) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")
-    with sessions.begin() as s:
-        ana = accounts.get(s, "acct_ana")
+    with committed(rt) as uow:
+        ana = accounts.get(uow, "acct_ana")
         ana.stripe_customer_id, ana.email = "cus_ana", "anasmith@gmail.com"
     response = refer(client, code, referee, email)
     assert (response.status_code, response.json()["status"], response.json()["reason"]) == (422, "rejected", reason)
@@ -171,53 +171,53 @@ def test_a_rejected_self_referral_does_not_lock_the_referee(client) -> None:  # 
     assert refer(client, code_of(client, "acct_ana"), "acct_bob").status_code == 201
 
 
-def test_a_referrer_over_the_monthly_cap_is_held_while_the_referee_is_paid(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_referrer_over_the_monthly_cap_is_held_while_the_referee_is_paid(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     code = code_of(client, "acct_ana")  # the test catalogue caps at 3 rewards a month
     for n in range(4):
         refer(client, code, f"acct_r{n}")
         deliver(se.event("invoice.paid", paid_invoice(f"acct_r{n}", f"in_{n}")))
-    assert balance_of(sessions, "acct_ana") == 9000
-    assert referral_rows(sessions, "acct_r3") == [("grant", 3000, "referral:4:referee")]
+    assert balance_of(rt, "acct_ana") == 9000
+    assert referral_rows(rt, "acct_r3") == [("grant", 3000, "referral:4:referee")]
     view = client.get("/v1/accounts/acct_ana/referrals").json()["referrals"]
     assert [r["status"] for r in view] == ["paid", "paid", "paid", "held"]
     assert view[3]["reason"] == "referrer reached 3 rewards this month"
 
 
-def test_signup_mode_pays_the_referrer_at_attribution(client, rt, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_signup_mode_pays_the_referrer_at_attribution(client, rt) -> None:  # type: ignore[no-untyped-def]
     signup_terms = Referrals(qualify_on="signup", referrer_credits=20, referee_credits=0)
     object.__setattr__(rt, "catalogue", rt.catalogue.model_copy(update={"referrals": signup_terms}))
     refer(client, code_of(client, "acct_ana"), "acct_bob")
-    assert state(sessions, "acct_ana")[0] == [("grant", 20, "referral:1:referrer")]
-    assert state(sessions, "acct_bob")[0] == []
+    assert state(rt, "acct_ana")[0] == [("grant", 20, "referral:1:referrer")]
+    assert state(rt, "acct_bob")[0] == []
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "paid"
 
 
-def test_a_refund_inside_the_window_claws_back_both_payouts(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_refund_inside_the_window_claws_back_both_payouts(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     assert post(client, "/v1/accounts/acct_ana/spend", {"amount": 1000}).status_code == 200
     deliver(se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349")))
-    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer"), ("reverse", -2000, "clawback:1:referrer")]
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee"), ("reverse", -3000, "clawback:1:referee")]
+    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer"), ("reverse", -2000, "clawback:1:referrer")]
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee"), ("reverse", -3000, "clawback:1:referee")]
     view = client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]
     # the 1,000 already spent could not be taken back: it stays earned, and the shortfall says so
     assert (view["status"], view["reason"], view["credits_earned"]) == ("reversed", "in_349 refunded; shortfall 1000", 1000)
 
 
-def test_a_refund_after_the_window_keeps_the_payouts(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_refund_after_the_window_keeps_the_payouts(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
     deliver(se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349")))
-    assert balance_of(sessions, "acct_ana") == 3000
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert balance_of(rt, "acct_ana") == 3000
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
-def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     deliver(se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=1000, invoice="in_349")))
-    assert balance_of(sessions, "acct_ana") == 3000
+    assert balance_of(rt, "acct_ana") == 3000
 
 
 def a_referral_paid_on_one_side(client, deliver, monkeypatch, referrer: str = "acct_ana", referee: str = "acct_bob") -> None:  # type: ignore[no-untyped-def]
@@ -235,18 +235,18 @@ def a_referral_paid_on_one_side(client, deliver, monkeypatch, referrer: str = "a
         deliver(se.event("invoice.paid", paid_invoice(referee, invoice_id=f"in_{referee}")))
 
 
-def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     a_referral_paid_on_one_side(client, deliver, monkeypatch)
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
-    assert balance_of(sessions, "acct_ana") == 0
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert balance_of(rt, "acct_ana") == 0
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "qualified"
     assert worker.drain(rt)["referrals retried"] == 1
-    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
-    assert referral_rows(sessions, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "paid"
 
 
-def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_ana", "acct_bob")
     a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_cat", "acct_dan")
     real_retry, lost = referrals.retry, []
@@ -259,21 +259,21 @@ def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(cli
 
     monkeypatch.setattr(referrals, "retry", deadlocked_once)
     assert worker.drain(rt) == {"referral retries failed": 1, "referrals retried": 1}
-    assert balance_of(sessions, "acct_ana") == 0
-    assert referral_rows(sessions, "acct_cat") == [("grant", 3000, "referral:2:referrer")]
+    assert balance_of(rt, "acct_ana") == 0
+    assert referral_rows(rt, "acct_cat") == [("grant", 3000, "referral:2:referrer")]
     assert worker.drain(rt) == {"referrals retried": 1}
-    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
     assert worker.drain(rt) == {}
 
 
-def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(engine, client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(engine, client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A handler holds the referee and wants the referrer while the retry holds the referrer and wants the
     referee: PostgreSQL aborts the retry, which waited first, and the drain goes on without it."""
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite has no row locks: one writer at a time, no deadlock")
     a_referral_paid_on_one_side(client, deliver, monkeypatch)
-    with sessions() as session:
-        referrer, referee = (accounts.get(session, ref).id for ref in ("acct_ana", "acct_bob"))
+    with rt.uow() as uow:
+        referrer, referee = (accounts.get(uow, ref).id for ref in ("acct_ana", "acct_bob"))
     assert referrer < referee, "the retry locks in ascending id order: the referrer first"
     lock = text("SELECT id FROM accounts WHERE id = :id FOR UPDATE")
     drained: list[object] = []
@@ -288,13 +288,4 @@ def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(en
     retrying.join(10)
     assert drained == [{"referral retries failed": 1}]
     assert worker.drain(rt) == {"referrals retried": 1}
-    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
-
-
-def test_of_the_workers_processes_only_the_first_partitions_retries_the_one_sided_payouts(engine, client, deliver, rt, sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite has one writer at a time: its worker runs one process, on every lane")
-    a_referral_paid_on_one_side(client, deliver, monkeypatch)
-    assert "referrals retried" not in worker.drain(rt, partition=inbox.Partition(1, 2))
-    assert worker.drain(rt, partition=inbox.Partition(0, 2))["referrals retried"] == 1
-    assert referral_rows(sessions, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]

@@ -4,6 +4,7 @@ allocations and limits, and usage per billing period — on both databases, unde
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from itertools import count
@@ -12,10 +13,9 @@ import pytest
 from sqlalchemy import select
 
 from service.domain import accounts, ledger, spending
-from service.infra.db import transaction
-from service.infra.models import LedgerEntry, utcnow
+from service.infra.models import ApiRequest, LedgerEntry, utcnow
 from tests import stripe_events as se
-from tests.helpers import balance_of, state
+from tests.helpers import balance_of, committed, state
 
 _keys = count()
 
@@ -34,15 +34,15 @@ def funded(client, admin_headers):  # type: ignore[no-untyped-def]
     client.post("/v1/accounts/acct_1/grants", json={"amount": 100, "reason": "seed"}, headers={**admin_headers, "Idempotency-Key": "seed"})
 
 
-def spend_meta(sessions) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
-    with sessions() as s:
-        return [(e.amount, e.meta) for e in s.scalars(select(LedgerEntry).where(LedgerEntry.kind == "spend").order_by(LedgerEntry.id))]
+def spend_meta(rt) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
+    with rt.uow() as uow:
+        return [(e.amount, e.meta) for e in uow.session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "spend").order_by(LedgerEntry.id))]
 
 
-def test_an_action_is_priced_by_the_catalogue_and_recorded(client, funded, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_an_action_is_priced_by_the_catalogue_and_recorded(client, funded, rt) -> None:  # type: ignore[no-untyped-def]
     response = spend(client, {"action": "handwritten_note", "quantity": 3})
     assert response.json() == {"balance": 85, "spent": 15, "charged": 15, "entry_id": 2, "action": "handwritten_note", "quantity": 3}
-    assert spend_meta(sessions) == [(-15, {"action": "handwritten_note", "quantity": 3})]
+    assert spend_meta(rt) == [(-15, {"action": "handwritten_note", "quantity": 3})]
 
 
 def test_an_unknown_action_is_422_naming_the_known_ones(client, funded) -> None:  # type: ignore[no-untyped-def]
@@ -56,7 +56,7 @@ def test_a_spend_needs_exactly_one_of_amount_or_action(client, funded, body: dic
     assert spend(client, body).status_code == 422
 
 
-def test_a_resource_is_charged_once_per_account_even_for_a_colleague(client, admin_headers, funded, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_resource_is_charged_once_per_account_even_for_a_colleague(client, admin_headers, funded, rt) -> None:  # type: ignore[no-untyped-def]
     member(client, admin_headers, {"member_id": "ana"})
     member(client, admin_headers, {"member_id": "bob"})
     first = spend(client, {"action": "unlock_prospect", "resource": "prospect:123", "member_id": "ana"})
@@ -65,23 +65,23 @@ def test_a_resource_is_charged_once_per_account_even_for_a_colleague(client, adm
     assert again.json() == {"balance": 99, "spent": 0, "charged": 0, "entry_id": None, "action": "unlock_prospect",
                             "quantity": 1, "resource": "prospect:123", "member_id": "bob"}
     assert spend(client, {"action": "unlock_prospect", "resource": "prospect:124"}).json()["charged"] == 1
-    assert [amount for amount, _ in spend_meta(sessions)] == [-1, -1]
+    assert [amount for amount, _ in spend_meta(rt)] == [-1, -1]
 
 
-def test_a_resource_is_charged_once_under_concurrency(sessions, rt) -> None:  # type: ignore[no-untyped-def]
-    with transaction(sessions) as s:
-        ledger.grant(s, accounts.get_or_create(s, "acct_1"), 100, source="admin", key="g")
+def test_a_resource_is_charged_once_under_concurrency(rt) -> None:  # type: ignore[no-untyped-def]
+    with committed(rt) as uow:
+        ledger.grant(uow, accounts.get_or_create(uow, "acct_1"), 100, source="admin", key="g")
     start = threading.Barrier(10)
 
     def unlock(n: int) -> int:
         start.wait()
-        with transaction(sessions) as s:
+        with committed(rt) as uow:
             charge = spending.Charge(action="unlock_prospect", resource="prospect:9")
-            return spending.spend(s, rt.catalogue, accounts.get(s, "acct_1"), charge, key=f"s{n}").charged
+            return spending.spend(uow, rt.catalogue, accounts.get(uow, "acct_1"), charge, key=f"s{n}").charged
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         assert sorted(pool.map(unlock, range(10))) == [0] * 9 + [1]
-    assert balance_of(sessions, "acct_1") == 99
+    assert balance_of(rt, "acct_1") == 99
 
 
 def test_an_allocation_is_the_members_own_and_the_pool_cannot_touch_it(client, admin_headers, funded) -> None:  # type: ignore[no-untyped-def]
@@ -127,20 +127,20 @@ def test_only_the_admin_token_manages_members(client, funded) -> None:  # type: 
     assert response.status_code == 403
 
 
-def test_concurrent_member_spends_never_exceed_an_allocation_or_a_limit(sessions, rt) -> None:  # type: ignore[no-untyped-def]
-    with transaction(sessions) as s:
-        acct = accounts.get_or_create(s, "acct_1")
-        ledger.grant(s, acct, 1000, source="admin", key="g")
-        spending.set_member(s, acct, "alloc", allocation=7, limit_per_period=None)
-        spending.set_member(s, acct, "limited", allocation=None, limit_per_period=5)
+def test_concurrent_member_spends_never_exceed_an_allocation_or_a_limit(rt) -> None:  # type: ignore[no-untyped-def]
+    with committed(rt) as uow:
+        acct = accounts.get_or_create(uow, "acct_1")
+        ledger.grant(uow, acct, 1000, source="admin", key="g")
+        spending.set_member(uow, acct, "alloc", allocation=7, limit_per_period=None)
+        spending.set_member(uow, acct, "limited", allocation=None, limit_per_period=5)
     start = threading.Barrier(20)
 
     def one(n: int) -> str:
         start.wait()
         who = "alloc" if n % 2 else "limited"
         try:
-            with transaction(sessions) as s:
-                spending.spend(s, rt.catalogue, accounts.get(s, "acct_1"), spending.Charge(amount=1, member_id=who), key=f"s{n}")
+            with committed(rt) as uow:
+                spending.spend(uow, rt.catalogue, accounts.get(uow, "acct_1"), spending.Charge(amount=1, member_id=who), key=f"s{n}")
         except (ledger.InsufficientCredits, spending.MemberLimitReached):
             return f"{who}:refused"
         return f"{who}:ok"
@@ -148,7 +148,7 @@ def test_concurrent_member_spends_never_exceed_an_allocation_or_a_limit(sessions
     with ThreadPoolExecutor(max_workers=20) as pool:
         outcomes = list(pool.map(one, range(20)))
     assert (outcomes.count("alloc:ok"), outcomes.count("limited:ok")) == (7, 5)
-    assert balance_of(sessions, "acct_1") == 1000 - 12
+    assert balance_of(rt, "acct_1") == 1000 - 12
 
 
 def test_usage_reports_the_current_period_by_source_action_and_member(client, admin_headers, funded, deliver) -> None:  # type: ignore[no-untyped-def]
@@ -163,7 +163,7 @@ def test_usage_reports_the_current_period_by_source_action_and_member(client, ad
     assert (previous["granted"], previous["remaining"]) == ({}, 0)
 
 
-def test_an_annual_plan_shows_a_monthly_goal_per_member(client, admin_headers, deliver, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_an_annual_plan_shows_a_monthly_goal_per_member(client, admin_headers, deliver, rt) -> None:  # type: ignore[no-untyped-def]
     now = utcnow()
     year = (now - timedelta(days=1), now - timedelta(days=1) + timedelta(days=365))
     deliver(se.event("invoice.paid", se.invoice("2025", invoice_id="in_y", customer="cus_1", price="price_pro_annual", amount_paid=99000,
@@ -172,7 +172,7 @@ def test_an_annual_plan_shows_a_monthly_goal_per_member(client, admin_headers, d
         member(client, admin_headers, {"member_id": name})
     goal = client.get("/v1/accounts/acct_1/usage").json()["monthly_goal"]
     assert goal == {"credits_per_member_per_month": 60000 // 3 // 12, "members": 3, "months_left": 12}
-    assert state(sessions, "acct_1")[0] == [("grant", 60000, "invoice:in_y")]
+    assert state(rt, "acct_1")[0] == [("grant", 60000, "invoice:in_y")]
 
 
 def test_credits_usage_prints_the_period_as_a_table(client, funded, run) -> None:  # type: ignore[no-untyped-def]
@@ -181,3 +181,56 @@ def test_credits_usage_prints_the_period_as_a_table(client, funded, run) -> None
     assert code == 0
     assert "granted (admin)" in out and "spent on postcard_us" in out and "remaining" in out and "96" in out
     assert run("usage", "acct_1", "--period", "someday")[0] == 2
+
+
+def test_a_member_spends_at_most_what_the_balance_allows_whatever_its_allocation(client, admin_headers, deliver, rt, run) -> None:  # type: ignore[no-untyped-def]
+    """A 1,000-credit pack, ana's allocation 300, 90% of the pack refunded (balance 100): ana's 300 is refused
+    with what is there, and she can spend the 100 that is left."""
+    deliver(se.event("payment_intent.succeeded", se.payment_intent(metadata={"pack": "boost", "account_id": "acct_1"})))
+    member(client, admin_headers, {"member_id": "ana", "allocation": 300})
+    deliver(se.event("charge.refunded", se.charge(amount=1000, amount_refunded=900, payment_intent="pi_1",
+                                                  refunds=[("re_1", 900)])))
+    assert balance_of(rt, "acct_1") == 100
+    refused = spend(client, {"amount": 300, "member_id": "ana"})
+    assert (refused.status_code, refused.json()) == (402, {"error": "insufficient_credits", "balance": 100, "requested": 300})
+    spent = spend(client, {"amount": 100, "member_id": "ana"})
+    assert (spent.status_code, spent.json()["charged"], spent.json()["balance"]) == (200, 100, 0)
+    assert state(rt, "acct_1")[1] == [("pack", 1000, 0, 100, 0, 900)]
+    assert run("check")[0] == 0
+
+
+def test_a_spend_whose_ledger_entry_exists_answers_it_and_spends_nothing_more(client, funded, rt) -> None:  # type: ignore[no-untyped-def]
+    """The ledger's key holds even when the stored answer under the Idempotency-Key is gone."""
+    with committed(rt) as uow:
+        spending.spend(uow, rt.catalogue, accounts.get(uow, "acct_1"), spending.Charge(30), key="spend:acct_1:k1")
+    response = client.post("/v1/accounts/acct_1/spend", json={"amount": 30}, headers={"Idempotency-Key": "k1"})
+    assert (response.status_code, response.json()["charged"], response.json()["balance"]) == (200, 30, 70)
+    assert state(rt, "acct_1")[0][1:] == [("spend", -30, "spend:acct_1:k1")]
+
+
+def test_an_expired_grant_is_expired_before_a_spend_and_never_spent(client, admin_headers, rt) -> None:  # type: ignore[no-untyped-def]
+    with committed(rt) as uow:
+        account = accounts.get_or_create(uow, "acct_1")
+        ledger.grant(uow, account, 50, source="admin", key="soon", expires_at=utcnow() + timedelta(milliseconds=200))
+        ledger.grant(uow, account, 20, source="admin", key="later")
+    time.sleep(0.3)
+    assert [spend(client, {"amount": 5}).json()["balance"] for _ in range(2)] == [15, 10]
+    entries, grants = state(rt, "acct_1")
+    assert [(kind, amount) for kind, amount, _ in entries[2:]] == [("expire", -50), ("spend", -5), ("spend", -5)]
+    assert [g[2:] for g in grants] == [(0, 0, 50, 0), (10, 10, 0, 0)]
+
+
+def test_an_unknown_account_is_404_and_its_key_stays_free(client, funded, rt) -> None:  # type: ignore[no-untyped-def]
+    response = client.post("/v1/accounts/nobody/spend", json={"amount": 1}, headers={"Idempotency-Key": "k1"})
+    assert (response.status_code, response.json()["error"]) == (404, "account_not_found")
+    with rt.uow() as uow:
+        assert uow.session.get(ApiRequest, "k1") is None
+
+
+def test_a_replay_whose_account_was_rekeyed_since_still_replays(client, funded, rt) -> None:  # type: ignore[no-untyped-def]
+    first = client.post("/v1/accounts/acct_1/spend", json={"amount": 10}, headers={"Idempotency-Key": "k1"})
+    with committed(rt) as uow:
+        accounts.get(uow, "acct_1").public_id = "acct_1_rekeyed"
+    again = client.post("/v1/accounts/acct_1/spend", json={"amount": 10}, headers={"Idempotency-Key": "k1"})
+    assert (again.status_code, again.json(), again.headers["idempotent-replayed"]) == (200, first.json(), "true")
+    assert balance_of(rt, "acct_1_rekeyed") == 90

@@ -11,14 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy.orm import Session
-
 from service.domain import accounts, payments, purchases, referrals, refills, reversals
 from service.infra import stripe_objects as so
 from service.domain.accounts import CustomerRecord, Identity
 from service.infra.catalogue import Catalogue
 from service.infra.models import Account, Payment
 from service.infra.stripe_client import StripeGateway
+from service.infra.uow import UnitOfWork
 from webhooks.inbox import Claimed
 
 
@@ -33,7 +32,7 @@ class PaymentNotFound(LookupError):
 class Context:
     """What a handler may use: the event's transaction, the catalogue, Stripe, and the event's clock."""
 
-    session: Session
+    uow: UnitOfWork
     catalogue: Catalogue
     stripe: StripeGateway
     event: Claimed
@@ -42,7 +41,7 @@ class Context:
 
     def account(self, who: Identity) -> Account:
         """Resolve (and link) the account, asking Stripe about a customer only when it is not linked yet."""
-        return accounts.resolve(self.session, who, self._customer_record)
+        return accounts.resolve(self.uow, who, self._customer_record)
 
     def refer(self, referee: Account, *codes: str | None, source: str, email: str | None = None) -> str:
         """Attribute the referee to the first referral code carried by the objects (or by the customer
@@ -53,14 +52,14 @@ class Context:
         if code:
             source = source if any(codes) else "customer"
             try:
-                attribution = referrals.attribute(self.session, self.catalogue, referee, code, source=source, email=email, now=self.now)
+                attribution = referrals.attribute(self.uow, self.catalogue, referee, code, source=source, email=email, now=self.now)
                 note = f"; referral {attribution.referral.status}"
                 settled_already = attribution.created  # `attribute` settles a new attribution itself
             except referrals.UnknownCode:
                 note = f"; unknown referral code {code!r}"
             except referrals.AlreadyAttributed as exc:
                 note = f"; referral code {code!r} ignored: {exc}"
-        settled = None if settled_already else referrals.settle(self.session, self.catalogue, referee, self.now)
+        settled = None if settled_already else referrals.settle(self.uow, self.catalogue, referee, self.now)
         return note + (f"; referral {settled}" if settled is not None and not note else "")
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
@@ -78,7 +77,7 @@ def invoice_paid(ctx: Context, obj: so.Obj) -> str:
     invoice = so.invoice(obj)
     carried = invoice.metadata.get("account_id") or (invoice.subscription_metadata or {}).get("account_id")
     account = ctx.account(Identity(invoice.customer, carried, invoice.customer_email))
-    outcome = refills.refill(ctx.session, ctx.catalogue, account, invoice, ctx.now)
+    outcome = refills.refill(ctx.uow, ctx.catalogue, account, invoice, ctx.now)
     code = (invoice.subscription_metadata or {}).get("referral_code") or invoice.metadata.get("referral_code")
     return outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email)
 
@@ -103,7 +102,7 @@ def checkout_completed(ctx: Context, obj: so.Obj) -> str:
         items = ctx.stripe.list_checkout_session_line_items(checkout.id)
         return [p for p in (so.ref(item.get("price")) for item in items) if p]
 
-    return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, prices, ctx.now) + referral
+    return purchases.grant_pack(ctx.uow, ctx.catalogue, account, purchase, prices, ctx.now) + referral
 
 
 def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
@@ -113,10 +112,10 @@ def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
     if not pack:
         return "not a pack purchase (no metadata.pack)"
     who = Identity(intent.customer, intent.metadata.get("account_id"))
-    known = ctx.session.get(Payment, intent.id) if who.customer is None and who.account_id is None else None
-    account = ctx.session.get_one(Account, known.account_id) if known is not None else ctx.account(who)
+    known = ctx.uow.session.get(Payment, intent.id) if who.customer is None and who.account_id is None else None
+    account = ctx.uow.lock_one(ctx.uow.session.get_one(Account, known.account_id)) if known is not None else ctx.account(who)
     purchase = purchases.Purchase(intent.id, intent.amount_received, intent.currency, intent.charge, pack)
-    return purchases.grant_pack(ctx.session, ctx.catalogue, account, purchase, list, ctx.now)
+    return purchases.grant_pack(ctx.uow, ctx.catalogue, account, purchase, list, ctx.now)
 
 
 def charge_refunded(ctx: Context, obj: so.Obj) -> str:
@@ -126,9 +125,9 @@ def charge_refunded(ctx: Context, obj: so.Obj) -> str:
     key = f"reverse:{charge.latest_refund}" if charge.latest_refund else f"reverse:{charge.id}:{charge.amount_refunded}"
     total = charge.amount or payment.amount
     outcome = reversals.reverse_payment(
-        ctx.session, payment, charge.amount_refunded, total, key=key, reason=f"refund of {payment.id}", now=ctx.now
+        ctx.uow, payment, charge.amount_refunded, total, key=key, reason=f"refund of {payment.id}", now=ctx.now
     )
-    clawback = referrals.claw_back(ctx.session, ctx.catalogue, payment, total - charge.amount_refunded, ctx.now)
+    clawback = referrals.claw_back(ctx.uow, ctx.catalogue, payment, total - charge.amount_refunded, ctx.now)
     return outcome + (f"; {clawback}" if clawback else "")
 
 
@@ -139,10 +138,10 @@ def dispute_closed(ctx: Context, obj: so.Obj) -> str:
         return f"dispute {dispute.status}: nothing to reverse"
     payment = _payment(ctx, charge=dispute.charge, payment_intent=dispute.payment_intent, invoice=None)
     outcome = reversals.reverse_payment(
-        ctx.session, payment, dispute.amount, payment.amount, key=f"reverse:{dispute.id}",
+        ctx.uow, payment, dispute.amount, payment.amount, key=f"reverse:{dispute.id}",
         reason=f"lost dispute {dispute.id} of {payment.id}", now=ctx.now,
     )
-    clawback = referrals.claw_back(ctx.session, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now)
+    clawback = referrals.claw_back(ctx.uow, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now)
     return outcome + (f"; {clawback}" if clawback else "")
 
 
@@ -152,7 +151,7 @@ def customer_changed(ctx: Context, obj: so.Obj) -> str:
     if customer.deleted:
         return "customer deleted: link kept for history"
     record = CustomerRecord(customer.metadata.get("account_id"), customer.email)
-    account = accounts.resolve(ctx.session, Identity(customer.id, record.account_id, customer.email), lambda _: record)
+    account = accounts.resolve(ctx.uow, Identity(customer.id, record.account_id, customer.email), lambda _: record)
     return f"linked {account.public_id}" + ctx.refer(
         account, customer.metadata.get("referral_code"), source="customer", email=customer.email
     )
@@ -168,19 +167,20 @@ def subscription_changed(ctx: Context, obj: so.Obj) -> str:
     plan = next((hit[0] for hit in map(ctx.catalogue.plan_for_price, sub.price_ids) if hit), None)
     status = "canceled" if deleted else (sub.status or account.status)
     paying = not deleted and status in PAYING  # an `incomplete` first payment has not paid for anything
-    period = {"period_end": sub.current_period_end} if sub.current_period_end and not deleted else {}
-    accounts.update(ctx.session, account, status=status, plan=(plan or account.plan) if paying else None,
-                    subscription_id=sub.id, subscription_as_of=ctx.event.created, **period)
+    account.status, account.plan = status, (plan or account.plan) if paying else None
+    account.subscription_id, account.subscription_as_of = sub.id, ctx.event.created
+    if sub.current_period_end and not deleted:
+        account.period_end = sub.current_period_end
     referral = ctx.refer(account, sub.metadata.get("referral_code"), source="subscription")
     return f"{account.public_id}: plan {account.plan}, status {account.status}{referral}"
 
 
 def _payment(ctx: Context, *, charge: str | None, payment_intent: str | None, invoice: str | None) -> Payment:
     """The recorded payment behind a charge, asking Stripe which invoice a payment intent paid if needed."""
-    found = payments.find(ctx.session, charge=charge, payment_intent=payment_intent, invoice=invoice)
+    found = payments.find(ctx.uow, charge=charge, payment_intent=payment_intent, invoice=invoice)
     if found is None and payment_intent and not invoice:
         paid_invoice = ctx.stripe.invoice_for_payment_intent(payment_intent)
-        found = payments.find(ctx.session, charge=None, payment_intent=None, invoice=paid_invoice)
+        found = payments.find(ctx.uow, charge=None, payment_intent=None, invoice=paid_invoice)
     if found is None:
         raise PaymentNotFound(f"no recorded payment for charge {charge}, payment intent {payment_intent}, invoice {invoice}")
     return found

@@ -1,16 +1,18 @@
-"""Processing right after the 2xx, in the receiving process, on a few threads of its own — bounded.
+"""Processing right after the 2xx, in the process that received the event, while deliveries are quiet.
 
-The request hands the stored event's id over and answers at once; a small pool of threads processes it
-within milliseconds. The endpoint hands events over only while it is quiet (webhooks/router.py,
-QUIET_DELIVERIES, QUIET_PER_SECOND), and when a burst fills the queue anyway the event simply stays pending in the inbox for
-the worker: nothing is dropped and the endpoint's accept rate never collapses to the processing rate. On
-shutdown the threads finish the event in hand; whatever is still queued is left to the worker.
+The endpoint hands each stored event's id over and answers at once; a couple of threads process it within
+milliseconds. Only while deliveries are quiet, though: an event's processing costs several times its
+acceptance, and this process's Python runs on one core at a time, so processing a burst or a steady stream
+here would turn the endpoint's milliseconds into hundreds. Beyond a few events waiting, or more than
+PER_SECOND deliveries a second, an event is left pending for the worker's drain loop (`credits serve`'s
+own, or `credits worker`'s), which finds everything due in the inbox: nothing is ever dropped.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from service.infra import logs
 from service.infra.runtime import Runtime
@@ -18,52 +20,61 @@ from webhooks import dispatch
 
 log = logs.get("inline")
 STOP = ""
+WAITING = 8  # events queued here at most; beyond, deliveries are coming faster than these threads process
+PER_SECOND = 50  # deliveries a second beyond which the endpoint is taking a burst or a stream
 
 
 class InlineProcessor:
-    """A bounded queue of received event ids and the threads that process them (started on first use)."""
+    """A short queue of received event ids and the threads that process them (started on first use)."""
 
-    def __init__(self, rt: Runtime, threads: int = 2, capacity: int = 256) -> None:
+    def __init__(self, rt: Runtime, threads: int = 2, waiting: int | None = None, per_second: int | None = None) -> None:
         self.rt, self.size = rt, threads
-        self.queue: queue.Queue[str] = queue.Queue(maxsize=capacity)
+        self.per_second = PER_SECOND if per_second is None else per_second
+        self.queue: queue.Queue[str] = queue.Queue(maxsize=WAITING if waiting is None else waiting)
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
+        self.second, self.this_second, self.last_second = 0, 0, 0
 
-    def submit(self, event_id: str) -> bool:
-        """Queue the event for processing; False when the queue is full (the worker will handle it)."""
+    def submit(self, event_id: str) -> None:
+        """Process the event soon if deliveries are quiet; else leave it pending for the worker."""
+        if self._pace() > self.per_second:
+            return
         self._start()
         try:
             self.queue.put_nowait(event_id)
         except queue.Full:
-            log.info("inline.deferred", event_id=event_id, queued=self.queue.qsize())
-            return False
-        return True
+            log.debug("inline.deferred", event_id=event_id)
 
     def wait_idle(self) -> None:
-        """Block until every queued event has been processed (tests, and a tidy shutdown)."""
+        """Block until every queued event has been processed (tests, and the demo, read what it did)."""
         self.queue.join()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let each thread finish the event in hand, then end; queued events stay pending for the worker."""
         with self.lock:
             threads, self.threads = self.threads, []
+        while True:
+            try:
+                self.queue.get_nowait()
+                self.queue.task_done()
+            except queue.Empty:
+                break
         for _ in threads:
-            self._drop_one_and_signal()
+            self.queue.put(STOP)
         for thread in threads:
             thread.join(timeout)
 
-    def _drop_one_and_signal(self) -> None:
-        while True:
-            try:
-                self.queue.put_nowait(STOP)
-                return
-            except queue.Full:
-                self.queue.get_nowait()  # left pending in the inbox: the worker picks it up
-                self.queue.task_done()
+    def _pace(self) -> int:
+        """Deliveries a second, counting this one: the last whole second's, or this second's once higher."""
+        now = int(time.monotonic())
+        with self.lock:
+            if now != self.second:
+                self.last_second = self.this_second if now == self.second + 1 else 0
+                self.second, self.this_second = now, 0
+            self.this_second += 1
+            return max(self.last_second, self.this_second)
 
     def _start(self) -> None:
-        if self.threads:
-            return
         with self.lock:
             while len(self.threads) < self.size:
                 thread = threading.Thread(target=self._run, name=f"inline-{len(self.threads)}", daemon=True)

@@ -1,46 +1,33 @@
 """POST /webhooks/stripe: verify the signature on the raw body, store the event, answer, then process.
 
-The 200 goes out only once the event is committed to the inbox (webhooks/writer.py batches the commits of
-concurrent deliveries); a database outage is a 503 so Stripe retries. The event is then handed to the
-process's inline processor (webhooks/inline.py), so a slow handler or a Stripe look-up never delays Stripe's
-2xx; anything left unprocessed is the worker's.
-
-The endpoint is a plain ASGI app on a Starlette route, not a FastAPI operation: Stripe's deliveries are the
-service's hot path, and it needs neither dependency injection nor a request model — the raw bytes are what
-the signature covers.
+The 2xx goes out only once the event is committed to the inbox; a database outage is a 503 so Stripe retries.
+The stored event's id is then handed to the processing the app wired in (`on_stored`: the API process's
+inline processor), so a slow handler or a Stripe look-up never delays Stripe's 2xx; anything not processed
+there is the worker's.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import stripe
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.concurrency import run_in_threadpool
 
 from service.infra import logs, metrics
-from service.infra.group_commit import Stopped
 from service.infra.models import utcnow
+from service.infra.runtime import Runtime
 from webhooks import inbox
-from webhooks.inline import InlineProcessor
-from webhooks.writer import InboxWriter
 
-MAX_BODY = 1024 * 1024
-TOLERANCE_SECONDS = 300
 PATH = "/webhooks/stripe"
-# While the endpoint is quiet — at most this many deliveries in flight, and at most this many a second — the
-# receiving process processes each new event itself, right after its 2xx. Beyond either it is taking a burst:
-# the events stay pending for the worker, because this process's Python runs on one core (one GIL), and an
-# event's processing costs several times its acceptance: a steady 500 deliveries a second processed here
-# would hold the GIL against the event loop and turn milliseconds of latency into hundreds.
-QUIET_DELIVERIES = 8
-QUIET_PER_SECOND = 50
-
+TOLERANCE_SECONDS = 300
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 log = logs.get("webhooks")
 
 
@@ -52,102 +39,60 @@ class Refused(Exception):
         self.status_code, self.reason = status_code, reason
 
 
-class Receiver:
-    """Stripe's webhook endpoint (signed with STRIPE_WEBHOOK_SECRET), as an ASGI app."""
+def create(rt: Runtime, on_stored: Callable[[str], None]) -> APIRouter:
+    """The webhook route for the app: events verified with STRIPE_WEBHOOK_SECRET (every secret it lists, for a
+    rotation), stored in `rt`'s inbox, and each new one passed to `on_stored` once its 2xx is decided."""
+    router = APIRouter(tags=["stripe"])
 
-    def __init__(self, secrets: list[str], writer: InboxWriter, inline: InlineProcessor) -> None:
-        self.secrets, self.writer, self.inline = secrets, writer, inline
-        self.in_flight = 0
-        self.pace = Pace()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.in_flight += 1
-        self.pace.tick(time.monotonic())
+    @router.post(PATH, summary="Receive a Stripe event", responses={
+        400: {"description": "not signed by a configured secret, too old, or not a Stripe event: nothing stored"},
+        413: {"description": "body larger than 1 MiB"},
+        422: {"description": "signed, but holds a value no database column stores"},
+        503: {"description": "the database is unavailable; Stripe retries"}})
+    async def receive(request: Request) -> JSONResponse:
+        """Stripe's webhook endpoint: 200 once the event is stored (also for a redelivery or a type the
+        service ignores), so Stripe never retries what is safely in the inbox."""
         try:
-            await self._receive(scope, receive, send)
-        except Exception:  # a bug: answered as the app answers one, since the app's handlers are not on this path
-            log.exception("request.failed")
-            await _answer(500, "internal_error", "unexpected error; it has been logged")(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-    async def _receive(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            headers = dict(scope["headers"])
-            body = await _read_capped(receive, headers.get(b"content-length", b""))
-            signature = headers.get(b"stripe-signature", b"").decode("latin-1")
-            event, payload = _verified_event(body, signature, self.secrets)
+            event = verified_event(await request.body(), request.headers.get("stripe-signature", ""),
+                                   rt.settings.webhook_secrets)
         except Refused as refused:
             metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
             log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)
-            await _answer(refused.status_code, "refused", refused.reason)(scope, receive, send)
-            return
+            return _error(refused.status_code, "refused", refused.reason)
         try:
-            new = await self.writer.store(inbox.row(event, utcnow(), payload))
-        except (OperationalError, InterfaceError, PoolTimeout, Stopped) as exc:
+            new = await run_in_threadpool(_store, rt, event)
+        except UNAVAILABLE as exc:
             metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
             log.error("webhook.unavailable", event_id=event["id"], error=type(exc).__name__)
-            await _answer(503, "database_unavailable", "the database is unavailable; retry later")(scope, receive, send)
-            return
+            return _error(503, "database_unavailable", "the database is unavailable; retry later")
         except (DataError, IntegrityError) as exc:  # a value no database column holds: retrying cannot help
             metrics.WEBHOOKS.labels(event["type"], "unstorable").inc()
             log.error("webhook.unstorable", event_id=event["id"], error=type(exc).__name__)
-            await _answer(422, "invalid_request", "the event holds a value that cannot be stored")(scope, receive, send)
-            return
+            return _error(422, "invalid_request", "the event holds a value that cannot be stored")
         metrics.WEBHOOKS.labels(event["type"], "stored" if new else "duplicate").inc()
         log.info("webhook.received", event_id=event["id"], event_type=event["type"], duplicate=not new)
-        if new and self.in_flight <= QUIET_DELIVERIES and self.pace.per_second() <= QUIET_PER_SECOND:
-            self.inline.submit(event["id"])
-        await JSONResponse({"received": True, "duplicate": not new})(scope, receive, send)
+        if new:
+            on_stored(event["id"])
+        return JSONResponse({"received": True, "duplicate": not new})
+
+    return router
 
 
-class Pace:
-    """Deliveries a second: the last whole second's count, or this second's once it is higher."""
-
-    def __init__(self) -> None:
-        self.second, self.count, self.last = 0, 0, 0
-
-    def tick(self, now: float) -> None:
-        second = int(now)
-        if second != self.second:
-            self.last = self.count if second == self.second + 1 else 0
-            self.second, self.count = second, 0
-        self.count += 1
-
-    def per_second(self) -> int:
-        return max(self.last, self.count)
+def _store(rt: Runtime, event: dict[str, Any]) -> bool:
+    with rt.uow() as uow:
+        new = inbox.store(uow, event, utcnow())
+        uow.commit()
+    return new
 
 
-def _answer(status: int, code: str, message: str) -> JSONResponse:
+def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
-def route(receiver: Receiver) -> Route:
-    """The POST route for the app's router."""
-    return Route(PATH, receiver, methods=["POST"], name="stripe_webhook")
-
-
-async def _read_capped(receive: Receive, declared: bytes) -> bytes:
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise Refused(413, "body larger than 1 MiB")
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Refused(400, "the client went away before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise Refused(413, "body larger than 1 MiB")
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _verified_event(body: bytes, header: str, secrets: list[str]) -> tuple[dict[str, Any], str]:
-    """The event and the JSON text to store for it, if `header` signs `body` exactly as received with any of
-    `secrets` (a rotation accepts old and new), within the tolerance in either direction; else Refused(400).
-    The text is the body as Stripe sent it, unless characters no database stores had to be replaced."""
+def verified_event(body: bytes, header: str, secrets: list[str]) -> dict[str, Any]:
+    """The event, if `header` signs `body` exactly as received with any of `secrets`, within the tolerance in
+    either direction; else Refused(400). NUL characters and lone surrogates, which no database stores in text,
+    are replaced: a verified event must be stored, not refused (Stripe would retry it for days)."""
     if not header:
         raise Refused(400, "missing Stripe-Signature header")
     if not secrets:
@@ -166,12 +111,11 @@ def _verified_event(body: bytes, header: str, secrets: list[str]) -> tuple[dict[
         raise Refused(400, "body is not JSON (or is nested too deeply)") from exc
     if "\\u" in text:  # only an escape can smuggle in a NUL or a lone surrogate
         event = _storable(event)
-        text = json.dumps(event)
     if not (isinstance(event, dict) and isinstance(event.get("id"), str) and isinstance(event.get("type"), str)):
         raise Refused(400, "body is not a Stripe event (no id or type)")
     if not event["id"] or len(event["id"]) > 255 or len(event["type"]) > 100:
         raise Refused(400, "event id or type out of range")
-    return event, text
+    return event
 
 
 def _no_constants(name: str) -> Any:
@@ -180,8 +124,7 @@ def _no_constants(name: str) -> Any:
 
 
 def _storable(value: Any) -> Any:
-    """The payload with NUL characters and lone surrogates replaced: no database stores them in text, and a
-    verified event must be stored, not refused (Stripe would retry it for days)."""
+    """The payload with NUL characters and lone surrogates replaced."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, list):

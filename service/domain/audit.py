@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, AuditEntry, utcnow
 
 
 def record(
-    session: Session,
+    uow: UnitOfWork,
     *,
     actor: str,
     action: str,
@@ -35,22 +35,22 @@ def record(
         ticket=ticket,
         details=details,
     )
-    session.add(entry)
-    session.flush()
+    uow.session.add(entry)
+    uow.session.flush()
     return entry
 
 
-def listing(session: Session, account: Account | None = None, limit: int = 50) -> list[AuditEntry]:
+def listing(uow: UnitOfWork, account: Account | None = None, limit: int = 50) -> list[AuditEntry]:
     """The trail newest first, at most `limit` rows, only the account's when one is given."""
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
     if account is not None:
         query = query.where(AuditEntry.account_id == account.id)
-    return list(session.scalars(query))
+    return list(uow.session.scalars(query))
 
 
-def view(session: Session, entry: AuditEntry) -> dict[str, Any]:
+def view(uow: UnitOfWork, entry: AuditEntry) -> dict[str, Any]:
     """A row as `credits audit --json` shows it, naming the account by its public id."""
-    account = session.get(Account, entry.account_id) if entry.account_id is not None else None
+    account = uow.session.get(Account, entry.account_id) if entry.account_id is not None else None
     return {
         "id": entry.id,
         "at": entry.at.isoformat(),

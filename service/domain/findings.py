@@ -12,8 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from service.infra.uow import UnitOfWork
 from service.infra.models import Finding, ReconcileRun, utcnow
 
 
@@ -31,26 +31,26 @@ class Seen:
     fixed: bool
 
 
-def start_run(session: Session, since: datetime, until: datetime, fix: bool) -> ReconcileRun:
+def start_run(uow: UnitOfWork, since: datetime, until: datetime, fix: bool) -> ReconcileRun:
     run = ReconcileRun(since=since, until=until, fix=fix, status="running", started_at=utcnow())
-    session.add(run)
-    session.flush()
+    uow.session.add(run)
+    uow.session.flush()
     return run
 
 
-def finish_run(session: Session, run: ReconcileRun, seen: list[Seen], status: str, summary: dict[str, Any]) -> None:
+def finish_run(uow: UnitOfWork, run: ReconcileRun, seen: list[Seen], status: str, summary: dict[str, Any]) -> None:
     """Record what the run saw and close what it no longer sees."""
     now = utcnow()
-    run = session.get_one(ReconcileRun, run.id)
+    run = uow.session.get_one(ReconcileRun, run.id)
     run.status, run.summary, run.finished_at = status, summary, now
-    existing = {(f.kind, f.subject): f for f in session.scalars(select(Finding).where(Finding.status == "open"))}
+    existing = {(f.kind, f.subject): f for f in uow.session.scalars(select(Finding).where(Finding.status == "open"))}
     for item in seen:
-        row = existing.pop((item.kind, item.subject), None) or session.scalar(
+        row = existing.pop((item.kind, item.subject), None) or uow.session.scalar(
             select(Finding).where(Finding.kind == item.kind, Finding.subject == item.subject)
         )
         if row is None:
             row = Finding(kind=item.kind, subject=item.subject, first_run_id=run.id, first_seen_at=now)
-            session.add(row)
+            uow.session.add(row)
         row.detail, row.action, row.credits = item.detail, item.action, item.credits
         row.accounts, row.stripe_ids = {"ids": list(item.accounts)}, {"ids": list(item.stripe_ids)}
         row.last_run_id, row.last_seen_at = run.id, now
@@ -58,12 +58,12 @@ def finish_run(session: Session, run: ReconcileRun, seen: list[Seen], status: st
     if status != "error":
         for row in existing.values():
             row.status, row.closed_at = "resolved", now
-    session.flush()
+    uow.session.flush()
 
 
-def open_findings(session: Session, limit: int = 500) -> list[dict[str, Any]]:
+def open_findings(uow: UnitOfWork, limit: int = 500) -> list[dict[str, Any]]:
     """Open findings, oldest first, as the admin API shows them."""
-    rows = session.scalars(select(Finding).where(Finding.status == "open").order_by(Finding.first_seen_at, Finding.id).limit(limit))
+    rows = uow.session.scalars(select(Finding).where(Finding.status == "open").order_by(Finding.first_seen_at, Finding.id).limit(limit))
     return [
         {
             "kind": f.kind,

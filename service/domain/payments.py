@@ -11,14 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
 
-from service.infra.db import dialect_insert
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Payment, utcnow
 
 
 def record(
-    session: Session,
+    uow: UnitOfWork,
     payment_id: str,
     account: Account,
     *,
@@ -35,42 +34,30 @@ def record(
     credits: int = 0,
     detail: str | None = None,
 ) -> None:
-    """Create or update the payment row; later facts (a charge id, a fixed price) fill in, never erase.
-    One Core INSERT … ON CONFLICT DO UPDATE, not a read and then an INSERT or UPDATE flushed by the ORM."""
-    session.execute(UPSERT[session.get_bind().dialect.name], {
-        "id": payment_id, "account_id": account.id, "kind": kind, "amount": amount, "paid_at": paid_at,
-        "outcome": outcome, "detail": detail, "credits": credits, "currency": currency, "payment_intent": payment_intent,
-        "charge": charge, "subscription_id": subscription_id, "billing_reason": billing_reason, "product": product,
-        "created_at": utcnow(),
-    })
-    held = session.identity_map.get(session.identity_key(Payment, payment_id))
-    if held is not None:  # a handler read the row earlier in this transaction: read it again when next used
-        session.expire(held)
-
-
-def _upsert(dialect: str) -> Any:
-    """The statement of `record` for the dialect: a new row as given; on an existing row the account, outcome
-    and detail are replaced, every other fact only by a given one (not 0, not empty), kind and paid_at kept."""
-    table = Payment.__table__
-    statement = dialect_insert(dialect, table)
+    """Create or update the payment row: a new row as given; on an existing row the account, outcome and detail
+    are replaced and every other fact only by a given one (not 0, not empty) — later facts (a charge id, a
+    fixed price) fill in, never erase; kind and paid_at are kept."""
+    statement = uow.insert(Payment).values(
+        id=payment_id, account_id=account.id, kind=kind, amount=amount, paid_at=paid_at, outcome=outcome,
+        detail=detail, credits=credits, currency=currency, payment_intent=payment_intent, charge=charge,
+        subscription_id=subscription_id, billing_reason=billing_reason, product=product, created_at=utcnow())
     new = statement.excluded
-    facts = {name: func.coalesce(func.nullif(new[name], 0 if name in ("amount", "credits") else ""), table.c[name])
+    facts = {name: func.coalesce(func.nullif(new[name], 0 if name in ("amount", "credits") else ""), Payment.__table__.c[name])
              for name in ("amount", "credits", "currency", "payment_intent", "charge", "subscription_id",
                           "billing_reason", "product")}
-    return statement.on_conflict_do_update(
-        index_elements=["id"], set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts}
-    )
+    uow.session.execute(statement.on_conflict_do_update(
+        index_elements=["id"], set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts}))
+    held = uow.session.identity_map.get(uow.session.identity_key(Payment, payment_id))
+    if held is not None:  # read earlier in this transaction: read it again when next used
+        uow.session.expire(held)
 
 
-UPSERT = {dialect: _upsert(dialect) for dialect in ("postgresql", "sqlite")}  # built once: every payment event
-
-
-def recorder(session: Session, payment_id: str, account: Account, **known: Any) -> Callable[..., None]:
+def recorder(uow: UnitOfWork, payment_id: str, account: Account, **known: Any) -> Callable[..., None]:
     """`record` with the facts already known bound, so a handler only names the outcome (and extras)."""
-    return lambda outcome, **extra: record(session, payment_id, account, outcome=outcome, **known, **extra)
+    return lambda outcome, **extra: record(uow, payment_id, account, outcome=outcome, **known, **extra)
 
 
-def find(session: Session, *, charge: str | None, payment_intent: str | None, invoice: str | None) -> Payment | None:
+def find(uow: UnitOfWork, *, charge: str | None, payment_intent: str | None, invoice: str | None) -> Payment | None:
     """The payment a charge, payment intent or invoice id belongs to, if it was recorded."""
     conditions = []
     if invoice:
@@ -81,4 +68,4 @@ def find(session: Session, *, charge: str | None, payment_intent: str | None, in
         conditions.append(Payment.charge == charge)
     if not conditions:
         return None
-    return session.scalars(select(Payment).where(or_(*conditions)).order_by(Payment.created_at)).first()
+    return uow.session.scalars(select(Payment).where(or_(*conditions)).order_by(Payment.created_at)).first()

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy.orm import Session
 
-from service.domain import accounts, ledger, payments
+from service.domain import ledger, payments
 
 from service.infra import logs
 from service.infra.catalogue import Catalogue, Pack
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account
 
 log = logs.get("purchases")
@@ -30,7 +30,7 @@ class Purchase:
 
 
 def grant_pack(
-    session: Session,
+    uow: UnitOfWork,
     catalogue: Catalogue,
     account: Account,
     purchase: Purchase,
@@ -39,15 +39,15 @@ def grant_pack(
 ) -> str:
     """Grant the purchased pack once; `prices` (the line items' price ids, fetched from Stripe) is only
     called when the purchase names no pack and has not been granted yet."""
-    account = accounts.lock(session, account)
+    account = uow.lock_one(account)
     key = f"purchase:{purchase.payment_intent}"
 
     record = payments.recorder(
-        session, purchase.payment_intent, account, kind="purchase", amount=purchase.amount, currency=purchase.currency,
+        uow, purchase.payment_intent, account, kind="purchase", amount=purchase.amount, currency=purchase.currency,
         payment_intent=purchase.payment_intent, charge=purchase.charge, paid_at=now,
     )
 
-    if ledger.granted(session, account, key):
+    if ledger.granted(uow, key):
         record("granted")
         return f"already granted ({key})"
     found = _pack(catalogue, purchase.pack, prices)
@@ -58,7 +58,7 @@ def grant_pack(
     name, pack = found
     expires_at = now + timedelta(days=pack.expires_after_days) if pack.expires_after_days else None
     ledger.grant(
-        session,
+        uow,
         account,
         pack.credits,
         source="pack",

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
 
-from service.domain import accounts, ledger
-
+from service.domain import ledger
 from service.infra import logs
 from service.infra.catalogue import Catalogue
-from service.infra.models import Account, Grant, LedgerEntry, Payment, Referral, utcnow
+from service.infra.uow import UnitOfWork
+from service.infra.models import Account, LedgerEntry, Payment, Referral, utcnow
 
 log = logs.get("referrals")
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, no 1/I: read aloud or typed, nothing is ambiguous
@@ -47,14 +46,14 @@ class Attribution:
     created: bool
 
 
-def code_for(session: Session, account: Account) -> str:
+def code_for(uow: UnitOfWork, account: Account) -> str:
     """The account's referral code, made on first use; unguessable, so codes cannot be enumerated."""
-    account = accounts.lock(session, account)  # two first requests at once must not hand out two codes
+    account = uow.lock_one(account)  # two first requests at once must not hand out two codes
     while account.referral_code is None:
         candidate = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
-        if session.scalar(select(Account.id).where(Account.referral_code == candidate)) is None:
+        if uow.session.scalar(select(Account.id).where(Account.referral_code == candidate)) is None:
             account.referral_code = candidate
-            session.flush()
+            uow.session.flush()
     return account.referral_code
 
 
@@ -75,7 +74,7 @@ def normalize_email(email: str | None) -> str | None:
 
 
 def attribute(
-    session: Session,
+    uow: UnitOfWork,
     catalogue: Catalogue,
     referee: Account,
     code: str,
@@ -84,26 +83,23 @@ def attribute(
     email: str | None = None,
     now: datetime | None = None,
 ) -> Attribution:
-    """Attribute `referee` to the owner of `code` (first attribution wins) and settle what is due.
-
-    A self-referral is stored as `rejected` with its reason (and is not the referee's one attribution).
-    A referee this transaction holds locked already (a webhook's, resolved) and attributed before with this
-    very code — the code carried again by each of its later events — is answered without reading or locking
-    the referrer: a code is one referrer's for good.
-    """
+    """Attribute `referee` to the owner of `code` (the first attribution wins and is locked) and settle what is
+    due. A self-referral is stored as `rejected` with its reason, and is not the referee's one attribution.
+    The code carried again by a later event of the referee is answered by the attribution it made."""
     now = now or utcnow()
     normalized = normalize_code(code)
-    live = live_referral(session, referee) if accounts.facts(session, referee.id) is not None else None
-    if live is None or live.code != normalized:
-        referrer = session.scalar(BY_CODE, {"code": normalized})
-        if referrer is None:
-            raise UnknownCode(code)
-        accounts.lock_many(session, [referrer, referee])
-        live = live_referral(session, referee)
+    live = live_referral(uow, referee)
+    if live is not None and live.code == normalized:
+        return Attribution(live, created=False)
+    referrer = uow.session.scalar(select(Account).where(Account.referral_code == normalized))
+    if referrer is None:
+        raise UnknownCode(code)
+    uow.lock(referrer, referee)
+    live = live_referral(uow, referee)  # again, under the referee's lock
     if email and not referee.email:
-        accounts.update(session, referee, email=email)
+        referee.email = email
     if live is not None:
-        if live.code != normalized and live.referrer_id != referrer.id:
+        if live.referrer_id != referrer.id:
             raise AlreadyAttributed(live)
         return Attribution(live, created=False)
     reason = self_referral(referrer, referee, email)
@@ -117,92 +113,60 @@ def attribute(
         reason=reason,
         attributed_at=now,
     )
-    session.add(referral)
-    session.flush()
-    _changed(session, referral, None, referrer, referee)
+    uow.session.add(referral)
+    uow.session.flush()
+    _log_status(referral, None, referrer, referee)
     if reason is None:
-        settle(session, catalogue, referee, now)
+        settle(uow, catalogue, referee, now)
     return Attribution(referral, created=True)
 
 
-BY_CODE = select(Account).where(Account.referral_code == bindparam("code"))  # built once: every event carrying a code
-# Built once (settle runs for nearly every event): the referee's live attribution, read afresh, and its status alone.
-LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
-        .execution_options(populate_existing=True))
-_referrals = Referral.__table__.c
-LIVE_STATUS = select(_referrals.status).where(_referrals.referee_id == bindparam("referee"), _referrals.status != "rejected")
-_payments, _entries = Payment.__table__.c, LedgerEntry.__table__.c
-FIRST_QUALIFYING = (select(_payments.id).where(_payments.account_id == bindparam("account_id"), _payments.kind == "invoice",
-                                               _payments.amount >= bindparam("min_amount"))
-                    .order_by(_payments.paid_at, _payments.id).limit(1))
-REWARDS_SINCE = select(func.count()).where(  # the referrer's referral rewards since the start of the month
-    _entries.account_id == bindparam("account_id"), _entries.kind == "grant",
-    _entries.idempotency_key.like("referral:%:referrer"), _entries.created_at >= bindparam("since"))
 SETTLED = ("paid", "reversed", "held")  # nothing left for `settle` to do (a held one waits for support)
-STATUS = "referral"  # accounts.facts: the status of the account's live attribution as a referee (None: none)
 
 
-def live_referral(session: Session, referee: Account) -> Referral | None:
-    """The referee's attribution that counts (not a rejected one), if any."""
-    return session.scalar(LIVE, {"referee": referee.id})
+def live_referral(uow: UnitOfWork, referee: Account) -> Referral | None:
+    """The referee's attribution that counts (not a rejected one), if any, as stored now."""
+    query = select(Referral).where(Referral.referee_id == referee.id, Referral.status != "rejected")
+    return uow.session.scalar(query.execution_options(populate_existing=True))
 
 
-def live_status(session: Session, referee: Account) -> str | None:
-    """The status of the referee's live attribution (None: it has none), without loading it — and without
-    reading anything when this transaction holds the referee locked and has looked already (a worker lane's
-    later events). The noted status stays right while the lock is held: a new attribution needs the
-    referee's lock, and what others may do meanwhile (a retried payout) only takes a referral out of `settle`'s
-    reach, never back into it; this transaction's own changes are noted as they are made (`_changed`)."""
-    known = accounts.facts(session, referee.id)
-    if known is not None and STATUS in known:
-        return known[STATUS]
-    if known is not None and known.get(accounts.INSERTED):  # a new account: no attribution but one made since (noted)
-        return None
-    status = session.execute(LIVE_STATUS, {"referee": referee.id}).scalar()
-    if known is not None:
-        known[STATUS] = status
-    return status
-
-
-def settle(session: Session, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> str | None:
+def settle(uow: UnitOfWork, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> str | None:
     """Qualify the referee's attribution if it now can, and pay whatever side is due; idempotent. Returns the
-    status of the referee's live attribution (None: it has none). Most calls find nothing to do from the status
-    alone; only an attribution still to be qualified or paid is loaded."""
+    status of the referee's live attribution (None: it has none)."""
     now = now or utcnow()
-    status = live_status(session, referee)
-    if status is None or status in SETTLED:
-        return status
-    referral = session.scalars(LIVE, {"referee": referee.id}).one()
-    if referral.status in SETTLED:  # settled meanwhile by another transaction (a retried payout)
-        return _note(session, referral)
+    referral = live_referral(uow, referee)
+    if referral is None or referral.status in SETTLED:
+        return referral.status if referral is not None else None
     terms = catalogue.referrals
     if referral.qualified_at is None:
         if terms.qualify_on == "signup":
-            _qualify(session, referral, "signup", now)
+            _qualify(referral, "signup", now)
         else:
-            invoice = first_qualifying_invoice(session, referee, terms.min_amount)
+            invoice = first_qualifying_invoice(uow, referee, terms.min_amount)
             if invoice is None:
                 return referral.status
-            _qualify(session, referral, invoice, now)
-    pay(session, catalogue, referral, now)
+            _qualify(referral, invoice, now)
+    pay(uow, catalogue, referral, now)
     return referral.status
 
 
-def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False) -> None:
-    """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops
-    the other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
+def pay(uow: UnitOfWork, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False) -> None:
+    """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops the
+    other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
     terms = catalogue.referrals
-    owners = {"referrer": session.get_one(Account, referral.referrer_id), "referee": session.get_one(Account, referral.referee_id)}
+    owners = {"referrer": uow.session.get_one(Account, referral.referrer_id),
+              "referee": uow.session.get_one(Account, referral.referee_id)}
     amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
     before = referral.status
     held = None
     unpaid = []
     for side in SIDES:
-        if amounts[side] <= 0 or side_paid(session, referral, side):
+        if amounts[side] <= 0 or side_paid(uow, referral, side):
             continue
-        if side == "referrer" and not override_cap and _over_cap(session, referral, terms.max_rewards_per_referrer_per_month, now):
-            held = f"referrer reached {terms.max_rewards_per_referrer_per_month} rewards this month"
-        elif _pay_side(session, referral, side, owners[side], amounts[side], now):
+        cap = terms.max_rewards_per_referrer_per_month
+        if side == "referrer" and not override_cap and _over_cap(uow, referral, cap, now):
+            held = f"referrer reached {cap} rewards this month"
+        elif _pay_side(uow, referral, side, owners[side], amounts[side], now):
             continue
         unpaid.append(side)
     if not unpaid:
@@ -212,45 +176,35 @@ def pay(session: Session, catalogue: Catalogue, referral: Referral, now: datetim
     else:
         referral.status, referral.reason = "qualified", f"unpaid: {', '.join(unpaid)} (will be retried)"
     if referral.status != before:
-        _changed(session, referral, before, owners["referrer"], owners["referee"])
+        _log_status(referral, before, owners["referrer"], owners["referee"])
 
 
-def _pay_side(session: Session, referral: Referral, side: str, owner: Account, credits: int, now: datetime) -> bool:
+def _pay_side(uow: UnitOfWork, referral: Referral, side: str, owner: Account, credits: int, now: datetime) -> bool:
     """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid."""
     try:
-        with session.begin_nested():
-            ledger.grant(
-                session,
-                owner,
-                credits,
-                source="referral",
-                key=_side_key(referral, side),
-                reason=f"referral {referral.id} ({side})",
-                actor="referrals",
-                rollover=True,
-                meta={"referral": referral.id, "side": side},
-                now=now,
-            )
+        with uow.savepoint():
+            ledger.grant(uow, owner, credits, source="referral", key=_side_key(referral, side),
+                         reason=f"referral {referral.id} ({side})", actor="referrals", rollover=True,
+                         meta={"referral": referral.id, "side": side}, now=now)
     except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
         log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
         return False
     return True
 
 
-def side_paid(session: Session, referral: Referral, side: str) -> bool:
+def side_paid(uow: UnitOfWork, referral: Referral, side: str) -> bool:
     """Whether this side's grant exists (the ledger, not a flag, is the truth)."""
-    owner = session.get_one(Account, referral.referrer_id if side == "referrer" else referral.referee_id)
-    return ledger.granted(session, owner, _side_key(referral, side))
+    return ledger.granted(uow, _side_key(referral, side))
 
 
 def _side_key(referral: Referral, side: str) -> str:
     return f"referral:{referral.id}:{side}"
 
 
-def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded_to: int, now: datetime) -> str | None:
+def claw_back(uow: UnitOfWork, catalogue: Catalogue, payment: Payment, refunded_to: int, now: datetime) -> str | None:
     """If `payment` qualified a referral and, refunded down to `refunded_to`, no longer qualifies — within
     `clawback_days` of being paid — reverse both payouts' unspent credits."""
-    referral = session.scalar(select(Referral).where(Referral.qualifying_payment == payment.id))
+    referral = uow.session.scalar(select(Referral).where(Referral.qualifying_payment == payment.id))
     terms = catalogue.referrals
     if referral is None or referral.status == "reversed" or refunded_to >= max(terms.min_amount, 1):
         return None
@@ -259,48 +213,47 @@ def claw_back(session: Session, catalogue: Catalogue, payment: Payment, refunded
     before = referral.status
     shortfall = 0
     for side in SIDES:
-        grant_row = _side_grant(session, referral, side)
+        grant_row = ledger.grant_of(uow, _side_key(referral, side))
         if grant_row is None:
             continue
-        owner = session.get_one(Account, grant_row.account_id)
-        posted = ledger.reverse(
-            session, owner, [grant_row], grant_row.amount, key=f"clawback:{referral.id}:{side}",
-            reason=f"clawback of referral {referral.id} ({side}): {payment.id} refunded", actor="referrals",
-            meta={"referral": referral.id, "side": side, "payment": payment.id}, now=now,
+        owner = uow.session.get_one(Account, grant_row.account_id)
+        posted = ledger.debit(
+            uow, owner, grant_row.amount, kind="reverse", key=f"clawback:{referral.id}:{side}", grants=[grant_row],
+            partial=True, reason=f"clawback of referral {referral.id} ({side}): {payment.id} refunded",
+            actor="referrals", meta={"referral": referral.id, "side": side, "payment": payment.id}, now=now,
         )
         shortfall += int(posted.entry.meta.get("shortfall", 0))
-    referral.status, referral.reason = "reversed", f"{payment.id} refunded" + (f"; shortfall {shortfall}" if shortfall else "")
-    _changed(session, referral, before, None, None)
+    referral.status = "reversed"
+    referral.reason = f"{payment.id} refunded" + (f"; shortfall {shortfall}" if shortfall else "")
+    _log_status(referral, before, None, None)
     return f"referral {referral.id} clawed back" + (f" (shortfall {shortfall})" if shortfall else "")
 
 
-def unpaid(session: Session) -> list[int]:
+def unpaid(uow: UnitOfWork) -> list[int]:
     """The qualified referrals with a side still unpaid (not held ones: those wait for support), oldest first."""
-    return list(session.scalars(select(Referral.id).where(Referral.status == "qualified").order_by(Referral.id)))
+    return list(uow.session.scalars(select(Referral.id).where(Referral.status == "qualified").order_by(Referral.id)))
 
 
-def retry(session: Session, catalogue: Catalogue, referral_id: int, now: datetime | None = None) -> None:
-    """Pay whatever side of one qualified referral is still unpaid. Both accounts are
-    locked first, in the one order (`lock_many`), then the referral is read again under them: another process
-    may have paid it meanwhile. The caller gives each referral a transaction of its own, so one that loses a
-    deadlock against a handler (which locks the referee, then the referrer) leaves the others paid."""
-    referral = session.get_one(Referral, referral_id)
-    accounts.lock_many(session, [session.get_one(Account, referral.referrer_id), session.get_one(Account, referral.referee_id)])
-    session.refresh(referral)
+def retry(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime | None = None) -> None:
+    """Pay whatever side of one qualified referral is still unpaid. Both accounts are locked first, then the
+    referral is read again under them: another process may have paid it meanwhile."""
+    referral = uow.session.get_one(Referral, referral_id)
+    uow.lock(uow.session.get_one(Account, referral.referrer_id), uow.session.get_one(Account, referral.referee_id))
+    uow.session.refresh(referral)
     if referral.status == "qualified":
-        pay(session, catalogue, referral, now or utcnow())
+        pay(uow, catalogue, referral, now or utcnow())
 
 
-def view(session: Session, account: Account, link_base: str) -> dict[str, Any]:
+def view(uow: UnitOfWork, account: Account, link_base: str) -> dict[str, Any]:
     """What Settings → Referrals shows: the code and link, credits earned, and each referral's state."""
-    code = code_for(session, account)
-    rows = session.scalars(select(Referral).where(Referral.referrer_id == account.id).order_by(Referral.id)).all()
+    code = code_for(uow, account)
+    rows = uow.session.scalars(select(Referral).where(Referral.referrer_id == account.id).order_by(Referral.id)).all()
     referrals = []
     for r in rows:
-        grant_row = _side_grant(session, r, "referrer")
+        grant_row = ledger.grant_of(uow, _side_key(r, "referrer"))
         earned = grant_row.amount - grant_row.reversed if grant_row else 0
         referrals.append({
-            "referee_account_id": session.get_one(Account, r.referee_id).public_id,
+            "referee_account_id": uow.session.get_one(Account, r.referee_id).public_id,
             "status": r.status,
             "reason": r.reason,
             "credits_earned": earned,
@@ -320,16 +273,19 @@ def link(code: str, base: str) -> str:
     return f"{base}{code}"
 
 
-def _qualify(session: Session, referral: Referral, payment_id: str, now: datetime) -> None:
+def _qualify(referral: Referral, payment_id: str, now: datetime) -> None:
     referral.qualifying_payment, referral.qualified_at = payment_id, now
     before, referral.status = referral.status, "qualified"
-    _changed(session, referral, before, None, None)
+    _log_status(referral, before, None, None)
 
 
-def first_qualifying_invoice(session: Session, referee: Account, min_amount: int) -> str | None:
+def first_qualifying_invoice(uow: UnitOfWork, referee: Account, min_amount: int) -> str | None:
     """The id of the referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial
     invoice); public because a support backfill looks here before it asks Stripe."""
-    return session.execute(FIRST_QUALIFYING, {"account_id": referee.id, "min_amount": max(min_amount, 1)}).scalar()
+    query = (select(Payment.id).where(Payment.account_id == referee.id, Payment.kind == "invoice",
+                                      Payment.amount >= max(min_amount, 1))
+             .order_by(Payment.paid_at, Payment.id).limit(1))
+    return uow.session.scalar(query)
 
 
 def self_referral(referrer: Account, referee: Account, email: str | None) -> str | None:
@@ -343,29 +299,17 @@ def self_referral(referrer: Account, referee: Account, email: str | None) -> str
     return None
 
 
-def _over_cap(session: Session, referral: Referral, cap: int, now: datetime) -> bool:
+def _over_cap(uow: UnitOfWork, referral: Referral, cap: int, now: datetime) -> bool:
     """Whether the referrer already got `cap` referral rewards this calendar month."""
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return session.execute(REWARDS_SINCE, {"account_id": referral.referrer_id, "since": month_start}).scalar_one() >= cap
+    rewards = uow.session.scalar(select(func.count()).where(
+        LedgerEntry.account_id == referral.referrer_id, LedgerEntry.kind == "grant",
+        LedgerEntry.idempotency_key.like("referral:%:referrer"), LedgerEntry.created_at >= month_start))
+    return (rewards or 0) >= cap
 
 
-def _side_grant(session: Session, referral: Referral, side: str) -> Grant | None:
-    key = _side_key(referral, side)
-    return session.scalar(select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key == key))
-
-
-def _note(session: Session, referral: Referral) -> str:
-    """Note a live referral's status for its referee's lock (see live_status), and return it."""
-    known = accounts.facts(session, referral.referee_id)
-    if known is not None and referral.status != "rejected":  # a rejected one is no attribution at all
-        known[STATUS] = referral.status
-    return referral.status
-
-
-def _changed(session: Session, referral: Referral, before: str | None, referrer: Account | None,
-             referee: Account | None) -> None:
-    """Every status change: noted for the referee's lock, and logged as a `referral.status` event."""
-    _note(session, referral)
+def _log_status(referral: Referral, before: str | None, referrer: Account | None, referee: Account | None) -> None:
+    """Every status change is logged as a `referral.status` event."""
     log.info(
         "referral.status",
         referral=referral.id,

@@ -7,26 +7,26 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from service.domain import accounts, ledger, payments, rollover
+from service.domain import ledger, payments, rollover
 
 from service.infra import logs
 from service.infra.catalogue import Catalogue
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Grant, LedgerEntry
 from service.infra.stripe_objects import InvoiceFacts
 
 log = logs.get("refills")
 
 
-def refill(session: Session, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> str:
+def refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> str:
     """Grant the plan's credits for `invoice` once; return what happened, for the event's outcome."""
-    account = accounts.lock(session, account)
+    account = uow.lock_one(account)
     key = f"invoice:{invoice.id}"
-    if ledger.granted(session, account, key):
+    if ledger.granted(uow, key):
         return f"already granted ({key})"
     record = payments.recorder(
-        session, invoice.id, account, kind="invoice", amount=invoice.amount_paid, currency=invoice.currency,
+        uow, invoice.id, account, kind="invoice", amount=invoice.amount_paid, currency=invoice.currency,
         payment_intent=invoice.payment_intent, charge=invoice.charge, subscription_id=invoice.subscription_id,
         billing_reason=invoice.billing_reason, paid_at=invoice.paid_at or now,
     )
@@ -42,12 +42,12 @@ def refill(session: Session, catalogue: Catalogue, account: Account, invoice: In
     name, plan = found
     credits = plan.credits
     if invoice.billing_reason == "subscription_update":
-        credits = max(0, plan.credits - _granted_for_period(session, account, invoice.period_end))
+        credits = max(0, plan.credits - _granted_for_period(uow, account, invoice.period_end))
     else:
-        rollover.apply(session, account, plan, plan.credits, key=f"rollover:{invoice.id}", now=now)
+        rollover.apply(uow, account, plan, plan.credits, key=f"rollover:{invoice.id}", now=now)
     if credits > 0:
         ledger.grant(
-            session,
+            uow,
             account,
             credits,
             source="plan",
@@ -63,17 +63,18 @@ def refill(session: Session, catalogue: Catalogue, account: Account, invoice: In
             },
             now=now,
         )
-    later = invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end)
-    accounts.update(session, account, plan=name, **({"period_end": invoice.period_end} if later else {}))
+    account.plan = name
+    if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
+        account.period_end = invoice.period_end
     record("granted", product=name, credits=credits)
     return f"granted {credits} credits ({name})"
 
 
-def _granted_for_period(session: Session, account: Account, period_end: datetime | None) -> int:
+def _granted_for_period(uow: UnitOfWork, account: Account, period_end: datetime | None) -> int:
     """Plan credits already granted for the billing period that ends at `period_end` (for upgrade top-ups)."""
     if period_end is None:
         return 0
-    rows = session.execute(
+    rows = uow.session.execute(
         select(Grant.amount, LedgerEntry.meta)
         .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
         .where(Grant.account_id == account.id, Grant.source == "plan")

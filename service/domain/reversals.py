@@ -10,46 +10,45 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from service.domain import accounts, ledger
+from service.domain import ledger
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Grant, LedgerEntry, Payment
 
 
 def reverse_payment(
-    session: Session, payment: Payment, money_back: int, money_total: int, *, key: str, reason: str, now: datetime
+    uow: UnitOfWork, payment: Payment, money_back: int, money_total: int, *, key: str, reason: str, now: datetime
 ) -> str:
     """Reverse the share of `payment`'s credits that `money_back` of `money_total` represents (cumulative,
     minor units: a charge's `amount_refunded` of its `amount`, or a dispute's amount of the payment)."""
-    account = accounts.lock(session, session.get_one(Account, payment.account_id))
-    grants = _grants_of(session, payment)
+    account = uow.lock_one(uow.session.get_one(Account, payment.account_id))
+    grants = _grants_of(uow, payment)
     credits = sum(g.amount for g in grants)
     if credits == 0 or money_total <= 0:
         return f"nothing to reverse for {payment.id}"
     target = credits if money_back >= money_total else credits * money_back // money_total
-    delta = target - _already_requested(session, account, payment)
+    delta = target - _already_requested(uow, account, payment)
     if delta <= 0:
         return f"already reversed ({payment.id})"
-    posted = ledger.reverse(
-        session, account, grants, delta, key=key, reason=reason, actor="stripe", meta={"payment": payment.id}, now=now
-    )
+    posted = ledger.debit(uow, account, delta, kind="reverse", key=key, grants=sorted(grants, key=lambda g: g.id),
+                          partial=True, reason=reason, actor="stripe", meta={"payment": payment.id}, now=now)
     shortfall = posted.entry.meta.get("shortfall", 0)
     return f"reversed {-posted.entry.amount} of {delta} credits for {payment.id}" + (
         f"; shortfall {shortfall} already spent" if shortfall else ""
     )
 
 
-def _grants_of(session: Session, payment: Payment) -> list[Grant]:
+def _grants_of(uow: UnitOfWork, payment: Payment) -> list[Grant]:
     keys = [f"invoice:{payment.id}", f"purchase:{payment.id}"]
     return list(
-        session.scalars(
+        uow.session.scalars(
             select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key.in_(keys))
         )
     )
 
 
-def _already_requested(session: Session, account: Account, payment: Payment) -> int:
-    entries = session.scalars(
+def _already_requested(uow: UnitOfWork, account: Account, payment: Payment) -> int:
+    entries = uow.session.scalars(
         select(LedgerEntry).where(LedgerEntry.account_id == account.id, LedgerEntry.kind == "reverse")
     ).all()
     return sum(int(e.meta.get("requested", 0)) for e in entries if e.meta.get("payment") == payment.id)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from service.domain import accounts, ledger
+from service.domain import ledger
 from service.infra.catalogue import RolloverPolicy
+from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Grant
 
 
@@ -24,43 +24,38 @@ class ExtensionRefused(Exception):
     """The extension cannot be granted as asked (already used once, or a date that is not ahead)."""
 
 
-def apply(
-    session: Session, account: Account, policy: RolloverPolicy, incoming: int, *, key: str, now: datetime
-) -> int:
+def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: int, *, key: str,
+          now: datetime) -> int:
     """Cut what the policy cuts before `incoming` credits land; returns the credits cut.
 
-    Each cut is its own expire entry keyed `{key}:{grant id}`, written together (ledger.write_debits: one
-    statement on PostgreSQL, not four a grant). Their keys are not looked for: the caller holds the account's
-    lock, has found its renewal's grant key unused, and posts that grant in this transaction, so no earlier
-    transaction can have cut for this renewal (and the keys' UNIQUE constraint holds regardless). Under
-    a support extension still ahead of `now`, the credits cut are given back at once as one grant keyed
-    `{key}:extension`, outside the policy and expiring at the extension's date: the balance keeps them and
-    the ledger says why. The extension is used up by this renewal, whatever it cuts.
+    Each cut is its own expire entry keyed `{key}:{grant id}`. Under a support extension still ahead of `now`,
+    the credits cut are given back at once as one grant keyed `{key}:extension`, outside the policy and
+    expiring at the extension's date: the balance keeps them and the ledger says why. The extension is used up
+    by this renewal, whatever it cuts.
     """
-    kept_until = _take_extension(session, account, now)
+    kept_until = _take_extension(account, now)
     limit = policy.carry_limit()
     if limit is None:
         return 0
-    held = _held(session, account, now)
+    held = _held(uow, account, now)
     carry = max(0, limit - incoming)  # under "none" the limit is the new grant itself: nothing carries
     excess = sum(g.remaining for g in held) - carry
     if kept_until is None:
         reason = f"rollover ({policy.rollover}) at renewal"
     else:
         reason = f"kept under support extension until {kept_until:%Y-%m-%d %H:%M} UTC"
-    cuts, cut = [], 0
+    cut = 0
     for grant in held:
         if excess <= 0:
             break
         part = min(grant.remaining, excess)
-        cuts.append(ledger.take(account, "expire", [grant], part, key=f"{key}:{grant.id}", reason=reason,
-                                actor="system", meta={}, now=now))
+        ledger.debit(uow, account, part, kind="expire", key=f"{key}:{grant.id}", grants=[grant], reason=reason,
+                     actor="system", now=now)
         excess -= part
         cut += part
-    ledger.write_debits(session, cuts)
     if kept_until is not None and cut > 0:
         ledger.grant(
-            session,
+            uow,
             account,
             cut,
             source="extension",
@@ -74,13 +69,13 @@ def apply(
     return cut
 
 
-def extend(session: Session, account: Account, until: datetime, *, force: bool, now: datetime) -> datetime | None:
+def extend(uow: UnitOfWork, account: Account, until: datetime, *, force: bool, now: datetime) -> datetime | None:
     """Grant the one-time extension: the next renewal keeps what it would cut until `until`.
 
     Once per account (support's promise is one extension, and the count makes a second ask visible) unless
     `force`. Returns the extension it replaces, if one was still pending.
     """
-    account = accounts.lock(session, account)
+    account = uow.lock_one(account)
     if until <= now:
         raise ExtensionRefused(f"--until {until.isoformat()} is not in the future")
     if account.rollover_extensions and not force:
@@ -90,26 +85,21 @@ def extend(session: Session, account: Account, until: datetime, *, force: bool, 
     previous = account.rollover_extended_until
     account.rollover_extended_until = until
     account.rollover_extensions += 1
-    session.flush()
+    uow.session.flush()
     return previous
 
 
-def _take_extension(session: Session, account: Account, now: datetime) -> datetime | None:
+def _take_extension(account: Account, now: datetime) -> datetime | None:
     """The pending extension's date, cleared because this renewal uses it up; None when there is none."""
     until = account.rollover_extended_until
     if until is None or until <= now:
         return None
-    accounts.update(session, account, rollover_extended_until=None)
+    account.rollover_extended_until = None
     return until
 
 
-# Built once (every renewal): building a statement and its cache key costs more than running it.
-HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.rollover.is_(True), Grant.remaining > 0)
-
-
-def _held(session: Session, account: Account, now: datetime) -> list[Grant]:
-    if ledger.holds_no_grant(session, account):  # a signup's first invoice: nothing to read
-        return []
-    grants = session.scalars(HELD, {"account_id": account.id}).all()
-    live = [g for g in grants if g.expires_at is None or g.expires_at > now]
+def _held(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
+    """The unexpired grants under the policy with credits left, soonest-expiring first: the order cuts take."""
+    query = select(Grant).where(Grant.account_id == account.id, Grant.rollover.is_(True), Grant.remaining > 0)
+    live = [g for g in uow.session.scalars(query) if g.expires_at is None or g.expires_at > now]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))

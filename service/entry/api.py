@@ -1,13 +1,16 @@
-"""The HTTP API: translates requests into ledger calls and results into JSON. No domain logic here."""
+"""The HTTP API: translates requests into domain calls and results into JSON. No domain logic here.
+
+Each request that reads or writes opens one unit of work and commits it; a POST runs under its
+Idempotency-Key (service/entry/idempotency.py), so a retry replays the first answer. The process also
+processes what it receives: right after a webhook's 2xx while deliveries are quiet (webhooks/inline.py), and,
+unless SERVE_WORKER is false, the worker's own drain loop on threads of its own (jobs/worker.py).
+"""
 
 from __future__ import annotations
 
-import contextvars
 import hmac
-import json
-import re
 import secrets
-import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,27 +21,17 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Securit
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.entry import idempotency
-
+from jobs import worker
 from service.domain import accounts, findings, ledger, referrals, spending, usage
-
-from service.infra import heap, logs, metrics
 from service.domain.accounts import AccountNotFound
-from service.infra.db import transaction
-from service.infra.group_commit import Stopped
-from service.infra.models import utcnow
-from service.infra.runtime import Runtime
-from service.entry.spends import SpendJob, Spends
+from service.entry import idempotency
 from service.entry.schemas import (
     GrantRequest,
     MemberRequest,
@@ -49,16 +42,15 @@ from service.entry.schemas import (
     entry_view,
     grant_view,
 )
-from webhooks.inline import InlineProcessor
+from service.infra import logs, metrics
+from service.infra.models import Account, utcnow
+from service.infra.runtime import Runtime
+from service.infra.uow import UnitOfWork
 from webhooks import router as webhooks
-from webhooks.router import MAX_BODY
-from webhooks.writer import InboxWriter
+from webhooks.inline import InlineProcessor
 
 log = logs.get("api")
-SPEND_PATH = "/v1/accounts/{account}/spend"
-USUAL_WAY = "credits.usual_way"  # scope key: a door passes this request on through the middleware stack
-SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while another waits for it (Python's default: 0.005)
-SPEND_DOOR = re.compile(r"/v1/accounts/([^/]+)/spend")  # SPEND_PATH, as Starlette matches it
+MAX_BODY = 1024 * 1024
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
 
 
@@ -80,7 +72,7 @@ RuntimeDep = Annotated[Runtime, Depends(runtime)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
-def _matches(given: str, secret: Any) -> bool:
+def _matches(given: str, secret: SecretStr | None) -> bool:
     return secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
 
 
@@ -121,20 +113,17 @@ def _key(value: str | None) -> str:
     return value
 
 
-Work = Callable[[Session], tuple[int, dict[str, Any]]]
+Work = Callable[[UnitOfWork], tuple[int, dict[str, Any]]]
 
 
 def _once(rt: Runtime, request: Request, key: str | None, body: BaseModel, work: Work) -> JSONResponse:
     """Run `work` in one transaction under the request's Idempotency-Key, replaying an earlier outcome."""
-    client_key, digest = _key(key), _digest(request, body)
-    with transaction(rt.sessions) as session:
-        return _answer(idempotency.run_once(session, client_key, digest, lambda: work(session)))
-
-
-def _digest(request: Request, body: BaseModel) -> str:
-    """The request's fingerprint over its method, its path as the server received it (the scope's, which
-    `request.url.path` re-escapes after building the whole URL: a tenth of the spend door's CPU) and its body."""
-    return idempotency.fingerprint(request.method, request.scope["path"], body.model_dump(mode="json"))
+    client_key = _key(key)
+    digest = idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
+    with rt.uow() as uow:
+        outcome = idempotency.run_once(uow, client_key, digest, lambda: work(uow))
+        uow.commit()
+    return _answer(outcome)
 
 
 def _answer(outcome: idempotency.Outcome) -> JSONResponse:
@@ -168,8 +157,8 @@ v1 = APIRouter(prefix="/v1", tags=["accounts"], dependencies=[Depends(require_ap
 @v1.get("/accounts/{account}/balance")
 def get_balance(account: str, rt: RuntimeDep) -> dict[str, Any]:
     """The spendable balance and the grants it is made of, soonest-expiring first."""
-    with transaction(rt.sessions) as session:
-        return balance_view(session, _account(session, account))
+    with rt.uow() as uow:
+        return balance_view(uow, _account(uow, account))
 
 
 @v1.get("/accounts/{account}/ledger")
@@ -182,8 +171,8 @@ def get_ledger(
     """Ledger entries, newest first; pass `next_cursor` back as `cursor` for the next page."""
     if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
         raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor value from an earlier page")
-    with transaction(rt.sessions) as session:
-        entries = ledger.history(session, _account(session, account), limit + 1, int(cursor) if cursor else None)
+    with rt.uow() as uow:
+        entries = ledger.history(uow, _account(uow, account), limit + 1, int(cursor) if cursor else None)
     page = entries[:limit]
     return {
         "entries": [entry_view(e) for e in page],
@@ -199,11 +188,11 @@ def post_grant(
     if body.expires_at is not None and body.expires_at <= utcnow():
         raise ApiError(422, "invalid_request", "expires_at must be in the future")
 
-    def work(session: Session) -> tuple[int, dict[str, Any]]:
-        acct = accounts.get_or_create(session, account)
+    def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
+        acct = accounts.get_or_create(uow, account)
         structlog.contextvars.bind_contextvars(account_id=acct.public_id)
         posted = ledger.grant(
-            session,
+            uow,
             acct,
             body.amount,
             source="admin",
@@ -212,119 +201,58 @@ def post_grant(
             actor="api:admin",
             expires_at=body.expires_at,
         )
-        created = session.scalars(ledger.grant_of(posted.entry)).one()
-        view = balance_view(session, acct)
+        created = ledger.grant_of(uow, posted.entry.idempotency_key)
+        assert created is not None  # a grant entry always has its grant
+        view = balance_view(uow, acct)
         return 201, {**view, "entry_id": posted.entry.id, "grant": grant_view(created)}
 
     return _once(rt, request, key, body, work)
 
 
 @v1.post(
-    SPEND_PATH.removeprefix("/v1"),
+    "/accounts/{account}/spend",
     responses={402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
                404: {"description": "unknown account or member"}, 422: {"description": "unknown action"}},
 )
-async def post_spend(account: str, body: SpendRequest, request: Request, key: IdempotencyKey = None) -> JSONResponse:
+def post_spend(account: str, body: SpendRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
     """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
-    `resource`, once per (action, resource) in the account; with a `member_id`, from that member's
-    allocation or within its limit. 402 when short; nothing is then spent.
+    `resource`, once per (action, resource) in the account; with a `member_id`, from that member's allocation
+    or within its limit — and never more than the balance. 402 when short; nothing is then spent."""
 
-    A well-formed request with a valid token is served by `SpendDoor` (below) before it gets here; this
-    operation answers the others (401, 400, 422), a streamed body, and documents the route. Both hand the
-    spend to the process's batches of spends (service/spends.py)."""
-    return _answer(await _spend(request, account, body, _key(key)))
-
-
-async def _spend(request: Request, account: str, body: SpendRequest, key: str) -> idempotency.Outcome:
-    """The spend done in the next batch, with the request's context (its request id) for its log lines."""
-    job = SpendJob(account, body, key, _digest(request, body), contextvars.copy_context())
-    return await request.app.state.spends.submit(job)  # type: ignore[no-any-return]
-
-
-class SpendDoor:
-    """POST /v1/accounts/{account}/spend, the product's hot path, taken at the app's door (see `Api`): none
-    of the middleware stack, route matching over every operation, dependency solving or body parsing into a
-    model twice.
-
-    A request that declares its length, carries a valid bearer token and an Idempotency-Key, and has a JSON
-    body SpendRequest accepts is answered here, its spend done in the next batch (service/spends.py); an
-    error is answered by the app's own exception handlers, as on the usual way. Every other request goes on,
-    body intact, the usual way to the FastAPI operation `post_spend`, so a refusal (401, 400, 413, 422) or a
-    streamed body is exactly FastAPI's.
-    """
-
-    def __init__(self, app: Api) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope)
-        rt: Runtime = self.app.state.runtime  # read per request, as the `runtime` dependency does
-        declared = request.headers.get("content-length", "")
-        if not declared.isdigit() or int(declared) > MAX_BODY:  # streamed or too large: FastAPI reads (and caps) it
-            await self.app({**scope, USUAL_WAY: True}, receive, send)
-            return
-        raw = await _read_body(receive)
-        if raw is None:  # the client went away
-            return
-        body = _well_formed(request, raw, rt)
-        if body is None:
-            await self.app({**scope, USUAL_WAY: True}, _replay(raw, receive), send)
-            return
+    def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
+        acct = _account(uow, account)
+        charge = spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
         try:
-            response: Response = _answer(await _spend(request, SPEND_DOOR.fullmatch(scope["path"])[1],  # type: ignore[index]
-                                                      body, request.headers["idempotency-key"]))
-        except Exception as exc:  # noqa: BLE001 - answered as the app answers it (404, 409, 503, a logged 500)
-            response = await self.app.error_response(request, exc)
-        await response(scope, receive, send)
+            spent = spending.spend(uow, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
+        except ledger.InsufficientCredits as refused:
+            log.info("spend.refused", available=refused.available, requested=refused.requested)
+            return 402, {"error": "insufficient_credits", "balance": refused.available, "requested": refused.requested}
+        except spending.MemberLimitReached as refused:
+            return 402, {"error": "member_limit_reached", "limit": refused.limit, "used": refused.used,
+                         "requested": refused.requested}
+        except spending.UnknownMember:
+            return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {acct.public_id}"}
+        except spending.UnknownAction as unknown:
+            return 422, {"error": "unknown_action", "message": str(unknown), "known_actions": unknown.known}
+        echo = {name: value for name, value in (("action", body.action), ("quantity", body.quantity if body.action else None),
+                                                ("resource", body.resource), ("member_id", body.member_id)) if value is not None}
+        return 200, {"balance": spent.balance, "spent": spent.charged, "charged": spent.charged,
+                     "entry_id": spent.entry_id, **echo}
 
-
-def _well_formed(request: Request, raw: bytes, rt: Runtime) -> SpendRequest | None:
-    """The body, when the request is one `post_spend` would serve (not refuse); else None."""
-    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-    if scheme.lower() != "bearer" or not token or _role(token, rt) is None:
-        return None
-    if not 0 < len(request.headers.get("idempotency-key", "")) <= idempotency.MAX_KEY_LENGTH:
-        return None
-    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
-        return None
-    try:
-        return SpendRequest.model_validate(json.loads(raw))
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, or not a valid spend (ValidationError)
-        return None
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """`receive` for a body already read: the body once, then the client's own messages (a disconnect)."""
-    pending = [{"type": "http.request", "body": raw, "more_body": False}]
-
-    async def replayed() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replayed
+    return _once(rt, request, key, body, work)
 
 
 @v1.post("/accounts/{account}/members", dependencies=[Depends(require_admin)], tags=["members"])
 def post_member(account: str, body: MemberRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
     """Add or update a team member (admin token). An allocation larger than the pool is 422."""
 
-    def work(session: Session) -> tuple[int, dict[str, Any]]:
-        acct = _account(session, account)
+    def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
+        acct = _account(uow, account)
         try:
-            spending.set_member(session, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period)
+            spending.set_member(uow, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period)
         except spending.AllocationTooLarge as exc:
             return 422, {"error": "allocation_too_large", "message": str(exc)}
-        return 200, _members_view(session, rt, acct)
+        return 200, _members_view(uow, rt, acct)
 
     return _once(rt, request, key, body, work)
 
@@ -332,41 +260,43 @@ def post_member(account: str, body: MemberRequest, request: Request, rt: Runtime
 @v1.get("/accounts/{account}/members", tags=["members"])
 def get_members(account: str, rt: RuntimeDep) -> dict[str, Any]:
     """The account's members with their allocation, limit and usage this period, and the shared pool."""
-    with transaction(rt.sessions) as session:
-        return _members_view(session, rt, _account(session, account))
+    with rt.uow() as uow:
+        return _members_view(uow, rt, _account(uow, account))
 
 
 @v1.delete("/accounts/{account}/members/{member_id}", dependencies=[Depends(require_admin)], tags=["members"])
 def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any]:
     """Remove a member (admin token); its unspent allocation returns to the pool."""
-    with transaction(rt.sessions) as session:
-        acct = _account(session, account)
+    with rt.uow() as uow:
+        acct = _account(uow, account)
         try:
-            spending.remove_member(session, acct, member_id)
+            spending.remove_member(uow, acct, member_id)
         except spending.UnknownMember as exc:
             raise ApiError(404, "member_not_found", f"no member {member_id!r} in {acct.public_id}") from exc
-        return _members_view(session, rt, acct)
+        view = _members_view(uow, rt, acct)
+        uow.commit()
+        return view
 
 
 @v1.get("/accounts/{account}/usage", tags=["accounts"])
 def get_usage(account: str, rt: RuntimeDep, period: Annotated[Literal["current", "previous"], Query()] = "current") -> dict[str, Any]:
     """Credits granted, spent (by action and member), expired, reversed and remaining in a billing period."""
-    with transaction(rt.sessions) as session:
-        return usage.report(session, rt.catalogue, _account(session, account), period)
+    with rt.uow() as uow:
+        return usage.report(uow, rt.catalogue, _account(uow, account), period)
 
 
-def _members_view(session: Session, rt: Runtime, acct: Any) -> dict[str, Any]:
-    return {"account_id": acct.public_id, "pool": spending.pool(session, acct, utcnow()),
-            "members": spending.members(session, rt.catalogue, acct)}
+def _members_view(uow: UnitOfWork, rt: Runtime, acct: Account) -> dict[str, Any]:
+    return {"account_id": acct.public_id, "pool": spending.pool(uow, acct, utcnow()),
+            "members": spending.members(uow, rt.catalogue, acct)}
 
 
 @v1.post("/accounts/{account}/referral-code", tags=["referrals"])
 def post_referral_code(account: str, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
     """The account's referral code and link; always the same code for the same account (created when new)."""
 
-    def work(session: Session) -> tuple[int, dict[str, Any]]:
-        acct = accounts.get_or_create(session, account)
-        code = referrals.code_for(session, acct)
+    def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
+        acct = accounts.get_or_create(uow, account)
+        code = referrals.code_for(uow, acct)
         return 200, {"code": code, "link": referrals.link(code, rt.settings.referral_link_base)}
 
     return _once(rt, request, key, NoBody(), work)
@@ -382,11 +312,11 @@ def post_referral_code(account: str, request: Request, rt: RuntimeDep, key: Idem
 def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
     """Attribute a referee to a referral code at signup. The first attribution wins and is locked."""
 
-    def work(session: Session) -> tuple[int, dict[str, Any]]:
-        referee = accounts.get_or_create(session, body.referee_account_id)
+    def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
+        referee = accounts.get_or_create(uow, body.referee_account_id)
         structlog.contextvars.bind_contextvars(account_id=referee.public_id)
         try:
-            made = referrals.attribute(session, rt.catalogue, referee, body.code, source="api", email=body.email)
+            made = referrals.attribute(uow, rt.catalogue, referee, body.code, source="api", email=body.email)
         except referrals.UnknownCode:
             return 404, {"error": "unknown_code", "message": f"no account has the referral code {body.code!r}"}
         except referrals.AlreadyAttributed:
@@ -404,8 +334,10 @@ def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: 
 @v1.get("/accounts/{account}/referrals", tags=["referrals"])
 def get_referrals(account: str, rt: RuntimeDep) -> dict[str, Any]:
     """Settings → Referrals: the code and link, credits earned, and every referral with its status."""
-    with transaction(rt.sessions) as session:
-        return referrals.view(session, _account(session, account), rt.settings.referral_link_base)
+    with rt.uow() as uow:
+        view = referrals.view(uow, _account(uow, account), rt.settings.referral_link_base)
+        uow.commit()  # the code is made on first use
+        return view
 
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -414,12 +346,12 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(requ
 @admin.get("/findings")
 def get_findings(rt: RuntimeDep) -> dict[str, Any]:
     """Open reconciliation findings, oldest first, with when each was first and last seen."""
-    with transaction(rt.sessions) as session:
-        return {"findings": findings.open_findings(session)}
+    with rt.uow() as uow:
+        return {"findings": findings.open_findings(uow)}
 
 
-def _account(session: Session, ref: str) -> Any:
-    account = accounts.get(session, ref)
+def _account(uow: UnitOfWork, ref: str) -> Account:
+    account = accounts.get(uow, ref)
     structlog.contextvars.bind_contextvars(account_id=account.public_id)
     return account
 
@@ -447,10 +379,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _in_flight(_: Request, exc: idempotency.KeyInFlight) -> JSONResponse:
         return _error(409, "request_in_progress", "a request with this Idempotency-Key is still running")
 
-    @app.exception_handler(Stopped)
-    async def _stopping(_: Request, exc: Stopped) -> JSONResponse:
-        return _error(503, "shutting_down", "the service is shutting down; retry")
-
     @app.exception_handler(ledger.IdempotencyConflict)
     async def _conflict(_: Request, exc: ledger.IdempotencyConflict) -> JSONResponse:
         return _error(409, "idempotency_conflict", str(exc))
@@ -474,15 +402,12 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("database.unavailable", error=str(exc.orig).splitlines()[0] if exc.orig else "")
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("request.failed")
-        return _error(500, "internal_error", "unexpected error; it has been logged")
 
 
 class RequestContext:
-    """Bind a request id to every log line of the request (from X-Request-Id, else new; echoed back) and
-    log one line per request. Pure ASGI: cheaper than a BaseHTTPMiddleware on the webhook's hot path."""
+    """Bind a request id to every log line of the request (from X-Request-Id, else new; echoed back), log one
+    line per request, and answer an unexpected error as a JSON 500 that carries the request id (logged with
+    its traceback) — here, the outermost of the app's own layers, so that even that answer has the header."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -495,20 +420,25 @@ class RequestContext:
         request_id = given or secrets.token_hex(16)  # 32 hex digits, as uuid4().hex, without building a UUID
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        started, status = time.perf_counter(), 500
+        began, status, started = time.perf_counter(), 500, False
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request.failed")
+            if started:
+                raise
+            await _error(500, "internal_error", "unexpected error; it has been logged")(scope, receive, send_with_id)
         finally:
             log.info("request", method=scope["method"], path=scope["path"], status=status,
-                     duration_ms=round((time.perf_counter() - started) * 1000, 1))
+                     duration_ms=round((time.perf_counter() - began) * 1000, 1))
 
 
 @health.get("/metrics", include_in_schema=False)
@@ -547,70 +477,42 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class Api(FastAPI):
-    """The service's FastAPI app, with its two hot paths taken at the door.
-
-    A Stripe delivery and a spend need none of the app's middleware or routing. So POST /webhooks/stripe
-    goes straight to the webhook receiver (which caps the body and answers every failure itself) and POST
-    /v1/accounts/{account}/spend to `SpendDoor`, each wrapped in RequestContext alone (the request id and
-    the request log line); every other request — and whatever a door passes on — takes the usual way through
-    the middleware stack. The routes stay in the router too, so the paths answer other methods, show in the
-    route table and in the OpenAPI schema, as before."""
-
-    webhook_door: ASGIApp | None = None
-    spend_door: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get(USUAL_WAY):
-            door = self.webhook_door if scope["path"] == webhooks.PATH else (
-                self.spend_door if SPEND_DOOR.fullmatch(scope["path"]) else None)
-            if door is not None:
-                scope["app"] = self  # as Starlette sets it: `request.app` on the door's way too
-                await door(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-    async def error_response(self, request: Request, exc: Exception) -> Response:
-        """The answer the app's exception handlers give `exc` (the most specific one registered)."""
-        handler = next(self.exception_handlers[kind] for kind in type(exc).__mro__ if kind in self.exception_handlers)
-        return await handler(request, exc)  # type: ignore[no-any-return]
-
-
 def create_app(rt: Runtime) -> FastAPI:
     """The ASGI app for a loaded runtime; refuses tokens that would let the API token act as admin."""
     problem = rt.settings.token_problem()
     if problem:
         raise ValueError(problem)
-    # The app's threads (the group commits' of webhooks and spends, the inline processor) wait on the database
-    # and then for the GIL, which the event loop holds meanwhile for up to the switch interval. At Python's
-    # default 5 ms that wait is taken after nearly every round trip and was most of a batch of spends' time
-    # (bench/spend: a batch of 15 took 34 ms for 10 ms of CPU); the process asks for it back sooner.
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    inline, writer, spends = InlineProcessor(rt), InboxWriter(rt.engine), Spends(rt)
+    inline = InlineProcessor(rt)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        with heap.frozen():  # a full collection walking the start-up heap stalled every delivery (service/heap.py)
-            yield
-        await run_in_threadpool(writer.stop)  # answer the deliveries in hand
-        await run_in_threadpool(spends.stop)  # and the spends
+        stop = threading.Event()
+        drains = threading.Thread(target=_drain_beside_the_api, args=(rt, stop), name="worker", daemon=True)
+        if rt.settings.serve_worker:
+            drains.start()
+        yield
+        stop.set()
         await run_in_threadpool(inline.stop)  # finish the events in hand; the worker gets the rest
+        if drains.is_alive():
+            await run_in_threadpool(drains.join)
 
-    # No OpenTelemetry here (metrics are Prometheus, logs structlog): FastAPI's native telemetry off, which
-    # also spares each request its provider look-ups.
-    app = Api(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
-              lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = FastAPI(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
+                  lifespan=lifespan)
     app.state.runtime = rt
-    app.state.inline, app.state.writer, app.state.spends = inline, writer, spends
+    app.state.inline = inline
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(metrics.DatabaseCollector(rt.sessions, rt.settings.inbox_alert_seconds))
     install_error_handlers(app)
     app.include_router(health)
+    app.include_router(webhooks.create(rt, inline.submit))
     app.include_router(v1)
     app.include_router(admin)
-    receiver = webhooks.Receiver(rt.settings.webhook_secrets, writer, inline)
-    app.router.routes.insert(0, webhooks.route(receiver))
-    app.webhook_door, app.spend_door = RequestContext(receiver), RequestContext(SpendDoor(app))
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app
+
+
+def _drain_beside_the_api(rt: Runtime, stop: threading.Event) -> None:
+    """`credits serve`'s own worker: the worker's loop until shutdown. The API stays up through a database
+    outage (answering 503 meanwhile), so its drain loop waits the outage out too, however long it lasts."""
+    worker.run(rt, stop, outage_seconds=float("inf"))

@@ -12,14 +12,12 @@ import secrets
 import signal
 import sys
 import threading
-import time
 import uuid
 from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import stripe
 import typer
 from pydantic import SecretStr, ValidationError
@@ -29,16 +27,15 @@ from rich.table import Table
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobs import reconcile as reconcile_job
-from jobs import report, supervisor
+from jobs import report
 from jobs import worker as inbox_worker
 from service.entry import support_cli
 from service.domain import accounts, audit, ledger, usage
-from service.infra import logs, priority, runtime
-from service.entry import demo as demo_story
+from service.infra import logs, runtime
 from service.domain.accounts import AccountNotFound
 from service.infra.catalogue import CatalogueError
 from service.infra.config import Settings
-from service.infra.db import make_engine, transaction
+from service.infra.db import make_engine
 from service.infra.models import StripeEvent, utcnow
 from service.entry.schemas import aware_utc, balance_view, entry_view
 from webhooks import dispatch, inbox
@@ -51,7 +48,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per error, however long
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -71,24 +68,28 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     dev: Annotated[bool, typer.Option("--dev", help="Invent and print API tokens when none are set.")] = False,
+    no_worker: Annotated[bool, typer.Option(
+        "--no-worker", help="Leave the inbox to separate `credits worker` processes (as SERVE_WORKER=false).")] = False,
 ) -> None:
-    """Serve the HTTP API (and the Stripe webhook endpoint)."""
+    """Serve the HTTP API and the Stripe webhook endpoint, and process what comes in (the worker's drain loop
+    runs in this process too, unless --no-worker)."""
     settings = Settings()
+    if no_worker:
+        settings = settings.model_copy(update={"serve_worker": False})
     if dev and settings.token_problem():
-        settings = settings.model_copy(
-            update={
-                "credits_api_token": SecretStr(secrets.token_urlsafe(24)),
-                "credits_admin_token": SecretStr(secrets.token_urlsafe(24)),
-            }
-        )
+        api_token, admin_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        settings = settings.model_copy(update={"credits_api_token": SecretStr(api_token),
+                                               "credits_admin_token": SecretStr(admin_token)})
         out.print("[bold]dev tokens[/bold] (set CREDITS_API_TOKEN / CREDITS_ADMIN_TOKEN to choose your own):")
-        out.print(f"  CREDITS_API_TOKEN={settings.credits_api_token.get_secret_value()}")  # type: ignore[union-attr]
-        out.print(f"  CREDITS_ADMIN_TOKEN={settings.credits_admin_token.get_secret_value()}")  # type: ignore[union-attr]
+        out.print(f"  CREDITS_API_TOKEN={api_token}")
+        out.print(f"  CREDITS_ADMIN_TOKEN={admin_token}")
     problem = settings.token_problem()
     if problem:
         raise Failure(f"{problem} (or run `credits serve --dev` to use invented tokens)")
     rt = runtime.load(settings)
-    out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}")
+    processing = "processing the inbox here too" if settings.serve_worker else "leaving the inbox to `credits worker`"
+    out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}, "
+              f"{processing}")
     import uvicorn  # the web stack (uvicorn, FastAPI: ~25 MB) only where it serves: not in every command's memory
 
     from service.entry.api import create_app
@@ -109,8 +110,8 @@ def migrate() -> None:
 @app.command()
 def balance(account: Annotated[str, typer.Argument(help="Account id or Stripe customer id.")], as_json: AsJson = False) -> None:
     """Show an account's spendable balance and its grants."""
-    with transaction(runtime.load().sessions) as session:
-        view = balance_view(session, accounts.get(session, account))
+    with runtime.load().uow() as uow:
+        view = balance_view(uow, accounts.get(uow, account))
     if as_json:
         _print_json(view)
         return
@@ -127,8 +128,8 @@ def show_ledger(
     as_json: AsJson = False,
 ) -> None:
     """Show an account's ledger entries, newest first, with who did what and why."""
-    with transaction(runtime.load().sessions) as session:
-        entries = [entry_view(e) for e in ledger.history(session, accounts.get(session, account), limit)]
+    with runtime.load().uow() as uow:
+        entries = [entry_view(e) for e in ledger.history(uow, accounts.get(uow, account), limit)]
     if as_json:
         _print_json({"entries": entries})
         return
@@ -153,10 +154,10 @@ def grant(
 ) -> None:
     """Grant credits by hand (recorded in the audit trail)."""
     key = idempotency_key or uuid.uuid4().hex
-    with transaction(runtime.load().sessions) as session:
-        acct = accounts.get_or_create(session, account)
+    with runtime.load().uow() as uow:
+        acct = accounts.get_or_create(uow, account)
         posted = ledger.grant(
-            session,
+            uow,
             acct,
             amount,
             source="admin",
@@ -165,13 +166,14 @@ def grant(
             actor=actor,
             expires_at=aware_utc(expires_at) if expires_at else None,
         )
-        total = ledger.balance(session, acct)
+        total = ledger.balance(uow, acct)
         entry_key = posted.entry.idempotency_key
         audit.record(
-            session, actor=actor, action="grant", reason=reason, account=acct,
+            uow, actor=actor, action="grant", reason=reason, account=acct,
             details={"amount": amount, "idempotency_key": entry_key, "created": [entry_key] if posted.created else [],
                      "changed": posted.created, "balance": total},
         )
+        uow.commit()
     verb = "granted" if posted.created else "already granted (same idempotency key); nothing changed"
     out.print(f"{acct.public_id}: {verb} {amount} credits; balance {total} (entry {posted.entry.id})")
 
@@ -186,8 +188,8 @@ def show_usage(
     if period not in ("current", "previous"):
         raise typer.BadParameter("must be current or previous", param_hint="--period")
     rt = runtime.load()
-    with transaction(rt.sessions) as session:
-        view = usage.report(session, rt.catalogue, accounts.get(session, account), period)
+    with rt.uow() as uow:
+        view = usage.report(uow, rt.catalogue, accounts.get(uow, account), period)
     if as_json:
         _print_json(view)
         return
@@ -211,8 +213,8 @@ def show_usage(
 @app.command()
 def check() -> None:
     """Recompute every balance and grant from the ledger; exit 1 on any drift."""
-    with transaction(runtime.load().sessions) as session:
-        drifts = ledger.check(session)
+    with runtime.load().uow() as uow:
+        drifts = ledger.check(uow)
     if not drifts:
         out.print("ledger consistent: every balance and grant agrees with its entries")
         return
@@ -225,39 +227,19 @@ def check() -> None:
 
 @app.command()
 def demo(
-    url: Annotated[str | None, typer.Option(help="Post to a running service instead of an in-process one.")] = None,
+    url: Annotated[str | None, typer.Option(help="Post to a running service instead of one started here.")] = None,
 ) -> None:
     """Post a realistic signed sequence (signup, renewals with rollover, a pack, a refund) and show the result."""
+    from service.entry import demo as story  # the web stack, only where it serves
+
     settings = Settings()
     logs.configure(settings.log_format, level=logging.WARNING)  # the tables are the output, not the log
-    secret = (settings.webhook_secrets or ["whsec_demo"])[0]
-    api_token = settings.credits_api_token.get_secret_value() if settings.credits_api_token else "demo-api-token"
-    if url is None:
-        settings = settings.model_copy(update={
-            "stripe_webhook_secret": SecretStr(secret),
-            "credits_api_token": SecretStr(api_token),
-            "credits_admin_token": SecretStr(api_token + "-admin"),
-        })
-        from fastapi.testclient import TestClient  # only the demo needs it (starlette warns when it is imported)
-
-        from service.entry.api import create_app
-        from service.infra.migrate import upgrade
-
-        rt = runtime.load(settings)
-        upgrade(rt.engine)
-        api = create_app(rt)
-        client: Any = TestClient(api)
-        settle = api.state.inline.wait_idle
+    if url is not None:
+        secret = (settings.webhook_secrets or [story.SECRET])[0]
+        token = settings.credits_api_token.get_secret_value() if settings.credits_api_token else story.TOKEN
+        account, steps = story.post_story(runtime.load(settings).catalogue, url, secret, token)
     else:
-        rt, client = runtime.load(settings), httpx.Client(base_url=url, timeout=30)
-        settle = lambda: time.sleep(0.5)  # noqa: E731 - a running service processes within milliseconds
-
-    def post(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-        response = client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
-        settle()  # each step of the story builds on the one before
-        return response.status_code, response.json()
-
-    account, steps = demo_story.run(rt.catalogue, post, secret, api_token)
+        account, steps = story.run_here(settings)
     for label, status in steps:
         out.print(f"  {'✓' if status < 300 else '✗'} {label} [dim](HTTP {status})[/dim]")
     if url is not None:
@@ -327,10 +309,8 @@ app.command(name="audit")(support_cli.audit_trail)
 
 @app.command()
 def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due, then exit.")] = False) -> None:
-    """Process inbox events that are due (unprocessed, or failed and past their backoff)."""
-    rt = runtime.load()  # in this process too: a bad catalogue or URL fails here, before any worker starts
-    session_written = priority.lower(rt.settings.worker_nice)
-    logs.get("worker").info("worker.priority", nice=rt.settings.worker_nice, session_nice_written=session_written)
+    """Process inbox events that are due (unprocessed, or failed and past their backoff); run several for more."""
+    rt = runtime.load()  # a bad catalogue or URL fails here, before anything is processed
     if once:
         counts = inbox_worker.drain(rt)
         out.print("processed: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"))
@@ -338,13 +318,7 @@ def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due,
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    # SQLite has one writer at a time: a second process would only queue for its lock.
-    processes = rt.settings.worker_processes if rt.engine.dialect.name == "postgresql" else 1
-    if processes == 1:
-        inbox_worker.run(rt, stop, rt.settings.worker_poll_seconds)
-        return
-    rt.engine.dispose()  # the workers open their own connections
-    raise typer.Exit(supervisor.run(processes, stop))
+    inbox_worker.run(rt, stop)
 
 
 @events.command("list")
@@ -356,8 +330,8 @@ def events_list(
     """List inbox events, newest first."""
     if status is not None and status not in inbox.STATUSES:
         raise typer.BadParameter(f"must be one of {', '.join(inbox.STATUSES)}", param_hint="--status")
-    with transaction(runtime.load().sessions) as session:
-        rows = [_event_view(e) for e in inbox.listing(session, status, limit)]
+    with runtime.load().uow() as uow:
+        rows = [_event_view(e) for e in inbox.listing(uow, status, limit)]
     if as_json:
         _print_json({"events": rows})
         return
@@ -374,8 +348,8 @@ def events_replay(event_id: Annotated[str, typer.Argument(help="The Stripe event
     status = dispatch.process(rt, event_id, replay=True)
     if status is None:
         raise Failure(f"no stored event {event_id!r} (or another process holds it right now)")
-    with transaction(rt.sessions) as session:
-        event = session.get_one(StripeEvent, event_id)
+    with rt.uow() as uow:
+        event = uow.session.get_one(StripeEvent, event_id)
         out.print(f"{event_id}: {event.status} — {event.last_error or event.outcome}")
     if status in ("failed", "dead"):
         raise typer.Exit(1)

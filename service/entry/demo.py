@@ -2,7 +2,9 @@
 watch it work — signup through Checkout, the first invoice, a spend, two renewals (the second one cut by
 the rollover cap), a pack bought through Checkout, and a half refund of that pack.
 
-Everything carries `metadata.account_id`, so no call to Stripe is needed.
+Without a URL the demo starts the real service on a free local port, on the configured database, and posts
+to it over HTTP, as Stripe and the product would. Everything carries `metadata.account_id`, so no call to
+Stripe is needed.
 """
 
 from __future__ import annotations
@@ -10,15 +12,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+import uvicorn
+from pydantic import SecretStr
+
+from service.entry.api import create_app
+from service.infra import runtime
 from service.infra.catalogue import Catalogue
+from service.infra.config import Settings
+from service.infra.migrate import upgrade
 
 Post = Callable[[str, bytes, dict[str, str]], tuple[int, Any]]
+SECRET, TOKEN = "whsec_demo", "demo-api-token"
 
 
 def sign(body: bytes, secret: str, at: int | None = None) -> str:
@@ -28,7 +42,55 @@ def sign(body: bytes, secret: str, at: int | None = None) -> str:
     return f"t={at},v1={digest}"
 
 
-def run(catalogue: Catalogue, post: Post, secret: str, api_token: str) -> tuple[str, list[tuple[str, int]]]:
+def run_here(settings: Settings) -> tuple[str, list[tuple[str, int]]]:
+    """Migrate the configured database, start the service on a free local port and post the story to it, each
+    step once the one before is processed; returns the demo account id and (step, HTTP status) for each step."""
+    secret = (settings.webhook_secrets or [SECRET])[0]
+    token = settings.credits_api_token.get_secret_value() if settings.credits_api_token else TOKEN
+    settings = settings.model_copy(update={"stripe_webhook_secret": SecretStr(secret),
+                                           "credits_api_token": SecretStr(token),
+                                           "credits_admin_token": SecretStr(token + "-admin")})
+    rt = runtime.load(settings)
+    upgrade(rt.engine)
+    app = create_app(rt)
+    with _serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        return tell(rt.catalogue, _poster(client, app.state.inline.wait_idle), secret, token)
+
+
+def post_story(catalogue: Catalogue, url: str, secret: str, token: str) -> tuple[str, list[tuple[str, int]]]:
+    """Post the story to a service running at `url`, which processes each step within milliseconds."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        return tell(catalogue, _poster(client, lambda: time.sleep(0.5)), secret, token)
+
+
+def _poster(client: httpx.Client, settle: Callable[[], None]) -> Post:
+    def post(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+        response = client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+        settle()  # each step of the story builds on the one before
+        return response.status_code, response.json()
+
+    return post
+
+
+@contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    """The app served by uvicorn on a free port of 127.0.0.1 for the duration of the block; its base URL."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, name="demo-server", daemon=True)
+    thread.start()
+    try:
+        while not server.started and thread.is_alive():
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        listening.close()
+
+
+def tell(catalogue: Catalogue, post: Post, secret: str, api_token: str) -> tuple[str, list[tuple[str, int]]]:
     """Post the story; returns the demo account id and (step, HTTP status) for each step."""
     run_id = uuid.uuid4().hex[:8]
     account = f"acct_demo_{run_id}"

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
-from sqlalchemy.orm import Session
-
 from service.domain import ledger
 from service.infra.models import Account, Grant, LedgerEntry
+from service.infra.uow import UnitOfWork
 
 MAX_AMOUNT = 10**12
 
@@ -110,9 +109,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def balance_view(session: Session, account: Account) -> dict[str, Any]:
+def balance_view(uow: UnitOfWork, account: Account) -> dict[str, Any]:
     """What GET …/balance and `credits balance` show: the spendable total and the grants it is made of."""
-    grants = ledger.open_grants(session, account)
+    grants = ledger.open_grants(uow, account)
     return {
         "account_id": account.public_id,
         "balance": sum(g.remaining for g in grants),

@@ -23,7 +23,6 @@ from jobs import backfill as backfill_job
 from jobs import refill_free as refill_job
 from service.domain import accounts, audit, rollover
 from service.infra import runtime
-from service.infra.db import transaction
 from service.infra.models import utcnow
 from service.entry.schemas import aware_utc
 
@@ -31,7 +30,7 @@ backfill = typer.Typer(help="Repair one support case by hand: a dry run unless -
 rollover_app = typer.Typer(help="Support's levers on the rollover policy.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Scheduled jobs (cron runs them; each is safe to repeat).", no_args_is_help=True)
 out = Console(markup=False)  # account ids, reasons and tickets are printed as typed, never read as markup
-err = Console(stderr=True, markup=False)
+err = Console(stderr=True, markup=False, soft_wrap=True)
 
 
 def _not_blank(value: str) -> str:
@@ -96,14 +95,14 @@ def rollover_extend(
 ) -> None:
     """Grant the one-time rollover extension: the next renewal keeps what it would cut, until --until."""
     until = aware_utc(until)
-    with transaction(runtime.load().sessions) as session:
-        acct = accounts.get(session, account)
+    with runtime.load().uow() as uow:
+        acct = accounts.get(uow, account)
         try:
-            replaced = rollover.extend(session, acct, until, force=force, now=utcnow())
+            replaced = rollover.extend(uow, acct, until, force=force, now=utcnow())
         except rollover.ExtensionRefused as exc:
             _refuse(f"refused: {exc}")
         audit.record(
-            session, actor=actor, action="rollover.extend", reason=reason, account=acct, ticket=ticket,
+            uow, actor=actor, action="rollover.extend", reason=reason, account=acct, ticket=ticket,
             details={
                 "until": until.isoformat(),
                 "replaced": replaced.isoformat() if replaced else None,
@@ -111,6 +110,7 @@ def rollover_extend(
                 "force": force,
             },
         )
+        uow.commit()
     out.print(f"{acct.public_id}: the next renewal keeps what it would cut until {until:%Y-%m-%d %H:%M} UTC "
               f"(extension {acct.rollover_extensions})")
 
@@ -121,9 +121,9 @@ def audit_trail(
     as_json: AsJson = False,
 ) -> None:
     """Show the audit trail of support actions, newest first."""
-    with transaction(runtime.load().sessions) as session:
-        acct = accounts.get(session, account) if account else None
-        rows = [audit.view(session, entry) for entry in audit.listing(session, acct, limit)]
+    with runtime.load().uow() as uow:
+        acct = accounts.get(uow, account) if account else None
+        rows = [audit.view(uow, entry) for entry in audit.listing(uow, acct, limit)]
     if as_json:
         _print_json({"entries": rows})
         return

@@ -1,4 +1,4 @@
-"""Environment configuration (DESIGN.md, Configuration), read once per entry point."""
+"""Environment configuration, read once per entry point."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Every knob the service reads from its environment; names match DESIGN.md."""
+    """Every knob the service reads from its environment (the README lists them)."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
 
@@ -30,19 +30,17 @@ class Settings(BaseSettings):
     inbox_alert_seconds: float = 300.0
     worker_max_attempts: int = 8
     worker_backoff_seconds: float = 30.0
-    worker_threads: int = Field(default=4, ge=1, le=16)  # within the connection pool (10 + 20 overflow)
-    # `credits worker`'s processes, each draining its own share of the lanes (PostgreSQL; SQLite: one). One
-    # process's threads share one core, however many there are (its interpreter lock): bench/README.md.
-    worker_processes: int = Field(default=2, ge=1, le=16)
-    # Raised niceness of `credits worker` (and of its session, when it leads one: service/priority.py): where
-    # it shares cores with the API outside containers, Stripe's deliveries and the product's spends get the CPU
-    # first, and the backlog (which the inbox keeps) drains with the rest.
-    worker_nice: int = Field(default=10, ge=0, le=19)
-    # How long `credits worker` waits, once nothing is due, before it looks again: a burst the API leaves
-    # pending waits at most this long; each look is one indexed query (bench/README.md, end to end).
+    # Whether `credits serve` also runs the worker's drain loop, so that one process is a whole system. Off
+    # where `credits worker` runs on its own (compose, Kubernetes): `credits serve --no-worker` says the same.
+    serve_worker: bool = True
+    # Threads of one worker draining side by side on PostgreSQL (processing mostly waits on the database);
+    # SQLite has one writer at a time, so one. Within the connection pool (10 + 20 overflow).
+    worker_threads: int = Field(default=4, ge=1, le=16)
+    # How long a worker waits, once nothing is due, before it looks again: an event the API left pending waits
+    # at most this long; each look is one indexed query.
     worker_poll_seconds: float = Field(default=0.25, gt=0, le=60)
-    # How long a `credits worker` process rides out a database it cannot reach (a restart, a failover), retrying
-    # with backoff, before it exits 1 for its service manager to restart it and the outage to be seen.
+    # How long `credits worker` rides out a database it cannot reach (a restart, a failover), retrying with
+    # backoff, before it exits 1 for its service manager to restart it and the outage to be seen.
     worker_outage_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     @field_validator("database_url")

@@ -2,7 +2,8 @@
 
 Counters and histograms live in the process's default registry. Inbox depth, the oldest pending event and
 open reconciliation findings are read from the database at scrape time (a collector per app), so every API
-replica reports the same truth. Credits are counted only once their transaction commits.
+replica reports the same truth. Credits are counted only once their transaction commits (the unit of work
+publishes them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.infra import logs
@@ -23,29 +24,10 @@ log = logs.get("metrics")
 
 WEBHOOKS = Counter("credits_webhook_deliveries_total", "Webhook deliveries by event type and outcome.", ["type", "outcome"])
 PROCESSING = Histogram("credits_event_processing_seconds", "Time to handle one inbox event.", ["type", "status"])
-BATCHES = Histogram("credits_group_commit_batch_size", "Items done in one transaction by a group commit "
-                    "(inbox-writer: webhook deliveries stored; spends: spend requests).", ["name"],
-                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 CREDITS = Counter("credits_credits_total", "Credits moved, by kind (grant, spend, expire, reverse) and grant source.",
                   ["kind", "source"])
 STRIPE_CALLS = Counter("credits_stripe_api_calls_total", "Outbound Stripe API calls by outcome.", ["outcome"])
 STRIPE_RETRIES = Counter("credits_stripe_api_retries_total", "Outbound Stripe API calls retried, by error.", ["error"])
-
-
-def count_credits(session: Session, kind: str, source: str, amount: int) -> None:
-    """Count credits moved by this transaction, once it commits (a rolled-back grant never happened)."""
-    session.info.setdefault("credit_metrics", []).append((kind, source, amount))
-
-
-@event.listens_for(Session, "after_commit")
-def _publish(session: Session) -> None:
-    for kind, source, amount in session.info.pop("credit_metrics", []):
-        CREDITS.labels(kind, source).inc(amount)
-
-
-@event.listens_for(Session, "after_rollback")
-def _discard(session: Session) -> None:
-    session.info.pop("credit_metrics", None)
 
 
 def stripe_retry(error: BaseException) -> None:

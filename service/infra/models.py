@@ -160,9 +160,6 @@ class StripeEvent(Base):
     type: Mapped[str] = mapped_column(String(100))
     object_type: Mapped[str | None] = mapped_column(String(100))
     object_id: Mapped[str | None] = mapped_column(String(255), index=True)
-    # The customer the object names, else the object, else the event (webhooks/inbox.py `row`): one lane's
-    # events are processed in order. Kept when stored, so the worker's due query reads no payload.
-    lane: Mapped[str | None] = mapped_column(String(255))
     api_version: Mapped[str | None] = mapped_column(String(64))
     livemode: Mapped[bool] = mapped_column(default=False)
     created: Mapped[datetime]

@@ -18,6 +18,7 @@ import pytest
 import stripe
 
 from service.infra.models import Account
+from tests.helpers import committed
 from tests.e2e.conftest import CreditsService, LocalStripe, wait_for
 from webhooks import inbox
 
@@ -89,10 +90,10 @@ def ledger(service: CreditsService, account: str = ACCOUNT) -> list[dict[str, An
 
 
 def stored_events(service: CreditsService) -> dict[str, dict[str, Any]]:
-    with service.rt.sessions() as session:
+    with service.rt.uow() as uow:
         return {
             e.id: {"type": e.type, "status": e.status, "outcome": e.outcome, "error": e.last_error}
-            for e in inbox.listing(session, None, 500)
+            for e in inbox.listing(uow, None, 500)
         }
 
 
@@ -163,8 +164,8 @@ def test_subscription_signup_grants_the_plan_credits_once(
     ]
     assert entries[0]["metadata"]["plan"] == "pro"
 
-    with credits_service.rt.sessions() as session:
-        account = session.query(Account).filter_by(public_id=ACCOUNT).one()
+    with credits_service.rt.uow() as uow:
+        account = uow.session.query(Account).filter_by(public_id=ACCOUNT).one()
         assert (account.stripe_customer_id, account.plan, account.status, account.subscription_id) == (
             customer,
             "pro",
@@ -218,8 +219,8 @@ def test_a_declined_card_grants_nothing(localstripe_server: LocalStripe, credits
     }
     assert balance(credits_service) == {"account_id": ACCOUNT, "balance": 0, "grants": []}
     assert ledger(credits_service) == []
-    with credits_service.rt.sessions() as session:
-        account = session.query(Account).filter_by(public_id=ACCOUNT).one()
+    with credits_service.rt.uow() as uow:
+        account = uow.session.query(Account).filter_by(public_id=ACCOUNT).one()
         assert account.status == "incomplete"
 
 
@@ -268,8 +269,8 @@ def test_a_canceled_subscription_keeps_the_credits_and_clears_the_plan(
     assert canceled.status == "canceled"
 
     def account_state() -> tuple[str | None, str] | None:
-        with credits_service.rt.sessions() as session:
-            account = session.query(Account).filter_by(public_id=ACCOUNT).one()
+        with credits_service.rt.uow() as uow:
+            account = uow.session.query(Account).filter_by(public_id=ACCOUNT).one()
             return (account.plan, account.status) if account.status == "canceled" else None
 
     assert wait_for("the cancellation to reach the account", account_state) == (None, "canceled")

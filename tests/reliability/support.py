@@ -48,6 +48,7 @@ def settings_for(database_url: str, **overrides: Any) -> Settings:
         stripe_webhook_secret=SecretStr(SECRET),
         stripe_api_key=SecretStr("sk_test_123"),
         stripe_api_base=NO_STRIPE,
+        serve_worker=False,  # an in-process app processes inline only; the tests run the worker themselves
     )
     values.update(overrides)
     return Settings(**values)

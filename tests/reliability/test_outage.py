@@ -27,7 +27,7 @@ from jobs import worker
 from service.domain import ledger
 from service.infra.models import StripeEvent
 from tests import stripe_events as se
-from tests.helpers import T0
+from tests.helpers import T0, committed
 from tests.reliability.proxy import ProxyProcess
 from tests.reliability.support import (
     balances,
@@ -109,8 +109,8 @@ def test_a_database_outage_during_delivery_loses_and_doubles_nothing(fresh_pg: s
                     f"every answer is 200 or 503 (never a 4xx, another 5xx or a hang): {counts}\n{server.tail()}")
                 assert counts[503] > 0 and counts[200] > 0, f"the outage was felt, and only for a while: {counts}"
 
-                with direct.sessions() as session:
-                    stored = set(session.scalars(select(StripeEvent.id)))
+                with direct.uow() as uow:
+                    stored = set(uow.session.scalars(select(StripeEvent.id)))
                 accepted = {event_id for event_id, status in answers.items() if status == 200}
                 assert accepted <= stored, f"answered 200 but not stored: {sorted(accepted - stored)[:5]}"
 
@@ -129,21 +129,21 @@ def test_a_database_outage_during_delivery_loses_and_doubles_nothing(fresh_pg: s
 
         def drained() -> dict[str, int] | None:
             drains.update(worker.drain(direct))
-            with direct.sessions() as session:
-                statuses = event_statuses(session)
+            with direct.uow() as uow:
+                statuses = event_statuses(uow.session)
             return statuses if statuses == {"processed": EVENTS} else None
 
         try:
             wait_for("the worker to process every event", drained, 20, every=0.2)
         except AssertionError:
-            with direct.sessions() as session:
-                left = session.execute(select(StripeEvent.id, StripeEvent.status, StripeEvent.last_error)
+            with direct.uow() as uow:
+                left = uow.session.execute(select(StripeEvent.id, StripeEvent.status, StripeEvent.last_error)
                                        .where(StripeEvent.status != "processed").limit(5)).all()
             raise AssertionError(f"events not processed after the outage: {left}") from None
 
-        with direct.sessions() as session:
-            events = session.execute(select(StripeEvent.id, StripeEvent.attempts, StripeEvent.last_error)).all()
-            final_ledgers, final_balances, drift = ledgers(session), balances(session), ledger.check(session)
+        with direct.uow() as uow:
+            events = uow.session.execute(select(StripeEvent.id, StripeEvent.attempts, StripeEvent.last_error)).all()
+            final_ledgers, final_balances, drift = ledgers(uow.session), balances(uow.session), ledger.check(uow)
     finally:
         direct.engine.dispose()
 

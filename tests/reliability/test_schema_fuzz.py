@@ -35,9 +35,8 @@ from schemathesis.checks import not_a_server_error
 
 from service.domain import accounts, ledger, referrals, spending
 from service.entry.api import create_app
-from service.infra.db import transaction
 from service.infra.runtime import Runtime
-from service.entry.spends import Spends
+from tests.helpers import committed
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from tests.reliability.support import runtime_for, settings_for
 
@@ -46,8 +45,7 @@ EXAMPLES = 25  # per operation and token
 
 # The app whose schema is fuzzed. Its Runtime is a placeholder at import (loading the schema needs no
 # database, and this engine never connects); `fuzz_db` puts a fresh, seeded database behind it for each
-# test (every route reads `app.state.runtime` at request time; the spends' batches are bound to a
-# runtime's engine, so they are swapped with it).
+# test (every route under /v1 reads `app.state.runtime` at request time).
 APP = create_app(runtime_for(settings_for("sqlite://")))
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP).include(path_regex=r"^/v1/")
 OPERATIONS = {op.label: op for op in (result.ok() for result in SCHEMA.get_all_operations())}
@@ -90,16 +88,14 @@ SEEDED: dict[str, str] = {"code": "NOTACODE"}
 def fuzz_db(rt: Runtime) -> Iterator[Runtime]:
     """The test's empty database (tests/conftest.py: SQLite, then PostgreSQL) behind APP, seeded with one
     account with credits, a referral code and a member."""
-    with transaction(rt.sessions) as session:
-        account = accounts.get_or_create(session, KNOWN)
-        ledger.grant(session, account, 1000, source="admin", key="seed:acct_fuzz", reason="seed")
-        SEEDED["code"] = referrals.code_for(session, account)
-        spending.set_member(session, account, "member_1", allocation=None, limit_per_period=100)
-    placeholder = APP.state.runtime, APP.state.spends
-    APP.state.runtime, APP.state.spends = rt, Spends(rt)
+    with committed(rt) as uow:
+        account = accounts.get_or_create(uow, KNOWN)
+        ledger.grant(uow, account, 1000, source="admin", key="seed:acct_fuzz", reason="seed")
+        SEEDED["code"] = referrals.code_for(uow, account)
+        spending.set_member(uow, account, "member_1", allocation=None, limit_per_period=100)
+    placeholder, APP.state.runtime = APP.state.runtime, rt
     yield rt
-    APP.state.spends.stop()
-    APP.state.runtime, APP.state.spends = placeholder
+    APP.state.runtime = placeholder
 
 
 def _fuzz(label: str, token: str) -> None:

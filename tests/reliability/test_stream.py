@@ -22,15 +22,18 @@ from pathlib import Path
 from sqlalchemy import select
 
 from service.domain import accounts, ledger, referrals
-from service.infra.db import make_engine, make_sessionmaker, transaction
 from service.infra.models import StripeEvent
+from service.infra.runtime import Runtime
+from tests.helpers import committed
 from tests.reliability import scenario
 from tests.reliability.support import (
     Process,
     balances,
     event_statuses,
     ledgers,
+    runtime_for,
     service_env,
+    settings_for,
     start_servers,
     start_worker,
     wait_for,
@@ -45,11 +48,11 @@ SEED = 20260101
 SETTLE_TIMEOUT = 30.0
 
 
-def _referral_codes(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _referral_codes(rt) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """Referrer accounts with their codes, made before any event arrives (as the product's signup does)."""
-    with transaction(sessions) as session:
+    with committed(rt) as uow:
         return {
-            f"acct_r{i:03d}": referrals.code_for(session, accounts.get_or_create(session, f"acct_r{i:03d}"))
+            f"acct_r{i:03d}": referrals.code_for(uow, accounts.get_or_create(uow, f"acct_r{i:03d}"))
             for i in range(REFERRERS)
         }
 
@@ -99,15 +102,15 @@ def test_a_shuffled_duplicated_concurrent_stream_ends_with_the_ledger_of_one_ord
     fresh_pg: str, tmp_path: Path
 ) -> None:
     started = time.monotonic(), time.process_time()
-    engine = make_engine(fresh_pg)
+    rt = runtime_for(settings_for(fresh_pg))
     try:
-        _stream_and_check(fresh_pg, make_sessionmaker(engine), tmp_path, started)
+        _stream_and_check(fresh_pg, rt, tmp_path, started)
     finally:
-        engine.dispose()
+        rt.engine.dispose()
 
 
-def _stream_and_check(database_url: str, sessions, tmp_path: Path, started: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
-    events = scenario.build(_referral_codes(sessions), UNIQUE, SEED)
+def _stream_and_check(database_url: str, rt: Runtime, tmp_path: Path, started: tuple[float, float]) -> None:
+    events = scenario.build(_referral_codes(rt), UNIQUE, SEED)
     unique = [json.dumps(evt).encode() for evt in events.ordered]
     rnd = random.Random(SEED)
     stream = unique + rnd.choices(unique, k=DELIVERIES - len(unique))
@@ -129,20 +132,20 @@ def _stream_and_check(database_url: str, sessions, tmp_path: Path, started: tupl
         assert answers == {200: len(stream)}, f"every delivery is answered 200: {answers}"
 
         def settled() -> dict[str, int] | None:
-            with sessions() as session:
-                statuses = event_statuses(session)
+            with rt.uow() as uow:
+                statuses = event_statuses(uow.session)
             stored = sum(statuses.values())
             return statuses if stored == len(unique) and not (statuses.keys() & {"pending", "failed", "dead"}) else None
 
         try:
             statuses = wait_for("every event to be handled", settled, SETTLE_TIMEOUT, every=0.25)
         except AssertionError:
-            with sessions() as session:
-                stuck = session.execute(
+            with rt.uow() as uow:
+                stuck = uow.session.execute(
                     select(StripeEvent.id, StripeEvent.status, StripeEvent.attempts, StripeEvent.last_error)
                     .where(StripeEvent.status.in_(("pending", "failed", "dead"))).limit(10)
                 ).all()
-                now = event_statuses(session)
+                now = event_statuses(uow.session)
             logs = "\n".join(p.tail(15) for p in running)
             raise AssertionError(f"inbox did not settle: {now}; e.g. {stuck}\n{logs}") from None
         handled = time.monotonic()
@@ -153,9 +156,9 @@ def _stream_and_check(database_url: str, sessions, tmp_path: Path, started: tupl
         for process in running:
             process.stop()
 
-    with sessions() as session:
-        final_ledgers, final_balances, drift = ledgers(session), balances(session), ledger.check(session)
-        rows = session.execute(select(StripeEvent.id, StripeEvent.status, StripeEvent.attempts)).all()
+    with rt.uow() as uow:
+        final_ledgers, final_balances, drift = ledgers(uow.session), balances(uow.session), ledger.check(uow)
+        rows = uow.session.execute(select(StripeEvent.id, StripeEvent.status, StripeEvent.attempts)).all()
         retried = sum(1 for _, _, attempts in rows if attempts > 1)
     print(
         f"\nstream: {len(stream)} deliveries ({len(unique)} unique) to 2 API processes + 2 workers; "

@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 
 from service.infra.models import Grant, LedgerEntry, StripeEvent
 from service.infra.runtime import Runtime
+from tests.helpers import committed
 from tests import stripe_events as se
 from webhooks.handlers import HANDLERS
 
@@ -95,7 +96,7 @@ def broken_envelopes(draw: st.DrawFn) -> dict[str, Any]:
 def every_delivery_processed_inline(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests read what processing did right after each delivery, many deliveries a second: above the
     endpoint's quiet rate those would be left to the worker (tested in test_webhook_endpoint.py)."""
-    monkeypatch.setattr("webhooks.router.QUIET_PER_SECOND", 1_000_000)
+    monkeypatch.setattr("webhooks.inline.PER_SECOND", 1_000_000)
 
 
 @pytest.fixture
@@ -108,10 +109,10 @@ def stripe_404():  # type: ignore[no-untyped-def]
 
 
 def _assert_never_a_credit(rt: Runtime, event: str | None) -> None:
-    with rt.sessions() as session:
-        entries = session.scalar(select(func.count()).select_from(LedgerEntry))
-        grants = session.scalar(select(func.count()).select_from(Grant))
-        status = session.scalar(select(StripeEvent.status).where(StripeEvent.id == event)) if event else None
+    with rt.uow() as uow:
+        entries = uow.session.scalar(select(func.count()).select_from(LedgerEntry))
+        grants = uow.session.scalar(select(func.count()).select_from(Grant))
+        status = uow.session.scalar(select(StripeEvent.status).where(StripeEvent.id == event)) if event else None
     assert (entries, grants) == (0, 0), "garbage never credits anyone"
     if event is not None:
         assert status in ("processed", "ignored", "failed"), f"{event} ended {status!r}"
@@ -159,8 +160,8 @@ def _accepted_or_refused(deliver, rt: Runtime, evt: dict[str, Any] | None = None
     stored = evt["id"] if evt is not None and status == 200 else None
     _assert_never_a_credit(rt, stored)
     if status == 400:
-        with rt.sessions() as session:
-            assert session.scalar(select(func.count()).select_from(StripeEvent)) == 0, "a refused body is not stored"
+        with rt.uow() as uow:
+            assert uow.session.scalar(select(func.count()).select_from(StripeEvent)) == 0, "a refused body is not stored"
 
 
 @pytest.mark.parametrize("data", [[1], "x", 7, True], ids=["list", "string", "number", "true"])
@@ -199,5 +200,5 @@ def test_a_signed_event_with_a_lone_surrogate_is_not_a_5xx(where: str, deliver, 
         evt[where] += "\ud800"
     assert deliver(evt).status_code in (200, 400)
     _assert_never_a_credit(rt, None)
-    with rt.sessions() as session:  # the id may not be stored as sent: look for anything left unhandled
-        assert session.scalar(select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "pending")) == 0
+    with rt.uow() as uow:  # the id may not be stored as sent: look for anything left unhandled
+        assert uow.session.scalar(select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "pending")) == 0

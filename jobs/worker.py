@@ -2,11 +2,11 @@
 retries referral payouts left one-sided. `credits worker` runs it; so does `credits serve`, on threads of its
 own, unless told not to: the same `drain`, the same loop.
 
-Several workers, threads and API processes share the inbox safely: each batch claims its events with
-`FOR UPDATE SKIP LOCKED`, so no two take the same event, and handlers are idempotent by key anyway. A batch
-then locks the accounts of the customers its events name, in id order, skipping those another transaction
-holds: the events of a customer busy elsewhere stay due for a later batch, so batches neither wait for each
-other nor deadlock over one customer's account. A batch of events is one unit of work (one claim, one
+Several workers, threads and API processes share the inbox safely. A batch takes the customers waiting
+longest — a lock per customer, skipping those another transaction is handling — and claims every due event of
+theirs with `FOR UPDATE SKIP LOCKED`: one customer's events are handled by one transaction at a time, in the
+order received, so batches neither wait for each other nor deadlock over one customer's account (or over
+creating it); and handlers are idempotent by key anyway. A batch of events is one unit of work (one claim, one
 commit); when any event in it fails, the batch rolls back and each of its events is done again alone, so the
 failure is recorded against the event that caused it.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import select
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
 from service.domain import referrals
@@ -24,59 +24,56 @@ from service.infra import logs
 from service.infra.db import is_postgresql, is_unreachable
 from service.infra.models import Account, utcnow
 from service.infra.runtime import Runtime
-from service.infra.uow import UnitOfWork
 from webhooks import dispatch, inbox
 
 log = logs.get("worker")
-BATCH = 25  # events in one transaction: fewer commits, but the accounts they lock are held until it commits
+CUSTOMERS = 10  # customers a batch takes: fewer commits, but their accounts stay locked until it commits
+MOST = 100  # events in one batch at most
 SETTLED = ("processed", "ignored", "failed", "dead")  # an event that needs nothing more for now
 
 
-def drain(rt: Runtime, stop: threading.Event | None = None, *, referrals_too: bool = True) -> Counter[str]:
+def drain(rt: Runtime, stop: threading.Event | None = None, *, threads: int = 1, referrals_too: bool = True) -> Counter[str]:
     """Process what is due now, batch after batch, until nothing is due (or `stop` is set); then retry the
-    referral payouts left one-sided. Returns counts by the status each event ended in."""
+    referral payouts left one-sided. Returns counts by the status each event ended in.
+
+    While batches come back full (a backlog), `threads` of them run side by side, each its own transaction:
+    processing mostly waits on the database. Otherwise one at a time, so an idle worker asks one query a poll."""
     counts: Counter[str] = Counter()
-    while stop is None or not stop.is_set():
-        done = drain_batch(rt)
-        counts.update(done)
-        if not any(status in SETTLED for status in done.elements()):
-            break  # nothing due, or only events another process holds or that could not be recorded
+    side_by_side = 1
+    with ThreadPoolExecutor(threads, thread_name_prefix="worker") as pool:
+        while stop is None or not stop.is_set():
+            done = list(pool.map(lambda _: drain_batch(rt), range(side_by_side)))
+            for batch in done:
+                counts.update(batch)
+            if not any(status in SETTLED for batch in done for status in batch):
+                break  # nothing due, or only the customers of other transactions
+            side_by_side = threads if any(batch.total() >= CUSTOMERS for batch in done) else 1
     if referrals_too and (stop is None or not stop.is_set()):
         counts.update(retry_referrals(rt))
     return counts
 
 
-def drain_batch(rt: Runtime, limit: int = BATCH) -> Counter[str]:
-    """Claim up to `limit` due events and handle, in one transaction, those whose customer no other transaction
-    holds; when one fails, handle each alone. Events left for later count as "skipped". A database that cannot
-    be reached is raised, for the caller to wait out."""
+def drain_batch(rt: Runtime, customers: int = CUSTOMERS) -> Counter[str]:
+    """Take the `customers` customers waiting longest that no other transaction is handling, and handle every due
+    event of theirs (and as many of the oldest that name no customer) in one transaction; when one fails, handle
+    each alone. A database that cannot be reached is raised, for the caller to wait out."""
     now = utcnow()
-    workable: list[inbox.Claimed] = []
+    claimed: list[inbox.Claimed] = []
     try:
         with rt.uow() as uow:
-            claimed = inbox.claim_due(uow, now, limit)
-            workable = _of_free_customers(uow, claimed)
-            statuses = [dispatch.handle(uow, rt, event, now) for event in workable]
+            claimed, taken = inbox.claim_due(uow, now, customers, MOST)
+            if taken:  # their accounts locked up front, in id order: handling them reads no account again
+                uow.lock_where(Account.stripe_customer_id.in_(taken))
+            marks = [dispatch.handle(uow, rt, event, now) for event in claimed]
+            if marks:
+                inbox.finish(uow, marks)
             uow.commit()
-        return Counter(statuses) + Counter(skipped=len(claimed) - len(workable))
+        return Counter(status for _, status, _, _ in marks)
     except Exception as exc:
         if is_unreachable(exc):
             raise
-        log.info("batch.failed", error=f"{type(exc).__name__}: {exc}", events=len(workable))
-    return Counter(dispatch.process(rt, event.id) or "skipped" for event in workable)
-
-
-def _of_free_customers(uow: UnitOfWork, claimed: list[inbox.Claimed]) -> list[inbox.Claimed]:
-    """The claimed events whose customer's account this transaction could lock without waiting (or that name
-    no customer with an account yet), in their order; the accounts stay locked for the batch."""
-    customers = {event.customer for event in claimed if event.customer}
-    if not customers:
-        return claimed
-    known = set(uow.session.scalars(select(Account.stripe_customer_id).where(Account.stripe_customer_id.in_(customers))))
-    held = {account.stripe_customer_id for account in uow.lock_where(Account.stripe_customer_id.in_(known),
-                                                                      skip_locked=True)}
-    busy = known - held
-    return [event for event in claimed if event.customer not in busy]
+        log.info("batch.failed", error=f"{type(exc).__name__}: {exc}", events=len(claimed))
+    return Counter(dispatch.process(rt, event.id) or "skipped" for event in claimed)
 
 
 def retry_referrals(rt: Runtime) -> Counter[str]:
@@ -99,32 +96,17 @@ def retry_referrals(rt: Runtime) -> Counter[str]:
 
 
 def run(rt: Runtime, stop: threading.Event, *, outage_seconds: float | None = None) -> None:
-    """Drain, wait WORKER_POLL_SECONDS, drain again, until `stop` is set (SIGTERM): the events in hand are always
-    finished. On PostgreSQL WORKER_THREADS threads drain side by side (processing mostly waits on the database);
-    SQLite has one writer at a time, so one does. The first thread also retries referral payouts.
+    """Drain, wait WORKER_POLL_SECONDS, drain again, until `stop` is set (SIGTERM): the batches in hand are always
+    finished. On PostgreSQL a backlog is drained by WORKER_THREADS batches side by side; SQLite has one writer at
+    a time, so by one.
 
     A drain that cannot reach the database (a connection broken, refused or timed out) is tried again with
     backoff for up to `outage_seconds` (default WORKER_OUTAGE_SECONDS), so a database restart does not stop the
     worker; an outage that lasts longer is raised from here, and `credits worker` exits 1 for its service
     manager to restart it and the outage to be seen. The handlers' own failures never get here: each is
     recorded on its event."""
+    threads = rt.settings.worker_threads if is_postgresql(rt.engine) else 1
     outage = rt.settings.worker_outage_seconds if outage_seconds is None else outage_seconds
-    count = rt.settings.worker_threads if is_postgresql(rt.engine) else 1
-    failures: list[BaseException] = []
-    threads = [threading.Thread(target=_loop, args=(rt, stop, outage, n == 0, failures), name=f"worker-{n}", daemon=True)
-               for n in range(count)]
-    log.info("worker.started", threads=count)
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    log.info("worker.stopped")
-    if failures:
-        raise failures[0]
-
-
-def _loop(rt: Runtime, stop: threading.Event, outage: float, referrals_too: bool, failures: list[BaseException]) -> None:
-    """One thread's drains until `stop` is set; an outage it could not wait out stops every thread."""
     riding_out = Retrying(
         retry=retry_if_exception(is_unreachable),
         stop=stop_after_delay(outage) | stop_when_event_set(stop),
@@ -134,16 +116,15 @@ def _loop(rt: Runtime, stop: threading.Event, outage: float, referrals_too: bool
                                                error=_error(state.outcome.exception() if state.outcome else None)),
         reraise=True,
     )
+    log.info("worker.started", threads=threads)
     try:
         while not stop.is_set():
-            counts = riding_out(drain, rt, stop, referrals_too=referrals_too)
+            counts = riding_out(drain, rt, stop, threads=threads)
             if counts:
                 log.info("worker.drained", **counts)
             stop.wait(rt.settings.worker_poll_seconds)
-    except Exception as exc:  # noqa: BLE001 - handed to `run`, which raises it once every thread has stopped
-        log.error("worker.unreachable", error=_error(exc))
-        failures.append(exc)
-        stop.set()
+    finally:
+        log.info("worker.stopped")
 
 
 def _error(exc: BaseException | None) -> str:

@@ -144,17 +144,17 @@ def commits_of_a_drain(rt: Runtime) -> int:
 
 
 def test_the_worker_commits_a_batch_of_due_events_together(rt) -> None:  # type: ignore[no-untyped-def]
-    """A batch of due events shares one transaction: twelve customers' events cost the commit one does."""
+    """A batch of due events shares one transaction: eight customers' events cost the commit one does."""
     with committed(rt) as uow:
         inbox.store(uow, se.event("invoice.paid", linked_invoice("in_0"), event_id="evt_0"), utcnow())
     one = commits_of_a_drain(rt)
     with committed(rt) as uow:
-        for who in range(12):
+        for who in range(8):
             invoice = se.invoice("2025", invoice_id=f"in_c{who}", customer=f"cus_c{who}", price="price_starter_monthly",
                                  amount_paid=2000, subscription_metadata={"account_id": f"acct_c{who}"})
             inbox.store(uow, se.event("invoice.paid", invoice, event_id=f"evt_c{who}"), utcnow())
     assert commits_of_a_drain(rt) == one
-    for who in range(12):
+    for who in range(8):
         assert [key for _, _, key in state(rt, f"acct_c{who}")[0]] == [f"invoice:in_c{who}"]
 
 

@@ -121,7 +121,7 @@ def test_a_database_outage_is_503_so_stripe_retries(rt: Runtime, monkeypatch: py
     def down(*_args: object) -> bool:
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr("webhooks.inbox.store", down)
+    monkeypatch.setattr("webhooks.inbox.store_many", down)
     body = se.encode(se.event("invoice.paid", starter_invoice()))
     response = TestClient(create_app(rt)).post("/webhooks/stripe", content=body, headers={"Stripe-Signature": se.sign(body)})
     assert (response.status_code, response.json()["error"]) == (503, "database_unavailable")
@@ -131,7 +131,7 @@ def test_an_unexpected_failure_is_a_json_500_with_the_request_id(rt: Runtime, mo
     def broken(*_args: object) -> dict:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("webhooks.inbox.store", broken)
+    monkeypatch.setattr("webhooks.inbox.store_many", broken)
     body = se.encode(se.event("invoice.paid", starter_invoice()))
     response = TestClient(create_app(rt)).post("/webhooks/stripe", content=body,
                                                headers={"Stripe-Signature": se.sign(body), "X-Request-Id": "req-1"})

@@ -26,16 +26,16 @@ from webhooks.handlers import HANDLERS, Context
 log = logs.get("dispatch")
 
 
-def handle(uow: UnitOfWork, rt: Runtime, event: inbox.Claimed, now: datetime) -> str:
-    """Handle a claimed event and mark it; returns its new status ("processed" or "ignored"). Raises what the
-    handler raised, leaving the caller to roll back."""
+def handle(uow: UnitOfWork, rt: Runtime, event: inbox.Claimed, now: datetime) -> inbox.Mark:
+    """Handle a claimed event; returns the mark the caller writes in the same transaction (`inbox.finish`):
+    its new status ("processed" or "ignored") and outcome. Raises what the handler raised, leaving the caller
+    to roll back."""
     structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
     started = time.perf_counter()
     status, outcome = _run_handler(Context(uow, rt.catalogue, rt.stripe, event, now), rt)
-    inbox.finish(uow, event, status, outcome, now)
     metrics.PROCESSING.labels(event.type, status).observe(time.perf_counter() - started)
     log.info("event.handled", status=status, outcome=outcome)
-    return status
+    return event, status, outcome, now
 
 
 def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime | None = None) -> str | None:
@@ -58,9 +58,12 @@ def _process_once(rt: Runtime, event_id: str, replay: bool, now: datetime) -> st
         event = inbox.claim(uow, event_id, any_status=replay)
         if event is None:
             return None
-        status = handle(uow, rt, event, now)
+        if event.customer:
+            uow.wait_for_customer(event.customer)  # a worker's batch may be handling its customer's other events
+        mark = handle(uow, rt, event, now)
+        inbox.finish(uow, [mark])
         uow.commit()
-    return status
+    return mark[1]
 
 
 def record_failure(rt: Runtime, event_id: str, exc: Exception, now: datetime, *, replay: bool = False) -> str | None:

@@ -43,9 +43,11 @@ class Context:
         """Resolve (and link) the account, asking Stripe about a customer only when it is not linked yet."""
         return accounts.resolve(self.uow, who, self._customer_record)
 
-    def refer(self, referee: Account, *codes: str | None, source: str, email: str | None = None) -> str:
-        """Attribute the referee to the first referral code carried by the objects (or by the customer
-        looked up at Stripe), then settle whatever is due. Attribution problems are outcomes, not errors."""
+    def refer(self, referee: Account, *codes: str | None, source: str, email: str | None = None,
+              settle: bool = False) -> str:
+        """Attribute the referee to the first referral code carried by the objects (or by the customer looked up
+        at Stripe); with `settle` (an event that records a payment, which can qualify the referral), settle
+        whatever is due. A new attribution settles itself. Attribution problems are outcomes, not errors."""
         looked_up = [r.referral_code for r in self.looked_up.values()]
         code = next((c for c in (*codes, *looked_up) if c), None)
         note, settled_already = "", False
@@ -59,7 +61,9 @@ class Context:
                 note = f"; unknown referral code {code!r}"
             except referrals.AlreadyAttributed as exc:
                 note = f"; referral code {code!r} ignored: {exc}"
-        settled = None if settled_already else referrals.settle(self.uow, self.catalogue, referee, self.now)
+        if settled_already or not settle:
+            return note
+        settled = referrals.settle(self.uow, self.catalogue, referee, self.now)
         return note + (f"; referral {settled}" if settled is not None and not note else "")
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
@@ -79,7 +83,7 @@ def invoice_paid(ctx: Context, obj: so.Obj) -> str:
     account = ctx.account(Identity(invoice.customer, carried, invoice.customer_email))
     outcome = refills.refill(ctx.uow, ctx.catalogue, account, invoice, ctx.now)
     code = (invoice.subscription_metadata or {}).get("referral_code") or invoice.metadata.get("referral_code")
-    return outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email)
+    return outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email, settle=True)
 
 
 def checkout_completed(ctx: Context, obj: so.Obj) -> str:

@@ -2,18 +2,22 @@
 
 Storing is INSERT … ON CONFLICT DO NOTHING on the event id, so a redelivery or a concurrent duplicate is a
 no-op. Claiming is SELECT … FOR UPDATE SKIP LOCKED, so API processes and workers share the work without
-taking the same event twice; on SQLite the database's write lock serialises them instead.
+taking the same event twice; on SQLite the database's write lock serialises them instead. A worker's batch
+claims customers whole — every due event of the customers it takes, in the order received (a customer's
+events build on each other) — and events that name no customer one by one.
 """
 
 from __future__ import annotations
 
+import json
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, func, or_, select, update
 
+from service.infra import db
 from service.infra.models import StripeEvent
 from service.infra.stripe_objects import ref, timestamp
 from service.infra.uow import UnitOfWork
@@ -32,68 +36,73 @@ class Claimed:
     livemode: bool
     created: datetime
     payload: dict[str, Any]
-
-    @property
-    def customer(self) -> str | None:
-        """The Stripe customer the event's object names, if any: whose account its handler will lock."""
-        data = self.payload.get("data")
-        obj = data.get("object") if isinstance(data, dict) else None
-        return ref(obj.get("customer")) if isinstance(obj, dict) else None
+    customer: str | None  # the Stripe customer the object names, if any: whose account its handler locks
 
 
 def store(uow: UnitOfWork, event: dict[str, Any], now: datetime) -> bool:
-    """Store a verified event, its facts pulled out for listing and look-ups; False when it was already there
-    (a redelivery)."""
+    """Store a verified event; False when it was already there (a redelivery)."""
+    return event["id"] in store_many(uow, [(event, None)], now)
+
+
+def store_many(uow: UnitOfWork, events: list[tuple[dict[str, Any], str | None]], now: datetime) -> set[str]:
+    """Store verified events with one statement, each with its facts pulled out for listing and look-ups and its
+    payload kept whole (its text, the body as received, when given: it is not encoded again); the ids of those
+    that were new (not redeliveries)."""
+    rows = [_row(event, text, now) for event, text in events]
+    return set(uow.session.scalars(STORE[uow.dialect], rows))
+
+
+def _row(event: dict[str, Any], text: str | None, now: datetime) -> dict[str, Any]:
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     obj = obj if isinstance(obj, dict) else {}
-    object_type, object_id = obj.get("object"), ref(obj)
-    api_version = event.get("api_version")
-    statement = uow.insert(StripeEvent).values(
-        id=event["id"],
-        type=event["type"],
-        object_type=object_type[:100] if isinstance(object_type, str) else None,
-        object_id=object_id[:255] if object_id else None,
-        api_version=api_version if isinstance(api_version, str) else None,
-        livemode=event.get("livemode") is True,
-        created=timestamp(event.get("created")) or now,
-        payload=event,
-        status="pending",
-        attempts=0,
-        next_attempt_at=now,
-        received_at=now,
-    )
-    stored = uow.session.scalar(statement.on_conflict_do_nothing(index_elements=["id"]).returning(StripeEvent.id))
-    return stored is not None
-
-
-_CLAIMED = (StripeEvent.id, StripeEvent.type, StripeEvent.livemode, StripeEvent.created, StripeEvent.payload)
+    object_type, object_id, api_version = obj.get("object"), ref(obj), event.get("api_version")
+    customer = ref(obj.get("customer"))
+    return {
+        "id": event["id"],
+        "type": event["type"],
+        "object_type": object_type[:100] if isinstance(object_type, str) else None,
+        "object_id": object_id[:255] if object_id else None,
+        "customer": customer[:255] if customer else None,
+        "api_version": api_version if isinstance(api_version, str) else None,
+        "livemode": event.get("livemode") is True,
+        "created": timestamp(event.get("created")) or now,
+        "payload_text": json.dumps(event) if text is None else text,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "received_at": now,
+    }
 
 
 def claim(uow: UnitOfWork, event_id: str, *, any_status: bool = False) -> Claimed | None:
     """Lock one event for processing: None when another process holds it or it needs nothing more (with
     `any_status`, a replay, whatever its status)."""
-    query = select(*_CLAIMED).where(StripeEvent.id == event_id)
-    if not any_status:
-        query = query.where(StripeEvent.status.in_(DUE))
-    found = uow.session.execute(query.with_for_update(skip_locked=True)).one_or_none()
+    found = uow.session.execute(CLAIM_ANY if any_status else CLAIM_DUE, {"id": event_id}).one_or_none()
     return Claimed(*found) if found is not None else None
 
 
-def claim_due(uow: UnitOfWork, now: datetime, limit: int) -> list[Claimed]:
-    """Lock up to `limit` events that are due (never processed, or failed and past their backoff), oldest
-    first, skipping those another process holds."""
-    query = (select(*_CLAIMED).where(StripeEvent.status.in_(DUE), StripeEvent.next_attempt_at <= now)
-             .order_by(StripeEvent.next_attempt_at, StripeEvent.received_at).limit(limit)
-             .with_for_update(skip_locked=True))
-    return [Claimed(*row) for row in uow.session.execute(query)]
+def claim_due(uow: UnitOfWork, now: datetime, customers: int, most: int) -> tuple[list[Claimed], set[str]]:
+    """Lock, for processing, every due event (never processed, or failed and past its backoff) of the `customers`
+    customers with the oldest due events that no other transaction is handling — those customers are this
+    transaction's until it ends — and as many of the oldest due events that name no customer; at most `most`
+    events in all, in the order received. Returns the events and the customers taken."""
+    taken = set(uow.session.scalars(FREE_CUSTOMERS[uow.dialect], {"now": now, "scan": 4 * customers, "take": customers}))
+    loose = list(uow.session.scalars(OLDEST_WITHOUT_CUSTOMER, {"now": now, "limit": customers}))
+    if not taken and not loose:
+        return [], taken
+    rows = uow.session.execute(CLAIM_OF, {"now": now, "customers": sorted(taken), "ids": loose, "limit": most})
+    return [Claimed(*row) for row in rows], taken
 
 
-def finish(uow: UnitOfWork, event: Claimed, status: str, outcome: str | None, now: datetime) -> None:
-    """Mark an event handled, in its handler's own transaction: "processed" and the credits it caused commit
-    together."""
-    uow.session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(
-        status=status, outcome=outcome, processed_at=now, attempts=StripeEvent.attempts + 1, last_error=None))
+Mark = tuple[Claimed, str, str | None, datetime]  # an event, its new status, its outcome, when
+
+
+def finish(uow: UnitOfWork, marks: list[Mark]) -> None:
+    """Mark events handled, in their handlers' own transaction: "processed" and the credits it caused commit
+    together. One statement for all of them."""
+    uow.session.execute(FINISH, [{"event_id": event.id, "new_status": status, "new_outcome": outcome, "at": at}
+                                 for event, status, outcome, at in marks])
 
 
 def record_failure(uow: UnitOfWork, event_id: str, error: BaseException, *, max_attempts: int,
@@ -121,3 +130,28 @@ def listing(uow: UnitOfWork, status: str | None, limit: int) -> list[StripeEvent
     if status:
         query = query.where(StripeEvent.status == status)
     return list(uow.session.scalars(query))
+
+
+# Built once: every delivery, claim and mark runs one of them.
+_events = StripeEvent.__table__
+STORE = {dialect: db.insert(dialect, _events).values(payload=db.json_from_text(dialect, "payload_text"))
+         .on_conflict_do_nothing(index_elements=["id"]).returning(_events.c.id) for dialect in db.DIALECTS}
+_CLAIMED = select(_events.c.id, _events.c.type, _events.c.livemode, _events.c.created, _events.c.payload,
+                  _events.c.customer)
+_IS_DUE = (_events.c.status.in_(DUE), _events.c.next_attempt_at <= bindparam("now"))
+CLAIM_ANY = _CLAIMED.where(_events.c.id == bindparam("id")).with_for_update(skip_locked=True)
+CLAIM_DUE = _CLAIMED.where(_events.c.id == bindparam("id"), _events.c.status.in_(DUE)).with_for_update(skip_locked=True)
+_WAITING_LONGEST = (select(_events.c.customer).where(*_IS_DUE, _events.c.customer.is_not(None))
+                    .group_by(_events.c.customer).order_by(func.min(_events.c.received_at))
+                    .limit(bindparam("scan")).subquery())
+FREE_CUSTOMERS = {dialect: select(_WAITING_LONGEST.c.customer)
+                  .where(db.customer_free(dialect, _WAITING_LONGEST.c.customer)).limit(bindparam("take"))
+                  for dialect in db.DIALECTS}
+OLDEST_WITHOUT_CUSTOMER = (select(_events.c.id).where(*_IS_DUE, _events.c.customer.is_(None))
+                           .order_by(_events.c.next_attempt_at, _events.c.received_at).limit(bindparam("limit")))
+CLAIM_OF = (_CLAIMED.where(*_IS_DUE, or_(_events.c.customer.in_(bindparam("customers", expanding=True)),
+                                         _events.c.id.in_(bindparam("ids", expanding=True))))
+            .order_by(_events.c.received_at, _events.c.id).limit(bindparam("limit")).with_for_update(skip_locked=True))
+FINISH = (update(_events).where(_events.c.id == bindparam("event_id"))
+          .values(status=bindparam("new_status"), outcome=bindparam("new_outcome"), processed_at=bindparam("at"),
+                  attempts=_events.c.attempts + 1, last_error=None))

@@ -1,6 +1,7 @@
 """POST /webhooks/stripe: verify the signature on the raw body, store the event, answer, then process.
 
-The 2xx goes out only once the event is committed to the inbox; a database outage is a 503 so Stripe retries.
+The 2xx goes out only once the event is committed to the inbox (webhooks/writer.py stores concurrent
+deliveries together); a database outage is a 503 so Stripe retries.
 The stored event's id is then handed to the processing the app wired in (`on_stored`: the API process's
 inline processor), so a slow handler or a Stripe look-up never delays Stripe's 2xx; anything not processed
 there is the worker's.
@@ -18,12 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.concurrency import run_in_threadpool
 
 from service.infra import logs, metrics
-from service.infra.models import utcnow
 from service.infra.runtime import Runtime
-from webhooks import inbox
+from webhooks.writer import InboxWriter, Stopped
 
 PATH = "/webhooks/stripe"
 TOLERANCE_SECONDS = 300
@@ -39,9 +38,9 @@ class Refused(Exception):
         self.status_code, self.reason = status_code, reason
 
 
-def create(rt: Runtime, on_stored: Callable[[str], None]) -> APIRouter:
+def create(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str], None]) -> APIRouter:
     """The webhook route for the app: events verified with STRIPE_WEBHOOK_SECRET (every secret it lists, for a
-    rotation), stored in `rt`'s inbox, and each new one passed to `on_stored` once its 2xx is decided."""
+    rotation), stored by `writer`, and each new one passed to `on_stored` once its 2xx is decided."""
     router = APIRouter(tags=["stripe"])
 
     @router.post(PATH, summary="Receive a Stripe event", responses={
@@ -53,15 +52,15 @@ def create(rt: Runtime, on_stored: Callable[[str], None]) -> APIRouter:
         """Stripe's webhook endpoint: 200 once the event is stored (also for a redelivery or a type the
         service ignores), so Stripe never retries what is safely in the inbox."""
         try:
-            event = verified_event(await request.body(), request.headers.get("stripe-signature", ""),
-                                   rt.settings.webhook_secrets)
+            event, text = verified_event(await request.body(), request.headers.get("stripe-signature", ""),
+                                         rt.settings.webhook_secrets)
         except Refused as refused:
             metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
             log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)
             return _error(refused.status_code, "refused", refused.reason)
         try:
-            new = await run_in_threadpool(_store, rt, event)
-        except UNAVAILABLE as exc:
+            new = await writer.store(event, text)
+        except (*UNAVAILABLE, Stopped) as exc:
             metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
             log.error("webhook.unavailable", event_id=event["id"], error=type(exc).__name__)
             return _error(503, "database_unavailable", "the database is unavailable; retry later")
@@ -78,21 +77,15 @@ def create(rt: Runtime, on_stored: Callable[[str], None]) -> APIRouter:
     return router
 
 
-def _store(rt: Runtime, event: dict[str, Any]) -> bool:
-    with rt.uow() as uow:
-        new = inbox.store(uow, event, utcnow())
-        uow.commit()
-    return new
-
-
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
-def verified_event(body: bytes, header: str, secrets: list[str]) -> dict[str, Any]:
-    """The event, if `header` signs `body` exactly as received with any of `secrets`, within the tolerance in
-    either direction; else Refused(400). NUL characters and lone surrogates, which no database stores in text,
-    are replaced: a verified event must be stored, not refused (Stripe would retry it for days)."""
+def verified_event(body: bytes, header: str, secrets: list[str]) -> tuple[dict[str, Any], str]:
+    """The event and its JSON text, if `header` signs `body` exactly as received with any of `secrets`, within
+    the tolerance in either direction; else Refused(400). The text is the body as received, unless NUL
+    characters or lone surrogates, which no database stores in text, had to be replaced: a verified event must
+    be stored, not refused (Stripe would retry it for days)."""
     if not header:
         raise Refused(400, "missing Stripe-Signature header")
     if not secrets:
@@ -111,11 +104,12 @@ def verified_event(body: bytes, header: str, secrets: list[str]) -> dict[str, An
         raise Refused(400, "body is not JSON (or is nested too deeply)") from exc
     if "\\u" in text:  # only an escape can smuggle in a NUL or a lone surrogate
         event = _storable(event)
+        text = json.dumps(event)
     if not (isinstance(event, dict) and isinstance(event.get("id"), str) and isinstance(event.get("type"), str)):
         raise Refused(400, "body is not a Stripe event (no id or type)")
     if not event["id"] or len(event["id"]) > 255 or len(event["type"]) > 100:
         raise Refused(400, "event id or type out of range")
-    return event
+    return event, text
 
 
 def _no_constants(name: str) -> Any:

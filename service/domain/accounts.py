@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import bindparam, exists, or_, select
 
-from service.infra import logs
+from service.infra import db, logs
 from service.infra.models import Account, LedgerEntry, Payment, utcnow
 from service.infra.uow import UnitOfWork
 
@@ -50,8 +50,7 @@ CustomerLookup = Callable[[str], CustomerRecord]
 
 def find(uow: UnitOfWork, ref: str) -> Account | None:
     """The account whose public id or Stripe customer id is `ref`; the public id wins if both match."""
-    rows = uow.session.scalars(select(Account).where(or_(Account.public_id == ref, Account.stripe_customer_id == ref)))
-    found = list(rows)
+    found = list(uow.session.scalars(BY_REF, {"ref": ref}))
     return next((a for a in found if a.public_id == ref), found[0] if found else None)
 
 
@@ -74,12 +73,8 @@ def get_or_create(uow: UnitOfWork, ref: str, customer: str | None = None, email:
 
 def _create(uow: UnitOfWork, ref: str, customer: str | None, email: str | None) -> Account:
     linked = customer or (ref if ref.startswith("cus_") else None)
-    statement = (uow.insert(Account)
-                 .values(public_id=ref, stripe_customer_id=linked, status="active", email=email, created_at=utcnow(),
-                         rollover_extensions=0)
-                 .on_conflict_do_nothing(index_elements=["public_id"])
-                 .returning(Account))
-    created = uow.session.scalar(statement)
+    created = uow.session.scalar(NEW[uow.dialect], {"public_id": ref, "stripe_customer_id": linked, "status": "active",
+                                                    "email": email, "created_at": utcnow(), "rollover_extensions": 0})
     if created is None:  # inserted meanwhile by a transaction that has committed since
         return uow.lock_one(get(uow, ref))
     if customer is not None:
@@ -164,6 +159,12 @@ def _rekey(uow: UnitOfWork, account: Account, wanted: str) -> Account:
     raise AccountConflict(
         f"customer {account.stripe_customer_id} has its own ledger and account {wanted!r} exists too; merge by hand"
     )
+
+
+# Built once: every event names an account, and building a statement costs more CPU than running it.
+BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref")))
+NEW = {dialect: db.insert(dialect, Account).on_conflict_do_nothing(index_elements=["public_id"]).returning(Account)
+       for dialect in db.DIALECTS}
 
 
 def _holds_anything(uow: UnitOfWork, account: Account) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from service.domain import ledger
 from service.infra import logs
@@ -126,8 +126,12 @@ SETTLED = ("paid", "reversed", "held")  # nothing left for `settle` to do (a hel
 
 def live_referral(uow: UnitOfWork, referee: Account) -> Referral | None:
     """The referee's attribution that counts (not a rejected one), if any, as stored now."""
-    query = select(Referral).where(Referral.referee_id == referee.id, Referral.status != "rejected")
-    return uow.session.scalar(query.execution_options(populate_existing=True))
+    return uow.session.scalar(LIVE, {"referee": referee.id})
+
+
+# Built once: `settle` runs for nearly every event.
+LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
+        .execution_options(populate_existing=True))
 
 
 def settle(uow: UnitOfWork, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> str | None:

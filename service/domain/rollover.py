@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from service.domain import ledger
 from service.infra.catalogue import RolloverPolicy
@@ -100,6 +100,8 @@ def _take_extension(account: Account, now: datetime) -> datetime | None:
 
 def _held(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
     """The unexpired grants under the policy with credits left, soonest-expiring first: the order cuts take."""
-    query = select(Grant).where(Grant.account_id == account.id, Grant.rollover.is_(True), Grant.remaining > 0)
-    live = [g for g in uow.session.scalars(query) if g.expires_at is None or g.expires_at > now]
+    live = [g for g in uow.session.scalars(HELD, {"account_id": account.id}) if g.expires_at is None or g.expires_at > now]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))
+
+
+HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.rollover.is_(True), Grant.remaining > 0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from service.domain import ledger, periods
 from service.infra.catalogue import Catalogue
@@ -117,7 +117,7 @@ def set_member(uow: UnitOfWork, account: Account, member_id: str, *, allocation:
     """Create or update a member; a new allocation must fit in the pool (plus what the member held)."""
     now = now or utcnow()
     account = uow.lock_one(account)
-    member = uow.session.scalar(select(Member).where(Member.account_id == account.id, Member.member_id == member_id))
+    member = uow.session.scalar(MEMBER, {"account_id": account.id, "member_id": member_id})
     if member is None:
         member = Member(account_id=account.id, member_id=member_id, created_at=now)
         uow.session.add(member)
@@ -158,19 +158,24 @@ def member_usage(uow: UnitOfWork, account: Account, member_id: str, now: datetim
 
 def _reserved(uow: UnitOfWork, account: Account) -> int:
     """Credits that members' allocations hold back from the shared pool."""
-    reserved = uow.session.scalar(select(func.coalesce(func.sum(Member.allocation), 0))
-                                  .where(Member.account_id == account.id))
-    return int(reserved or 0)
+    return int(uow.session.scalar(RESERVED, {"account_id": account.id}) or 0)
 
 
 def _member(uow: UnitOfWork, account: Account, member_id: str) -> Member:
-    member = uow.session.scalar(select(Member).where(Member.account_id == account.id, Member.member_id == member_id))
+    member = uow.session.scalar(MEMBER, {"account_id": account.id, "member_id": member_id})
     if member is None:
         raise UnknownMember(member_id)
     return member
 
 
 def _charged_before(uow: UnitOfWork, account: Account, action: str, resource: str) -> bool:
-    found = uow.session.scalar(select(ResourceCharge.id).where(
-        ResourceCharge.account_id == account.id, ResourceCharge.action == action, ResourceCharge.resource == resource))
+    found = uow.session.scalar(CHARGED, {"account_id": account.id, "action": action, "resource": resource})
     return found is not None
+
+
+# Built once: every spend runs them, and building a statement costs more CPU than running it.
+RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
+MEMBER = select(Member).where(Member.account_id == bindparam("account_id"), Member.member_id == bindparam("member_id"))
+CHARGED = select(ResourceCharge.id).where(ResourceCharge.account_id == bindparam("account_id"),
+                                          ResourceCharge.action == bindparam("action"),
+                                          ResourceCharge.resource == bindparam("resource"))

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import ColumnElement, Engine, Table, Text, bindparam, cast, create_engine, event, func, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-POOL_SIZE = 10  # connections kept open per process; up to 20 more are opened (and closed again) at peaks
+# Connections per process, kept open: as many as requests, worker threads and inline processing use at once.
+# No overflow beyond: a connection opened for a peak and closed after it costs more CPU than the work it does
+# (authentication included), so at a peak a transaction waits for one of these instead.
+POOL_SIZE = 20
 # Bounded waits on PostgreSQL: a partitioned or stalled server surfaces as an error (a 503, a retry) within
 # seconds instead of hanging a request until the kernel's TCP timeouts.
 POSTGRESQL_CONNECT_ARGS = {
@@ -28,6 +31,7 @@ POSTGRESQL_CONNECT_ARGS = {
 }
 
 Insert = postgresql.Insert | sqlite.Insert
+DIALECTS = ("postgresql", "sqlite")  # for statements built once for each database
 # PostgreSQL's SQLSTATEs for a transaction that lost to a concurrent one: a deadlock, a serialization failure,
 # a lock it was told not to wait for. Trying again can succeed at once.
 CONFLICTS = frozenset({"40P01", "40001", "55P03"})
@@ -39,9 +43,9 @@ def make_engine(url: str) -> Engine:
     """An engine for `url`: a bounded pool on PostgreSQL; WAL, foreign keys and write-locking transactions
     on SQLite."""
     if not url.startswith("sqlite"):
-        return create_engine(
-            url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=20, connect_args=POSTGRESQL_CONNECT_ARGS
-        )
+        # No ping at every checkout: a round trip per transaction. A connection found dead on use (a restart)
+        # fails that one transaction (a 503, a retried event) and makes the pool drop every connection it holds.
+        return create_engine(url, pool_size=POOL_SIZE, max_overflow=0, connect_args=POSTGRESQL_CONNECT_ARGS)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
     event.listen(engine, "connect", _sqlite_connected)
     event.listen(engine, "begin", _sqlite_begin)
@@ -72,6 +76,28 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def insert(dialect: str, table: type[Any] | Table) -> Insert:
     """The dialect's INSERT, which offers ON CONFLICT DO NOTHING / DO UPDATE on both databases."""
     return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+def json_from_text(dialect: str, name: str) -> ColumnElement[Any]:
+    """The bind parameter `name`, JSON text, as a JSON column's value: cast to jsonb on PostgreSQL (which parses
+    it itself), kept as the text on SQLite (which stores JSON as text). A body received as text is so stored
+    without being decoded and encoded again."""
+    text = bindparam(name, type_=Text)
+    return cast(text, postgresql.JSONB) if dialect == "postgresql" else text
+
+
+def customer_free(dialect: str, customer: ColumnElement[str]) -> ColumnElement[bool]:
+    """A condition that takes, for the rest of the transaction, a lock on `customer` if no other transaction holds
+    it — and is false, without waiting, if one does: one customer's events are never handled by two transactions
+    at once, even before its account row exists. On PostgreSQL an advisory lock on a hash of the customer's id;
+    on SQLite, where one writer works at a time, always true."""
+    if dialect != "postgresql":
+        return true()
+    return func.pg_try_advisory_xact_lock(func.hashtextextended(customer, 0))
+
+
+# PostgreSQL: `customer_free`'s lock, taken by waiting for the transaction that holds it.
+WAIT_FOR_CUSTOMER = text("SELECT pg_advisory_xact_lock(hashtextextended(:customer, 0))")
 
 
 def is_postgresql(engine: Engine) -> bool:

@@ -160,6 +160,9 @@ class StripeEvent(Base):
     type: Mapped[str] = mapped_column(String(100))
     object_type: Mapped[str | None] = mapped_column(String(100))
     object_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    # The Stripe customer the object names: a worker takes a customer's due events together, one customer's
+    # events in one transaction at a time.
+    customer: Mapped[str | None] = mapped_column(String(255), index=True)
     api_version: Mapped[str | None] = mapped_column(String(64))
     livemode: Mapped[bool] = mapped_column(default=False)
     created: Mapped[datetime]

@@ -7,7 +7,8 @@ rolls everything back. Domain modules never commit and never open a transaction 
 It also knows which account rows the transaction holds locked. An account is locked before any check whose
 answer a concurrent writer could change (is there enough? was this key used?), always in ascending id order
 when several are locked together, so two transactions never wait for each other in a cycle. A row already
-locked is not read again: nobody else can change it until this transaction ends.
+locked is not read again: nobody else can change it until this transaction ends. Processing Stripe events
+also takes a lock per customer, so one customer's events are handled by one transaction at a time.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ class UnitOfWork:
         found = list(self.session.scalars(query.execution_options(populate_existing=True)))
         self._locked.update((account.id, account) for account in found)
         return found
+
+    def wait_for_customer(self, customer: str) -> None:
+        """Take the customer's lock for the rest of the transaction (see `db.customer_free`), waiting for the
+        transaction that holds it."""
+        if self.dialect == "postgresql":
+            self.session.execute(db.WAIT_FOR_CUSTOMER, {"customer": customer})
 
     def hold_inserted(self, account: Account) -> None:
         """An account row this transaction inserted: no other can see it until this one commits, so it is held

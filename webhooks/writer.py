@@ -1,0 +1,114 @@
+"""The inbox's writer: concurrent deliveries stored together, one transaction and one commit for all of them.
+
+A delivery must be durable before it is answered, and the transaction around its one row — BEGIN, the INSERT,
+COMMIT, a WAL flush — costs the API process several times the row itself. So each delivery hands its event to
+this writer's thread and awaits the answer; the thread takes every event waiting at that moment, stores them
+with one INSERT … ON CONFLICT DO NOTHING of many rows, commits, and answers each. Alone, an event is stored at
+once; under load the batches grow by themselves (bench/README.md has what it saves).
+
+An event the database refuses (a value no column holds) must not fail the others of its batch: the batch is
+then stored again event by event, so only that delivery gets the error. A database that cannot be reached
+fails the whole batch, and every delivery in it answers 503, so Stripe retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from service.infra import logs
+from service.infra.db import is_unreachable
+from service.infra.models import utcnow
+from service.infra.runtime import Runtime
+from webhooks import inbox
+
+log = logs.get("writer")
+MOST = 128  # events in one transaction at most
+Delivery = tuple[dict[str, Any], str, "Future[bool]"]  # the event, its text, and whether it was new
+
+
+class Stopped(Exception):
+    """The process is shutting down: the event was not stored; its 503 makes Stripe send it again."""
+
+
+class InboxWriter:
+    """Stores events on a thread of its own (started by the first delivery, stopped with the app)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.waiting: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="inbox-writer", daemon=True)
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    async def store(self, event: dict[str, Any], text: str) -> bool:
+        """Store the event durably with whatever else is waiting: True when it is new, False for a redelivery
+        (also one earlier in the same batch). Raises what the database raised for it, or Stopped."""
+        stored: Future[bool] = Future()
+        with self.lock:  # never queued behind the stop mark, where nothing would answer it
+            if self.stopping:
+                raise Stopped("shutting down")
+            if not self.thread.is_alive():
+                self.thread.start()
+            self.waiting.put((event, text, stored))
+        return await asyncio.wrap_future(stored)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Store what is waiting, then end the thread; a delivery that arrives after is answered Stopped."""
+        with self.lock:
+            self.stopping = True
+            self.waiting.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        while True:
+            try:
+                left = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if left is not None:
+                left[2].set_exception(Stopped("shutting down"))
+
+    def _run(self) -> None:
+        while True:
+            first = self.waiting.get()
+            if first is None:
+                return
+            batch, stopping = [first], False
+            while len(batch) < MOST:
+                try:
+                    more = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            self._write(batch)
+            if stopping:
+                return
+
+    def _write(self, batch: list[Delivery]) -> None:
+        try:
+            new = self._insert(batch)
+        except Exception as exc:  # noqa: BLE001 - each delivery is answered with what became of its event
+            if len(batch) == 1 or is_unreachable(exc):
+                for _, _, stored in batch:
+                    stored.set_exception(exc)
+                return
+            for delivery in batch:  # find the event the database refused: every other one is stored
+                self._write([delivery])
+            return
+        seen: set[str] = set()
+        for event, _, stored in batch:
+            stored.set_result(event["id"] in new and event["id"] not in seen)
+            seen.add(event["id"])
+
+    def _insert(self, batch: list[Delivery]) -> set[str]:
+        """The ids of the batch's events that were new, once stored and committed."""
+        with self.rt.uow() as uow:
+            new = inbox.store_many(uow, [(event, text) for event, text, _ in batch], utcnow())
+            uow.commit()
+        return new

@@ -81,9 +81,10 @@ def invoice_paid(ctx: Context, obj: so.Obj) -> str:
     invoice = so.invoice(obj)
     carried = invoice.metadata.get("account_id") or (invoice.subscription_metadata or {}).get("account_id")
     account = ctx.account(Identity(invoice.customer, carried, invoice.customer_email))
-    outcome = refills.refill(ctx.uow, ctx.catalogue, account, invoice, ctx.now)
+    refilled = refills.refill(ctx.uow, ctx.catalogue, account, invoice, ctx.now)
     code = (invoice.subscription_metadata or {}).get("referral_code") or invoice.metadata.get("referral_code")
-    return outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email, settle=True)
+    return refilled.outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email,
+                                        settle=refilled.first)
 
 
 def checkout_completed(ctx: Context, obj: so.Obj) -> str:

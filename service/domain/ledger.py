@@ -210,7 +210,12 @@ def spend_deadline(grant_row: Grant, account: Account, now: datetime) -> datetim
 
 def granted(uow: UnitOfWork, key: str) -> bool:
     """Whether an entry holds `key` already."""
-    return uow.session.scalar(KEY_TAKEN, {"key": key}) is not None
+    return bool(taken(uow, [key]))
+
+
+def taken(uow: UnitOfWork, keys: list[str]) -> set[str]:
+    """Those of `keys` that entries hold already."""
+    return set(uow.session.scalars(KEYS_TAKEN, {"keys": keys}))
 
 
 def grant_of(uow: UnitOfWork, key: str) -> Grant | None:
@@ -320,7 +325,7 @@ NEW_GRANT = insert(_grants).values(spent=0, expired=0, reversed=0)
 NEW_ALLOCATION = insert(Allocation.__table__)
 BY_KEY = select(_entries.c.id, _entries.c.account_id, _entries.c.kind, _entries.c.amount, _entries.c.idempotency_key,
                 _entries.c.metadata).where(_entries.c.idempotency_key == bindparam("key"))
-KEY_TAKEN = select(_entries.c.id).where(_entries.c.idempotency_key == bindparam("key"))
+KEYS_TAKEN = select(_entries.c.idempotency_key).where(_entries.c.idempotency_key.in_(bindparam("keys", expanding=True)))
 GRANT_BY_KEY = (select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
                 .where(LedgerEntry.idempotency_key == bindparam("key")))
 HELD = (select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.remaining > 0).order_by(Grant.id))

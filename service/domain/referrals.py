@@ -164,8 +164,9 @@ def pay(uow: UnitOfWork, catalogue: Catalogue, referral: Referral, now: datetime
     before = referral.status
     held = None
     unpaid = []
+    paid = ledger.taken(uow, [_side_key(referral, side) for side in SIDES])
     for side in SIDES:
-        if amounts[side] <= 0 or side_paid(uow, referral, side):
+        if amounts[side] <= 0 or _side_key(referral, side) in paid:
             continue
         cap = terms.max_rewards_per_referrer_per_month
         if side == "referrer" and not override_cap and _over_cap(uow, referral, cap, now):

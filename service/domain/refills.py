@@ -4,6 +4,7 @@ has cut what the account carries over; an upgrade's invoice tops the period up t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
@@ -19,12 +20,26 @@ from service.infra.stripe_objects import InvoiceFacts
 log = logs.get("refills")
 
 
-def refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> str:
-    """Grant the plan's credits for `invoice` once; return what happened, for the event's outcome."""
+@dataclass(frozen=True)
+class Refilled:
+    """What a paid invoice did: the event's outcome, and whether this was the invoice's first handling (the
+    payment is recorded now, so it may qualify a referral)."""
+
+    outcome: str
+    first: bool
+
+
+def refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> Refilled:
+    """Grant the plan's credits for `invoice` once."""
     account = uow.lock_one(account)
     key = f"invoice:{invoice.id}"
     if ledger.granted(uow, key):
-        return f"already granted ({key})"
+        return Refilled(f"already granted ({key})", first=False)
+    return Refilled(_refill(uow, catalogue, account, invoice, key, now), first=True)
+
+
+def _refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, key: str,
+            now: datetime) -> str:
     record = payments.recorder(
         uow, invoice.id, account, kind="invoice", amount=invoice.amount_paid, currency=invoice.currency,
         payment_intent=invoice.payment_intent, charge=invoice.charge, subscription_id=invoice.subscription_id,

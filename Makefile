@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 # The embedded SQLite database and the shipped sample catalogue; dev tokens are printed at start.
@@ -29,8 +29,13 @@ test: install
 bench: install
 	$(BIN)/python -m bench
 
+# ruff (lint and format), mypy (strict on the service's packages) and the layers import-linter holds.
 lint: install
-	$(BIN)/python -m compileall -q service webhooks jobs tests
+	$(BIN)/ruff check service webhooks jobs tests bench
+	$(BIN)/ruff format --check service webhooks jobs tests bench
+	$(BIN)/mypy --strict service webhooks jobs
+	$(BIN)/mypy --follow-imports=silent tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) *.egg-info credits.db credits.db-wal credits.db-shm

@@ -19,9 +19,9 @@ from sqlalchemy import select
 
 from service.domain import accounts, audit, ledger, referrals
 from service.infra import stripe_objects as so
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
 from service.infra.runtime import Runtime
+from service.infra.uow import UnitOfWork
 from webhooks import dispatch, handlers, inbox
 
 ACTION = "backfill.referral"
@@ -122,8 +122,13 @@ def referral(rt: Runtime, request: Request, *, apply: bool, now: datetime | None
         report = _repair(uow, rt, request, before, now, applied=True)
         referee, _ = _parties(uow, request)
         entry = audit.record(
-            uow, actor=request.actor, action=ACTION, reason=request.reason, account=referee,
-            ticket=request.ticket, details=report.as_dict(),
+            uow,
+            actor=request.actor,
+            action=ACTION,
+            reason=request.reason,
+            account=referee,
+            ticket=request.ticket,
+            details=report.as_dict(),
         )
         uow.commit()
         return report, entry.id
@@ -178,8 +183,11 @@ def _repair(uow: UnitOfWork, rt: Runtime, request: Request, before: Before, now:
 
     def party(account: Account, side: str, credits: int) -> Party:
         return Party(
-            account.public_id, credits, _outcome(uow, referral, side, credits, before.keys),
-            before.balances[side], ledger.balance(uow, account, now),
+            account.public_id,
+            credits,
+            _outcome(uow, referral, side, credits, before.keys),
+            before.balances[side],
+            ledger.balance(uow, account, now),
         )
 
     invoice = before.invoice
@@ -243,7 +251,8 @@ def _qualifying_invoice(uow: UnitOfWork, rt: Runtime, referee: Account, named: s
     if customer is None:
         return None
     listed = [
-        obj for obj in rt.stripe.iterate_customer_paid_invoices(customer)
+        obj
+        for obj in rt.stripe.iterate_customer_paid_invoices(customer)
         if _disqualified(obj, customer, minimum, rt.settings.stripe_livemode) is None
     ]
     if not listed:
@@ -274,7 +283,9 @@ def _disqualified(obj: dict[str, Any], customer: str, minimum: int, livemode: bo
 def _handle_inline(uow: UnitOfWork, rt: Runtime, invoice: dict[str, Any], now: datetime) -> None:
     """For a dry run: what the inbox would do with the synthetic event, run in the uncommitted transaction."""
     payload = synthetic_event(invoice, now)
-    event = inbox.Claimed(payload["id"], payload["type"], payload["livemode"], now, payload)
+    event = inbox.Claimed(
+        payload["id"], payload["type"], payload["livemode"], now, payload, so.ref(invoice.get("customer"))
+    )
     _, handle = handlers.HANDLERS[payload["type"]]
     handle(handlers.Context(uow, rt.catalogue, rt.stripe, event, now), invoice)
 
@@ -289,7 +300,9 @@ def _feed(rt: Runtime, invoice: dict[str, Any], now: datetime) -> None:
         return
     with rt.uow() as uow:
         stored = uow.session.get_one(StripeEvent, payload["id"])
-        raise Refused(f"{stored.id} is {stored.status}: {stored.last_error or stored.outcome or 'held by another process'}")
+        raise Refused(
+            f"{stored.id} is {stored.status}: {stored.last_error or stored.outcome or 'held by another process'}"
+        )
 
 
 def _keys(uow: UnitOfWork, *parties: Account) -> frozenset[str]:

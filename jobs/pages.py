@@ -44,7 +44,7 @@ class _Producer(Generic[T]):
                 if not self._put(page):
                     return
             self._put(_End())
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
+        except BaseException as exc:
             self._put(_End(exc))
 
     def _put(self, item: list[T] | _End) -> bool:
@@ -64,7 +64,7 @@ class _Producer(Generic[T]):
             if page.error is not None:
                 raise page.error
         finally:
-            self.gone.set()  # pages closed or dropped before the end (an error, a break): the thread ends at its next put
+            self.gone.set()  # the reader stopped before the end (an error, a break): the thread ends at its next put
 
 
 def prefetched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -73,4 +73,3 @@ def prefetched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     producer = _Producer(items, size)
     threading.Thread(target=producer.run, name="stripe-pages", daemon=True).start()
     return producer.pages()
-

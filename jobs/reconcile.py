@@ -22,9 +22,9 @@ from jobs.referral_codes import ReferralCodes
 from service.domain import accounts, findings, ledger, referrals
 from service.infra import logs
 from service.infra import stripe_objects as so
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
 from service.infra.runtime import Runtime
+from service.infra.uow import UnitOfWork
 from webhooks import dispatch, inbox
 from webhooks.handlers import HANDLERS
 
@@ -62,13 +62,28 @@ class Found:
     fixed: bool = False
 
     def seen(self) -> findings.Seen:
-        return findings.Seen(self.kind, self.subject, self.detail, self.action, tuple(self.accounts),
-                             tuple(self.stripe_ids), self.credits, self.fixed)
+        return findings.Seen(
+            self.kind,
+            self.subject,
+            self.detail,
+            self.action,
+            tuple(self.accounts),
+            tuple(self.stripe_ids),
+            self.credits,
+            self.fixed,
+        )
 
     def view(self) -> dict[str, Any]:
-        return {"kind": self.kind, "subject": self.subject, "accounts": self.accounts, "stripe_ids": self.stripe_ids,
-                "credits": self.credits, "detail": self.detail, "action": self.action,
-                "status": "fixed" if self.fixed else "open"}
+        return {
+            "kind": self.kind,
+            "subject": self.subject,
+            "accounts": self.accounts,
+            "stripe_ids": self.stripe_ids,
+            "credits": self.credits,
+            "detail": self.detail,
+            "action": self.action,
+            "status": "fixed" if self.fixed else "open",
+        }
 
 
 @dataclass
@@ -102,7 +117,9 @@ class Report:
         }
 
 
-def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Callable[[str], None] = lambda _: None) -> Report:
+def run(
+    rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Callable[[str], None] = lambda _: None
+) -> Report:
     """One reconciliation run, stored with its findings; Stripe errors propagate (the CLI exits 2)."""
     with rt.uow() as uow:
         run_row = findings.start_run(uow, since, until, fix)
@@ -133,7 +150,7 @@ def run(rt: Runtime, since: datetime, until: datetime, *, fix: bool, tick: Calla
 def _attempt(finding: Found) -> bool:
     try:
         return finding.repair()  # type: ignore[misc]
-    except Exception as exc:  # noqa: BLE001 - one failed repair is reported, the others still run
+    except Exception as exc:
         finding.detail += f" (repair failed: {type(exc).__name__}: {exc})"
         log.warning("reconcile.repair_failed", kind=finding.kind, subject=finding.subject, error=str(exc))
         return False
@@ -161,7 +178,9 @@ class Scan:
 
     def events(self) -> None:
         """Every handled event Stripe has for the window that the inbox has not processed."""
-        listed = self.rt.stripe.iterate_events(created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff), types=sorted(HANDLERS))
+        listed = self.rt.stripe.iterate_events(
+            created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff), types=sorted(HANDLERS)
+        )
         for page in prefetched(listed, PAGE):
             with self.rt.uow() as uow:
                 session = uow.session
@@ -177,14 +196,16 @@ class Scan:
 
     def invoices(self) -> None:
         """Every paid invoice of the window: its refill recorded, and its referral paid if it qualifies."""
-        listed = self.rt.stripe.iterate_invoices("paid", created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff))
+        listed = self.rt.stripe.iterate_invoices(
+            "paid", created_gte=_epoch(self.since), created_lte=_epoch(self.cutoff)
+        )
         min_amount = max(self.rt.catalogue.referrals.min_amount, 1)
         for page in prefetched(listed, PAGE):
             facts = [so.invoice(obj) for obj in page]
             with self.rt.uow() as uow:
                 session = uow.session
                 known = Known.fetch(uow, [invoice for invoice in facts if invoice.amount_paid > 0])
-                for obj, invoice in zip(page, facts):
+                for obj, invoice in zip(page, facts, strict=True):
                     self.tick("invoices")
                     if invoice.amount_paid <= 0:
                         continue
@@ -212,14 +233,22 @@ class Scan:
             for referral in session.scalars(select(Referral).where(Referral.status.in_(UNSETTLED))):
                 self.tick("referrals")
                 self._unsettled(uow, referral)
-            for payment in session.scalars(select(Payment).where(Payment.outcome.in_(("unknown_price", "unknown_pack")))):
+            for payment in session.scalars(
+                select(Payment).where(Payment.outcome.in_(("unknown_price", "unknown_pack")))
+            ):
                 self._unknown_product(uow, payment)
             self._shortfalls(uow)
             for drift in ledger.check(uow):
-                self.add(Found("ledger_drift", f"{drift.account}:{drift.what}",
-                               f"{drift.what}: the ledger says {drift.expected}, the stored value is {drift.actual}",
-                               "investigate before any fix: `credits check` shows every drift", [drift.account],
-                               credits=abs(drift.expected - drift.actual)))
+                self.add(
+                    Found(
+                        "ledger_drift",
+                        f"{drift.account}:{drift.what}",
+                        f"{drift.what}: the ledger says {drift.expected}, the stored value is {drift.actual}",
+                        "investigate before any fix: `credits check` shows every drift",
+                        [drift.account],
+                        credits=abs(drift.expected - drift.actual),
+                    )
+                )
 
     # -- findings ----------------------------------------------------------------------------------------
 
@@ -231,26 +260,59 @@ class Scan:
         if row is not None and row.last_error:
             state += f": {row.last_error.splitlines()[-1]}"
         customer = so.ref(obj.get("customer")) if isinstance(obj, dict) else None
-        self.add(Found(kind, subject, f"{event['type']} {event['id']} {state}",
-                       "reconcile --fix processes it through its webhook handler", _accounts(uow, customer),
-                       [event["id"], *([so.ref(obj)] if so.ref(obj) else [])], credits, lambda: self._process(event)))
+        self.add(
+            Found(
+                kind,
+                subject,
+                f"{event['type']} {event['id']} {state}",
+                "reconcile --fix processes it through its webhook handler",
+                _accounts(uow, customer),
+                [event["id"], *[found for found in (so.ref(obj),) if found]],
+                credits,
+                lambda: self._process(event),
+            )
+        )
 
     def _dead(self, row: StripeEvent) -> None:
         self.reported_events.add(row.id)
         error = (row.last_error or "").splitlines()[-1:] or ["no error recorded"]
-        self.add(Found("dead_event", row.id, f"{row.type} gave up after {row.attempts} attempts: {error[0]}",
-                       f"fix the cause, then `credits events replay {row.id}`", stripe_ids=[row.id, row.object_id or ""]))
+        self.add(
+            Found(
+                "dead_event",
+                row.id,
+                f"{row.type} gave up after {row.attempts} attempts: {error[0]}",
+                f"fix the cause, then `credits events replay {row.id}`",
+                stripe_ids=[row.id, row.object_id or ""],
+            )
+        )
 
     def _missing_refill(self, invoice: so.InvoiceFacts, payment: Payment | None, obj: dict[str, Any]) -> Found:
         plan = next((hit for hit in map(self.rt.catalogue.plan_for_price, invoice.price_ids) if hit), None)
-        detail = (f"paid invoice {invoice.id} was never credited" if payment is None
-                  else f"paid invoice {invoice.id} has a price the catalogue does not know ({payment.detail})")
-        synthetic = {"id": f"evt_reconcile_{invoice.id}", "object": "event", "type": "invoice.paid",
-                     "created": _epoch(invoice.paid_at or utcnow()), "livemode": bool(obj.get("livemode")),
-                     "data": {"object": obj}}
-        return Found("missing_refill", invoice.id, detail,
-                     "reconcile --fix grants it through the invoice handler" if plan else "add the price to the catalogue, then --fix",
-                     [invoice.customer or ""], [invoice.id], plan[1].credits if plan else 0, lambda: self._process(synthetic))
+        detail = (
+            f"paid invoice {invoice.id} was never credited"
+            if payment is None
+            else f"paid invoice {invoice.id} has a price the catalogue does not know ({payment.detail})"
+        )
+        synthetic = {
+            "id": f"evt_reconcile_{invoice.id}",
+            "object": "event",
+            "type": "invoice.paid",
+            "created": _epoch(invoice.paid_at or utcnow()),
+            "livemode": bool(obj.get("livemode")),
+            "data": {"object": obj},
+        }
+        return Found(
+            "missing_refill",
+            invoice.id,
+            detail,
+            "reconcile --fix grants it through the invoice handler"
+            if plan
+            else "add the price to the catalogue, then --fix",
+            [invoice.customer or ""],
+            [invoice.id],
+            plan[1].credits if plan else 0,
+            lambda: self._process(synthetic),
+        )
 
     def _referral_of_invoice(self, uow: UnitOfWork, invoice: so.InvoiceFacts, known: Known) -> None:
         """A qualifying invoice: is its referee's referral settled, or does Stripe carry an attribution the
@@ -273,12 +335,19 @@ class Scan:
         code, where = found
         terms = self.rt.catalogue.referrals
         name = referee.public_id if referee else invoice.customer
-        self.add(Found("missed_referral_payout", f"referee:{name}",
-                       f"{where} metadata carries referral code {code}, but {name} was never attributed; "
-                       f"first paid invoice {invoice.id}",
-                       "reconcile --fix attributes it and pays both sides (or: credits backfill referral)",
-                       [name], [invoice.id, invoice.customer], terms.referrer_credits + terms.referee_credits,
-                       lambda: self._attribute(invoice, code, where)))
+        self.add(
+            Found(
+                "missed_referral_payout",
+                f"referee:{name}",
+                f"{where} metadata carries referral code {code}, but {name} was never attributed; "
+                f"first paid invoice {invoice.id}",
+                "reconcile --fix attributes it and pays both sides (or: credits backfill referral)",
+                [name],
+                [invoice.id, invoice.customer],
+                terms.referrer_credits + terms.referee_credits,
+                lambda: self._attribute(invoice, code, where),
+            )
+        )
 
     def _unsettled(self, uow: UnitOfWork, referral: Referral, qualifying_invoice: str | None = None) -> None:
         """A live referral that qualifies (by state, or by a paid invoice just seen at Stripe) but whose
@@ -288,56 +357,110 @@ class Scan:
         terms = self.rt.catalogue.referrals
         session = uow.session
         referee = session.get_one(Account, referral.referee_id)
-        qualifies = qualifying_invoice or referral.qualified_at is not None or terms.qualify_on == "signup" or session.scalar(
-            select(Payment.id).where(Payment.account_id == referee.id, Payment.kind == "invoice",
-                                     Payment.amount >= max(terms.min_amount, 1))) is not None
+        qualifies = (
+            qualifying_invoice
+            or referral.qualified_at is not None
+            or terms.qualify_on == "signup"
+            or session.scalar(
+                select(Payment.id).where(
+                    Payment.account_id == referee.id,
+                    Payment.kind == "invoice",
+                    Payment.amount >= max(terms.min_amount, 1),
+                )
+            )
+            is not None
+        )
         if not qualifies:
             return
         amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
         unpaid = [s for s in referrals.SIDES if amounts[s] > 0 and not referrals.side_paid(uow, referral, s)]
         if not unpaid:
             return
-        kind = "missed_referral_payout" if len(unpaid) == len([a for a in amounts.values() if a > 0]) else "one_sided_referral_payout"
+        kind = (
+            "missed_referral_payout"
+            if len(unpaid) == len([a for a in amounts.values() if a > 0])
+            else "one_sided_referral_payout"
+        )
         referrer = session.get_one(Account, referral.referrer_id)
-        self.add(Found(kind, f"referral:{referral.id}", f"referral {referral.id} qualified; unpaid: {', '.join(unpaid)}",
-                       "reconcile --fix pays the missing side(s) with the same keys",
-                       [referrer.public_id, referee.public_id], [referral.qualifying_payment or qualifying_invoice or ""],
-                       sum(amounts[s] for s in unpaid), lambda: self._settle(referral.id)))
+        self.add(
+            Found(
+                kind,
+                f"referral:{referral.id}",
+                f"referral {referral.id} qualified; unpaid: {', '.join(unpaid)}",
+                "reconcile --fix pays the missing side(s) with the same keys",
+                [referrer.public_id, referee.public_id],
+                [referral.qualifying_payment or qualifying_invoice or ""],
+                sum(amounts[s] for s in unpaid),
+                lambda: self._settle(referral.id),
+            )
+        )
 
     def _unknown_product(self, uow: UnitOfWork, payment: Payment) -> None:
         session = uow.session
         kind = "missing_refill" if payment.kind == "invoice" else "missing_purchase_grant"
-        event_id = session.scalar(select(StripeEvent.id).where(StripeEvent.object_id == payment.id).order_by(StripeEvent.received_at))
+        event_id = session.scalar(
+            select(StripeEvent.id).where(StripeEvent.object_id == payment.id).order_by(StripeEvent.received_at)
+        )
         owner = session.get_one(Account, payment.account_id).public_id
-        self.add(Found(kind, payment.id, f"{payment.id} was paid but not credited: {payment.detail}",
-                       "add it to the catalogue, then reconcile --fix" + (f" (replays {event_id})" if event_id else ""),
-                       [owner], [payment.id], 0, (lambda: self._replay(event_id)) if event_id else None))
+        self.add(
+            Found(
+                kind,
+                payment.id,
+                f"{payment.id} was paid but not credited: {payment.detail}",
+                "add it to the catalogue, then reconcile --fix" + (f" (replays {event_id})" if event_id else ""),
+                [owner],
+                [payment.id],
+                0,
+                (lambda: self._replay(event_id)) if event_id else None,
+            )
+        )
 
     def _shortfalls(self, uow: UnitOfWork) -> None:
         session = uow.session
-        reversals = session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "reverse", LedgerEntry.created_at >= self.since,
-                                                              LedgerEntry.created_at <= self.until))
+        reversals = session.scalars(
+            select(LedgerEntry).where(
+                LedgerEntry.kind == "reverse",
+                LedgerEntry.created_at >= self.since,
+                LedgerEntry.created_at <= self.until,
+            )
+        )
         for entry in reversals:
             shortfall = int(entry.meta.get("shortfall", 0))
             if shortfall:
                 owner = session.get_one(Account, entry.account_id).public_id
-                self.add(Found("unreversed_refund", entry.idempotency_key,
-                               f"{entry.reason}: {shortfall} credits were already spent and could not be taken back",
-                               "decide by hand: accept the loss or recover it from the customer", [owner],
-                               [str(entry.meta.get("payment", ""))], shortfall))
+                self.add(
+                    Found(
+                        "unreversed_refund",
+                        entry.idempotency_key,
+                        f"{entry.reason}: {shortfall} credits were already spent and could not be taken back",
+                        "decide by hand: accept the loss or recover it from the customer",
+                        [owner],
+                        [str(entry.meta.get("payment", ""))],
+                        shortfall,
+                    )
+                )
 
     # -- Stripe look-ups and repairs ---------------------------------------------------------------------
 
     def _consequence(self, type_: str, obj: dict[str, Any]) -> tuple[str, str, int]:
         """Name an unprocessed event by what it costs: a refill, a pack, a refund — or just an event."""
-        if type_ in INVOICE_EVENTS and so.ref(obj) and isinstance(obj.get("amount_paid"), int) and obj["amount_paid"] > 0:
+        if (
+            type_ in INVOICE_EVENTS
+            and so.ref(obj)
+            and isinstance(obj.get("amount_paid"), int)
+            and obj["amount_paid"] > 0
+        ):
             prices = so.invoice(obj).price_ids
             plan = next((hit for hit in map(self.rt.catalogue.plan_for_price, prices) if hit), None)
             return "missing_refill", obj["id"], plan[1].credits if plan else 0
         pack = (obj.get("metadata") or {}).get("pack") if isinstance(obj.get("metadata"), dict) else None
         intent = so.ref(obj.get("payment_intent")) if type_.startswith("checkout.") else so.ref(obj)
         if pack and intent and (type_ == "payment_intent.succeeded" or obj.get("payment_status") == "paid"):
-            return "missing_purchase_grant", intent, self.rt.catalogue.packs[pack].credits if pack in self.rt.catalogue.packs else 0
+            return (
+                "missing_purchase_grant",
+                intent,
+                self.rt.catalogue.packs[pack].credits if pack in self.rt.catalogue.packs else 0,
+            )
         if type_ in ("charge.refunded", "charge.dispute.closed") and so.ref(obj):
             return "unreversed_refund", obj["id"], 0
         return "unprocessed_event", str(obj.get("id") or type_), 0
@@ -418,18 +541,31 @@ class Known:
     @classmethod
     def fetch(cls, uow: UnitOfWork, invoices: list[so.InvoiceFacts]) -> Known:
         session = uow.session
-        outcomes = dict(session.execute(select(Payment.id, Payment.outcome)
-                                        .where(Payment.id.in_([i.id for i in invoices]))).all())
+        outcomes = dict(
+            session.execute(select(Payment.id, Payment.outcome).where(Payment.id.in_([i.id for i in invoices]))).all()
+        )
         refs = list({ref for invoice in invoices for ref in _account_refs(invoice)})
-        found = [AccountRef(*row) for row in session.execute(
-            select(Account.id, Account.public_id, Account.stripe_customer_id)
-            .where(or_(Account.public_id.in_(refs), Account.stripe_customer_id.in_(refs))))]
+        found = [
+            AccountRef(*row)
+            for row in session.execute(
+                select(Account.id, Account.public_id, Account.stripe_customer_id).where(
+                    or_(Account.public_id.in_(refs), Account.stripe_customer_id.in_(refs))
+                )
+            )
+        ]
         referrals: dict[int, list[ReferralRef]] = {}
-        for row in session.execute(select(Referral.id, Referral.referee_id, Referral.status)
-                                   .where(Referral.referee_id.in_([a.id for a in found]))):
+        for row in session.execute(
+            select(Referral.id, Referral.referee_id, Referral.status).where(
+                Referral.referee_id.in_([a.id for a in found])
+            )
+        ):
             referrals.setdefault(row.referee_id, []).append(ReferralRef(*row))
-        return cls(outcomes, {a.public_id: a for a in found},
-                   {a.stripe_customer_id: a for a in found if a.stripe_customer_id}, referrals)
+        return cls(
+            outcomes,
+            {a.public_id: a for a in found},
+            {a.stripe_customer_id: a for a in found if a.stripe_customer_id},
+            referrals,
+        )
 
     def account(self, ref: str) -> AccountRef | None:
         """As `accounts.find`: the account whose public id is `ref`, else the one whose customer id is."""

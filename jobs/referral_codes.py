@@ -68,7 +68,8 @@ class ReferralCodes:
             until = int(self.until.timestamp())
             customers = self.stripe.iterate_customers(created_gte=int(self.since.timestamp()), created_lte=until)
             sessions = self.stripe.iterate_completed_checkout_sessions(
-                created_gte=int((self.since - CHECKOUT_LIFETIME).timestamp()), created_lte=until)
+                created_gte=int((self.since - CHECKOUT_LIFETIME).timestamp()), created_lte=until
+            )
             self._window = _Window.read(customers, sessions)
         return self._window
 

@@ -17,9 +17,9 @@ from sqlalchemy import select
 
 from service.domain import ledger, rollover
 from service.infra.catalogue import Free
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, utcnow
 from service.infra.runtime import Runtime
+from service.infra.uow import UnitOfWork
 
 MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 Track = Callable[[Sequence[int]], Iterable[int]]
@@ -58,8 +58,16 @@ def _refill(uow: UnitOfWork, free: Free, account: Account, month: str, now: date
         return "already granted"
     rollover.apply(uow, account, free, free.credits, key=f"rollover:free:{account.public_id}:{month}", now=now)
     ledger.grant(
-        uow, account, free.credits, source="free", key=f"free:{account.public_id}:{month}",
-        reason=f"free allowance for {month}", actor="refill-free", rollover=True, meta={"month": month}, now=now,
+        uow,
+        account,
+        free.credits,
+        source="free",
+        key=f"free:{account.public_id}:{month}",
+        reason=f"free allowance for {month}",
+        actor="refill-free",
+        rollover=True,
+        meta={"month": month},
+        now=now,
     )
     return "granted"
 

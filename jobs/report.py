@@ -26,17 +26,31 @@ def as_markdown(report: Report) -> str:
         f"{summary['credits_at_stake']} credits at stake (run {summary['run_id']}).",
     ]
     if report.found:
-        lines += ["", "| status | kind | subject | accounts | credits | detail | action |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| status | kind | subject | accounts | credits | detail | action |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for f in report.found:
-            row = ["fixed" if f.fixed else "open", f.kind, f"`{f.subject}`", ", ".join(f.accounts), str(f.credits), f.detail, f.action]
+            row = [
+                "fixed" if f.fixed else "open",
+                f.kind,
+                f"`{f.subject}`",
+                ", ".join(f.accounts),
+                str(f.credits),
+                f.detail,
+                f.action,
+            ]
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def print_table(report: Report, console: Console) -> None:
     summary = report.summary()
-    title = (f"reconciliation {summary['since'][:16]} → {summary['until'][:16]}: {summary['found']} found, "
-             f"{summary['fixed']} fixed, {summary['remaining']} remaining")
+    title = (
+        f"reconciliation {summary['since'][:16]} → {summary['until'][:16]}: {summary['found']} found, "
+        f"{summary['fixed']} fixed, {summary['remaining']} remaining"
+    )
     table = Table("status", "kind", "subject", "accounts", "credits", "detail", "action", title=title)
     for f in report.found:
         status = "[green]fixed[/green]" if f.fixed else "[red]open[/red]"

@@ -32,7 +32,9 @@ MOST = 100  # events in one batch at most
 SETTLED = ("processed", "ignored", "failed", "dead")  # an event that needs nothing more for now
 
 
-def drain(rt: Runtime, stop: threading.Event | None = None, *, threads: int = 1, referrals_too: bool = True) -> Counter[str]:
+def drain(
+    rt: Runtime, stop: threading.Event | None = None, *, threads: int = 1, referrals_too: bool = True
+) -> Counter[str]:
     """Process what is due now, batch after batch, until nothing is due (or `stop` is set); then retry the
     referral payouts left one-sided. Returns counts by the status each event ended in.
 
@@ -87,7 +89,7 @@ def retry_referrals(rt: Runtime) -> Counter[str]:
             with rt.uow() as uow:
                 referrals.retry(uow, rt.catalogue, referral_id)
                 uow.commit()
-        except Exception as exc:  # noqa: BLE001 - one referral's failure must not hold up the others
+        except Exception as exc:
             log.warning("referral.retry_failed", referral=referral_id, error=f"{type(exc).__name__}: {exc}")
             counts["referral retries failed"] += 1
             continue
@@ -107,13 +109,20 @@ def run(rt: Runtime, stop: threading.Event, *, outage_seconds: float | None = No
     recorded on its event."""
     threads = rt.settings.worker_threads if is_postgresql(rt.engine) else 1
     outage = rt.settings.worker_outage_seconds if outage_seconds is None else outage_seconds
+
+    def wait(seconds: float) -> None:
+        stop.wait(seconds)  # a stop ends the wait at once
+
     riding_out = Retrying(
         retry=retry_if_exception(is_unreachable),
         stop=stop_after_delay(outage) | stop_when_event_set(stop),
         wait=wait_exponential(multiplier=0.25, max=5),
-        sleep=stop.wait,
-        before_sleep=lambda state: log.warning("worker.drain_failed", attempt=state.attempt_number,
-                                               error=_error(state.outcome.exception() if state.outcome else None)),
+        sleep=wait,
+        before_sleep=lambda state: log.warning(
+            "worker.drain_failed",
+            attempt=state.attempt_number,
+            error=_error(state.outcome.exception() if state.outcome else None),
+        ),
         reraise=True,
     )
     log.info("worker.started", threads=threads)

@@ -26,17 +26,15 @@ from sqlalchemy.exc import OperationalError
 from tenacity import wait_none
 
 from service.entry import cli
-
-from service.infra import catalogue, logs, metrics
 from service.entry.api import create_app
+from service.infra import catalogue, logs, metrics, stripe_client
 from service.infra.config import Settings
 from service.infra.db import make_engine, make_sessionmaker
 from service.infra.migrate import upgrade
 from service.infra.models import Base
 from service.infra.runtime import Runtime
-from service.infra.uow import UnitOfWork
-from service.infra import stripe_client
 from service.infra.stripe_client import StripeGateway
+from service.infra.uow import UnitOfWork
 from tests import stripe_events
 
 DATA = Path(__file__).parent / "data"
@@ -70,7 +68,7 @@ def pg_server(request: pytest.FixtureRequest) -> str:
         return url
     try:
         proc = request.getfixturevalue("postgresql_proc")
-    except Exception as exc:  # noqa: BLE001 - any reason PostgreSQL cannot be started is reported the same way
+    except Exception as exc:
         reason = f"PostgreSQL is not reachable at {url} and no throwaway cluster could start: {exc}"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
@@ -162,8 +160,14 @@ Deliver = Callable[..., httpx.Response]
 def deliver(client: TestClient) -> Deliver:
     """POST a Stripe event to the webhook endpoint, signed as Stripe signs it (or as a test says)."""
 
-    def post(evt: dict[str, Any] | None = None, *, raw: bytes | None = None, secret: str = stripe_events.SECRET,
-             at: int | None = None, header: str | None = None) -> httpx.Response:
+    def post(
+        evt: dict[str, Any] | None = None,
+        *,
+        raw: bytes | None = None,
+        secret: str = stripe_events.SECRET,
+        at: int | None = None,
+        header: str | None = None,
+    ) -> httpx.Response:
         body = raw if raw is not None else stripe_events.encode(evt or {})
         signature = header if header is not None else stripe_events.sign(body, secret, at)
         response = client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": signature})

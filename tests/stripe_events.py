@@ -41,8 +41,15 @@ def epoch(when: datetime) -> int:
     return int(when.timestamp())
 
 
-def event(type_: str, obj: dict[str, Any], *, era: str = "2025", event_id: str | None = None, created: datetime = T0,
-          livemode: bool = False) -> dict[str, Any]:
+def event(
+    type_: str,
+    obj: dict[str, Any],
+    *,
+    era: str = "2025",
+    event_id: str | None = None,
+    created: datetime = T0,
+    livemode: bool = False,
+) -> dict[str, Any]:
     """A Stripe event envelope around `obj`."""
     return {
         "id": event_id or f"evt_test_{next(_ids)}",
@@ -97,7 +104,10 @@ def invoice(
             }
             obj["subscription"] = None
             if payment_intent:
-                obj["payments"] = {"object": "list", "data": [{"payment": {"type": "payment_intent", "payment_intent": payment_intent}}]}
+                obj["payments"] = {
+                    "object": "list",
+                    "data": [{"payment": {"type": "payment_intent", "payment_intent": payment_intent}}],
+                }
     line["period"] = {"start": start, "end": end}
     line["amount"] = amount_paid
     obj.update(
@@ -114,7 +124,9 @@ def invoice(
     return obj
 
 
-def customer(customer_id: str, *, email: str = "bob@example.com", metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def customer(
+    customer_id: str, *, email: str = "bob@example.com", metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
     obj = fixture("current.customer.json")
     obj.update(id=customer_id, email=email, metadata=metadata or {})
     return obj
@@ -150,8 +162,13 @@ def checkout_session(
 
 
 def payment_intent(
-    era: str = "2025", *, intent_id: str = "pi_1", customer: str | None = "cus_1", amount: int = 1000,
-    metadata: dict[str, str] | None = None, charge: str = "ch_1",
+    era: str = "2025",
+    *,
+    intent_id: str = "pi_1",
+    customer: str | None = "cus_1",
+    amount: int = 1000,
+    metadata: dict[str, str] | None = None,
+    charge: str = "ch_1",
 ) -> dict[str, Any]:
     if era == "2017":
         obj = fixture("localstripe.payment_intent.succeeded.json")["data"]["object"]
@@ -160,38 +177,73 @@ def payment_intent(
     else:
         obj = fixture("current.payment_intent.json")
         obj["latest_charge"] = charge
-    obj.update(id=intent_id, customer=customer, amount=amount, amount_received=amount, status="succeeded",
-               metadata=metadata or {}, currency="usd")
+    obj.update(
+        id=intent_id,
+        customer=customer,
+        amount=amount,
+        amount_received=amount,
+        status="succeeded",
+        metadata=metadata or {},
+        currency="usd",
+    )
     return obj
 
 
 def charge(
-    *, charge_id: str = "ch_1", amount: int = 1000, amount_refunded: int = 0, invoice: str | None = None,
-    payment_intent: str | None = None, refunds: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    *,
+    charge_id: str = "ch_1",
+    amount: int = 1000,
+    amount_refunded: int = 0,
+    invoice: str | None = None,
+    payment_intent: str | None = None,
+    refunds: list[tuple[str, int]] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     obj = fixture("current.charge.json")
     obj.update(
-        id=charge_id, amount=amount, amount_captured=amount, amount_refunded=amount_refunded,
-        refunded=amount_refunded >= amount, invoice=invoice, payment_intent=payment_intent, customer="cus_1",
+        id=charge_id,
+        amount=amount,
+        amount_captured=amount,
+        amount_refunded=amount_refunded,
+        refunded=amount_refunded >= amount,
+        invoice=invoice,
+        payment_intent=payment_intent,
+        customer="cus_1",
     )
     obj["refunds"] = {
         "object": "list",
-        "data": [{"id": rid, "object": "refund", "amount": amt, "created": epoch(T0) + n} for n, (rid, amt) in enumerate(refunds)],
+        "data": [
+            {"id": rid, "object": "refund", "amount": amt, "created": epoch(T0) + n}
+            for n, (rid, amt) in enumerate(refunds)
+        ],
     }
     if invoice is None:
         obj.pop("invoice", None)
     return obj
 
 
-def dispute(*, dispute_id: str = "dp_1", charge: str = "ch_1", payment_intent: str | None = None, amount: int = 1000,
-            status: str = "lost") -> dict[str, Any]:
+def dispute(
+    *,
+    dispute_id: str = "dp_1",
+    charge: str = "ch_1",
+    payment_intent: str | None = None,
+    amount: int = 1000,
+    status: str = "lost",
+) -> dict[str, Any]:
     obj = fixture("current.dispute.json")
     obj.update(id=dispute_id, charge=charge, payment_intent=payment_intent, amount=amount, status=status)
     return obj
 
 
-def subscription(era: str = "2025", *, subscription_id: str = "sub_1", customer: str = "cus_1", price: str = "price_starter_monthly",
-                 status: str = "active", period_end: datetime | None = None, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def subscription(
+    era: str = "2025",
+    *,
+    subscription_id: str = "sub_1",
+    customer: str = "cus_1",
+    price: str = "price_starter_monthly",
+    status: str = "active",
+    period_end: datetime | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
     end = epoch(period_end or T0.replace(month=2))
     if era == "2017":
         obj = fixture("localstripe.customer.subscription.created.json")["data"]["object"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
@@ -14,12 +12,12 @@ from service.infra.runtime import Runtime
 from tests.conftest import API_TOKEN
 
 
-def grant(client: TestClient, admin: dict[str, str], account: str, amount: int, key: str, **extra: object):  # type: ignore[no-untyped-def]
+def grant(client: TestClient, admin: dict[str, str], account: str, amount: int, key: str, **extra: object):
     body = {"amount": amount, "reason": "support gesture", **extra}
     return client.post(f"/v1/accounts/{account}/grants", json=body, headers={**admin, "Idempotency-Key": key})
 
 
-def spend(client: TestClient, account: str, amount: object, key: str):  # type: ignore[no-untyped-def]
+def spend(client: TestClient, account: str, amount: object, key: str):
     return client.post(f"/v1/accounts/{account}/spend", json={"amount": amount}, headers={"Idempotency-Key": key})
 
 
@@ -105,10 +103,16 @@ def test_a_spend_streamed_or_with_any_json_content_type_is_answered_the_same(
     client: TestClient, admin_headers, content_type: str
 ) -> None:
     grant(client, admin_headers, "acct_1", 100, "g1")
-    streamed = client.post("/v1/accounts/acct_1/spend", content=iter([b'{"amount": ', b"30}"]),
-                           headers={"Idempotency-Key": "s1", "Content-Type": "application/json"})
-    typed = client.post("/v1/accounts/acct_1/spend", content=b'{"amount": 30}',
-                        headers={"Idempotency-Key": "s2", "Content-Type": content_type})
+    streamed = client.post(
+        "/v1/accounts/acct_1/spend",
+        content=iter([b'{"amount": ', b"30}"]),
+        headers={"Idempotency-Key": "s1", "Content-Type": "application/json"},
+    )
+    typed = client.post(
+        "/v1/accounts/acct_1/spend",
+        content=b'{"amount": 30}',
+        headers={"Idempotency-Key": "s2", "Content-Type": content_type},
+    )
     assert (streamed.status_code, streamed.json()["balance"]) == (200, 70)
     assert (typed.status_code, typed.json()["balance"]) == (200, 40)
 
@@ -177,7 +181,9 @@ def test_malformed_json_is_422_with_a_json_error(client: TestClient) -> None:
 
 
 def test_an_unknown_field_is_422(client: TestClient) -> None:
-    response = client.post("/v1/accounts/acct_1/spend", json={"amount": 1, "amuont": 2}, headers={"Idempotency-Key": "k"})
+    response = client.post(
+        "/v1/accounts/acct_1/spend", json={"amount": 1, "amuont": 2}, headers={"Idempotency-Key": "k"}
+    )
     assert response.status_code == 422
 
 

@@ -17,7 +17,7 @@ from tests.helpers import balance_of, committed
 Outcome = tuple[int, dict[str, Any]]
 
 
-def fund(rt, credits: int, *, members: dict[str, int] | None = None) -> None:  # type: ignore[no-untyped-def]
+def fund(rt, credits: int, *, members: dict[str, int] | None = None) -> None:
     """acct_hot with `credits`, and members with these allocations."""
     with committed(rt) as uow:
         account = accounts.get_or_create(uow, "acct_hot")
@@ -39,14 +39,16 @@ def at_once(client: TestClient, bodies: list[dict[str, Any]], keys: list[str]) -
         return list(pool.map(post, range(len(bodies))))
 
 
-def assert_consistent(rt, balance: int) -> None:  # type: ignore[no-untyped-def]
+def assert_consistent(rt, balance: int) -> None:
     assert balance_of(rt, "acct_hot") == balance
     with rt.uow() as uow:
         assert ledger.check(uow) == []
 
 
 @pytest.mark.parametrize(("spends", "each", "credits", "succeed"), [(25, 10, 100, 10), (50, 3, 100, 33)])
-def test_concurrent_spends_succeed_exactly_as_often_as_the_balance_allows(client, rt, spends, each, credits, succeed) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_spends_succeed_exactly_as_often_as_the_balance_allows(
+    client, rt, spends, each, credits, succeed
+) -> None:
     fund(rt, credits)
     outcomes = at_once(client, [{"amount": each}] * spends, [f"s{n}" for n in range(spends)])
     statuses = [status for status, _ in outcomes]
@@ -55,7 +57,7 @@ def test_concurrent_spends_succeed_exactly_as_often_as_the_balance_allows(client
     assert_consistent(rt, credits - succeed * each)
 
 
-def test_concurrent_spends_of_a_member_never_pass_its_allocation(client, rt) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_spends_of_a_member_never_pass_its_allocation(client, rt) -> None:
     fund(rt, 1000, members={"ana": 100})
     outcomes = at_once(client, [{"amount": 10, "member_id": "ana"}] * 25, [f"s{n}" for n in range(25)])
     statuses = [status for status, _ in outcomes]
@@ -63,7 +65,7 @@ def test_concurrent_spends_of_a_member_never_pass_its_allocation(client, rt) -> 
     assert_consistent(rt, 900)
 
 
-def test_concurrent_spends_of_a_member_never_pass_the_balance_under_its_allocation(client, rt) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_spends_of_a_member_never_pass_the_balance_under_its_allocation(client, rt) -> None:
     fund(rt, 100, members={"ana": 100})
     with committed(rt) as uow:  # most of the credits taken back (a refund): the allocation outgrows the balance
         ledger.debit(uow, accounts.get(uow, "acct_hot"), 70, kind="reverse", key="reverse:re_1", partial=True)
@@ -73,7 +75,7 @@ def test_concurrent_spends_of_a_member_never_pass_the_balance_under_its_allocati
     assert_consistent(rt, 0)
 
 
-def test_concurrent_retries_of_one_spend_spend_once_and_each_gets_its_answer(client, rt) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_retries_of_one_spend_spend_once_and_each_gets_its_answer(client, rt) -> None:
     fund(rt, 100)
     outcomes = at_once(client, [{"amount": 10}] * 10, ["same"] * 10)
     assert {status for status, _ in outcomes} == {200}
@@ -81,7 +83,7 @@ def test_concurrent_retries_of_one_spend_spend_once_and_each_gets_its_answer(cli
     assert_consistent(rt, 90)
 
 
-def test_concurrent_retries_of_many_spends_spend_each_once(client, rt) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_retries_of_many_spends_spend_each_once(client, rt) -> None:
     """Every key sent three times at once, as a client that retries on a timeout does."""
     fund(rt, 100)
     keys = [f"s{n % 10}" for n in range(30)]

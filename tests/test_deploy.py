@@ -23,9 +23,9 @@ import yaml
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service.infra import catalogue, runtime
 from service.entry.api import create_app
 from service.entry.cli import app as cli_app
+from service.infra import catalogue, runtime
 from service.infra.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _docs(path: Path) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
-    return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]  # noqa: S506 - a SafeLoader
+    return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
 
 
 def _k8s_docs() -> list[tuple[str, dict[str, Any]]]:
@@ -86,8 +86,8 @@ def _dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order: continuation lines joined, comments dropped."""
     joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
     out = []
-    for line in joined.splitlines():
-        line = line.strip()
+    for raw in joined.splitlines():
+        line = raw.strip()
         if line and not line.startswith("#"):
             instruction, _, rest = line.partition(" ")
             out.append((instruction.upper(), rest.strip()))
@@ -163,7 +163,8 @@ def shell_commands(script: str) -> list[list[str]]:
             i += 1
         commands.append(words)
     cleaned = []
-    for words in commands:
+    for command in commands:
+        words = command
         while words and (words[0] in PREFIX_WORDS or re.fullmatch(r"[A-Za-z_]\w*=.*", words[0])):
             words = words[1:]
         if words:
@@ -213,7 +214,7 @@ def check_credits(args: list[str], where: str) -> None:
         return
     try:
         command.make_context(path[-1], [_sample(t) for t in rest])
-    except Exception as exc:  # noqa: BLE001 - click's UsageError/BadParameter, whatever the vendoring
+    except Exception as exc:
         pytest.fail(f"{where}: `{' '.join(path + rest)}` is refused by the CLI: {exc}")
 
 
@@ -244,7 +245,8 @@ def _compose() -> dict[str, Any]:
 
 def _our_compose_services() -> dict[str, dict[str, Any]]:
     return {
-        name: svc for name, svc in _compose()["services"].items()
+        name: svc
+        for name, svc in _compose()["services"].items()
         if "build" in svc or str(svc.get("image", "")).startswith(IMAGE_PREFIX)
     }
 
@@ -260,7 +262,7 @@ def _pod_specs() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
 
 
 def _our_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    for where, doc, pod in _pod_specs():
+    for where, _, pod in _pod_specs():
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
             if container["image"].startswith(IMAGE_PREFIX):
                 yield f"{where} container {container['name']}", pod, container
@@ -318,8 +320,15 @@ def _assert_get_route(routes: dict[str, set[str]], url_or_path: str, where: str)
 
 def test_there_is_something_to_check() -> None:
     names = {_rel(p) for p in YAML_FILES}
-    for required in ("deploy/compose.yaml", "deploy/k8s/api.yaml", "deploy/k8s/worker.yaml", "deploy/k8s/migrate-job.yaml",
-                     "deploy/k8s/secret.example.yaml", "deploy/k8s/configmap.yaml", "deploy/k8s/cronjobs.yaml"):
+    for required in (
+        "deploy/compose.yaml",
+        "deploy/k8s/api.yaml",
+        "deploy/k8s/worker.yaml",
+        "deploy/k8s/migrate-job.yaml",
+        "deploy/k8s/secret.example.yaml",
+        "deploy/k8s/configmap.yaml",
+        "deploy/k8s/cronjobs.yaml",
+    ):
         assert required in names
     assert DOCKERFILE.is_file() and CRONTAB.is_file() and README.is_file() and ENV_EXAMPLE.is_file()
 
@@ -407,7 +416,10 @@ def test_compose_services_and_order() -> None:
     ours = _our_compose_services()
     assert set(ours) == {"migrate", "api", "worker", "reconcile", "refill-free"}
     for name, svc in ours.items():
-        assert svc["build"]["dockerfile"] == "deploy/Dockerfile" and (COMPOSE.parent / svc["build"]["context"]).resolve() == ROOT
+        assert (
+            svc["build"]["dockerfile"] == "deploy/Dockerfile"
+            and (COMPOSE.parent / svc["build"]["context"]).resolve() == ROOT
+        )
         if name == "migrate":
             assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
             assert svc.get("restart") == "no"
@@ -465,7 +477,13 @@ def test_env_example_matches_the_settings_and_postgres() -> None:
     env = _env_file(ENV_EXAMPLE)
     unknown = set(env) - SETTINGS_VARS
     assert not unknown, f"credits.env.example sets variables the service does not read: {unknown}"
-    assert {"DATABASE_URL", "CREDITS_API_TOKEN", "CREDITS_ADMIN_TOKEN", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY"} <= set(env)
+    assert {
+        "DATABASE_URL",
+        "CREDITS_API_TOKEN",
+        "CREDITS_ADMIN_TOKEN",
+        "STRIPE_WEBHOOK_SECRET",
+        "STRIPE_API_KEY",
+    } <= set(env)
     assert env["CREDITS_API_TOKEN"] != env["CREDITS_ADMIN_TOKEN"], "start-up refuses equal tokens"
     for key, value in env.items():
         assert not re.search(r"\s#", value) and not value.startswith(("'", '"')), f"{key}: literal values only"
@@ -474,7 +492,11 @@ def test_env_example_matches_the_settings_and_postgres() -> None:
     url = urlsplit(env["DATABASE_URL"])
     pg = _compose()["services"]["postgres"]["environment"]
     assert url.hostname == "postgres" and url.hostname in _compose()["services"]
-    assert (url.username, url.password, url.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    assert (url.username, url.password, url.path.lstrip("/")) == (
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------------
@@ -491,9 +513,14 @@ def test_k8s_documents_are_named_and_labelled() -> None:
 def test_k8s_expected_objects() -> None:
     kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in _k8s_docs()}
     assert {
-        ("Deployment", "stripe-credits-api"), ("Service", "stripe-credits-api"), ("Deployment", "stripe-credits-worker"),
-        ("Job", "stripe-credits-migrate"), ("Secret", "stripe-credits"), ("ConfigMap", "stripe-credits-catalogue"),
-        ("CronJob", "stripe-credits-reconcile"), ("CronJob", "stripe-credits-refill-free"),
+        ("Deployment", "stripe-credits-api"),
+        ("Service", "stripe-credits-api"),
+        ("Deployment", "stripe-credits-worker"),
+        ("Job", "stripe-credits-migrate"),
+        ("Secret", "stripe-credits"),
+        ("ConfigMap", "stripe-credits-catalogue"),
+        ("CronJob", "stripe-credits-reconcile"),
+        ("CronJob", "stripe-credits-refill-free"),
     } <= kinds
 
 
@@ -540,7 +567,7 @@ def test_k8s_replicas() -> None:
 
 
 def test_k8s_service_selects_the_api_pods() -> None:
-    (_, service), = _of_kind("Service")
+    ((_, service),) = _of_kind("Service")
     api = next(d for _, d in _of_kind("Deployment") if d["metadata"]["name"] == "stripe-credits-api")
     assert service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
     container = api["spec"]["template"]["spec"]["containers"][0]
@@ -560,9 +587,9 @@ def test_k8s_commands_are_real() -> None:
 
 
 def test_k8s_migrations_run_once_in_a_job_not_in_every_replica() -> None:
-    (where, job), = _of_kind("Job")
+    ((where, job),) = _of_kind("Job")
     assert job["spec"].get("parallelism", 1) == 1 and job["spec"].get("completions", 1) == 1
-    container, = job["spec"]["template"]["spec"]["containers"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
     assert credits_calls(container_argv(container)) == [["migrate"]], where
     for where, doc, pod in _pod_specs():
         if doc["kind"] != "Job":
@@ -575,13 +602,13 @@ def test_k8s_cronjobs() -> None:
     commands = {}
     for name, doc in cronjobs.items():
         assert doc["spec"]["concurrencyPolicy"] == "Forbid"
-        container, = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        (container,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
         commands[name] = credits_calls(container_argv(container))
     assert commands["stripe-credits-reconcile"][0][0] == "reconcile"
     assert commands["stripe-credits-refill-free"][0][:2] == ["jobs", "refill-free"]
-    minute, hour, day, month, weekday = cronjobs["stripe-credits-reconcile"]["spec"]["schedule"].split()
+    _, hour, day, month, weekday = cronjobs["stripe-credits-reconcile"]["spec"]["schedule"].split()
     assert (day, month, weekday) == ("*", "*", "*") and hour.isdigit(), "reconcile: daily"
-    minute, hour, day, month, weekday = cronjobs["stripe-credits-refill-free"]["spec"]["schedule"].split()
+    _, hour, day, month, weekday = cronjobs["stripe-credits-refill-free"]["spec"]["schedule"].split()
     assert day.isdigit() and (month, weekday) == ("*", "*"), "refill-free: monthly"
     rules = cronjobs["stripe-credits-reconcile"]["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     assert any(r["action"] == "FailJob" and r["onExitCodes"]["values"] == [1] for r in rules), "findings: no retry"
@@ -601,8 +628,10 @@ def test_k8s_references_resolve_and_images_agree() -> None:
         assert set(env) <= SETTINGS_VARS, f"{where}: sets variables the service does not read"
         config = Path(env["CREDITS_CONFIG"])
         mounted = [
-            m for m in container.get("volumeMounts", [])
-            if "configMap" in volumes[m["name"]] and (config.parent == Path(m["mountPath"]) or config == Path(m["mountPath"]))
+            m
+            for m in container.get("volumeMounts", [])
+            if "configMap" in volumes[m["name"]]
+            and (config.parent == Path(m["mountPath"]) or config == Path(m["mountPath"]))
         ]
         assert mounted, f"{where}: CREDITS_CONFIG {config} lies in a mounted ConfigMap"
         cm_name = volumes[mounted[0]["name"]]["configMap"]["name"]
@@ -613,15 +642,15 @@ def test_k8s_references_resolve_and_images_agree() -> None:
 
 
 def test_k8s_secret_holds_what_the_service_needs() -> None:
-    (where, secret), = _of_kind("Secret")
+    ((where, secret),) = _of_kind("Secret")
     keys = set(secret["stringData"])
-    assert SECRET_KEYS <= keys, f"{where}: {SECRET_KEYS - keys} missing"
+    assert keys >= SECRET_KEYS, f"{where}: {SECRET_KEYS - keys} missing"
     assert keys <= SETTINGS_VARS, f"{where}: {keys - SETTINGS_VARS} is read by nothing"
     assert secret["stringData"]["CREDITS_API_TOKEN"] != secret["stringData"]["CREDITS_ADMIN_TOKEN"]
 
 
 def test_k8s_configmap_catalogue_loads(tmp_path: Path) -> None:
-    (_, configmap), = _of_kind("ConfigMap")
+    ((_, configmap),) = _of_kind("ConfigMap")
     path = tmp_path / "credits.toml"
     path.write_text(configmap["data"]["credits.toml"], encoding="utf-8")
     cat = catalogue.load(path)  # raises CatalogueError with the line on anything invalid
@@ -633,8 +662,8 @@ def test_k8s_configmap_catalogue_loads(tmp_path: Path) -> None:
 
 def _crontab_commands() -> list[str]:
     commands = []
-    for line in CRONTAB.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
+    for raw in CRONTAB.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
         if not line or line.startswith("#") or re.match(r"[A-Za-z_]\w*\s*=", line):
             continue
         fields = line.split(None, 1 if line.startswith("@") else 5)
@@ -656,10 +685,44 @@ def test_crontab_commands_are_real() -> None:
     assert {"reconcile", "jobs", "worker"} <= set(found)
 
 
-DOCKER_RUN_VALUE_OPTIONS = {"--env-file", "-e", "--env", "-p", "--publish", "--name", "-v", "--volume", "--network",
-                            "-u", "--user", "-w", "--workdir", "--entrypoint", "-l", "--label", "--health-cmd"}
-COMPOSE_VALUE_OPTIONS = {"-f", "--file", "-p", "--project-name", "-e", "--env", "--name", "-v", "--volume", "-u",
-                         "--user", "-w", "--workdir", "--entrypoint", "-l", "--label", "--env-file"}
+DOCKER_RUN_VALUE_OPTIONS = {
+    "--env-file",
+    "-e",
+    "--env",
+    "-p",
+    "--publish",
+    "--name",
+    "-v",
+    "--volume",
+    "--network",
+    "-u",
+    "--user",
+    "-w",
+    "--workdir",
+    "--entrypoint",
+    "-l",
+    "--label",
+    "--health-cmd",
+}
+COMPOSE_VALUE_OPTIONS = {
+    "-f",
+    "--file",
+    "-p",
+    "--project-name",
+    "-e",
+    "--env",
+    "--name",
+    "-v",
+    "--volume",
+    "-u",
+    "--user",
+    "-w",
+    "--workdir",
+    "--entrypoint",
+    "-l",
+    "--label",
+    "--env-file",
+}
 
 
 def _after_options(words: list[str], value_options: set[str]) -> list[str]:
@@ -716,16 +779,31 @@ def test_readme_commands_are_what_the_image_runs() -> None:
 def test_check_credits_rejects_what_the_cli_rejects() -> None:
     check_credits(["reconcile", "--format", "markdown", "--since", "$(date -u -d '3 days ago' +%FT%T)"], "ok")
     check_credits(["jobs", "refill-free", "--month", "2026-03"], "ok")
-    for bad in (["reconcil"], ["jobs"], ["jobs", "refill"], ["reconcile", "--formt", "json"],
-                ["reconcile", "--format", "pdf"], ["jobs", "refill-free", "--month", "2026-13"], ["serve", "--port", "x"]):
+    for bad in (
+        ["reconcil"],
+        ["jobs"],
+        ["jobs", "refill"],
+        ["reconcile", "--formt", "json"],
+        ["reconcile", "--format", "pdf"],
+        ["jobs", "refill-free", "--month", "2026-13"],
+        ["serve", "--port", "x"],
+    ):
         with pytest.raises((AssertionError, pytest.fail.Exception)):
             check_credits(bad, "bad")
 
 
 def test_shell_commands_split_like_a_shell() -> None:
-    script = (". /etc/env && credits reconcile --format markdown >/dev/null 2>>/var/log/r.log || echo \"exited $? (1; 2)\"\n"
-              "while :; do\n  X=1 credits jobs refill-free\n  sleep 86400 & wait $!\ndone")
+    script = (
+        '. /etc/env && credits reconcile --format markdown >/dev/null 2>>/var/log/r.log || echo "exited $? (1; 2)"\n'
+        "while :; do\n  X=1 credits jobs refill-free\n  sleep 86400 & wait $!\ndone"
+    )
     assert shell_commands(script) == [
-        [".", "/etc/env"], ["credits", "reconcile", "--format", "markdown"], ["echo", "exited $? (1; 2)"],
-        [":"], ["credits", "jobs", "refill-free"], ["sleep", "86400"], ["wait", "$!"], ["done"],
+        [".", "/etc/env"],
+        ["credits", "reconcile", "--format", "markdown"],
+        ["echo", "exited $? (1; 2)"],
+        [":"],
+        ["credits", "jobs", "refill-free"],
+        ["sleep", "86400"],
+        ["wait", "$!"],
+        ["done"],
     ]

@@ -14,7 +14,7 @@ from tests.helpers import T0, committed, entries, grants
 
 
 @pytest.fixture
-def acct(uow):  # type: ignore[no-untyped-def]
+def acct(uow):
     return accounts.get_or_create(uow, "acct_1")
 
 
@@ -99,11 +99,15 @@ def test_reverse_takes_back_unspent_credits_and_records_the_shortfall(uow, acct)
     posted = ledger.grant(uow, acct, 100, source="pack", key="pack", now=T0)
     ledger.debit(uow, acct, 70, kind="spend", key="s1", now=T0)
     pack = ledger.grant_of(uow, posted.entry.idempotency_key)
-    reversal = ledger.debit(uow, acct, 100, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0)
+    reversal = ledger.debit(
+        uow, acct, 100, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0
+    )
     assert reversal.entry.meta == {"requested": 100, "shortfall": 70}
     assert entries(uow, acct)[-1] == ("reverse", -30, "reverse:re_1")
     assert grants(uow, acct) == [("pack", 100, 0, 70, 0, 30)]
-    again = ledger.debit(uow, acct, 100, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0)
+    again = ledger.debit(
+        uow, acct, 100, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0
+    )
     assert again.created is False
     assert len(entries(uow, acct)) == 3
 
@@ -112,7 +116,9 @@ def test_reverse_with_nothing_left_still_records_the_whole_shortfall(uow, acct) 
     posted = ledger.grant(uow, acct, 10, source="pack", key="pack", now=T0)
     ledger.debit(uow, acct, 10, kind="spend", key="s1", now=T0)
     pack = ledger.grant_of(uow, posted.entry.idempotency_key)
-    reversal = ledger.debit(uow, acct, 10, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0)
+    reversal = ledger.debit(
+        uow, acct, 10, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0
+    )
     assert (reversal.entry.amount, reversal.entry.meta["shortfall"]) == (0, 10)
 
 
@@ -135,7 +141,9 @@ def test_check_names_only_the_account_and_grant_that_disagree(uow, acct) -> None
     for account, key in ((acct, "a"), (other, "b")):
         ledger.grant(uow, account, 100, source="admin", key=f"grant-{key}", now=T0)
         ledger.debit(uow, account, 40, kind="spend", key=f"spend-{key}", now=T0)
-    uow.session.execute(text("UPDATE credit_grants SET amount = 110, remaining = 70 WHERE account_id = :id"), {"id": other.id})
+    uow.session.execute(
+        text("UPDATE credit_grants SET amount = 110, remaining = 70 WHERE account_id = :id"), {"id": other.id}
+    )
     drifts = [(d.account, d.what, d.expected, d.actual) for d in ledger.check(uow)]
     assert drifts == [("acct_2", "balance", 60, 70), ("acct_2", "grant 2 amount", 100, 110)]
 

@@ -73,7 +73,9 @@ operations = st.lists(
         st.just(Invoice()),
         st.just(Pack()),
         st.builds(Refund, st.integers(0, 10), st.integers(1, 100)),
-        st.builds(SetMember, MEMBERS, st.one_of(st.none(), st.integers(0, 3000)), st.one_of(st.none(), st.integers(0, 3000))),
+        st.builds(
+            SetMember, MEMBERS, st.one_of(st.none(), st.integers(0, 3000)), st.one_of(st.none(), st.integers(0, 3000))
+        ),
         st.builds(Spend, st.integers(1, 4000), st.one_of(st.none(), MEMBERS)),
         st.builds(Advance, st.integers(1, 40)),
         st.builds(Replay, st.integers(0, 100)),
@@ -103,7 +105,9 @@ class World:
         with committed(rt) as uow:
             code = referrals.code_for(uow, accounts.get_or_create(uow, self.referrer))
             referee = accounts.get_or_create(uow, self.account, customer=self.customer)
-            self.referral = referrals.attribute(uow, rt.catalogue, referee, code, source="api", now=self.now).referral.id
+            self.referral = referrals.attribute(
+                uow, rt.catalogue, referee, code, source="api", now=self.now
+            ).referral.id
 
     def run(self, ops: list[object]) -> None:
         for step, op in enumerate(ops):
@@ -113,18 +117,28 @@ class World:
     def invoice(self, step: int, _: Invoice) -> None:
         invoices = sum(1 for event_id in self.events if "_in" in event_id)
         invoice_id, charge_id = f"{self.prefix}_in{step}", f"{self.prefix}_ch{step}"
-        obj = se.invoice("2025", invoice_id=invoice_id, customer=self.customer, price="price_starter_monthly",
-                         amount_paid=34900, billing_reason="subscription_cycle" if invoices else "subscription_create",
-                         period=(self.now, self.now + timedelta(days=30)),
-                         subscription_metadata={"account_id": self.account})
+        obj = se.invoice(
+            "2025",
+            invoice_id=invoice_id,
+            customer=self.customer,
+            price="price_starter_monthly",
+            amount_paid=34900,
+            billing_reason="subscription_cycle" if invoices else "subscription_create",
+            period=(self.now, self.now + timedelta(days=30)),
+            subscription_metadata={"account_id": self.account},
+        )
         self.deliver(se.event("invoice.paid", obj, event_id=f"evt_{invoice_id}", created=self.now))
         self.payments.append((charge_id, 34900))
         self.invoice_of_charge[charge_id] = invoice_id
 
     def pack(self, step: int, _: Pack) -> None:
         intent, charge_id = f"{self.prefix}_pi{step}", f"{self.prefix}_ch{step}"
-        obj = se.payment_intent(intent_id=intent, customer=self.customer, charge=charge_id,
-                                metadata={"pack": "boost", "account_id": self.account})
+        obj = se.payment_intent(
+            intent_id=intent,
+            customer=self.customer,
+            charge=charge_id,
+            metadata={"pack": "boost", "account_id": self.account},
+        )
         self.deliver(se.event("payment_intent.succeeded", obj, event_id=f"evt_{intent}", created=self.now))
         self.payments.append((charge_id, 1000))
 
@@ -134,16 +148,28 @@ class World:
         charge_id, paid = self.payments[op.which % len(self.payments)]
         invoice = self.invoice_of_charge.get(charge_id)
         intent = None if invoice else charge_id.replace("_ch", "_pi")
-        obj = se.charge(charge_id=charge_id, amount=paid, amount_refunded=paid * op.percent // 100 or 1,
-                        invoice=invoice, payment_intent=intent, refunds=[(f"{self.prefix}_re{step}", paid)])
+        obj = se.charge(
+            charge_id=charge_id,
+            amount=paid,
+            amount_refunded=paid * op.percent // 100 or 1,
+            invoice=invoice,
+            payment_intent=intent,
+            refunds=[(f"{self.prefix}_re{step}", paid)],
+        )
         obj["customer"] = self.customer
         self.deliver(se.event("charge.refunded", obj, event_id=f"evt_{self.prefix}_re{step}", created=self.now))
 
     def setmember(self, _: int, op: SetMember) -> None:
         with committed(self.rt) as uow:
             try:
-                spending.set_member(uow, accounts.get(uow, self.account), op.member, allocation=op.allocation,
-                                    limit_per_period=op.limit, now=self.now)
+                spending.set_member(
+                    uow,
+                    accounts.get(uow, self.account),
+                    op.member,
+                    allocation=op.allocation,
+                    limit_per_period=op.limit,
+                    now=self.now,
+                )
             except spending.AllocationTooLarge:
                 return
 
@@ -152,8 +178,14 @@ class World:
         before = self.balance()
         try:
             with committed(self.rt) as uow:
-                spent = spending.spend(uow, self.rt.catalogue, accounts.get(uow, self.account),
-                                       spending.Charge(amount=op.amount, member_id=op.member), key=key, now=self.now)
+                spent = spending.spend(
+                    uow,
+                    self.rt.catalogue,
+                    accounts.get(uow, self.account),
+                    spending.Charge(amount=op.amount, member_id=op.member),
+                    key=key,
+                    now=self.now,
+                )
         except (ledger.InsufficientCredits, spending.MemberLimitReached, spending.UnknownMember):
             assert self.balance() == before
             assert self.entry(key) is None
@@ -176,7 +208,9 @@ class World:
         else:
             amount = dict(self.spends)[which].amount
             with committed(self.rt) as uow:
-                again = ledger.debit(uow, accounts.get(uow, self.account), amount, kind="spend", key=which, now=self.now)
+                again = ledger.debit(
+                    uow, accounts.get(uow, self.account), amount, kind="spend", key=which, now=self.now
+                )
             assert again.created is False
         assert (self.entries(), self.balance()) == (count, before)
 
@@ -206,15 +240,20 @@ class World:
             allocations = uow.session.scalars(select(Member.allocation).where(Member.allocation.is_not(None)))
             assert all(allocation >= 0 for allocation in allocations)
             assert _spent_from_expired_grants(uow.session) == 0
-            payouts = uow.session.scalars(select(LedgerEntry.idempotency_key).where(
-                LedgerEntry.idempotency_key.like(f"referral:{self.referral}:%"))).all()
+            payouts = uow.session.scalars(
+                select(LedgerEntry.idempotency_key).where(
+                    LedgerEntry.idempotency_key.like(f"referral:{self.referral}:%")
+                )
+            ).all()
             assert len(payouts) in (0, 2)  # both sides or neither
 
 
 def _spent_from_expired_grants(session: Session) -> int:
     """Credits a spend took from a grant that had expired when it was made: never any."""
-    taken = (select(func.coalesce(func.sum(Allocation.amount), 0))
-             .join(LedgerEntry, LedgerEntry.id == Allocation.entry_id).join(Grant, Grant.id == Allocation.grant_id)
-             .where(LedgerEntry.kind == "spend", Grant.expires_at.is_not(None),
-                    Grant.expires_at <= LedgerEntry.created_at))
+    taken = (
+        select(func.coalesce(func.sum(Allocation.amount), 0))
+        .join(LedgerEntry, LedgerEntry.id == Allocation.entry_id)
+        .join(Grant, Grant.id == Allocation.grant_id)
+        .where(LedgerEntry.kind == "spend", Grant.expires_at.is_not(None), Grant.expires_at <= LedgerEntry.created_at)
+    )
     return int(session.scalar(taken) or 0)

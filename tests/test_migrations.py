@@ -27,6 +27,10 @@ def test_the_inbox_payloads_are_compressed_with_lz4_where_postgresql_has_it(engi
         if int(conn.execute(text("SHOW server_version_num")).scalar_one()) < 140000:
             pytest.skip("no per-column compression before PostgreSQL 14")
         offered = conn.execute(text(HAS_LZ4)).scalar()
-        method = conn.execute(text("SELECT attcompression FROM pg_attribute WHERE attrelid = 'stripe_events'::regclass "
-                                   "AND attname = 'payload'")).scalar()
+        method = conn.execute(
+            text(
+                "SELECT attcompression FROM pg_attribute WHERE attrelid = 'stripe_events'::regclass "
+                "AND attname = 'payload'"
+            )
+        ).scalar()
     assert method == ("l" if offered else "")

@@ -14,18 +14,26 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from service.domain import accounts, ledger
-
-from service.infra import logs
 from service.entry.api import create_app
+from service.infra import logs
 from service.infra.models import utcnow
 from service.infra.runtime import Runtime
-from tests.helpers import committed
 from tests import stripe_events as se
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
+from tests.helpers import committed
 from webhooks import inbox
 
 ROOT = Path(__file__).parent.parent
-OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/webhooks/stripe", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+OPEN_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/webhooks/stripe",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+}
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -39,14 +47,22 @@ def scraped(text: str, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_metrics_count_deliveries_processing_and_credits(client, deliver) -> None:  # type: ignore[no-untyped-def]
-    names = [("credits_webhook_deliveries_total", {"type": "invoice.paid", "outcome": "stored"}),
-             ("credits_webhook_deliveries_total", {"type": "unverified", "outcome": "refused_400"}),
-             ("credits_credits_total", {"kind": "grant", "source": "plan"}),
-             ("credits_event_processing_seconds_count", {"type": "invoice.paid", "status": "processed"})]
+def test_metrics_count_deliveries_processing_and_credits(client, deliver) -> None:
+    names = [
+        ("credits_webhook_deliveries_total", {"type": "invoice.paid", "outcome": "stored"}),
+        ("credits_webhook_deliveries_total", {"type": "unverified", "outcome": "refused_400"}),
+        ("credits_credits_total", {"kind": "grant", "source": "plan"}),
+        ("credits_event_processing_seconds_count", {"type": "invoice.paid", "status": "processed"}),
+    ]
     before = [sample(name, labels) for name, labels in names]
-    invoice = se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000,
-                         subscription_metadata={"account_id": "acct_1"})
+    invoice = se.invoice(
+        "2025",
+        invoice_id="in_1",
+        customer="cus_1",
+        price="price_starter_monthly",
+        amount_paid=2000,
+        subscription_metadata={"account_id": "acct_1"},
+    )
     deliver(se.event("invoice.paid", invoice))
     deliver(se.event("invoice.paid", invoice), secret="whsec_wrong")
     after = [sample(name, labels) for name, labels in names]
@@ -56,10 +72,15 @@ def test_metrics_count_deliveries_processing_and_credits(client, deliver) -> Non
     assert "credits_inbox_oldest_pending_seconds 0.0" in text
 
 
-def test_stripe_retries_are_counted_and_a_failed_event_shows_in_the_inbox_depth(client, deliver, stripe_api) -> None:  # type: ignore[no-untyped-def]
+def test_stripe_retries_are_counted_and_a_failed_event_shows_in_the_inbox_depth(client, deliver, stripe_api) -> None:
     stripe_api.get("/v1/customers/cus_9").respond(500, json={"error": {"type": "api_error"}})
     before = sample("credits_stripe_api_retries_total", {"error": "APIError"})
-    deliver(se.event("invoice.paid", se.invoice("2025", invoice_id="in_9", customer="cus_9", price="price_starter_monthly", amount_paid=2000)))
+    deliver(
+        se.event(
+            "invoice.paid",
+            se.invoice("2025", invoice_id="in_9", customer="cus_9", price="price_starter_monthly", amount_paid=2000),
+        )
+    )
     assert scraped(client.get("/metrics").text, "credits_inbox_events", '{status="failed"}') == 1
     assert sample("credits_stripe_api_retries_total", {"error": "APIError"}) - before == 4  # 5 attempts
 
@@ -71,22 +92,29 @@ def test_metrics_can_be_put_behind_a_token(rt: Runtime) -> None:
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
 
 
-def test_an_old_pending_event_logs_a_backlog_warning(rt: Runtime, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_an_old_pending_event_logs_a_backlog_warning(rt: Runtime, capsys) -> None:
     with committed(rt) as uow:
-        inbox.store(uow, se.event("invoice.paid", {"object": "invoice", "id": "in_x"}, event_id="evt_old"), utcnow() - timedelta(hours=1))
+        inbox.store(
+            uow,
+            se.event("invoice.paid", {"object": "invoice", "id": "in_x"}, event_id="evt_old"),
+            utcnow() - timedelta(hours=1),
+        )
     logs.configure("json")
     text = TestClient(create_app(rt)).get("/metrics").text
     assert scraped(text, "credits_inbox_oldest_pending_seconds") >= 3600
     assert '"event": "inbox.backlog"' in capsys.readouterr().err
 
 
-def test_a_request_body_over_one_mebibyte_is_413_on_the_api_too(client) -> None:  # type: ignore[no-untyped-def]
-    response = client.post("/v1/accounts/acct_1/spend", content=b"{" + b" " * (1024 * 1024) + b"}",
-                           headers={"Idempotency-Key": "k", "Content-Type": "application/json"})
+def test_a_request_body_over_one_mebibyte_is_413_on_the_api_too(client) -> None:
+    response = client.post(
+        "/v1/accounts/acct_1/spend",
+        content=b"{" + b" " * (1024 * 1024) + b"}",
+        headers={"Idempotency-Key": "k", "Content-Type": "application/json"},
+    )
     assert (response.status_code, response.json()["error"]) == (413, "body_too_large")
 
 
-def test_every_v1_route_refuses_a_request_without_a_token(client) -> None:  # type: ignore[no-untyped-def]
+def test_every_v1_route_refuses_a_request_without_a_token(client) -> None:
     paths = client.app.openapi()["paths"]
     assert {p for p in paths if not p.startswith("/v1/")} <= OPEN_ROUTES
     checked = 0
@@ -106,26 +134,42 @@ def test_the_admin_token_may_not_equal_the_api_token(rt: Runtime) -> None:
         create_app(dataclasses.replace(rt, settings=same))
 
 
-def test_serve_refuses_to_start_with_equal_tokens(run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_serve_refuses_to_start_with_equal_tokens(run, monkeypatch) -> None:
     monkeypatch.setenv("CREDITS_API_TOKEN", "same")
     monkeypatch.setenv("CREDITS_ADMIN_TOKEN", "same")
     code, _, err = run("serve")
     assert (code, "must differ" in err) == (1, True)
 
 
-def test_no_secret_token_or_signature_reaches_the_logs(client, deliver, admin_headers, stripe_api, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_no_secret_token_or_signature_reaches_the_logs(client, deliver, admin_headers, stripe_api, capsys) -> None:
     """A full run — grant, spend, a signed webhook with a Stripe look-up, a refused one — logged as JSON."""
     logs.configure("json")
     stripe_api.get("/v1/customers/cus_1").respond(json=se.customer("cus_1", metadata={"account_id": "acct_1"}))
-    client.post("/v1/accounts/acct_1/grants", json={"amount": 5, "reason": "r"}, headers={**admin_headers, "Idempotency-Key": "g"})
+    client.post(
+        "/v1/accounts/acct_1/grants",
+        json={"amount": 5, "reason": "r"},
+        headers={**admin_headers, "Idempotency-Key": "g"},
+    )
     client.post("/v1/accounts/acct_1/spend", json={"amount": 1}, headers={"Idempotency-Key": "s"})
-    body = se.encode(se.event("invoice.paid", se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000)))
+    body = se.encode(
+        se.event(
+            "invoice.paid",
+            se.invoice("2025", invoice_id="in_1", customer="cus_1", price="price_starter_monthly", amount_paid=2000),
+        )
+    )
     signature = se.sign(body)
     deliver(raw=body, header=signature)
     deliver(raw=body, header=signature.replace("v1=", "v1=0"))
     logged = capsys.readouterr().err
     assert '"event": "ledger.posted"' in logged and '"event": "webhook.refused"' in logged
-    for secret in (API_TOKEN, ADMIN_TOKEN, "whsec_test_current", "whsec_test_previous", "sk_test_123", signature.split("v1=")[1]):
+    for secret in (
+        API_TOKEN,
+        ADMIN_TOKEN,
+        "whsec_test_current",
+        "whsec_test_previous",
+        "sk_test_123",
+        signature.split("v1=")[1],
+    ):
         assert secret not in logged
 
 
@@ -142,7 +186,7 @@ def test_sql_is_only_built_with_bound_parameters() -> None:
     assert offenders == []
 
 
-def test_credits_are_counted_only_once_their_transaction_commits(rt) -> None:  # type: ignore[no-untyped-def]
+def test_credits_are_counted_only_once_their_transaction_commits(rt) -> None:
     def counted() -> float:
         return sample("credits_credits_total", {"kind": "grant", "source": "admin"})
 

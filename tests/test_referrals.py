@@ -17,38 +17,55 @@ from service.domain import accounts, ledger, referrals
 from service.infra.catalogue import Referrals
 from service.infra.models import utcnow
 from tests import stripe_events as se
-from tests.helpers import balance_of, state, committed
-from webhooks import inbox
+from tests.helpers import balance_of, committed, state
 
 NOW = utcnow().replace(microsecond=0)
 THIS_MONTH = (NOW - timedelta(days=1), NOW + timedelta(days=29))
 
 
-def post(client, path: str, body: dict | None = None, key: str | None = None):  # type: ignore[no-untyped-def]
-    return client.post(path, json=body or {}, headers={"Idempotency-Key": key or f"{path}:{sorted((body or {}).items())}"})
+def post(client, path: str, body: dict | None = None, key: str | None = None):
+    return client.post(
+        path, json=body or {}, headers={"Idempotency-Key": key or f"{path}:{sorted((body or {}).items())}"}
+    )
 
 
-def code_of(client, account: str) -> str:  # type: ignore[no-untyped-def]
+def code_of(client, account: str) -> str:
     return post(client, f"/v1/accounts/{account}/referral-code").json()["code"]
 
 
-def refer(client, code: str, referee: str, email: str | None = None, key: str | None = None):  # type: ignore[no-untyped-def]
+def refer(client, code: str, referee: str, email: str | None = None, key: str | None = None):
     body = {"code": code, "referee_account_id": referee, **({"email": email} if email else {})}
     return post(client, "/v1/referrals", body, key)
 
 
-def paid_invoice(referee: str, invoice_id: str = "in_349", amount: int = 34900, era: str = "2025", *,
-                 reason: str = "subscription_create", period=THIS_MONTH, sub_metadata: dict | None = None) -> dict:  # type: ignore[no-untyped-def]
-    return se.invoice(era, invoice_id=invoice_id, customer=f"cus_{referee}", price="price_starter_monthly", amount_paid=amount,
-                      billing_reason=reason, period=period, subscription_metadata={"account_id": referee, **(sub_metadata or {})})
+def paid_invoice(
+    referee: str,
+    invoice_id: str = "in_349",
+    amount: int = 34900,
+    era: str = "2025",
+    *,
+    reason: str = "subscription_create",
+    period=THIS_MONTH,
+    sub_metadata: dict | None = None,
+) -> dict:
+    return se.invoice(
+        era,
+        invoice_id=invoice_id,
+        customer=f"cus_{referee}",
+        price="price_starter_monthly",
+        amount_paid=amount,
+        billing_reason=reason,
+        period=period,
+        subscription_metadata={"account_id": referee, **(sub_metadata or {})},
+    )
 
 
-def referral_rows(rt, account: str):  # type: ignore[no-untyped-def]
+def referral_rows(rt, account: str):
     """(kind, amount, key) of the referral-related entries only."""
     return [e for e in state(rt, account)[0] if "referral" in e[2] or "clawback" in e[2]]
 
 
-def test_codes_are_stable_short_unambiguous_and_case_insensitive(client) -> None:  # type: ignore[no-untyped-def]
+def test_codes_are_stable_short_unambiguous_and_case_insensitive(client) -> None:
     first = post(client, "/v1/accounts/acct_ana/referral-code", key="k1").json()
     again = post(client, "/v1/accounts/acct_ana/referral-code", key="k2").json()
     assert first == again
@@ -57,7 +74,7 @@ def test_codes_are_stable_short_unambiguous_and_case_insensitive(client) -> None
     assert refer(client, first["code"].lower(), "acct_bob").status_code == 201
 
 
-def test_the_349_dollar_story_pays_both_sides_once_whatever_arrives(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_the_349_dollar_story_pays_both_sides_once_whatever_arrives(client, deliver, rt) -> None:
     """A referrer sends the link; the client buys a $349 plan; both get 3,000 credits, once — whichever of
     invoice.paid / invoice.payment_succeeded / redeliveries arrive, in any order."""
     code = code_of(client, "acct_ana")
@@ -70,11 +87,13 @@ def test_the_349_dollar_story_pays_both_sides_once_whatever_arrives(client, deli
     assert state(rt, "acct_bob")[0] == [("grant", 2000, "invoice:in_349"), ("grant", 3000, "referral:1:referee")]
     view = client.get("/v1/accounts/acct_ana/referrals").json()
     assert view["credits_earned"] == 3000
-    assert [(r["referee_account_id"], r["status"], r["credits_earned"]) for r in view["referrals"]] == [("acct_bob", "paid", 3000)]
+    assert [(r["referee_account_id"], r["status"], r["credits_earned"]) for r in view["referrals"]] == [
+        ("acct_bob", "paid", 3000)
+    ]
     assert view["referrals"][0]["paid_at"] is not None
 
 
-def test_an_invoice_before_its_attribution_still_pays_both_when_the_attribution_arrives(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_an_invoice_before_its_attribution_still_pays_both_when_the_attribution_arrives(client, deliver, rt) -> None:
     code = code_of(client, "acct_ana")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     assert referral_rows(rt, "acct_bob") == []
@@ -83,7 +102,9 @@ def test_an_invoice_before_its_attribution_still_pays_both_when_the_attribution_
     assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_a_trial_invoice_does_not_qualify_the_first_paid_one_does_and_renewals_never_pay_again(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_a_trial_invoice_does_not_qualify_the_first_paid_one_does_and_renewals_never_pay_again(
+    client, deliver, rt
+) -> None:
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_trial", amount=0)))
     assert balance_of(rt, "acct_ana") == 0
@@ -94,47 +115,65 @@ def test_a_trial_invoice_does_not_qualify_the_first_paid_one_does_and_renewals_n
 
 
 @pytest.mark.parametrize("era", ["2020", "2025"])
-def test_subscription_metadata_on_the_invoice_attributes_in_both_shapes(client, deliver, rt, era: str) -> None:  # type: ignore[no-untyped-def]
+def test_subscription_metadata_on_the_invoice_attributes_in_both_shapes(client, deliver, rt, era: str) -> None:
     code = code_of(client, "acct_ana")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", era=era, sub_metadata={"referral_code": code}), era=era))
     assert balance_of(rt, "acct_ana") == 3000
     assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
-def test_checkout_session_metadata_attributes(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_checkout_session_metadata_attributes(client, deliver, rt) -> None:
     code = code_of(client, "acct_ana")
-    session = se.checkout_session(customer="cus_acct_bob", client_reference_id="acct_bob", mode="subscription",
-                                  payment_intent=None, metadata={"referral_code": code})
+    session = se.checkout_session(
+        customer="cus_acct_bob",
+        client_reference_id="acct_bob",
+        mode="subscription",
+        payment_intent=None,
+        metadata={"referral_code": code},
+    )
     deliver(se.event("checkout.session.completed", session))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_subscription_event_metadata_attributes(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_subscription_event_metadata_attributes(client, deliver, rt) -> None:
     code = code_of(client, "acct_ana")
-    sub = se.subscription("2017", customer="cus_acct_bob", price="plan_starter", metadata={"account_id": "acct_bob", "referral_code": code})
+    sub = se.subscription(
+        "2017",
+        customer="cus_acct_bob",
+        price="plan_starter",
+        metadata={"account_id": "acct_bob", "referral_code": code},
+    )
     deliver(se.event("customer.subscription.created", sub, era="2017"))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_customer_metadata_attributes_from_a_customer_event(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_customer_metadata_attributes_from_a_customer_event(client, deliver, rt) -> None:
     code = code_of(client, "acct_ana")
-    deliver(se.event("customer.created", se.customer("cus_acct_bob", metadata={"account_id": "acct_bob", "referral_code": code})))
+    deliver(
+        se.event(
+            "customer.created", se.customer("cus_acct_bob", metadata={"account_id": "acct_bob", "referral_code": code})
+        )
+    )
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     assert balance_of(rt, "acct_ana") == 3000
 
 
-def test_customer_metadata_attributes_from_the_customer_looked_up_at_stripe(client, deliver, rt, stripe_api) -> None:  # type: ignore[no-untyped-def]
+def test_customer_metadata_attributes_from_the_customer_looked_up_at_stripe(client, deliver, rt, stripe_api) -> None:
     code = code_of(client, "acct_ana")
-    stripe_api.get("/v1/customers/cus_new").respond(json=se.customer("cus_new", metadata={"account_id": "acct_bob", "referral_code": code}))
-    inv = se.invoice("2017", invoice_id="in_1", customer="cus_new", price="plan_starter", amount_paid=34900, period=THIS_MONTH)
+    stripe_api.get("/v1/customers/cus_new").respond(
+        json=se.customer("cus_new", metadata={"account_id": "acct_bob", "referral_code": code})
+    )
+    inv = se.invoice(
+        "2017", invoice_id="in_1", customer="cus_new", price="plan_starter", amount_paid=34900, period=THIS_MONTH
+    )
     deliver(se.event("invoice.payment_succeeded", inv, era="2017"))
     assert balance_of(rt, "acct_ana") == 3000
     assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
-def test_the_first_attribution_wins_and_is_locked(client) -> None:  # type: ignore[no-untyped-def]
+def test_the_first_attribution_wins_and_is_locked(client) -> None:
     ana, cy = code_of(client, "acct_ana"), code_of(client, "acct_cy")
     assert refer(client, ana, "acct_bob").status_code == 201
     assert refer(client, ana, "acct_bob", key="again").status_code == 200  # the same attribution, a new request
@@ -142,7 +181,7 @@ def test_the_first_attribution_wins_and_is_locked(client) -> None:  # type: igno
     assert (conflict.status_code, conflict.json()["error"]) == (409, "already_attributed")
 
 
-def test_an_unknown_code_is_404(client) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_code_is_404(client) -> None:
     response = refer(client, "NOPE2345", "acct_bob")
     assert (response.status_code, response.json()["error"]) == (404, "unknown_code")
 
@@ -155,7 +194,9 @@ def test_an_unknown_code_is_404(client) -> None:  # type: ignore[no-untyped-def]
         ("acct_alias", "Ana.Smith+promo@GoogleMail.com", "self-referral: same email"),
     ],
 )
-def test_self_referral_is_rejected_with_a_reason(client, admin_headers, rt, referee: str, email: str | None, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_self_referral_is_rejected_with_a_reason(
+    client, admin_headers, rt, referee: str, email: str | None, reason: str
+) -> None:
     code = code_of(client, "acct_ana")
     with committed(rt) as uow:
         ana = accounts.get(uow, "acct_ana")
@@ -166,12 +207,12 @@ def test_self_referral_is_rejected_with_a_reason(client, admin_headers, rt, refe
     assert [(r["status"], r["reason"]) for r in view] == [("rejected", reason)]
 
 
-def test_a_rejected_self_referral_does_not_lock_the_referee(client) -> None:  # type: ignore[no-untyped-def]
+def test_a_rejected_self_referral_does_not_lock_the_referee(client) -> None:
     refer(client, code_of(client, "acct_bob"), "acct_bob")
     assert refer(client, code_of(client, "acct_ana"), "acct_bob").status_code == 201
 
 
-def test_a_referrer_over_the_monthly_cap_is_held_while_the_referee_is_paid(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_a_referrer_over_the_monthly_cap_is_held_while_the_referee_is_paid(client, deliver, rt) -> None:
     code = code_of(client, "acct_ana")  # the test catalogue caps at 3 rewards a month
     for n in range(4):
         refer(client, code, f"acct_r{n}")
@@ -183,7 +224,7 @@ def test_a_referrer_over_the_monthly_cap_is_held_while_the_referee_is_paid(clien
     assert view[3]["reason"] == "referrer reached 3 rewards this month"
 
 
-def test_signup_mode_pays_the_referrer_at_attribution(client, rt) -> None:  # type: ignore[no-untyped-def]
+def test_signup_mode_pays_the_referrer_at_attribution(client, rt) -> None:
     signup_terms = Referrals(qualify_on="signup", referrer_credits=20, referee_credits=0)
     object.__setattr__(rt, "catalogue", rt.catalogue.model_copy(update={"referrals": signup_terms}))
     refer(client, code_of(client, "acct_ana"), "acct_bob")
@@ -192,39 +233,57 @@ def test_signup_mode_pays_the_referrer_at_attribution(client, rt) -> None:  # ty
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "paid"
 
 
-def test_a_refund_inside_the_window_claws_back_both_payouts(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_a_refund_inside_the_window_claws_back_both_payouts(client, deliver, rt) -> None:
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     assert post(client, "/v1/accounts/acct_ana/spend", {"amount": 1000}).status_code == 200
-    deliver(se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349")))
-    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer"), ("reverse", -2000, "clawback:1:referrer")]
-    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee"), ("reverse", -3000, "clawback:1:referee")]
+    deliver(
+        se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349"))
+    )
+    assert referral_rows(rt, "acct_ana") == [
+        ("grant", 3000, "referral:1:referrer"),
+        ("reverse", -2000, "clawback:1:referrer"),
+    ]
+    assert referral_rows(rt, "acct_bob") == [
+        ("grant", 3000, "referral:1:referee"),
+        ("reverse", -3000, "clawback:1:referee"),
+    ]
     view = client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]
     # the 1,000 already spent could not be taken back: it stays earned, and the shortfall says so
-    assert (view["status"], view["reason"], view["credits_earned"]) == ("reversed", "in_349 refunded; shortfall 1000", 1000)
+    assert (view["status"], view["reason"], view["credits_earned"]) == (
+        "reversed",
+        "in_349 refunded; shortfall 1000",
+        1000,
+    )
 
 
-def test_a_refund_after_the_window_keeps_the_payouts(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_a_refund_after_the_window_keeps_the_payouts(client, deliver, rt) -> None:
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
-    deliver(se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349")))
+    deliver(
+        se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349"))
+    )
     assert balance_of(rt, "acct_ana") == 3000
     assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
-def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver, rt) -> None:  # type: ignore[no-untyped-def]
+def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver, rt) -> None:
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
-    deliver(se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=1000, invoice="in_349")))
+    deliver(
+        se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=1000, invoice="in_349"))
+    )
     assert balance_of(rt, "acct_ana") == 3000
 
 
-def a_referral_paid_on_one_side(client, deliver, monkeypatch, referrer: str = "acct_ana", referee: str = "acct_bob") -> None:  # type: ignore[no-untyped-def]
+def a_referral_paid_on_one_side(
+    client, deliver, monkeypatch, referrer: str = "acct_ana", referee: str = "acct_bob"
+) -> None:
     """The referee's first invoice qualifies the referrer's referral of them, and the referrer's grant fails."""
     real_grant = ledger.grant
 
-    def flaky(session, account, amount, **kwargs):  # type: ignore[no-untyped-def]
+    def flaky(session, account, amount, **kwargs):
         if kwargs["key"].endswith(":referrer"):
             raise RuntimeError("referrer's grant failed")
         return real_grant(session, account, amount, **kwargs)
@@ -235,7 +294,7 @@ def a_referral_paid_on_one_side(client, deliver, monkeypatch, referrer: str = "a
         deliver(se.event("invoice.paid", paid_invoice(referee, invoice_id=f"in_{referee}")))
 
 
-def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client, deliver, rt, monkeypatch) -> None:
     a_referral_paid_on_one_side(client, deliver, monkeypatch)
     assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
     assert balance_of(rt, "acct_ana") == 0
@@ -246,12 +305,12 @@ def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client
     assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][0]["status"] == "paid"
 
 
-def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(client, deliver, rt, monkeypatch) -> None:
     a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_ana", "acct_bob")
     a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_cat", "acct_dan")
     real_retry, lost = referrals.retry, []
 
-    def deadlocked_once(session, catalogue, referral_id, now=None):  # type: ignore[no-untyped-def]
+    def deadlocked_once(session, catalogue, referral_id, now=None):
         if not lost:
             lost.append(referral_id)
             raise OperationalError("UPDATE referrals …", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
@@ -266,7 +325,9 @@ def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(cli
     assert worker.drain(rt) == {}
 
 
-def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(engine, client, deliver, rt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(
+    engine, client, deliver, rt, monkeypatch
+) -> None:
     """A handler holds the referee and wants the referrer while the retry holds the referrer and wants the
     referee: PostgreSQL aborts the retry, which waited first, and the drain goes on without it."""
     if engine.dialect.name != "postgresql":

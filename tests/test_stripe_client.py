@@ -58,7 +58,11 @@ def test_rate_limited_call_is_retried_and_returns_the_object(
 def test_server_errors_are_retried_until_success(stripe_api: respx.MockRouter, gateway: StripeGateway) -> None:
     invoice = {"id": "in_1", "object": "invoice", "amount_paid": 34900}
     route = stripe_api.get("/v1/invoices/in_1").mock(
-        side_effect=[_error(500, "api_error", "boom"), _error(500, "api_error", "boom"), httpx.Response(200, json=invoice)]
+        side_effect=[
+            _error(500, "api_error", "boom"),
+            _error(500, "api_error", "boom"),
+            httpx.Response(200, json=invoice),
+        ]
     )
 
     assert gateway.retrieve_invoice("in_1") == invoice
@@ -104,7 +108,7 @@ def test_requests_carry_pinned_version_and_api_key(stripe_api: respx.MockRouter,
     gateway.retrieve_customer("cus_1")
 
     headers = route.calls.last.request.headers
-    assert STRIPE_API_VERSION == stripe.api_version
+    assert stripe.api_version == STRIPE_API_VERSION
     assert headers["Stripe-Version"] == STRIPE_API_VERSION
     assert headers["Authorization"] == "Bearer sk_test_123"
 
@@ -167,20 +171,29 @@ def test_list_checkout_session_line_items_returns_the_items(
     ]
     stripe_api.get("/v1/checkout/sessions/cs_1/line_items").mock(
         return_value=httpx.Response(
-            200, json={"object": "list", "url": "/v1/checkout/sessions/cs_1/line_items", "has_more": False, "data": items}
+            200,
+            json={"object": "list", "url": "/v1/checkout/sessions/cs_1/line_items", "has_more": False, "data": items},
         )
     )
 
     assert gateway.list_checkout_session_line_items("cs_1") == items
 
 
-def test_a_customers_paid_invoices_are_listed_page_by_page(stripe_api: respx.MockRouter, gateway: StripeGateway) -> None:
+def test_a_customers_paid_invoices_are_listed_page_by_page(
+    stripe_api: respx.MockRouter, gateway: StripeGateway
+) -> None:
     def page(ids: list[str], has_more: bool) -> httpx.Response:
         invoices = [{"id": i, "object": "invoice", "customer": "cus_1", "status": "paid"} for i in ids]
-        return httpx.Response(200, json={"object": "list", "url": "/v1/invoices", "has_more": has_more, "data": invoices})
+        return httpx.Response(
+            200, json={"object": "list", "url": "/v1/invoices", "has_more": has_more, "data": invoices}
+        )
 
     route = stripe_api.get("/v1/invoices").mock(
-        side_effect=[_error(429, "invalid_request_error", "Too many requests"), page(["in_2"], True), page(["in_1"], False)]
+        side_effect=[
+            _error(429, "invalid_request_error", "Too many requests"),
+            page(["in_2"], True),
+            page(["in_1"], False),
+        ]
     )
 
     assert [i["id"] for i in gateway.iterate_customer_paid_invoices("cus_1")] == ["in_2", "in_1"]

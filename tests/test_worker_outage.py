@@ -19,13 +19,13 @@ from service.infra.config import Settings
 UNREACHABLE = OperationalError("SELECT …", {}, psycopg.OperationalError("connection refused"))
 
 
-def drains(monkeypatch, outcomes: list[BaseException | None], stop: threading.Event) -> list[int]:  # type: ignore[no-untyped-def]
+def drains(monkeypatch, outcomes: list[BaseException | None], stop: threading.Event) -> list[int]:
     """worker.drain replaced: each call takes the next outcome (raised, or None: a drain that went through,
     after which the worker is asked to stop); once stopped, a drain does nothing, as the real one; returns the
     list the calls are counted in."""
     calls: list[int] = []
 
-    def drain(*_args, **_kwargs) -> Counter[str]:  # type: ignore[no-untyped-def]
+    def drain(*_args, **_kwargs) -> Counter[str]:
         calls.append(1)
         outcome = None if stop.is_set() else outcomes.pop(0)
         if outcome is not None:
@@ -43,14 +43,14 @@ def runtime(outage_seconds: float) -> SimpleNamespace:
     return SimpleNamespace(settings=settings, engine=SimpleNamespace(dialect=SimpleNamespace(name="sqlite")))
 
 
-def test_a_worker_drains_again_after_the_database_was_unreachable_for_a_moment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_drains_again_after_the_database_was_unreachable_for_a_moment(monkeypatch) -> None:
     stop = threading.Event()
     calls = drains(monkeypatch, [UNREACHABLE, UNREACHABLE, None], stop)
     worker.run(runtime(30), stop)  # type: ignore[arg-type]
     assert len(calls) == 3
 
 
-def test_a_worker_gives_up_once_the_database_stays_unreachable_past_the_outage_window(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_gives_up_once_the_database_stays_unreachable_past_the_outage_window(monkeypatch) -> None:
     stop = threading.Event()
     calls = drains(monkeypatch, [UNREACHABLE] * 10, stop)
     with pytest.raises(OperationalError, match="connection refused"):
@@ -58,7 +58,7 @@ def test_a_worker_gives_up_once_the_database_stays_unreachable_past_the_outage_w
     assert 2 <= len(calls) < 10
 
 
-def test_a_worker_does_not_wait_out_an_error_that_is_not_the_databases_reach(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_does_not_wait_out_an_error_that_is_not_the_databases_reach(monkeypatch) -> None:
     """A bug is not an outage: it would fail the same way again."""
     stop = threading.Event()
     bug = IntegrityError("INSERT …", {}, psycopg.IntegrityError("duplicate key"))
@@ -68,7 +68,7 @@ def test_a_worker_does_not_wait_out_an_error_that_is_not_the_databases_reach(mon
     assert len(calls) == 1
 
 
-def test_a_stop_during_an_outage_ends_the_waiting_at_once_and_the_worker_stops_cleanly(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_during_an_outage_ends_the_waiting_at_once_and_the_worker_stops_cleanly(monkeypatch) -> None:
     stop = threading.Event()
     calls = drains(monkeypatch, [UNREACHABLE] * 10, stop)
     threading.Timer(0.3, stop.set).start()

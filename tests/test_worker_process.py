@@ -20,32 +20,49 @@ from sqlalchemy.pool import NullPool
 from service.domain import ledger
 from service.infra.config import Settings
 from service.infra.models import LedgerEntry, StripeEvent, utcnow
-from tests.helpers import committed
 from tests import stripe_events as se
 from tests.conftest import DATA
+from tests.helpers import committed
 from webhooks import inbox
 
 EVENTS = 600  # enough that the worker is still busy when the test kills it, even on a fast run
 PROCESSED = select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "processed")
 
 
-def stored_invoices(rt) -> None:  # type: ignore[no-untyped-def]
+def stored_invoices(rt) -> None:
     """EVENTS distinct paid invoices, stored but never processed (as if every API process had died)."""
     with committed(rt) as uow:
         for n in range(EVENTS):
-            invoice = se.invoice("2025", invoice_id=f"in_{n}", customer=f"cus_{n}", price="price_starter_monthly",
-                                 amount_paid=2000, subscription_metadata={"account_id": f"acct_{n}"})
+            invoice = se.invoice(
+                "2025",
+                invoice_id=f"in_{n}",
+                customer=f"cus_{n}",
+                price="price_starter_monthly",
+                amount_paid=2000,
+                subscription_metadata={"account_id": f"acct_{n}"},
+            )
             inbox.store(uow, se.event("invoice.paid", invoice, event_id=f"evt_{n}"), utcnow())
 
 
-def start_worker(settings, log: Path, *args: str, **env_extra: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+def start_worker(settings, log: Path, *args: str, **env_extra: str) -> subprocess.Popen[bytes]:
     """`credits worker` in its own process group (its processes with it), logging to `log` (a pipe would fill
     up and stall it)."""
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "CREDITS_CONFIG": str(settings.credits_config),
-           "LOG_FORMAT": "json", "WORKER_BACKOFF_SECONDS": "0", **env_extra}
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "CREDITS_CONFIG": str(settings.credits_config),
+        "LOG_FORMAT": "json",
+        "WORKER_BACKOFF_SECONDS": "0",
+        **env_extra,
+    }
     with log.open("ab") as sink:
-        return subprocess.Popen([str(Path(sys.executable).parent / "credits"), "worker", *args], env=env,
-                                stdout=sink, stderr=sink, start_new_session=True)
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "credits"), "worker", *args],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+            start_new_session=True,
+        )
 
 
 def logged(log: Path, name: str) -> list[dict]:
@@ -63,12 +80,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def processed(rt) -> int:  # type: ignore[no-untyped-def]
+def processed(rt) -> int:
     with rt.uow() as uow:
         return uow.session.scalar(PROCESSED) or 0
 
 
-def watch(settings) -> Callable[[], int]:  # type: ignore[no-untyped-def]
+def watch(settings) -> Callable[[], int]:
     """A count of processed events that never waits on the worker: the service's SQLite sessions begin with the
     write lock, which a busy worker's threads can keep from a poller until they are done; a plain WAL reader
     takes no lock."""
@@ -77,17 +94,18 @@ def watch(settings) -> Callable[[], int]:  # type: ignore[no-untyped-def]
     def count() -> int:
         with engine.connect() as conn:
             return conn.scalar(PROCESSED) or 0
+
     return count
 
 
-def wait_until(condition, seconds: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def wait_until(condition, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 
 
-def test_a_worker_killed_mid_batch_loses_and_doubles_nothing_after_a_restart(settings, rt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_killed_mid_batch_loses_and_doubles_nothing_after_a_restart(settings, rt, tmp_path) -> None:
     stored_invoices(rt)
     done = watch(settings)
     worker = start_worker(settings, tmp_path / "worker.log")
@@ -106,7 +124,7 @@ def test_a_worker_killed_mid_batch_loses_and_doubles_nothing_after_a_restart(set
     assert (processed(rt), grants, set(attempts)) == (EVENTS, EVENTS, {1})  # each handled exactly once
 
 
-def test_sigterm_lets_the_worker_finish_its_event_and_exit_cleanly(settings, rt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_lets_the_worker_finish_its_event_and_exit_cleanly(settings, rt, tmp_path) -> None:
     stored_invoices(rt)
     log = tmp_path / "worker.log"
     done = watch(settings)
@@ -120,7 +138,9 @@ def test_sigterm_lets_the_worker_finish_its_event_and_exit_cleanly(settings, rt,
     assert states <= {("processed", 1), ("pending", 0)}
 
 
-def test_on_postgresql_two_worker_processes_share_the_inbox_each_event_handled_once(engine, settings, rt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_on_postgresql_two_worker_processes_share_the_inbox_each_event_handled_once(
+    engine, settings, rt, tmp_path
+) -> None:
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite has one writer at a time: a second worker would only wait for the first")
     log = tmp_path / "worker.log"
@@ -137,7 +157,7 @@ def test_on_postgresql_two_worker_processes_share_the_inbox_each_event_handled_o
         assert uow.session.scalar(select(func.count()).select_from(LedgerEntry)) == EVENTS
 
 
-def test_a_worker_that_cannot_reach_the_database_retries_then_exits_1_with_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_that_cannot_reach_the_database_retries_then_exits_1_with_one_line(tmp_path) -> None:
     log = tmp_path / "worker.log"
     unreachable = Settings(database_url="postgresql://root@127.0.0.1:9/none", credits_config=DATA / "catalogue.toml")
     assert start_worker(unreachable, log, WORKER_OUTAGE_SECONDS="1").wait(60) == 1

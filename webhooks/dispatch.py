@@ -46,7 +46,7 @@ def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime |
     now = now or utcnow()
     try:
         return CONFLICT_RETRIES(_process_once, rt, event_id, replay, now)
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried; none may be lost
+    except Exception as exc:
         return record_failure(rt, event_id, exc, now, replay=replay)
 
 
@@ -71,11 +71,17 @@ def record_failure(rt: Runtime, event_id: str, exc: Exception, now: datetime, *,
     failed (the event stays due, so a worker tries it again)."""
     try:
         with rt.uow() as uow:
-            status = inbox.record_failure(uow, event_id, exc, any_status=replay,
-                                          max_attempts=rt.settings.worker_max_attempts,
-                                          backoff_seconds=rt.settings.worker_backoff_seconds, now=now)
+            status = inbox.record_failure(
+                uow,
+                event_id,
+                exc,
+                any_status=replay,
+                max_attempts=rt.settings.worker_max_attempts,
+                backoff_seconds=rt.settings.worker_backoff_seconds,
+                now=now,
+            )
             uow.commit()
-    except Exception:  # noqa: BLE001 - still pending or failed: a worker retries it; nothing may end the caller
+    except Exception:
         log.exception("event.failure_not_recorded", event_id=event_id)
         return None
     log.warning("event.failed", event_id=event_id, status=status, error=f"{type(exc).__name__}: {exc}")

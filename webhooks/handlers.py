@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from service.domain import accounts, payments, purchases, referrals, refills, reversals
-from service.infra import stripe_objects as so
 from service.domain.accounts import CustomerRecord, Identity
+from service.infra import stripe_objects as so
 from service.infra.catalogue import Catalogue
 from service.infra.models import Account, Payment
 from service.infra.stripe_client import StripeGateway
 from service.infra.uow import UnitOfWork
 from webhooks.inbox import Claimed
-
 
 PAYING = frozenset({"active", "trialing", "past_due"})
 
@@ -43,8 +42,9 @@ class Context:
         """Resolve (and link) the account, asking Stripe about a customer only when it is not linked yet."""
         return accounts.resolve(self.uow, who, self._customer_record)
 
-    def refer(self, referee: Account, *codes: str | None, source: str, email: str | None = None,
-              settle: bool = False) -> str:
+    def refer(
+        self, referee: Account, *codes: str | None, source: str, email: str | None = None, settle: bool = False
+    ) -> str:
         """Attribute the referee to the first referral code carried by the objects (or by the customer looked up
         at Stripe); with `settle` (an event that records a payment, which can qualify the referral), settle
         whatever is due. A new attribution settles itself. Attribution problems are outcomes, not errors."""
@@ -54,7 +54,9 @@ class Context:
         if code:
             source = source if any(codes) else "customer"
             try:
-                attribution = referrals.attribute(self.uow, self.catalogue, referee, code, source=source, email=email, now=self.now)
+                attribution = referrals.attribute(
+                    self.uow, self.catalogue, referee, code, source=source, email=email, now=self.now
+                )
                 note = f"; referral {attribution.referral.status}"
                 settled_already = attribution.created  # `attribute` settles a new attribution itself
             except referrals.UnknownCode:
@@ -68,7 +70,9 @@ class Context:
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
         customer = so.customer(self.stripe.retrieve_customer(customer_id))
-        record = CustomerRecord(customer.metadata.get("account_id"), customer.email, customer.metadata.get("referral_code"))
+        record = CustomerRecord(
+            customer.metadata.get("account_id"), customer.email, customer.metadata.get("referral_code")
+        )
         self.looked_up[customer_id] = record
         return record
 
@@ -83,8 +87,9 @@ def invoice_paid(ctx: Context, obj: so.Obj) -> str:
     account = ctx.account(Identity(invoice.customer, carried, invoice.customer_email))
     refilled = refills.refill(ctx.uow, ctx.catalogue, account, invoice, ctx.now)
     code = (invoice.subscription_metadata or {}).get("referral_code") or invoice.metadata.get("referral_code")
-    return refilled.outcome + ctx.refer(account, code, source="subscription", email=invoice.customer_email,
-                                        settle=refilled.first)
+    return refilled.outcome + ctx.refer(
+        account, code, source="subscription", email=invoice.customer_email, settle=refilled.first
+    )
 
 
 def checkout_completed(ctx: Context, obj: so.Obj) -> str:
@@ -118,7 +123,9 @@ def payment_intent_succeeded(ctx: Context, obj: so.Obj) -> str:
         return "not a pack purchase (no metadata.pack)"
     who = Identity(intent.customer, intent.metadata.get("account_id"))
     known = ctx.uow.session.get(Payment, intent.id) if who.customer is None and who.account_id is None else None
-    account = ctx.uow.lock_one(ctx.uow.session.get_one(Account, known.account_id)) if known is not None else ctx.account(who)
+    account = (
+        ctx.uow.lock_one(ctx.uow.session.get_one(Account, known.account_id)) if known is not None else ctx.account(who)
+    )
     purchase = purchases.Purchase(intent.id, intent.amount_received, intent.currency, intent.charge, pack)
     return purchases.grant_pack(ctx.uow, ctx.catalogue, account, purchase, list, ctx.now)
 
@@ -143,8 +150,13 @@ def dispute_closed(ctx: Context, obj: so.Obj) -> str:
         return f"dispute {dispute.status}: nothing to reverse"
     payment = _payment(ctx, charge=dispute.charge, payment_intent=dispute.payment_intent, invoice=None)
     outcome = reversals.reverse_payment(
-        ctx.uow, payment, dispute.amount, payment.amount, key=f"reverse:{dispute.id}",
-        reason=f"lost dispute {dispute.id} of {payment.id}", now=ctx.now,
+        ctx.uow,
+        payment,
+        dispute.amount,
+        payment.amount,
+        key=f"reverse:{dispute.id}",
+        reason=f"lost dispute {dispute.id} of {payment.id}",
+        now=ctx.now,
     )
     clawback = referrals.claw_back(ctx.uow, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now)
     return outcome + (f"; {clawback}" if clawback else "")
@@ -187,7 +199,9 @@ def _payment(ctx: Context, *, charge: str | None, payment_intent: str | None, in
         paid_invoice = ctx.stripe.invoice_for_payment_intent(payment_intent)
         found = payments.find(ctx.uow, charge=None, payment_intent=None, invoice=paid_invoice)
     if found is None:
-        raise PaymentNotFound(f"no recorded payment for charge {charge}, payment intent {payment_intent}, invoice {invoice}")
+        raise PaymentNotFound(
+            f"no recorded payment for charge {charge}, payment intent {payment_intent}, invoice {invoice}"
+        )
     return found
 
 

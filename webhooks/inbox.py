@@ -87,7 +87,9 @@ def claim_due(uow: UnitOfWork, now: datetime, customers: int, most: int) -> tupl
     customers with the oldest due events that no other transaction is handling — those customers are this
     transaction's until it ends — and as many of the oldest due events that name no customer; at most `most`
     events in all, in the order received. Returns the events and the customers taken."""
-    taken = set(uow.session.scalars(FREE_CUSTOMERS[uow.dialect], {"now": now, "scan": 4 * customers, "take": customers}))
+    taken = set(
+        uow.session.scalars(FREE_CUSTOMERS[uow.dialect], {"now": now, "scan": 4 * customers, "take": customers})
+    )
     loose = list(uow.session.scalars(OLDEST_WITHOUT_CUSTOMER, {"now": now, "limit": customers}))
     if not taken and not loose:
         return [], taken
@@ -101,12 +103,25 @@ Mark = tuple[Claimed, str, str | None, datetime]  # an event, its new status, it
 def finish(uow: UnitOfWork, marks: list[Mark]) -> None:
     """Mark events handled, in their handlers' own transaction: "processed" and the credits it caused commit
     together. One statement for all of them."""
-    uow.session.execute(FINISH, [{"event_id": event.id, "new_status": status, "new_outcome": outcome, "at": at}
-                                 for event, status, outcome, at in marks])
+    uow.session.execute(
+        FINISH,
+        [
+            {"event_id": event.id, "new_status": status, "new_outcome": outcome, "at": at}
+            for event, status, outcome, at in marks
+        ],
+    )
 
 
-def record_failure(uow: UnitOfWork, event_id: str, error: BaseException, *, max_attempts: int,
-                   backoff_seconds: float, now: datetime, any_status: bool = False) -> str:
+def record_failure(
+    uow: UnitOfWork,
+    event_id: str,
+    error: BaseException,
+    *,
+    max_attempts: int,
+    backoff_seconds: float,
+    now: datetime,
+    any_status: bool = False,
+) -> str:
     """For a handler's transaction that rolled back: count the attempt, keep the error, and schedule a retry
     with exponential backoff, or declare the event dead. Returns the new status.
 
@@ -134,24 +149,59 @@ def listing(uow: UnitOfWork, status: str | None, limit: int) -> list[StripeEvent
 
 # Built once: every delivery, claim and mark runs one of them.
 _events = StripeEvent.__table__
-STORE = {dialect: db.insert(dialect, _events).values(payload=db.json_from_text(dialect, "payload_text"))
-         .on_conflict_do_nothing(index_elements=["id"]).returning(_events.c.id) for dialect in db.DIALECTS}
-_CLAIMED = select(_events.c.id, _events.c.type, _events.c.livemode, _events.c.created, _events.c.payload,
-                  _events.c.customer)
+STORE = {
+    dialect: db.insert(dialect, _events)
+    .values(payload=db.json_from_text(dialect, "payload_text"))
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(_events.c.id)
+    for dialect in db.DIALECTS
+}
+_CLAIMED = select(
+    _events.c.id, _events.c.type, _events.c.livemode, _events.c.created, _events.c.payload, _events.c.customer
+)
 _IS_DUE = (_events.c.status.in_(DUE), _events.c.next_attempt_at <= bindparam("now"))
 CLAIM_ANY = _CLAIMED.where(_events.c.id == bindparam("id")).with_for_update(skip_locked=True)
 CLAIM_DUE = _CLAIMED.where(_events.c.id == bindparam("id"), _events.c.status.in_(DUE)).with_for_update(skip_locked=True)
-_WAITING_LONGEST = (select(_events.c.customer).where(*_IS_DUE, _events.c.customer.is_not(None))
-                    .group_by(_events.c.customer).order_by(func.min(_events.c.received_at))
-                    .limit(bindparam("scan")).subquery())
-FREE_CUSTOMERS = {dialect: select(_WAITING_LONGEST.c.customer)
-                  .where(db.customer_free(dialect, _WAITING_LONGEST.c.customer)).limit(bindparam("take"))
-                  for dialect in db.DIALECTS}
-OLDEST_WITHOUT_CUSTOMER = (select(_events.c.id).where(*_IS_DUE, _events.c.customer.is_(None))
-                           .order_by(_events.c.next_attempt_at, _events.c.received_at).limit(bindparam("limit")))
-CLAIM_OF = (_CLAIMED.where(*_IS_DUE, or_(_events.c.customer.in_(bindparam("customers", expanding=True)),
-                                         _events.c.id.in_(bindparam("ids", expanding=True))))
-            .order_by(_events.c.received_at, _events.c.id).limit(bindparam("limit")).with_for_update(skip_locked=True))
-FINISH = (update(_events).where(_events.c.id == bindparam("event_id"))
-          .values(status=bindparam("new_status"), outcome=bindparam("new_outcome"), processed_at=bindparam("at"),
-                  attempts=_events.c.attempts + 1, last_error=None))
+_WAITING_LONGEST = (
+    select(_events.c.customer)
+    .where(*_IS_DUE, _events.c.customer.is_not(None))
+    .group_by(_events.c.customer)
+    .order_by(func.min(_events.c.received_at))
+    .limit(bindparam("scan"))
+    .subquery()
+)
+FREE_CUSTOMERS = {
+    dialect: select(_WAITING_LONGEST.c.customer)
+    .where(db.customer_free(dialect, _WAITING_LONGEST.c.customer))
+    .limit(bindparam("take"))
+    for dialect in db.DIALECTS
+}
+OLDEST_WITHOUT_CUSTOMER = (
+    select(_events.c.id)
+    .where(*_IS_DUE, _events.c.customer.is_(None))
+    .order_by(_events.c.next_attempt_at, _events.c.received_at)
+    .limit(bindparam("limit"))
+)
+CLAIM_OF = (
+    _CLAIMED.where(
+        *_IS_DUE,
+        or_(
+            _events.c.customer.in_(bindparam("customers", expanding=True)),
+            _events.c.id.in_(bindparam("ids", expanding=True)),
+        ),
+    )
+    .order_by(_events.c.received_at, _events.c.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+FINISH = (
+    update(_events)
+    .where(_events.c.id == bindparam("event_id"))
+    .values(
+        status=bindparam("new_status"),
+        outcome=bindparam("new_outcome"),
+        processed_at=bindparam("at"),
+        attempts=_events.c.attempts + 1,
+        last_error=None,
+    )
+)

@@ -27,7 +27,9 @@ PER_SECOND = 50  # deliveries a second beyond which the endpoint is taking a bur
 class InlineProcessor:
     """A short queue of received event ids and the threads that process them (started on first use)."""
 
-    def __init__(self, rt: Runtime, threads: int = 2, waiting: int | None = None, per_second: int | None = None) -> None:
+    def __init__(
+        self, rt: Runtime, threads: int = 2, waiting: int | None = None, per_second: int | None = None
+    ) -> None:
         self.rt, self.size = rt, threads
         self.per_second = PER_SECOND if per_second is None else per_second
         self.queue: queue.Queue[str] = queue.Queue(maxsize=WAITING if waiting is None else waiting)
@@ -88,7 +90,7 @@ class InlineProcessor:
                 if event_id == STOP:
                     return
                 dispatch.process(self.rt, event_id)
-            except Exception:  # noqa: BLE001 - dispatch records failures; this only guards the thread
+            except Exception:
                 log.exception("inline.crashed", event_id=event_id)
             finally:
                 self.queue.task_done()

@@ -43,17 +43,23 @@ def create(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str], None]) -
     rotation), stored by `writer`, and each new one passed to `on_stored` once its 2xx is decided."""
     router = APIRouter(tags=["stripe"])
 
-    @router.post(PATH, summary="Receive a Stripe event", responses={
-        400: {"description": "not signed by a configured secret, too old, or not a Stripe event: nothing stored"},
-        413: {"description": "body larger than 1 MiB"},
-        422: {"description": "signed, but holds a value no database column stores"},
-        503: {"description": "the database is unavailable; Stripe retries"}})
+    @router.post(
+        PATH,
+        summary="Receive a Stripe event",
+        responses={
+            400: {"description": "not signed by a configured secret, too old, or not a Stripe event: nothing stored"},
+            413: {"description": "body larger than 1 MiB"},
+            422: {"description": "signed, but holds a value no database column stores"},
+            503: {"description": "the database is unavailable; Stripe retries"},
+        },
+    )
     async def receive(request: Request) -> JSONResponse:
         """Stripe's webhook endpoint: 200 once the event is stored (also for a redelivery or a type the
         service ignores), so Stripe never retries what is safely in the inbox."""
         try:
-            event, text = verified_event(await request.body(), request.headers.get("stripe-signature", ""),
-                                         rt.settings.webhook_secrets)
+            event, text = verified_event(
+                await request.body(), request.headers.get("stripe-signature", ""), rt.settings.webhook_secrets
+            )
         except Refused as refused:
             metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
             log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)

@@ -93,7 +93,7 @@ class InboxWriter:
     def _write(self, batch: list[Delivery]) -> None:
         try:
             new = self._insert(batch)
-        except Exception as exc:  # noqa: BLE001 - each delivery is answered with what became of its event
+        except Exception as exc:
             if len(batch) == 1 or is_unreachable(exc):
                 for _, _, stored in batch:
                     stored.set_exception(exc)

@@ -73,8 +73,17 @@ def get_or_create(uow: UnitOfWork, ref: str, customer: str | None = None, email:
 
 def _create(uow: UnitOfWork, ref: str, customer: str | None, email: str | None) -> Account:
     linked = customer or (ref if ref.startswith("cus_") else None)
-    created = uow.session.scalar(NEW[uow.dialect], {"public_id": ref, "stripe_customer_id": linked, "status": "active",
-                                                    "email": email, "created_at": utcnow(), "rollover_extensions": 0})
+    created = uow.session.scalar(
+        NEW[uow.dialect],
+        {
+            "public_id": ref,
+            "stripe_customer_id": linked,
+            "status": "active",
+            "email": email,
+            "created_at": utcnow(),
+            "rollover_extensions": 0,
+        },
+    )
     if created is None:  # inserted meanwhile by a transaction that has committed since
         return uow.lock_one(get(uow, ref))
     if customer is not None:
@@ -162,9 +171,13 @@ def _rekey(uow: UnitOfWork, account: Account, wanted: str) -> Account:
 
 
 # Built once: every event names an account, and building a statement costs more CPU than running it.
-BY_REF = select(Account).where(or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref")))
-NEW = {dialect: db.insert(dialect, Account).on_conflict_do_nothing(index_elements=["public_id"]).returning(Account)
-       for dialect in db.DIALECTS}
+BY_REF = select(Account).where(
+    or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref"))
+)
+NEW = {
+    dialect: db.insert(dialect, Account).on_conflict_do_nothing(index_elements=["public_id"]).returning(Account)
+    for dialect in db.DIALECTS
+}
 
 
 def _holds_anything(uow: UnitOfWork, account: Account) -> bool:

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, AuditEntry, utcnow
+from service.infra.uow import UnitOfWork
 
 
 def record(

@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from service.infra.uow import UnitOfWork
 from service.infra.models import Finding, ReconcileRun, utcnow
+from service.infra.uow import UnitOfWork
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def finish_run(uow: UnitOfWork, run: ReconcileRun, seen: list[Seen], status: str
 
 def open_findings(uow: UnitOfWork, limit: int = 500) -> list[dict[str, Any]]:
     """Open findings, oldest first, as the admin API shows them."""
-    rows = uow.session.scalars(select(Finding).where(Finding.status == "open").order_by(Finding.first_seen_at, Finding.id).limit(limit))
+    rows = uow.session.scalars(
+        select(Finding).where(Finding.status == "open").order_by(Finding.first_seen_at, Finding.id).limit(limit)
+    )
     return [
         {
             "kind": f.kind,

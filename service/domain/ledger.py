@@ -91,19 +91,39 @@ def grant(
         raise LedgerError("a grant must be positive")
     now = now or utcnow()
     account = uow.lock_one(account)
-    row = {"account_id": account.id, "kind": "grant", "amount": amount, "idempotency_key": key, "reason": reason,
-           "actor": actor, "metadata": {"source": source, **(meta or {})}, "created_at": now}
+    metadata = {"source": source, **(meta or {})}
+    row = {
+        "account_id": account.id,
+        "kind": "grant",
+        "amount": amount,
+        "idempotency_key": key,
+        "reason": reason,
+        "actor": actor,
+        "metadata": {"source": source, **(meta or {})},
+        "created_at": now,
+    }
     entry_id = uow.session.scalar(NEW_ENTRY_UNLESS_KEY_TAKEN[uow.dialect], row)
     if entry_id is None:
         earlier = _find(uow, key)
         assert earlier is not None  # the key is taken: its entry is there
         _same_operation(earlier, account, "grant", amount)
         return Posted(earlier, created=False)
-    uow.session.execute(NEW_GRANT, {"account_id": account.id, "entry_id": entry_id, "source": source, "amount": amount,
-                                    "remaining": amount, "expires_at": expires_at, "rollover": rollover, "created_at": now})
+    uow.session.execute(
+        NEW_GRANT,
+        {
+            "account_id": account.id,
+            "entry_id": entry_id,
+            "source": source,
+            "amount": amount,
+            "remaining": amount,
+            "expires_at": expires_at,
+            "rollover": rollover,
+            "created_at": now,
+        },
+    )
     uow.moved("grant", source, amount)
     log.info("ledger.posted", kind="grant", amount=amount, idempotency_key=key, account_id=account.public_id)
-    return Posted(Entry(entry_id, account.id, "grant", amount, key, row["metadata"]), created=True)
+    return Posted(Entry(entry_id, account.id, "grant", amount, key, metadata), created=True)
 
 
 def debit(
@@ -151,12 +171,24 @@ def debit(
     taken = min(amount, available)
     shortfall = {"requested": amount, "shortfall": amount - taken} if partial else {}
     entry = Entry(0, account.id, kind, -taken, key, {**(meta or {}), **shortfall})
-    entry_id = uow.session.scalar(NEW_ENTRY, {"account_id": account.id, "kind": kind, "amount": -taken,
-                                              "idempotency_key": key, "reason": reason, "actor": actor,
-                                              "metadata": entry.meta, "created_at": now})
+    entry_id = uow.session.scalar(
+        NEW_ENTRY,
+        {
+            "account_id": account.id,
+            "kind": kind,
+            "amount": -taken,
+            "idempotency_key": key,
+            "reason": reason,
+            "actor": actor,
+            "metadata": entry.meta,
+            "created_at": now,
+        },
+    )
     parts = _split(sources, taken)
     if parts:
-        uow.session.execute(NEW_ALLOCATION, [{"entry_id": entry_id, "grant_id": g.id, "amount": part} for g, part in parts])
+        uow.session.execute(
+            NEW_ALLOCATION, [{"entry_id": entry_id, "grant_id": g.id, "amount": part} for g, part in parts]
+        )
     column = DEBIT_COLUMNS[kind]
     for source, part in parts:  # the grants are the session's: the next flush writes them
         source.remaining -= part
@@ -171,8 +203,17 @@ def spendable(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
     that holds the account's lock."""
     held = _held(uow, account)
     for due in [g for g in held if g.expires_at is not None and g.expires_at <= now]:
-        debit(uow, account, due.remaining, kind="expire", key=f"expire:grant:{due.id}", grants=[due],
-              reason="expired", actor="system", now=now)
+        debit(
+            uow,
+            account,
+            due.remaining,
+            kind="expire",
+            key=f"expire:grant:{due.id}",
+            grants=[due],
+            reason="expired",
+            actor="system",
+            now=now,
+        )
     return spending_order(held, account, now)
 
 
@@ -250,30 +291,58 @@ def check(uow: UnitOfWork) -> list[Drift]:
     run in the database, and only the rows that disagree come back, so memory does not grow with the ledger.
     """
     session = uow.session
-    entries = (select(LedgerEntry.account_id, func.sum(LedgerEntry.amount).label("total"))
-               .group_by(LedgerEntry.account_id).subquery())
+    entries = (
+        select(LedgerEntry.account_id, func.sum(LedgerEntry.amount).label("total"))
+        .group_by(LedgerEntry.account_id)
+        .subquery()
+    )
     remaining = select(Grant.account_id, func.sum(Grant.remaining).label("total")).group_by(Grant.account_id).subquery()
     expected, actual = func.coalesce(entries.c.total, 0), func.coalesce(remaining.c.total, 0)
-    balances = (select(Account.public_id, expected, actual)
-                .outerjoin(entries, entries.c.account_id == Account.id)
-                .outerjoin(remaining, remaining.c.account_id == Account.id)
-                .where(expected != actual).order_by(Account.id))
+    balances = (
+        select(Account.public_id, expected, actual)
+        .outerjoin(entries, entries.c.account_id == Account.id)
+        .outerjoin(remaining, remaining.c.account_id == Account.id)
+        .where(expected != actual)
+        .order_by(Account.id)
+    )
     drifts = [Drift(name, "balance", int(e), int(a)) for name, e, a in session.execute(balances)]
 
-    by_kind = [func.sum(case((LedgerEntry.kind == kind, Allocation.amount), else_=0)).label(kind) for kind in DEBIT_COLUMNS]
-    moved = (select(Allocation.grant_id, *by_kind).join(LedgerEntry, LedgerEntry.id == Allocation.entry_id)
-             .group_by(Allocation.grant_id).subquery())
+    by_kind = [
+        func.sum(case((LedgerEntry.kind == kind, Allocation.amount), else_=0)).label(kind) for kind in DEBIT_COLUMNS
+    ]
+    moved = (
+        select(Allocation.grant_id, *by_kind)
+        .join(LedgerEntry, LedgerEntry.id == Allocation.entry_id)
+        .group_by(Allocation.grant_id)
+        .subquery()
+    )
     debits = {kind: func.coalesce(moved.c[kind], 0) for kind in DEBIT_COLUMNS}
     columns = {kind: getattr(Grant, column) for kind, column in DEBIT_COLUMNS.items()}
     granted_entry = aliased(LedgerEntry)
     rebuilt = Grant.amount - sum(debits.values())
-    grants = (select(Account.public_id, Grant.id, Grant.amount, granted_entry.amount, Grant.remaining, rebuilt,
-                     *columns.values(), *debits.values())
-              .join(granted_entry, granted_entry.id == Grant.entry_id).join(Account, Account.id == Grant.account_id)
-              .outerjoin(moved, moved.c.grant_id == Grant.id)
-              .where(or_(Grant.amount != granted_entry.amount, Grant.remaining != rebuilt,
-                         *(columns[kind] != debits[kind] for kind in DEBIT_COLUMNS)))
-              .order_by(Grant.id))
+    grants = (
+        select(
+            Account.public_id,
+            Grant.id,
+            Grant.amount,
+            granted_entry.amount,
+            Grant.remaining,
+            rebuilt,
+            *columns.values(),
+            *debits.values(),
+        )
+        .join(granted_entry, granted_entry.id == Grant.entry_id)
+        .join(Account, Account.id == Grant.account_id)
+        .outerjoin(moved, moved.c.grant_id == Grant.id)
+        .where(
+            or_(
+                Grant.amount != granted_entry.amount,
+                Grant.remaining != rebuilt,
+                *(columns[kind] != debits[kind] for kind in DEBIT_COLUMNS),
+            )
+        )
+        .order_by(Grant.id)
+    )
     kinds = len(DEBIT_COLUMNS)
     for owner, grant_id, amount, entry_amount, stored_remaining, rebuilt_remaining, *rest in session.execute(grants):
         if amount != entry_amount:
@@ -306,7 +375,10 @@ def _split(grants: Sequence[Grant], amount: int) -> list[tuple[Grant, int]]:
 
 def _find(uow: UnitOfWork, key: str) -> Entry | None:
     found = uow.session.execute(BY_KEY, {"key": key}).first()
-    return Entry(*found) if found is not None else None
+    if found is None:
+        return None
+    entry_id, account_id, kind, amount, idempotency_key, meta = found
+    return Entry(entry_id, account_id, kind, amount, idempotency_key, meta)
 
 
 def _same_operation(entry: Entry, account: Account, kind: str, amount: int | None) -> None:
@@ -319,16 +391,31 @@ def _same_operation(entry: Entry, account: Account, kind: str, amount: int | Non
 
 _entries, _grants = LedgerEntry.__table__, Grant.__table__
 NEW_ENTRY = insert(_entries).returning(_entries.c.id)
-NEW_ENTRY_UNLESS_KEY_TAKEN = {dialect: db.insert(dialect, _entries).on_conflict_do_nothing(index_elements=["idempotency_key"])
-                              .returning(_entries.c.id) for dialect in db.DIALECTS}
+NEW_ENTRY_UNLESS_KEY_TAKEN = {
+    dialect: db.insert(dialect, _entries)
+    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .returning(_entries.c.id)
+    for dialect in db.DIALECTS
+}
 NEW_GRANT = insert(_grants).values(spent=0, expired=0, reversed=0)
 NEW_ALLOCATION = insert(Allocation.__table__)
-BY_KEY = select(_entries.c.id, _entries.c.account_id, _entries.c.kind, _entries.c.amount, _entries.c.idempotency_key,
-                _entries.c.metadata).where(_entries.c.idempotency_key == bindparam("key"))
+BY_KEY = select(
+    _entries.c.id,
+    _entries.c.account_id,
+    _entries.c.kind,
+    _entries.c.amount,
+    _entries.c.idempotency_key,
+    _entries.c.metadata,
+).where(_entries.c.idempotency_key == bindparam("key"))
 KEYS_TAKEN = select(_entries.c.idempotency_key).where(_entries.c.idempotency_key.in_(bindparam("keys", expanding=True)))
-GRANT_BY_KEY = (select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
-                .where(LedgerEntry.idempotency_key == bindparam("key")))
-HELD = (select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.remaining > 0).order_by(Grant.id))
+GRANT_BY_KEY = (
+    select(Grant)
+    .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
+    .where(LedgerEntry.idempotency_key == bindparam("key"))
+)
+HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.remaining > 0).order_by(Grant.id)
 BALANCE = select(func.coalesce(func.sum(_grants.c.remaining), 0)).where(
-    _grants.c.account_id == bindparam("account_id"), _grants.c.remaining > 0,
-    or_(_grants.c.expires_at.is_(None), _grants.c.expires_at > bindparam("now")))
+    _grants.c.account_id == bindparam("account_id"),
+    _grants.c.remaining > 0,
+    or_(_grants.c.expires_at.is_(None), _grants.c.expires_at > bindparam("now")),
+)

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import func, or_, select
 
 from service.infra import db
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Payment, utcnow
+from service.infra.uow import UnitOfWork
 
 
 def record(
@@ -38,11 +38,26 @@ def record(
     """Create or update the payment row: a new row as given; on an existing row the account, outcome and detail
     are replaced and every other fact only by a given one (not 0, not empty) — later facts (a charge id, a
     fixed price) fill in, never erase; kind and paid_at are kept."""
-    uow.session.execute(UPSERT[uow.dialect], {
-        "id": payment_id, "account_id": account.id, "kind": kind, "amount": amount, "paid_at": paid_at,
-        "outcome": outcome, "detail": detail, "credits": credits, "currency": currency, "payment_intent": payment_intent,
-        "charge": charge, "subscription_id": subscription_id, "billing_reason": billing_reason, "product": product,
-        "created_at": utcnow()})
+    uow.session.execute(
+        UPSERT[uow.dialect],
+        {
+            "id": payment_id,
+            "account_id": account.id,
+            "kind": kind,
+            "amount": amount,
+            "paid_at": paid_at,
+            "outcome": outcome,
+            "detail": detail,
+            "credits": credits,
+            "currency": currency,
+            "payment_intent": payment_intent,
+            "charge": charge,
+            "subscription_id": subscription_id,
+            "billing_reason": billing_reason,
+            "product": product,
+            "created_at": utcnow(),
+        },
+    )
     held = uow.session.identity_map.get(uow.session.identity_key(Payment, payment_id))
     if held is not None:  # read earlier in this transaction: read it again when next used
         uow.session.expire(held)
@@ -51,11 +66,25 @@ def record(
 def _upsert(dialect: str) -> db.Insert:
     statement = db.insert(dialect, Payment.__table__)
     new = statement.excluded
-    facts = {name: func.coalesce(func.nullif(new[name], 0 if name in ("amount", "credits") else ""), Payment.__table__.c[name])
-             for name in ("amount", "credits", "currency", "payment_intent", "charge", "subscription_id",
-                          "billing_reason", "product")}
+    facts = {
+        name: func.coalesce(
+            func.nullif(new[name], 0 if name in ("amount", "credits") else ""), Payment.__table__.c[name]
+        )
+        for name in (
+            "amount",
+            "credits",
+            "currency",
+            "payment_intent",
+            "charge",
+            "subscription_id",
+            "billing_reason",
+            "product",
+        )
+    }
     return statement.on_conflict_do_update(
-        index_elements=["id"], set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts})
+        index_elements=["id"],
+        set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts},
+    )
 
 
 UPSERT = {dialect: _upsert(dialect) for dialect in db.DIALECTS}  # built once: every payment event records

@@ -7,13 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-
 from service.domain import ledger, payments
-
 from service.infra import logs
 from service.infra.catalogue import Catalogue, Pack
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account
+from service.infra.uow import UnitOfWork
 
 log = logs.get("purchases")
 
@@ -43,8 +41,15 @@ def grant_pack(
     key = f"purchase:{purchase.payment_intent}"
 
     record = payments.recorder(
-        uow, purchase.payment_intent, account, kind="purchase", amount=purchase.amount, currency=purchase.currency,
-        payment_intent=purchase.payment_intent, charge=purchase.charge, paid_at=now,
+        uow,
+        purchase.payment_intent,
+        account,
+        kind="purchase",
+        amount=purchase.amount,
+        currency=purchase.currency,
+        payment_intent=purchase.payment_intent,
+        charge=purchase.charge,
+        paid_at=now,
     )
 
     if ledger.granted(uow, key):

@@ -18,8 +18,8 @@ from sqlalchemy import bindparam, func, select
 from service.domain import ledger
 from service.infra import logs
 from service.infra.catalogue import Catalogue
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, Payment, Referral, utcnow
+from service.infra.uow import UnitOfWork
 
 log = logs.get("referrals")
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, no 1/I: read aloud or typed, nothing is ambiguous
@@ -130,8 +130,11 @@ def live_referral(uow: UnitOfWork, referee: Account) -> Referral | None:
 
 
 # Built once: `settle` runs for nearly every event.
-LIVE = (select(Referral).where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
-        .execution_options(populate_existing=True))
+LIVE = (
+    select(Referral)
+    .where(Referral.referee_id == bindparam("referee"), Referral.status != "rejected")
+    .execution_options(populate_existing=True)
+)
 
 
 def settle(uow: UnitOfWork, catalogue: Catalogue, referee: Account, now: datetime | None = None) -> str | None:
@@ -154,12 +157,16 @@ def settle(uow: UnitOfWork, catalogue: Catalogue, referee: Account, now: datetim
     return referral.status
 
 
-def pay(uow: UnitOfWork, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False) -> None:
+def pay(
+    uow: UnitOfWork, catalogue: Catalogue, referral: Referral, now: datetime, *, override_cap: bool = False
+) -> None:
     """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops the
     other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
     terms = catalogue.referrals
-    owners = {"referrer": uow.session.get_one(Account, referral.referrer_id),
-              "referee": uow.session.get_one(Account, referral.referee_id)}
+    owners = {
+        "referrer": uow.session.get_one(Account, referral.referrer_id),
+        "referee": uow.session.get_one(Account, referral.referee_id),
+    }
     amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
     before = referral.status
     held = None
@@ -188,10 +195,19 @@ def _pay_side(uow: UnitOfWork, referral: Referral, side: str, owner: Account, cr
     """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid."""
     try:
         with uow.savepoint():
-            ledger.grant(uow, owner, credits, source="referral", key=_side_key(referral, side),
-                         reason=f"referral {referral.id} ({side})", actor="referrals", rollover=True,
-                         meta={"referral": referral.id, "side": side}, now=now)
-    except Exception as exc:  # noqa: BLE001 - the other side must still land; this one is retried
+            ledger.grant(
+                uow,
+                owner,
+                credits,
+                source="referral",
+                key=_side_key(referral, side),
+                reason=f"referral {referral.id} ({side})",
+                actor="referrals",
+                rollover=True,
+                meta={"referral": referral.id, "side": side},
+                now=now,
+            )
+    except Exception as exc:
         log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
         return False
     return True
@@ -223,9 +239,17 @@ def claw_back(uow: UnitOfWork, catalogue: Catalogue, payment: Payment, refunded_
             continue
         owner = uow.session.get_one(Account, grant_row.account_id)
         posted = ledger.debit(
-            uow, owner, grant_row.amount, kind="reverse", key=f"clawback:{referral.id}:{side}", grants=[grant_row],
-            partial=True, reason=f"clawback of referral {referral.id} ({side}): {payment.id} refunded",
-            actor="referrals", meta={"referral": referral.id, "side": side, "payment": payment.id}, now=now,
+            uow,
+            owner,
+            grant_row.amount,
+            kind="reverse",
+            key=f"clawback:{referral.id}:{side}",
+            grants=[grant_row],
+            partial=True,
+            reason=f"clawback of referral {referral.id} ({side}): {payment.id} refunded",
+            actor="referrals",
+            meta={"referral": referral.id, "side": side, "payment": payment.id},
+            now=now,
         )
         shortfall += int(posted.entry.meta.get("shortfall", 0))
     referral.status = "reversed"
@@ -257,14 +281,16 @@ def view(uow: UnitOfWork, account: Account, link_base: str) -> dict[str, Any]:
     for r in rows:
         grant_row = ledger.grant_of(uow, _side_key(r, "referrer"))
         earned = grant_row.amount - grant_row.reversed if grant_row else 0
-        referrals.append({
-            "referee_account_id": uow.session.get_one(Account, r.referee_id).public_id,
-            "status": r.status,
-            "reason": r.reason,
-            "credits_earned": earned,
-            "attributed_at": r.attributed_at.isoformat(),
-            "paid_at": r.paid_at.isoformat() if r.paid_at else None,
-        })
+        referrals.append(
+            {
+                "referee_account_id": uow.session.get_one(Account, r.referee_id).public_id,
+                "status": r.status,
+                "reason": r.reason,
+                "credits_earned": earned,
+                "attributed_at": r.attributed_at.isoformat(),
+                "paid_at": r.paid_at.isoformat() if r.paid_at else None,
+            }
+        )
     return {
         "code": code,
         "link": link(code, link_base),
@@ -287,9 +313,12 @@ def _qualify(referral: Referral, payment_id: str, now: datetime) -> None:
 def first_qualifying_invoice(uow: UnitOfWork, referee: Account, min_amount: int) -> str | None:
     """The id of the referee's first recorded paid invoice worth at least `min_amount` (never a $0 trial
     invoice); public because a support backfill looks here before it asks Stripe."""
-    query = (select(Payment.id).where(Payment.account_id == referee.id, Payment.kind == "invoice",
-                                      Payment.amount >= max(min_amount, 1))
-             .order_by(Payment.paid_at, Payment.id).limit(1))
+    query = (
+        select(Payment.id)
+        .where(Payment.account_id == referee.id, Payment.kind == "invoice", Payment.amount >= max(min_amount, 1))
+        .order_by(Payment.paid_at, Payment.id)
+        .limit(1)
+    )
     return uow.session.scalar(query)
 
 
@@ -307,9 +336,14 @@ def self_referral(referrer: Account, referee: Account, email: str | None) -> str
 def _over_cap(uow: UnitOfWork, referral: Referral, cap: int, now: datetime) -> bool:
     """Whether the referrer already got `cap` referral rewards this calendar month."""
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    rewards = uow.session.scalar(select(func.count()).where(
-        LedgerEntry.account_id == referral.referrer_id, LedgerEntry.kind == "grant",
-        LedgerEntry.idempotency_key.like("referral:%:referrer"), LedgerEntry.created_at >= month_start))
+    rewards = uow.session.scalar(
+        select(func.count()).where(
+            LedgerEntry.account_id == referral.referrer_id,
+            LedgerEntry.kind == "grant",
+            LedgerEntry.idempotency_key.like("referral:%:referrer"),
+            LedgerEntry.created_at >= month_start,
+        )
+    )
     return (rewards or 0) >= cap
 
 

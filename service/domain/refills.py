@@ -10,12 +10,11 @@ from datetime import datetime
 from sqlalchemy import select
 
 from service.domain import ledger, payments, rollover
-
 from service.infra import logs
 from service.infra.catalogue import Catalogue
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Grant, LedgerEntry
 from service.infra.stripe_objects import InvoiceFacts
+from service.infra.uow import UnitOfWork
 
 log = logs.get("refills")
 
@@ -38,12 +37,21 @@ def refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: Inv
     return Refilled(_refill(uow, catalogue, account, invoice, key, now), first=True)
 
 
-def _refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, key: str,
-            now: datetime) -> str:
+def _refill(
+    uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, key: str, now: datetime
+) -> str:
     record = payments.recorder(
-        uow, invoice.id, account, kind="invoice", amount=invoice.amount_paid, currency=invoice.currency,
-        payment_intent=invoice.payment_intent, charge=invoice.charge, subscription_id=invoice.subscription_id,
-        billing_reason=invoice.billing_reason, paid_at=invoice.paid_at or now,
+        uow,
+        invoice.id,
+        account,
+        kind="invoice",
+        amount=invoice.amount_paid,
+        currency=invoice.currency,
+        payment_intent=invoice.payment_intent,
+        charge=invoice.charge,
+        subscription_id=invoice.subscription_id,
+        billing_reason=invoice.billing_reason,
+        paid_at=invoice.paid_at or now,
     )
     if invoice.amount_paid <= 0:
         record("no_credits", detail="amount_paid is 0 (trial or fully discounted)")

@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import select
 
 from service.domain import ledger
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Grant, LedgerEntry, Payment
+from service.infra.uow import UnitOfWork
 
 
 def reverse_payment(
@@ -30,8 +30,19 @@ def reverse_payment(
     delta = target - _already_requested(uow, account, payment)
     if delta <= 0:
         return f"already reversed ({payment.id})"
-    posted = ledger.debit(uow, account, delta, kind="reverse", key=key, grants=sorted(grants, key=lambda g: g.id),
-                          partial=True, reason=reason, actor="stripe", meta={"payment": payment.id}, now=now)
+    posted = ledger.debit(
+        uow,
+        account,
+        delta,
+        kind="reverse",
+        key=key,
+        grants=sorted(grants, key=lambda g: g.id),
+        partial=True,
+        reason=reason,
+        actor="stripe",
+        meta={"payment": payment.id},
+        now=now,
+    )
     shortfall = posted.entry.meta.get("shortfall", 0)
     return f"reversed {-posted.entry.amount} of {delta} credits for {payment.id}" + (
         f"; shortfall {shortfall} already spent" if shortfall else ""
@@ -42,7 +53,9 @@ def _grants_of(uow: UnitOfWork, payment: Payment) -> list[Grant]:
     keys = [f"invoice:{payment.id}", f"purchase:{payment.id}"]
     return list(
         uow.session.scalars(
-            select(Grant).join(LedgerEntry, LedgerEntry.id == Grant.entry_id).where(LedgerEntry.idempotency_key.in_(keys))
+            select(Grant)
+            .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
+            .where(LedgerEntry.idempotency_key.in_(keys))
         )
     )
 

@@ -16,16 +16,15 @@ from sqlalchemy import bindparam, select
 
 from service.domain import ledger
 from service.infra.catalogue import RolloverPolicy
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, Grant
+from service.infra.uow import UnitOfWork
 
 
 class ExtensionRefused(Exception):
     """The extension cannot be granted as asked (already used once, or a date that is not ahead)."""
 
 
-def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: int, *, key: str,
-          now: datetime) -> int:
+def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: int, *, key: str, now: datetime) -> int:
     """Cut what the policy cuts before `incoming` credits land; returns the credits cut.
 
     Each cut is its own expire entry keyed `{key}:{grant id}`. Under a support extension still ahead of `now`,
@@ -49,8 +48,17 @@ def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: i
         if excess <= 0:
             break
         part = min(grant.remaining, excess)
-        ledger.debit(uow, account, part, kind="expire", key=f"{key}:{grant.id}", grants=[grant], reason=reason,
-                     actor="system", now=now)
+        ledger.debit(
+            uow,
+            account,
+            part,
+            kind="expire",
+            key=f"{key}:{grant.id}",
+            grants=[grant],
+            reason=reason,
+            actor="system",
+            now=now,
+        )
         excess -= part
         cut += part
     if kept_until is not None and cut > 0:
@@ -80,7 +88,8 @@ def extend(uow: UnitOfWork, account: Account, until: datetime, *, force: bool, n
         raise ExtensionRefused(f"--until {until.isoformat()} is not in the future")
     if account.rollover_extensions and not force:
         raise ExtensionRefused(
-            f"{account.public_id} already had {account.rollover_extensions} rollover extension(s); use --force to grant another"
+            f"{account.public_id} already had {account.rollover_extensions} rollover extension(s); "
+            "use --force to grant another"
         )
     previous = account.rollover_extended_until
     account.rollover_extended_until = until
@@ -100,7 +109,9 @@ def _take_extension(account: Account, now: datetime) -> datetime | None:
 
 def _held(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
     """The unexpired grants under the policy with credits left, soonest-expiring first: the order cuts take."""
-    live = [g for g in uow.session.scalars(HELD, {"account_id": account.id}) if g.expires_at is None or g.expires_at > now]
+    live = [
+        g for g in uow.session.scalars(HELD, {"account_id": account.id}) if g.expires_at is None or g.expires_at > now
+    ]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))
 
 

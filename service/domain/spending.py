@@ -74,8 +74,9 @@ def cost(catalogue: Catalogue, charge: Charge) -> int:
     return catalogue.actions[charge.action] * charge.quantity
 
 
-def spend(uow: UnitOfWork, catalogue: Catalogue, account: Account, charge: Charge, *, key: str,
-          now: datetime | None = None) -> Spent:
+def spend(
+    uow: UnitOfWork, catalogue: Catalogue, account: Account, charge: Charge, *, key: str, now: datetime | None = None
+) -> Spent:
     """Spend for `charge` once per `key`: nothing when the resource was already charged in this account; else
     from the member's allocation or within its period limit, and never more than the balance allows.
 
@@ -93,17 +94,44 @@ def spend(uow: UnitOfWork, catalogue: Catalogue, account: Account, charge: Charg
             raise MemberLimitReached(member.limit_per_period, used, price)
     own = member.allocation if member is not None else None  # a member with an allocation spends only that
     reserved = _reserved(uow, account) - (own or 0)
-    meta = {name: value for name, value in {
-        "action": charge.action, "quantity": charge.quantity if charge.action else None,
-        "resource": charge.resource, "member_id": charge.member_id}.items() if value is not None}
-    posted = ledger.debit(uow, account, price, kind="spend", key=key, reserved=reserved, limit=own,
-                          reason=charge.reason, actor=charge.member_id or "api", meta=meta, now=now)
+    meta = {
+        name: value
+        for name, value in {
+            "action": charge.action,
+            "quantity": charge.quantity if charge.action else None,
+            "resource": charge.resource,
+            "member_id": charge.member_id,
+        }.items()
+        if value is not None
+    }
+    posted = ledger.debit(
+        uow,
+        account,
+        price,
+        kind="spend",
+        key=key,
+        reserved=reserved,
+        limit=own,
+        reason=charge.reason,
+        actor=charge.member_id or "api",
+        meta=meta,
+        now=now,
+    )
     if posted.created and member is not None and own is not None:
         member.allocation = own - price
     if posted.created and charge.resource and charge.action:
-        uow.session.execute(uow.insert(ResourceCharge).values(
-            account_id=account.id, action=charge.action, resource=charge.resource, entry_id=posted.entry.id,
-            member_id=charge.member_id, created_at=now).on_conflict_do_nothing())
+        uow.session.execute(
+            uow.insert(ResourceCharge)
+            .values(
+                account_id=account.id,
+                action=charge.action,
+                resource=charge.resource,
+                entry_id=posted.entry.id,
+                member_id=charge.member_id,
+                created_at=now,
+            )
+            .on_conflict_do_nothing()
+        )
     return Spent(-posted.entry.amount, posted.entry.id, ledger.balance(uow, account, now))
 
 
@@ -112,8 +140,15 @@ def pool(uow: UnitOfWork, account: Account, now: datetime) -> int:
     return ledger.balance(uow, account, now) - _reserved(uow, account)
 
 
-def set_member(uow: UnitOfWork, account: Account, member_id: str, *, allocation: int | None,
-               limit_per_period: int | None, now: datetime | None = None) -> Member:
+def set_member(
+    uow: UnitOfWork,
+    account: Account,
+    member_id: str,
+    *,
+    allocation: int | None,
+    limit_per_period: int | None,
+    now: datetime | None = None,
+) -> Member:
     """Create or update a member; a new allocation must fit in the pool (plus what the member held)."""
     now = now or utcnow()
     account = uow.lock_one(account)
@@ -137,22 +172,36 @@ def remove_member(uow: UnitOfWork, account: Account, member_id: str) -> None:
     uow.session.flush()
 
 
-def members(uow: UnitOfWork, catalogue: Catalogue, account: Account, now: datetime | None = None) -> list[dict[str, Any]]:
+def members(
+    uow: UnitOfWork, catalogue: Catalogue, account: Account, now: datetime | None = None
+) -> list[dict[str, Any]]:
     """Each member with its allocation, limit and usage in the current billing period."""
     now = now or utcnow()
     months = periods.months_of(catalogue, account)
     rows = uow.session.scalars(select(Member).where(Member.account_id == account.id).order_by(Member.member_id))
-    return [{"member_id": m.member_id, "allocation": m.allocation, "limit_per_period": m.limit_per_period,
-             "spent_this_period": member_usage(uow, account, m.member_id, now, months)} for m in rows]
+    return [
+        {
+            "member_id": m.member_id,
+            "allocation": m.allocation,
+            "limit_per_period": m.limit_per_period,
+            "spent_this_period": member_usage(uow, account, m.member_id, now, months),
+        }
+        for m in rows
+    ]
 
 
 def member_usage(uow: UnitOfWork, account: Account, member_id: str, now: datetime, months: int = 1) -> int:
     """Credits the member spent in the account's current billing period."""
     start, end = periods.bounds(account, "current", now, months)
-    spent = uow.session.scalar(select(func.coalesce(func.sum(-LedgerEntry.amount), 0)).where(
-        LedgerEntry.account_id == account.id, LedgerEntry.kind == "spend",
-        LedgerEntry.meta["member_id"].as_string() == member_id,
-        LedgerEntry.created_at >= start, LedgerEntry.created_at < end))
+    spent = uow.session.scalar(
+        select(func.coalesce(func.sum(-LedgerEntry.amount), 0)).where(
+            LedgerEntry.account_id == account.id,
+            LedgerEntry.kind == "spend",
+            LedgerEntry.meta["member_id"].as_string() == member_id,
+            LedgerEntry.created_at >= start,
+            LedgerEntry.created_at < end,
+        )
+    )
     return int(spent or 0)
 
 
@@ -176,6 +225,8 @@ def _charged_before(uow: UnitOfWork, account: Account, action: str, resource: st
 # Built once: every spend runs them, and building a statement costs more CPU than running it.
 RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
 MEMBER = select(Member).where(Member.account_id == bindparam("account_id"), Member.member_id == bindparam("member_id"))
-CHARGED = select(ResourceCharge.id).where(ResourceCharge.account_id == bindparam("account_id"),
-                                          ResourceCharge.action == bindparam("action"),
-                                          ResourceCharge.resource == bindparam("resource"))
+CHARGED = select(ResourceCharge.id).where(
+    ResourceCharge.account_id == bindparam("account_id"),
+    ResourceCharge.action == bindparam("action"),
+    ResourceCharge.resource == bindparam("resource"),
+)

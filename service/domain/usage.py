@@ -12,12 +12,13 @@ from sqlalchemy import func, select
 
 from service.domain import ledger, periods
 from service.infra.catalogue import Catalogue
-from service.infra.uow import UnitOfWork
 from service.infra.models import Account, LedgerEntry, Member, utcnow
+from service.infra.uow import UnitOfWork
 
 
-def report(uow: UnitOfWork, catalogue: Catalogue, account: Account, which: str = "current",
-           now: datetime | None = None) -> dict[str, Any]:
+def report(
+    uow: UnitOfWork, catalogue: Catalogue, account: Account, which: str = "current", now: datetime | None = None
+) -> dict[str, Any]:
     """Granted (by source), spent (by action and by member), expired, reversed and remaining in the period."""
     now = now or utcnow()
     months = periods.months_of(catalogue, account)
@@ -26,8 +27,11 @@ def report(uow: UnitOfWork, catalogue: Catalogue, account: Account, which: str =
     by_action: dict[str, int] = defaultdict(int)
     by_member: dict[str, int] = defaultdict(int)
     totals: dict[str, int] = defaultdict(int)
-    entries = uow.session.scalars(select(LedgerEntry).where(
-        LedgerEntry.account_id == account.id, LedgerEntry.created_at >= start, LedgerEntry.created_at < end))
+    entries = uow.session.scalars(
+        select(LedgerEntry).where(
+            LedgerEntry.account_id == account.id, LedgerEntry.created_at >= start, LedgerEntry.created_at < end
+        )
+    )
     for entry in entries:
         if entry.kind == "grant":
             granted[entry.meta.get("source", "unknown")] += entry.amount
@@ -35,9 +39,18 @@ def report(uow: UnitOfWork, catalogue: Catalogue, account: Account, which: str =
             by_action[entry.meta.get("action", "amount")] -= entry.amount
             by_member[entry.meta.get("member_id", "pool")] -= entry.amount
         totals[entry.kind] -= entry.amount
-    remaining = ledger.balance(uow, account, now) if which == "current" else int(uow.session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-            LedgerEntry.account_id == account.id, LedgerEntry.created_at < end)) or 0)
+    remaining = (
+        ledger.balance(uow, account, now)
+        if which == "current"
+        else int(
+            uow.session.scalar(
+                select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+                    LedgerEntry.account_id == account.id, LedgerEntry.created_at < end
+                )
+            )
+            or 0
+        )
+    )
     result: dict[str, Any] = {
         "account_id": account.public_id,
         "period": {"which": which, "start": start.isoformat(), "end": end.isoformat()},
@@ -50,8 +63,13 @@ def report(uow: UnitOfWork, catalogue: Catalogue, account: Account, which: str =
         "monthly_goal": None,
     }
     if months == 12 and which == "current":
-        members = uow.session.scalar(select(func.count()).select_from(Member).where(Member.account_id == account.id)) or 1
+        members = (
+            uow.session.scalar(select(func.count()).select_from(Member).where(Member.account_id == account.id)) or 1
+        )
         months_left = max(1, math.ceil((end - now).days / 30.44))
-        result["monthly_goal"] = {"credits_per_member_per_month": remaining // members // months_left,
-                                  "members": members, "months_left": months_left}
+        result["monthly_goal"] = {
+            "credits_per_member_per_month": remaining // members // months_left,
+            "members": members,
+            "months_left": months_left,
+        }
     return result

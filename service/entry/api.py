@@ -12,7 +12,7 @@ import hmac
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -78,7 +78,7 @@ def _matches(given: str, secret: SecretStr | None) -> bool:
 
 
 def _role(token: str, rt: Runtime) -> str | None:
-    """"admin" or "api" for a valid bearer token, else None."""
+    """ "admin" or "api" for a valid bearer token, else None."""
     if _matches(token, rt.settings.credits_admin_token):
         return "admin"
     if _matches(token, rt.settings.credits_api_token):
@@ -212,10 +212,15 @@ def post_grant(
 
 @v1.post(
     "/accounts/{account}/spend",
-    responses={402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
-               404: {"description": "unknown account or member"}, 422: {"description": "unknown action"}},
+    responses={
+        402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
+        404: {"description": "unknown account or member"},
+        422: {"description": "unknown action"},
+    },
 )
-def post_spend(account: str, body: SpendRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
+def post_spend(
+    account: str, body: SpendRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
+) -> JSONResponse:
     """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
     `resource`, once per (action, resource) in the account; with a `member_id`, from that member's allocation
     or within its limit — and never more than the balance. 402 when short; nothing is then spent."""
@@ -229,28 +234,49 @@ def post_spend(account: str, body: SpendRequest, request: Request, rt: RuntimeDe
             log.info("spend.refused", available=refused.available, requested=refused.requested)
             return 402, {"error": "insufficient_credits", "balance": refused.available, "requested": refused.requested}
         except spending.MemberLimitReached as refused:
-            return 402, {"error": "member_limit_reached", "limit": refused.limit, "used": refused.used,
-                         "requested": refused.requested}
+            return 402, {
+                "error": "member_limit_reached",
+                "limit": refused.limit,
+                "used": refused.used,
+                "requested": refused.requested,
+            }
         except spending.UnknownMember:
             return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {acct.public_id}"}
         except spending.UnknownAction as unknown:
             return 422, {"error": "unknown_action", "message": str(unknown), "known_actions": unknown.known}
-        echo = {name: value for name, value in (("action", body.action), ("quantity", body.quantity if body.action else None),
-                                                ("resource", body.resource), ("member_id", body.member_id)) if value is not None}
-        return 200, {"balance": spent.balance, "spent": spent.charged, "charged": spent.charged,
-                     "entry_id": spent.entry_id, **echo}
+        echo = {
+            name: value
+            for name, value in (
+                ("action", body.action),
+                ("quantity", body.quantity if body.action else None),
+                ("resource", body.resource),
+                ("member_id", body.member_id),
+            )
+            if value is not None
+        }
+        return 200, {
+            "balance": spent.balance,
+            "spent": spent.charged,
+            "charged": spent.charged,
+            "entry_id": spent.entry_id,
+            **echo,
+        }
 
     return _once(rt, request, key, body, work)
 
 
 @v1.post("/accounts/{account}/members", dependencies=[Depends(require_admin)], tags=["members"])
-def post_member(account: str, body: MemberRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
+def post_member(
+    account: str, body: MemberRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
+) -> JSONResponse:
     """Add or update a team member (admin token). An allocation larger than the pool is 422."""
 
     def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
         acct = _account(uow, account)
         try:
-            spending.set_member(uow, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period)
+            spending.set_member(
+                uow, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period
+            )
         except spending.AllocationTooLarge as exc:
             return 422, {"error": "allocation_too_large", "message": str(exc)}
         return 200, _members_view(uow, rt, acct)
@@ -280,15 +306,20 @@ def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any
 
 
 @v1.get("/accounts/{account}/usage", tags=["accounts"])
-def get_usage(account: str, rt: RuntimeDep, period: Annotated[Literal["current", "previous"], Query()] = "current") -> dict[str, Any]:
+def get_usage(
+    account: str, rt: RuntimeDep, period: Annotated[Literal["current", "previous"], Query()] = "current"
+) -> dict[str, Any]:
     """Credits granted, spent (by action and member), expired, reversed and remaining in a billing period."""
     with rt.uow() as uow:
         return usage.report(uow, rt.catalogue, _account(uow, account), period)
 
 
 def _members_view(uow: UnitOfWork, rt: Runtime, acct: Account) -> dict[str, Any]:
-    return {"account_id": acct.public_id, "pool": spending.pool(uow, acct, utcnow()),
-            "members": spending.members(uow, rt.catalogue, acct)}
+    return {
+        "account_id": acct.public_id,
+        "pool": spending.pool(uow, acct, utcnow()),
+        "members": spending.members(uow, rt.catalogue, acct),
+    }
 
 
 @v1.post("/accounts/{account}/referral-code", tags=["referrals"])
@@ -307,8 +338,12 @@ def post_referral_code(account: str, request: Request, rt: RuntimeDep, key: Idem
     "/referrals",
     status_code=201,
     tags=["referrals"],
-    responses={200: {"description": "the same attribution again"}, 404: {"description": "unknown code"},
-               409: {"description": "the referee is attributed to someone else"}, 422: {"description": "self-referral"}},
+    responses={
+        200: {"description": "the same attribution again"},
+        404: {"description": "unknown code"},
+        409: {"description": "the referee is attributed to someone else"},
+        422: {"description": "self-referral"},
+    },
 )
 def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None) -> JSONResponse:
     """Attribute a referee to a referral code at signup. The first attribution wins and is locked."""
@@ -323,8 +358,12 @@ def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: 
         except referrals.AlreadyAttributed:
             return 409, {"error": "already_attributed", "message": "the referee keeps its first attribution"}
         referral = made.referral
-        view = {"referral_id": referral.id, "referee_account_id": referee.public_id, "status": referral.status,
-                "reason": referral.reason}
+        view = {
+            "referral_id": referral.id,
+            "referee_account_id": referee.public_id,
+            "status": referral.status,
+            "reason": referral.reason,
+        }
         if referral.status == "rejected":
             return 422, {"error": "self_referral", **view}
         return (201 if made.created else 200), view
@@ -396,13 +435,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DataError)
     async def _unstorable(_: Request, exc: DataError) -> JSONResponse:
         # A value the database cannot hold (a NUL character, an over-long id): the request's fault, not ours.
-        return _error(422, "invalid_request", "the request holds a value that cannot be stored (e.g. a NUL character or an over-long id)")
+        return _error(
+            422,
+            "invalid_request",
+            "the request holds a value that cannot be stored (e.g. a NUL character or an over-long id)",
+        )
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.error("database.unavailable", error=str(exc.orig).splitlines()[0] if exc.orig else "")
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
-
 
 
 class RequestContext:
@@ -423,7 +465,7 @@ class RequestContext:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         began, status, started = time.perf_counter(), 500, False
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
@@ -438,8 +480,13 @@ class RequestContext:
                 raise
             await _error(500, "internal_error", "unexpected error; it has been logged")(scope, receive, send_with_id)
         finally:
-            log.info("request", method=scope["method"], path=scope["path"], status=status,
-                     duration_ms=round((time.perf_counter() - began) * 1000, 1))
+            log.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - began) * 1000, 1),
+            )
 
 
 @health.get("/metrics", include_in_schema=False)
@@ -499,8 +546,13 @@ def create_app(rt: Runtime) -> FastAPI:
             await run_in_threadpool(drains.join)
 
     # Metrics are Prometheus and logs structlog: FastAPI's own OpenTelemetry hooks are off.
-    app = FastAPI(title="stripe-credits", version="0.1.0", description="Credit balances kept from Stripe billing.",
-                  lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = FastAPI(
+        title="stripe-credits",
+        version="0.1.0",
+        description="Credit balances kept from Stripe billing.",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.runtime = rt
     app.state.inline = inline
     app.state.metrics = CollectorRegistry()

@@ -14,7 +14,7 @@ import sys
 import threading
 import uuid
 from datetime import datetime, timedelta
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,15 +29,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from jobs import reconcile as reconcile_job
 from jobs import report
 from jobs import worker as inbox_worker
-from service.entry import support_cli
 from service.domain import accounts, audit, ledger, usage
-from service.infra import logs, runtime
 from service.domain.accounts import AccountNotFound
+from service.entry import support_cli
+from service.entry.schemas import aware_utc, balance_view, entry_view
+from service.infra import logs, runtime
 from service.infra.catalogue import CatalogueError
 from service.infra.config import Settings
 from service.infra.db import make_engine
 from service.infra.models import StripeEvent, utcnow
-from service.entry.schemas import aware_utc, balance_view, entry_view
 from webhooks import dispatch, inbox
 
 app = typer.Typer(
@@ -68,8 +68,12 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     dev: Annotated[bool, typer.Option("--dev", help="Invent and print API tokens when none are set.")] = False,
-    no_worker: Annotated[bool, typer.Option(
-        "--no-worker", help="Leave the inbox to separate `credits worker` processes (as SERVE_WORKER=false).")] = False,
+    no_worker: Annotated[
+        bool,
+        typer.Option(
+            "--no-worker", help="Leave the inbox to separate `credits worker` processes (as SERVE_WORKER=false)."
+        ),
+    ] = False,
 ) -> None:
     """Serve the HTTP API and the Stripe webhook endpoint, and process what comes in (the worker's drain loop
     runs in this process too, unless --no-worker)."""
@@ -78,8 +82,9 @@ def serve(
         settings = settings.model_copy(update={"serve_worker": False})
     if dev and settings.token_problem():
         api_token, admin_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        settings = settings.model_copy(update={"credits_api_token": SecretStr(api_token),
-                                               "credits_admin_token": SecretStr(admin_token)})
+        settings = settings.model_copy(
+            update={"credits_api_token": SecretStr(api_token), "credits_admin_token": SecretStr(admin_token)}
+        )
         out.print("[bold]dev tokens[/bold] (set CREDITS_API_TOKEN / CREDITS_ADMIN_TOKEN to choose your own):")
         out.print(f"  CREDITS_API_TOKEN={api_token}")
         out.print(f"  CREDITS_ADMIN_TOKEN={admin_token}")
@@ -88,8 +93,9 @@ def serve(
         raise Failure(f"{problem} (or run `credits serve --dev` to use invented tokens)")
     rt = runtime.load(settings)
     processing = "processing the inbox here too" if settings.serve_worker else "leaving the inbox to `credits worker`"
-    out.print(f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}, "
-              f"{processing}")
+    out.print(
+        f"serving on http://{host}:{port} (OpenAPI at /docs), database {rt.engine.url.render_as_string()}, {processing}"
+    )
     import uvicorn  # the web stack (uvicorn, FastAPI: ~25 MB) only where it serves: not in every command's memory
 
     from service.entry.api import create_app
@@ -108,14 +114,18 @@ def migrate() -> None:
 
 
 @app.command()
-def balance(account: Annotated[str, typer.Argument(help="Account id or Stripe customer id.")], as_json: AsJson = False) -> None:
+def balance(
+    account: Annotated[str, typer.Argument(help="Account id or Stripe customer id.")], as_json: AsJson = False
+) -> None:
     """Show an account's spendable balance and its grants."""
     with runtime.load().uow() as uow:
         view = balance_view(uow, accounts.get(uow, account))
     if as_json:
         _print_json(view)
         return
-    table = Table("grant", "source", "amount", "remaining", "expires at", title=f"{view['account_id']}: {view['balance']} credits")
+    table = Table(
+        "grant", "source", "amount", "remaining", "expires at", title=f"{view['account_id']}: {view['balance']} credits"
+    )
     for g in view["grants"]:
         table.add_row(str(g["id"]), g["source"], str(g["amount"]), str(g["remaining"]), g["expires_at"] or "-")
     out.print(table)
@@ -136,7 +146,13 @@ def show_ledger(
     table = Table("id", "when", "kind", "amount", "reason", "actor", "idempotency key", title=account)
     for e in entries:
         table.add_row(
-            str(e["id"]), e["created_at"][:19], e["kind"], f"{e['amount']:+d}", e["reason"] or "", e["actor"] or "", e["idempotency_key"]
+            str(e["id"]),
+            e["created_at"][:19],
+            e["kind"],
+            f"{e['amount']:+d}",
+            e["reason"] or "",
+            e["actor"] or "",
+            e["idempotency_key"],
         )
     out.print(table)
 
@@ -147,7 +163,9 @@ def grant(
     amount: Annotated[int, typer.Argument(min=1, help="Credits to grant.")],
     reason: Annotated[str, typer.Option(help="Why (shown in the ledger).")],
     actor: Annotated[str, typer.Option(help="Who is granting (shown in the ledger).")],
-    expires_at: Annotated[datetime | None, typer.Option(help="When the credits expire (UTC unless an offset is given).")] = None,
+    expires_at: Annotated[
+        datetime | None, typer.Option(help="When the credits expire (UTC unless an offset is given).")
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Makes a retried command grant once; a fresh one is made if omitted.")
     ] = None,
@@ -169,9 +187,18 @@ def grant(
         total = ledger.balance(uow, acct)
         entry_key = posted.entry.idempotency_key
         audit.record(
-            uow, actor=actor, action="grant", reason=reason, account=acct,
-            details={"amount": amount, "idempotency_key": entry_key, "created": [entry_key] if posted.created else [],
-                     "changed": posted.created, "balance": total},
+            uow,
+            actor=actor,
+            action="grant",
+            reason=reason,
+            account=acct,
+            details={
+                "amount": amount,
+                "idempotency_key": entry_key,
+                "created": [entry_key] if posted.created else [],
+                "changed": posted.created,
+                "balance": total,
+            },
         )
         uow.commit()
     verb = "granted" if posted.created else "already granted (same idempotency key); nothing changed"
@@ -206,7 +233,10 @@ def show_usage(
     table.add_row("[bold]remaining[/bold]", f"[bold]{view['remaining']}[/bold]")
     if view["monthly_goal"]:
         goal = view["monthly_goal"]
-        table.add_row("monthly goal per member", f"{goal['credits_per_member_per_month']} ({goal['members']} members, {goal['months_left']} months left)")
+        table.add_row(
+            "monthly goal per member",
+            f"{goal['credits_per_member_per_month']} ({goal['members']} members, {goal['months_left']} months left)",
+        )
     out.print(table)
 
 
@@ -252,7 +282,7 @@ def demo(
 ISO_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S"]
 
 
-class ReportFormat(str, Enum):
+class ReportFormat(StrEnum):
     text = "text"
     json = "json"
     markdown = "markdown"
@@ -260,9 +290,14 @@ class ReportFormat(str, Enum):
 
 @app.command()
 def reconcile(
-    since: Annotated[datetime | None, typer.Option(formats=ISO_FORMATS, help="Window start (UTC unless an offset is given); default 3 days ago.")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(formats=ISO_FORMATS, help="Window start (UTC unless an offset is given); default 3 days ago."),
+    ] = None,
     until: Annotated[datetime | None, typer.Option(formats=ISO_FORMATS, help="Window end; default now.")] = None,
-    fmt: Annotated[ReportFormat, typer.Option("--format", help="text (a table), json or markdown.")] = ReportFormat.text,
+    fmt: Annotated[
+        ReportFormat, typer.Option("--format", help="text (a table), json or markdown.")
+    ] = ReportFormat.text,
     output: Annotated[Path | None, typer.Option(help="Write the report to this file instead of stdout.")] = None,
     fix: Annotated[bool, typer.Option("--fix", help="Repair what is safe through the normal handlers.")] = False,
 ) -> None:
@@ -275,7 +310,9 @@ def reconcile(
         rt = runtime.load()
         with _progress() as progress:
             task = progress.add_task("scanning", total=None)
-            result = reconcile_job.run(rt, start, end, fix=fix, tick=lambda what: progress.update(task, advance=1, description=what))
+            result = reconcile_job.run(
+                rt, start, end, fix=fix, tick=lambda what: progress.update(task, advance=1, description=what)
+            )
     except stripe.StripeError as exc:
         err.print(f"error: Stripe could not be read after retries: {type(exc).__name__}: {exc.user_message or exc}")
         raise typer.Exit(2) from exc
@@ -295,8 +332,15 @@ def reconcile(
 
 def _progress() -> Progress:
     """A progress display on a terminal; silent under cron."""
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=True, disable=not err.is_terminal)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
 
 
 events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)
@@ -337,7 +381,14 @@ def events_list(
         return
     table = Table("event", "type", "status", "attempts", "outcome / last error", "received")
     for r in rows:
-        table.add_row(r["id"], r["type"], r["status"], str(r["attempts"]), r["last_error"] or r["outcome"] or "", r["received_at"][:19])
+        table.add_row(
+            r["id"],
+            r["type"],
+            r["status"],
+            str(r["attempts"]),
+            r["last_error"] or r["outcome"] or "",
+            r["received_at"][:19],
+        )
     out.print(table)
 
 

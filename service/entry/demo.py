@@ -47,9 +47,13 @@ def run_here(settings: Settings) -> tuple[str, list[tuple[str, int]]]:
     step once the one before is processed; returns the demo account id and (step, HTTP status) for each step."""
     secret = (settings.webhook_secrets or [SECRET])[0]
     token = settings.credits_api_token.get_secret_value() if settings.credits_api_token else TOKEN
-    settings = settings.model_copy(update={"stripe_webhook_secret": SecretStr(secret),
-                                           "credits_api_token": SecretStr(token),
-                                           "credits_admin_token": SecretStr(token + "-admin")})
+    settings = settings.model_copy(
+        update={
+            "stripe_webhook_secret": SecretStr(secret),
+            "credits_api_token": SecretStr(token),
+            "credits_admin_token": SecretStr(token + "-admin"),
+        }
+    )
     rt = runtime.load(settings)
     upgrade(rt.engine)
     app = create_app(rt)
@@ -111,47 +115,125 @@ def _story(catalogue: Catalogue, run_id: str, account: str) -> Iterator[tuple[st
     pack_name = next(iter(catalogue.packs), None)
     customer, sub = f"cus_demo_{run_id}", f"sub_demo_{run_id}"
     start = datetime.now(UTC).replace(microsecond=0)
-    yield "signup through Checkout", "event", _event("checkout.session.completed", {
-        "object": "checkout.session", "id": f"cs_demo_{run_id}", "mode": "subscription", "payment_status": "paid",
-        "customer": customer, "client_reference_id": account, "subscription": sub, "metadata": {},
-    })
+    yield (
+        "signup through Checkout",
+        "event",
+        _event(
+            "checkout.session.completed",
+            {
+                "object": "checkout.session",
+                "id": f"cs_demo_{run_id}",
+                "mode": "subscription",
+                "payment_status": "paid",
+                "customer": customer,
+                "client_reference_id": account,
+                "subscription": sub,
+                "metadata": {},
+            },
+        ),
+    )
     for month, reason in enumerate(["subscription_create", "subscription_cycle", "subscription_cycle"]):
         begin = start + timedelta(days=30 * month)
         label = "first invoice paid" if month == 0 else f"renewal {month} (rollover: {plan.rollover})"
-        yield label, "event", _event("invoice.paid", _invoice(f"in_demo_{run_id}_{month}", customer, account, sub,
-                                                                  plan.prices[0], reason, begin, begin + timedelta(days=30)))
+        yield (
+            label,
+            "event",
+            _event(
+                "invoice.paid",
+                _invoice(
+                    f"in_demo_{run_id}_{month}",
+                    customer,
+                    account,
+                    sub,
+                    plan.prices[0],
+                    reason,
+                    begin,
+                    begin + timedelta(days=30),
+                ),
+            ),
+        )
         if month == 0:
             yield f"spend {plan.credits // 4} credits", "spend", {"amount": plan.credits // 4, "reason": "demo spend"}
     if pack_name:
         intent = f"pi_demo_{run_id}"
-        yield f"buy the {pack_name} pack", "event", _event("checkout.session.completed", {
-            "object": "checkout.session", "id": f"cs_demo_pack_{run_id}", "mode": "payment", "payment_status": "paid",
-            "customer": customer, "client_reference_id": account, "payment_intent": intent, "amount_total": 1000,
-            "currency": "usd", "metadata": {"pack": pack_name},
-        })
-        yield f"refund half of the {pack_name} pack", "event", _event("charge.refunded", {
-            "object": "charge", "id": f"ch_demo_{run_id}", "amount": 1000, "amount_refunded": 500,
-            "payment_intent": intent, "customer": customer,
-            "refunds": {"object": "list", "data": [{"id": f"re_demo_{run_id}", "amount": 500, "created": int(time.time())}]},
-        })
+        yield (
+            f"buy the {pack_name} pack",
+            "event",
+            _event(
+                "checkout.session.completed",
+                {
+                    "object": "checkout.session",
+                    "id": f"cs_demo_pack_{run_id}",
+                    "mode": "payment",
+                    "payment_status": "paid",
+                    "customer": customer,
+                    "client_reference_id": account,
+                    "payment_intent": intent,
+                    "amount_total": 1000,
+                    "currency": "usd",
+                    "metadata": {"pack": pack_name},
+                },
+            ),
+        )
+        yield (
+            f"refund half of the {pack_name} pack",
+            "event",
+            _event(
+                "charge.refunded",
+                {
+                    "object": "charge",
+                    "id": f"ch_demo_{run_id}",
+                    "amount": 1000,
+                    "amount_refunded": 500,
+                    "payment_intent": intent,
+                    "customer": customer,
+                    "refunds": {
+                        "object": "list",
+                        "data": [{"id": f"re_demo_{run_id}", "amount": 500, "created": int(time.time())}],
+                    },
+                },
+            ),
+        )
 
 
-def _invoice(invoice_id: str, customer: str, account: str, sub: str, price: str, reason: str,
-             begin: datetime, end: datetime) -> dict[str, Any]:
+def _invoice(
+    invoice_id: str, customer: str, account: str, sub: str, price: str, reason: str, begin: datetime, end: datetime
+) -> dict[str, Any]:
     return {
-        "object": "invoice", "id": invoice_id, "customer": customer, "amount_paid": 34900, "currency": "usd",
-        "billing_reason": reason, "status": "paid",
-        "parent": {"type": "subscription_details",
-                   "subscription_details": {"subscription": sub, "metadata": {"account_id": account}}},
-        "lines": {"object": "list", "data": [{
-            "object": "line_item", "id": f"il_{invoice_id}", "amount": 34900,
-            "pricing": {"type": "price_details", "price_details": {"price": price}},
-            "period": {"start": int(begin.timestamp()), "end": int(end.timestamp())},
-        }]},
+        "object": "invoice",
+        "id": invoice_id,
+        "customer": customer,
+        "amount_paid": 34900,
+        "currency": "usd",
+        "billing_reason": reason,
+        "status": "paid",
+        "parent": {
+            "type": "subscription_details",
+            "subscription_details": {"subscription": sub, "metadata": {"account_id": account}},
+        },
+        "lines": {
+            "object": "list",
+            "data": [
+                {
+                    "object": "line_item",
+                    "id": f"il_{invoice_id}",
+                    "amount": 34900,
+                    "pricing": {"type": "price_details", "price_details": {"price": price}},
+                    "period": {"start": int(begin.timestamp()), "end": int(end.timestamp())},
+                }
+            ],
+        },
         "status_transitions": {"paid_at": int(begin.timestamp())},
     }
 
 
 def _event(type_: str, obj: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"evt_demo_{uuid.uuid4().hex[:16]}", "object": "event", "type": type_, "api_version": "2025-03-31.basil",
-            "created": int(time.time()), "livemode": False, "data": {"object": obj}}
+    return {
+        "id": f"evt_demo_{uuid.uuid4().hex[:16]}",
+        "object": "event",
+        "type": type_,
+        "api_version": "2025-03-31.basil",
+        "created": int(time.time()),
+        "livemode": False,
+        "data": {"object": obj},
+    }

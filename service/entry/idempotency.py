@@ -48,11 +48,16 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
 def run_once(uow: UnitOfWork, key: str, digest: str, work: Callable[[], tuple[int, dict[str, Any]]]) -> Outcome:
     """Run `work` under `key` unless the key has a stored outcome, which is then replayed. Raises KeyReused
     when the key was used with another request, KeyInFlight when that request has not finished."""
-    claim = (uow.insert(ApiRequest).values(key=key, fingerprint=digest, created_at=utcnow())
-             .on_conflict_do_nothing(index_elements=["key"]).returning(ApiRequest.key))
+    claim = (
+        uow.insert(ApiRequest)
+        .values(key=key, fingerprint=digest, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(ApiRequest.key)
+    )
     if uow.session.scalar(claim) is None:
-        earlier = uow.session.execute(select(ApiRequest.fingerprint, ApiRequest.status_code, ApiRequest.response)
-                                      .where(ApiRequest.key == key)).one()
+        earlier = uow.session.execute(
+            select(ApiRequest.fingerprint, ApiRequest.status_code, ApiRequest.response).where(ApiRequest.key == key)
+        ).one()
         if earlier.fingerprint != digest:
             raise KeyReused(key)
         if earlier.status_code is None or earlier.response is None:

@@ -22,9 +22,9 @@ from rich.table import Table
 from jobs import backfill as backfill_job
 from jobs import refill_free as refill_job
 from service.domain import accounts, audit, rollover
+from service.entry.schemas import aware_utc
 from service.infra import runtime
 from service.infra.models import utcnow
-from service.entry.schemas import aware_utc
 
 backfill = typer.Typer(help="Repair one support case by hand: a dry run unless --apply.", no_args_is_help=True)
 rollover_app = typer.Typer(help="Support's levers on the rollover policy.", no_args_is_help=True)
@@ -102,7 +102,12 @@ def rollover_extend(
         except rollover.ExtensionRefused as exc:
             _refuse(f"refused: {exc}")
         audit.record(
-            uow, actor=actor, action="rollover.extend", reason=reason, account=acct, ticket=ticket,
+            uow,
+            actor=actor,
+            action="rollover.extend",
+            reason=reason,
+            account=acct,
+            ticket=ticket,
             details={
                 "until": until.isoformat(),
                 "replaced": replaced.isoformat() if replaced else None,
@@ -111,8 +116,10 @@ def rollover_extend(
             },
         )
         uow.commit()
-    out.print(f"{acct.public_id}: the next renewal keeps what it would cut until {until:%Y-%m-%d %H:%M} UTC "
-              f"(extension {acct.rollover_extensions})")
+    out.print(
+        f"{acct.public_id}: the next renewal keeps what it would cut until {until:%Y-%m-%d %H:%M} UTC "
+        f"(extension {acct.rollover_extensions})"
+    )
 
 
 def audit_trail(
@@ -132,15 +139,23 @@ def audit_trail(
     table.add_column("what changed", overflow="fold")
     for r in rows:
         table.add_row(
-            str(r["id"]), r["at"][:16].replace("T", " "), r["actor"], r["action"], r["account_id"] or "-", r["ticket"] or "-",
-            r["reason"], _changes(r["details"]),
+            str(r["id"]),
+            r["at"][:16].replace("T", " "),
+            r["actor"],
+            r["action"],
+            r["account_id"] or "-",
+            r["ticket"] or "-",
+            r["reason"],
+            _changes(r["details"]),
         )
     out.print(table)
 
 
 @jobs_app.command("refill-free")
 def refill_free(
-    month: Annotated[str | None, typer.Option(help="YYYY-MM; the current month (UTC) if omitted.", callback=_month)] = None,
+    month: Annotated[
+        str | None, typer.Option(help="YYYY-MM; the current month (UTC) if omitted.", callback=_month)
+    ] = None,
 ) -> None:
     """Grant the monthly free allowance to every account without a paid plan; safe twice, safe late."""
     rt = runtime.load()
@@ -149,7 +164,9 @@ def refill_free(
         out.print("the free allowance is 0 credits: nothing to do")
         return
     counts = refill_job.run(
-        rt, month, track=lambda ids: track(ids, description=f"free allowance {month}", console=out, disable=not out.is_terminal)
+        rt,
+        month,
+        track=lambda ids: track(ids, description=f"free allowance {month}", console=out, disable=not out.is_terminal),
     )
     skipped = counts["skipped (paid plan)"]
     out.print(
@@ -162,24 +179,38 @@ def _print_backfill(report: backfill_job.Report, audit_id: int | None) -> None:
     referral = f"referral {report.referral}" if report.referral is not None else "a new referral"
     heading = "applied" if report.applied else "dry run — nothing written; add --apply to do it"
     out.print(f"backfill referral ({heading})", style="bold")
-    out.print(f"attribution: {report.attribution} — {referral}, {report.referee.account} referred by "
-              f"{report.referrer.account}; status {report.status}" + (f" ({report.status_reason})" if report.status_reason else ""))
+    out.print(
+        f"attribution: {report.attribution} — {referral}, {report.referee.account} referred by "
+        f"{report.referrer.account}; status {report.status}"
+        + (f" ({report.status_reason})" if report.status_reason else "")
+    )
     if report.invoice is None:
         out.print("qualifying invoice: none yet — the payouts follow the referee's first qualifying invoice")
     else:
-        fed = f"; {'fed' if report.applied else 'to be fed'} through the inbox as {report.fed_event}" if report.fed_event else ""
+        fed = (
+            f"; {'fed' if report.applied else 'to be fed'} through the inbox as {report.fed_event}"
+            if report.fed_event
+            else ""
+        )
         out.print(f"qualifying invoice: {report.invoice} (found in {report.invoice_found_in}){fed}")
     table = Table("side", "account", "payout", "balance before", "balance after")
     for side, party in (("referrer", report.referrer), ("referee", report.referee)):
-        table.add_row(side, party.account, _payout(party, report.applied), str(party.balance_before), str(party.balance_after))
+        table.add_row(
+            side, party.account, _payout(party, report.applied), str(party.balance_before), str(party.balance_after)
+        )
     out.print(table)
     if not report.changed:
         out.print(f"nothing changed: {_why_unchanged(report)}")
     elif report.created:
-        out.print(("ledger entries written: " if report.applied else "ledger entries it would write: ") + ", ".join(report.created))
+        out.print(
+            ("ledger entries written: " if report.applied else "ledger entries it would write: ")
+            + ", ".join(report.created)
+        )
     else:
-        out.print(f"{'attribution recorded' if report.applied else 'it would record the attribution'}; no ledger entries: "
-                  + _why_unchanged(report))
+        out.print(
+            f"{'attribution recorded' if report.applied else 'it would record the attribution'}; no ledger entries: "
+            + _why_unchanged(report)
+        )
     if audit_id is not None:
         out.print(f"audit row {audit_id}")
 

@@ -146,9 +146,8 @@ def _line_of_key(text: str, loc: list[str]) -> int | None:
                 best = number
             continue
         key = re.match(r"([A-Za-z0-9_\-\"]+)\s*=", line)
-        if key and loc[: len(table)] == table and len(loc) > len(table):
-            if key.group(1).strip('"') == loc[len(table)]:
-                return number
+        if key and loc[: len(table)] == table and len(loc) > len(table) and key.group(1).strip('"') == loc[len(table)]:
+            return number
     return best
 
 

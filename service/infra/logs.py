@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 SECRET_KEYS = frozenset({"authorization", "token", "secret", "signature", "stripe_signature", "api_key", "password"})
 
 
-def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in event.keys() & SECRET_KEYS:
         event[key] = "[redacted]"
     return event

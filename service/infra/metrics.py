@@ -22,10 +22,15 @@ from service.infra.models import Finding, StripeEvent, utcnow
 
 log = logs.get("metrics")
 
-WEBHOOKS = Counter("credits_webhook_deliveries_total", "Webhook deliveries by event type and outcome.", ["type", "outcome"])
+WEBHOOKS = Counter(
+    "credits_webhook_deliveries_total", "Webhook deliveries by event type and outcome.", ["type", "outcome"]
+)
 PROCESSING = Histogram("credits_event_processing_seconds", "Time to handle one inbox event.", ["type", "status"])
-CREDITS = Counter("credits_credits_total", "Credits moved, by kind (grant, spend, expire, reverse) and grant source.",
-                  ["kind", "source"])
+CREDITS = Counter(
+    "credits_credits_total",
+    "Credits moved, by kind (grant, spend, expire, reverse) and grant source.",
+    ["kind", "source"],
+)
 STRIPE_CALLS = Counter("credits_stripe_api_calls_total", "Outbound Stripe API calls by outcome.", ["outcome"])
 STRIPE_RETRIES = Counter("credits_stripe_api_retries_total", "Outbound Stripe API calls retried, by error.", ["error"])
 
@@ -45,12 +50,18 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Any]:
         depth = GaugeMetricFamily("credits_inbox_events", "Inbox events by status.", labels=["status"])
         oldest = GaugeMetricFamily("credits_inbox_oldest_pending_seconds", "Age of the oldest unprocessed event.")
-        findings = GaugeMetricFamily("credits_reconcile_open_findings", "Open reconciliation findings by kind.", labels=["kind"])
+        findings = GaugeMetricFamily(
+            "credits_reconcile_open_findings", "Open reconciliation findings by kind.", labels=["kind"]
+        )
         with self.sessions() as session:
             for status, n in session.execute(select(StripeEvent.status, func.count()).group_by(StripeEvent.status)):
                 depth.add_metric([status], n)
-            first = session.scalar(select(func.min(StripeEvent.received_at)).where(StripeEvent.status.in_(("pending", "failed"))))
-            for kind, n in session.execute(select(Finding.kind, func.count()).where(Finding.status == "open").group_by(Finding.kind)):
+            first = session.scalar(
+                select(func.min(StripeEvent.received_at)).where(StripeEvent.status.in_(("pending", "failed")))
+            )
+            for kind, n in session.execute(
+                select(Finding.kind, func.count()).where(Finding.status == "open").group_by(Finding.kind)
+            ):
                 findings.add_metric([kind], n)
         age = (utcnow() - first).total_seconds() if first is not None else 0.0
         oldest.add_metric([], age)

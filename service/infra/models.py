@@ -7,7 +7,7 @@ to a `remaining` is explained by a ledger entry and its allocations (which grant
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     text,
@@ -55,7 +56,8 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     """Declarative base with portable naming conventions, so migrations name constraints alike."""
 
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONType}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSONType}
+    __table__: ClassVar[Table]  # every model here is mapped to a table
 
 
 Base.metadata.naming_convention = {

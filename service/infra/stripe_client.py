@@ -10,8 +10,8 @@ payload has, so handlers, reconciliation and backfill never depend on `StripeObj
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -178,12 +178,13 @@ class StripeGateway:
         errors through them.
         """
         requestor = self._client._requestor
-        chunks, status, headers = requestor.request_raw("get", path, params, {}, is_streaming=True, base_address="api",
-                                                        api_mode="V1", usage=["stripe_credits_list"])
+        chunks, status, headers = requestor.request_raw(
+            "get", path, params, {}, is_streaming=True, base_address="api", api_mode="V1", usage=["stripe_credits_list"]
+        )
         try:
-            body = b"".join(chunks)  # type: ignore[call-overload]
+            body = b"".join(cast(Iterable[bytes], chunks))  # the body streamed: an iterable of bytes
         except httpx.HTTPError as exc:  # read after the SDK returned, so it cannot wrap it: a connection error
-            raise stripe.APIConnectionError(f"reading the response to GET {path} failed: {exc}") from exc
+            raise stripe.APIConnectionError(f"reading the response to GET {path} failed: {exc}") from exc  # type: ignore[no-untyped-call]  # stripe leaves its errors' __init__ untyped
         if requestor._should_handle_code_as_error(status):
             requestor._interpret_response(body, status, headers, "V1")  # raises the StripeError for the status
         page: dict[str, Any] = json.loads(body)

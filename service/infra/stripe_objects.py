@@ -96,7 +96,7 @@ def _line_price(line: Obj) -> str | None:
 
 def _invoice_payment_intent(obj: Obj) -> str | None:
     """The payment intent from the invoice's `payments` list (2025-03-31+, when included)."""
-    for item in ((obj.get("payments") or {}).get("data") or []):
+    for item in (obj.get("payments") or {}).get("data") or []:
         payment = (item or {}).get("payment") or {}
         if pi := ref(payment.get("payment_intent")):
             return pi

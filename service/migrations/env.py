@@ -1,7 +1,7 @@
 """Alembic environment: the URL and (optionally) an open connection come from service.infra.migrate."""
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from service.infra.models import Base
 
@@ -19,7 +19,7 @@ def run() -> None:
     engine.dispose()
 
 
-def _migrate(connection) -> None:  # type: ignore[no-untyped-def]
+def _migrate(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,

@@ -36,12 +36,13 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 from tenacity import wait_none
 
-from service.infra import catalogue
 from service.entry.api import create_app
+from service.infra import catalogue
 from service.infra.config import Settings
 from service.infra.db import make_sessionmaker
 from service.infra.runtime import Runtime
 from service.infra.stripe_client import StripeGateway
+
 API_TOKEN = "e2e-api-token"
 ADMIN_TOKEN = "e2e-admin-token"
 STRIPE_KEY = "sk_test_12345"
@@ -110,9 +111,7 @@ async def _drain_deliveries(timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         pending = [
-            t
-            for t in asyncio.all_tasks()
-            if not t.done() and getattr(t.get_coro(), "__name__", "") == "_send_webhook"
+            t for t in asyncio.all_tasks() if not t.done() and getattr(t.get_coro(), "__name__", "") == "_send_webhook"
         ]
         if not pending:
             return

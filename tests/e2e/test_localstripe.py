@@ -18,7 +18,6 @@ import pytest
 import stripe
 
 from service.infra.models import Account
-from tests.helpers import committed
 from tests.e2e.conftest import CreditsService, LocalStripe, wait_for
 from webhooks import inbox
 
@@ -154,7 +153,9 @@ def test_subscription_signup_grants_the_plan_credits_once(
     assert view is not None
     assert view["account_id"] == ACCOUNT
     assert view["balance"] == PLAN_CREDITS
-    assert [(g["source"], g["amount"], g["remaining"]) for g in view["grants"]] == [("plan", PLAN_CREDITS, PLAN_CREDITS)]
+    assert [(g["source"], g["amount"], g["remaining"]) for g in view["grants"]] == [
+        ("plan", PLAN_CREDITS, PLAN_CREDITS)
+    ]
     # The Stripe customer id names the same account.
     assert balance(credits_service, customer) == view
 
@@ -192,7 +193,11 @@ def test_renewals_roll_over_up_to_twice_the_allowance(
     assert view is not None and view["balance"] == 2 * PLAN_CREDITS  # 3000 held, 1500 expired, 1500 granted
     entries = ledger(credits_service)
     grants = {e["idempotency_key"]: e["amount"] for e in entries if e["kind"] == "grant"}
-    assert grants == {f"invoice:{first}": PLAN_CREDITS, f"invoice:{second}": PLAN_CREDITS, f"invoice:{third}": PLAN_CREDITS}
+    assert grants == {
+        f"invoice:{first}": PLAN_CREDITS,
+        f"invoice:{second}": PLAN_CREDITS,
+        f"invoice:{third}": PLAN_CREDITS,
+    }
     expiries = [e for e in entries if e["kind"] == "expire"]
     assert sum(e["amount"] for e in expiries) == -PLAN_CREDITS  # debits are negative
     assert all(e["idempotency_key"].startswith(f"rollover:{third}:") for e in expiries)
@@ -231,7 +236,10 @@ def test_an_invoice_for_a_customer_never_seen_is_resolved_through_the_stripe_api
     it from Stripe (here localstripe, through the service's StripeGateway) for metadata.account_id."""
     only = {"invoice.payment_succeeded"}
     localstripe_server.register_webhook(
-        credits_service.webhook_name, f"{credits_service.url}/webhooks/stripe", credits_service.webhook_secret, sorted(only)
+        credits_service.webhook_name,
+        f"{credits_service.url}/webhooks/stripe",
+        credits_service.webhook_secret,
+        sorted(only),
     )
     customer, _, invoice = subscribe(localstripe_server.api)
 

@@ -101,7 +101,7 @@ class TcpProxy:
 
         self._call(restore())
 
-    def _call(self, coro):  # type: ignore[no-untyped-def]
+    def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -150,7 +150,11 @@ class ProxyProcess:
         root = Path(__file__).parents[2]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.reliability.proxy", upstream_host, str(upstream_port)],
-            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
         self.port = int(self._reply().removeprefix("port "))
 

@@ -55,13 +55,22 @@ class Stream:
         return {a: sum(amount for _, amount, _ in rows) for a, rows in self.expected.items()}
 
 
-def _invoice(era: str, tag: str, account: str, price: str, amount: int, *, renewal: bool = False,
-             code: str | None = None) -> dict[str, Any]:
+def _invoice(
+    era: str, tag: str, account: str, price: str, amount: int, *, renewal: bool = False, code: str | None = None
+) -> dict[str, Any]:
     period = (T0.replace(month=2), T0.replace(month=3)) if renewal else (T0, T0.replace(month=2))
     metadata = {"account_id": account} | ({"referral_code": code} if code else {})
-    obj = se.invoice(era, invoice_id=f"in_{tag}", customer=f"cus_{account}", price=price, amount_paid=amount,
-                     billing_reason="subscription_cycle" if renewal else "subscription_create",
-                     subscription=f"sub_{account}", period=period, subscription_metadata=metadata)
+    obj = se.invoice(
+        era,
+        invoice_id=f"in_{tag}",
+        customer=f"cus_{account}",
+        price=price,
+        amount_paid=amount,
+        billing_reason="subscription_cycle" if renewal else "subscription_create",
+        subscription=f"sub_{account}",
+        period=period,
+        subscription_metadata=metadata,
+    )
     obj["customer_email"] = f"{account}@example.com"
     return obj
 
@@ -77,8 +86,9 @@ def build(referral_codes: dict[str, str], unique_events: int, seed: int) -> Stre
         nonlocal n
         n += 1
         era = "2020" if n % 2 else "2025"
-        return se.event(type_, obj, era=era, event_id=f"evt_stream_{n:05d}", created=T0 + timedelta(seconds=n),
-                        livemode=livemode)
+        return se.event(
+            type_, obj, era=era, event_id=f"evt_stream_{n:05d}", created=T0 + timedelta(seconds=n), livemode=livemode
+        )
 
     for r, (referrer, code) in enumerate(sorted(referral_codes.items())):
         price, credits = REFERRER_PLAN
@@ -87,8 +97,12 @@ def build(referral_codes: dict[str, str], unique_events: int, seed: int) -> Stre
         for j in range(2):
             referee = f"{referrer}_ee{j}"
             given = code.lower() if j else code  # codes are case-insensitive
-            stream.add(event("invoice.paid", _invoice("2020" if j else "2025", referee, referee,
-                                                       "price_starter_monthly", 2000, code=given)))
+            stream.add(
+                event(
+                    "invoice.paid",
+                    _invoice("2020" if j else "2025", referee, referee, "price_starter_monthly", 2000, code=given),
+                )
+            )
             stream.expect(referee, "grant", 2000, f"invoice:in_{referee}")
             stream.expect(referee, "grant", REFERRAL_CREDITS, f"referral:{referee}:referee")
             stream.expect(referrer, "grant", REFERRAL_CREDITS, f"referral:{referee}:referrer")
@@ -111,13 +125,33 @@ def build(referral_codes: dict[str, str], unique_events: int, seed: int) -> Stre
         if rnd.random() < 0.5:
             pack = rnd.choice(list(PACKS))
             intent = f"pi_{account}"
-            stream.add(event("payment_intent.succeeded", se.payment_intent(
-                rnd.choice(["2020", "2025"]), intent_id=intent, customer=f"cus_{account}", amount=900,
-                metadata={"pack": pack, "account_id": account}, charge=f"ch_{account}")))
+            stream.add(
+                event(
+                    "payment_intent.succeeded",
+                    se.payment_intent(
+                        rnd.choice(["2020", "2025"]),
+                        intent_id=intent,
+                        customer=f"cus_{account}",
+                        amount=900,
+                        metadata={"pack": pack, "account_id": account},
+                        charge=f"ch_{account}",
+                    ),
+                )
+            )
             if rnd.random() < 0.3:  # the same purchase through Checkout: still one grant
-                stream.add(event("checkout.session.completed", se.checkout_session(
-                    session_id=f"cs_{account}", customer=f"cus_{account}", client_reference_id=account,
-                    payment_intent=intent, amount_total=900, metadata={"pack": pack})))
+                stream.add(
+                    event(
+                        "checkout.session.completed",
+                        se.checkout_session(
+                            session_id=f"cs_{account}",
+                            customer=f"cus_{account}",
+                            client_reference_id=account,
+                            payment_intent=intent,
+                            amount_total=900,
+                            metadata={"pack": pack},
+                        ),
+                    )
+                )
             stream.expect(account, "grant", PACKS[pack], f"purchase:{intent}")
         if rnd.random() < 0.05:  # a type without a handler
             stream.add(event("invoice.finalized", _invoice(era, f"{account}_x", account, price, 0)), ignored=True)

@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 def settings_for(database_url: str, **overrides: Any) -> Settings:
     """Settings as tests/conftest.py's `settings` builds them, for any database URL."""
-    values: dict[str, Any] = dict(
+    values: dict[str, Any] = dict(  # noqa: C408 - the keywords are Settings' own
         database_url=database_url,
         credits_config=CATALOGUE,
         credits_api_token=SecretStr(API_TOKEN),
@@ -87,6 +87,7 @@ def post_signed(http: httpx.Client, url: str, body: bytes) -> httpx.Response:
 
 # --- the real commands in subprocesses -------------------------------------------------------------------
 
+
 def credits_command() -> list[str]:
     """The `credits` command of this interpreter's environment."""
     script = Path(sys.executable).with_name("credits")
@@ -128,7 +129,11 @@ class Process:
     def start(self) -> Process:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.args,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         return self
@@ -169,7 +174,9 @@ class Process:
         return f"{self.name} exited {self.proc.returncode if self.proc else None}\n{self.tail()}"
 
 
-def start_servers(names: list[str], env: dict[str, str], log_dir: Path, timeout: float = 20.0) -> list[tuple[Process, str]]:
+def start_servers(
+    names: list[str], env: dict[str, str], log_dir: Path, timeout: float = 20.0
+) -> list[tuple[Process, str]]:
     """`credits serve --host 127.0.0.1 --port P`, one per name, each on a free port, started side by side;
     returns (process, base URL) pairs once every /healthz answers."""
     taken: set[int] = set()  # the kernel may offer a port again while the server it was picked for starts
@@ -186,25 +193,27 @@ def _launch_server(name: str, env: dict[str, str], log_dir: Path, taken: set[int
     return Process(name, args, env, log_dir / f"{name}.log").start(), f"http://127.0.0.1:{port}"
 
 
-def _await_server(server: Process, url: str, env: dict[str, str], log_dir: Path, timeout: float,
-                  taken: set[int]) -> tuple[Process, str]:
+def _await_server(
+    server: Process, url: str, env: dict[str, str], log_dir: Path, timeout: float, taken: set[int]
+) -> tuple[Process, str]:
     for _ in range(3):  # the port was free when picked; another process could take it before uvicorn binds it
-
-        def up() -> bool | None:
-            if not server.alive():
-                return True  # exited: stop waiting, decided below
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return None
-
-        wait_for(f"{server.name} to answer /healthz", up, timeout, every=0.1)
+        wait_for(f"{server.name} to answer /healthz", lambda s=server, u=url: _up(s, u), timeout, every=0.1)
         if server.alive():
             return server, url
         if "address already in use" not in server.tail(200).lower():
             raise AssertionError(f"{server.name} exited at start-up\n{server.tail()}")
         server, url = _launch_server(server.name, env, log_dir, taken)
     raise AssertionError(f"{server.name} could not bind a free port three times")
+
+
+def _up(server: Process, url: str) -> bool | None:
+    """True once the server answers /healthz, or has exited (decided by the caller); None while it starts."""
+    if not server.alive():
+        return True
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return None
 
 
 def start_worker(name: str, env: dict[str, str], log_dir: Path) -> Process:
@@ -241,11 +250,16 @@ def ledgers(session: Session) -> dict[str, list[Row]]:
 def balances(session: Session) -> dict[str, int]:
     """Per account id holding any grant: the sum of its grants' remaining credits."""
     rows = session.execute(
-        select(Account.public_id, func.sum(Grant.remaining)).join(Grant, Grant.account_id == Account.id).group_by(Account.public_id)
+        select(Account.public_id, func.sum(Grant.remaining))
+        .join(Grant, Grant.account_id == Account.id)
+        .group_by(Account.public_id)
     ).all()
     return {account: int(total) for account, total in rows}
 
 
 def event_statuses(session: Session) -> dict[str, int]:
     """How many inbox events have each status."""
-    return {status: int(n) for status, n in session.execute(select(StripeEvent.status, func.count()).group_by(StripeEvent.status))}
+    return {
+        status: int(n)
+        for status, n in session.execute(select(StripeEvent.status, func.count()).group_by(StripeEvent.status))
+    }

@@ -27,7 +27,7 @@ from jobs import worker
 from service.domain import ledger
 from service.infra.models import StripeEvent
 from tests import stripe_events as se
-from tests.helpers import T0, committed
+from tests.helpers import T0
 from tests.reliability.proxy import ProxyProcess
 from tests.reliability.support import (
     balances,
@@ -50,9 +50,15 @@ HANG = 15.0  # a request unanswered for this long counts as a hang
 
 def _event(i: int) -> bytes:
     account = f"acct_o{i:04d}"
-    obj = se.invoice("2025" if i % 2 else "2020", invoice_id=f"in_{account}", customer=f"cus_{account}",
-                     price="price_starter_monthly", amount_paid=2000, subscription=f"sub_{account}",
-                     subscription_metadata={"account_id": account})
+    obj = se.invoice(
+        "2025" if i % 2 else "2020",
+        invoice_id=f"in_{account}",
+        customer=f"cus_{account}",
+        price="price_starter_monthly",
+        amount_paid=2000,
+        subscription=f"sub_{account}",
+        subscription_metadata={"account_id": account},
+    )
     return se.encode(se.event("invoice.paid", obj, event_id=f"evt_outage_{i:04d}", created=T0))
 
 
@@ -106,7 +112,8 @@ def test_a_database_outage_during_delivery_loses_and_doubles_nothing(fresh_pg: s
                 first_pass = time.monotonic() - started
                 counts = Counter(answers.values())
                 assert set(counts) <= {200, 503}, (
-                    f"every answer is 200 or 503 (never a 4xx, another 5xx or a hang): {counts}\n{server.tail()}")
+                    f"every answer is 200 or 503 (never a 4xx, another 5xx or a hang): {counts}\n{server.tail()}"
+                )
                 assert counts[503] > 0 and counts[200] > 0, f"the outage was felt, and only for a while: {counts}"
 
                 with direct.uow() as uow:
@@ -118,7 +125,9 @@ def test_a_database_outage_during_delivery_loses_and_doubles_nothing(fresh_pg: s
                 with httpx.Client(timeout=HANG) as http:
                     for _ in range(3):
                         for event_id in [e for e, status in answers.items() if status != 200]:
-                            answers[event_id] = post_signed(http, f"{url}/webhooks/stripe", bodies[event_id]).status_code
+                            answers[event_id] = post_signed(
+                                http, f"{url}/webhooks/stripe", bodies[event_id]
+                            ).status_code
                 assert Counter(answers.values()) == {200: EVENTS}, "every redelivery after the outage is accepted"
                 connections = proxy.stats()
             finally:
@@ -137,8 +146,11 @@ def test_a_database_outage_during_delivery_loses_and_doubles_nothing(fresh_pg: s
             wait_for("the worker to process every event", drained, 20, every=0.2)
         except AssertionError:
             with direct.uow() as uow:
-                left = uow.session.execute(select(StripeEvent.id, StripeEvent.status, StripeEvent.last_error)
-                                       .where(StripeEvent.status != "processed").limit(5)).all()
+                left = uow.session.execute(
+                    select(StripeEvent.id, StripeEvent.status, StripeEvent.last_error)
+                    .where(StripeEvent.status != "processed")
+                    .limit(5)
+                ).all()
             raise AssertionError(f"events not processed after the outage: {left}") from None
 
         with direct.uow() as uow:
@@ -148,9 +160,11 @@ def test_a_database_outage_during_delivery_loses_and_doubles_nothing(fresh_pg: s
         direct.engine.dispose()
 
     retried = [e for e in events if e.attempts > 1]
-    print(f"\noutage: {EVENTS} events in {first_pass:.1f} s, the database cut from answer {CUT_AT} to {RESTORE_AT} "
-          f"({broken} connections broken; {connections[0]} let through, {connections[1]} dropped); first answers "
-          f"{dict(counts)}; the worker then handled {dict(drains)}, {len(retried)} of them after a recorded failure")
+    print(
+        f"\noutage: {EVENTS} events in {first_pass:.1f} s, the database cut from answer {CUT_AT} to {RESTORE_AT} "
+        f"({broken} connections broken; {connections[0]} let through, {connections[1]} dropped); first answers "
+        f"{dict(counts)}; the worker then handled {dict(drains)}, {len(retried)} of them after a recorded failure"
+    )
     assert sorted(e.id for e in events) == sorted(bodies), "every event is stored exactly once"
     assert drift == []
     accounts = [f"acct_o{i:04d}" for i in range(EVENTS)]

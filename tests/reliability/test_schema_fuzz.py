@@ -36,8 +36,8 @@ from schemathesis.checks import not_a_server_error
 from service.domain import accounts, ledger, referrals, spending
 from service.entry.api import create_app
 from service.infra.runtime import Runtime
-from tests.helpers import committed
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
+from tests.helpers import committed
 from tests.reliability.support import runtime_for, settings_for
 
 KNOWN = "acct_fuzz"
@@ -72,8 +72,11 @@ def flatmap_body(context: Any, body: Any) -> Any:
             st.fixed_dictionaries({"amount": st.integers(1, 2000)}),
             st.fixed_dictionaries(
                 {"action": st.sampled_from(["unlock_prospect", "handwritten_note", "no_such_action"])},
-                optional={"quantity": st.integers(1, 50), "resource": st.text(min_size=1, max_size=20),
-                          "member_id": st.sampled_from(["member_1", "nobody"])},
+                optional={
+                    "quantity": st.integers(1, 50),
+                    "resource": st.text(min_size=1, max_size=20),
+                    "member_id": st.sampled_from(["member_1", "nobody"]),
+                },
             ),
         )
     if path == "/v1/referrals":
@@ -102,8 +105,9 @@ def _fuzz(label: str, token: str) -> None:
     operation = OPERATIONS[label]
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=cases)
     def check(case: Any) -> None:
         headers = {"Authorization": f"Bearer {token}"}
@@ -130,21 +134,34 @@ def test_no_v1_operation_answers_a_5xx_with_the_admin_token(label: str, fuzz_db:
 
 # --- 500s found on the way ---------------------------------------------------------------------------------
 
-def test_a_nul_character_in_a_v1_request_is_not_a_5xx(client, admin_headers) -> None:  # type: ignore[no-untyped-def]
+
+def test_a_nul_character_in_a_v1_request_is_not_a_5xx(client, admin_headers) -> None:
     key = {"Idempotency-Key": "nul-1"}
     answers = {
         "path account": client.get("/v1/accounts/a%00b/balance").status_code,
-        "spend reason": client.post("/v1/accounts/acct_1/spend", json={"amount": 1, "reason": "a\x00b"}, headers=key).status_code,
-        "grant reason": client.post("/v1/accounts/acct_1/grants", json={"amount": 1, "reason": "a\x00b"},
-                                    headers={**admin_headers, "Idempotency-Key": "nul-2"}).status_code,
-        "referee id": client.post("/v1/referrals", json={"code": "ABCDEFGH", "referee_account_id": "a\x00b"},
-                                  headers={"Idempotency-Key": "nul-3"}).status_code,
+        "spend reason": client.post(
+            "/v1/accounts/acct_1/spend", json={"amount": 1, "reason": "a\x00b"}, headers=key
+        ).status_code,
+        "grant reason": client.post(
+            "/v1/accounts/acct_1/grants",
+            json={"amount": 1, "reason": "a\x00b"},
+            headers={**admin_headers, "Idempotency-Key": "nul-2"},
+        ).status_code,
+        "referee id": client.post(
+            "/v1/referrals",
+            json={"code": "ABCDEFGH", "referee_account_id": "a\x00b"},
+            headers={"Idempotency-Key": "nul-3"},
+        ).status_code,
     }
     assert all(status < 500 for status in answers.values()), answers
 
 
 @pytest.mark.parametrize("cursor", ["²", "9" * 25], ids=["unicode-digit", "beyond-64-bits"])
-def test_a_ledger_cursor_that_is_no_page_of_ours_is_400(cursor: str, client, admin_headers) -> None:  # type: ignore[no-untyped-def]
-    client.post("/v1/accounts/acct_1/grants", json={"amount": 5, "reason": "x"}, headers={**admin_headers, "Idempotency-Key": "g"})
+def test_a_ledger_cursor_that_is_no_page_of_ours_is_400(cursor: str, client, admin_headers) -> None:
+    client.post(
+        "/v1/accounts/acct_1/grants",
+        json={"amount": 5, "reason": "x"},
+        headers={**admin_headers, "Idempotency-Key": "g"},
+    )
     response = client.get("/v1/accounts/acct_1/ledger", params={"cursor": cursor})
     assert (response.status_code, response.json()["error"]) == (400, "invalid_cursor")

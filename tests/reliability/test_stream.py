@@ -48,7 +48,7 @@ SEED = 20260101
 SETTLE_TIMEOUT = 30.0
 
 
-def _referral_codes(rt) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _referral_codes(rt) -> dict[str, str]:
     """Referrer accounts with their codes, made before any event arrives (as the product's signup does)."""
     with committed(rt) as uow:
         return {
@@ -75,8 +75,12 @@ def _deliver(ports: list[int], stream: list[bytes]) -> list[tuple[int, int | str
                     return
                 conn, body = conns[i % len(ports)], stream[i]
                 try:
-                    conn.request("POST", "/webhooks/stripe", body=body, headers={
-                        "Stripe-Signature": sign(body), "Content-Type": "application/json"})
+                    conn.request(
+                        "POST",
+                        "/webhooks/stripe",
+                        body=body,
+                        headers={"Stripe-Signature": sign(body), "Content-Type": "application/json"},
+                    )
                     response = conn.getresponse()
                     response.read()
                     status: int | str = response.status
@@ -143,7 +147,8 @@ def _stream_and_check(database_url: str, rt: Runtime, tmp_path: Path, started: t
             with rt.uow() as uow:
                 stuck = uow.session.execute(
                     select(StripeEvent.id, StripeEvent.status, StripeEvent.attempts, StripeEvent.last_error)
-                    .where(StripeEvent.status.in_(("pending", "failed", "dead"))).limit(10)
+                    .where(StripeEvent.status.in_(("pending", "failed", "dead")))
+                    .limit(10)
                 ).all()
                 now = event_statuses(uow.session)
             logs = "\n".join(p.tail(15) for p in running)

@@ -30,29 +30,72 @@ from sqlalchemy import func, select
 
 from service.infra.models import Grant, LedgerEntry, StripeEvent
 from service.infra.runtime import Runtime
-from tests.helpers import committed
 from tests import stripe_events as se
 from webhooks.handlers import HANDLERS
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 PER_TYPE = settings(FUZZ, max_examples=25)
 _ids = itertools.count(1)
 
 # JSON as Stripe could send it (no NaN or Infinity: those are not JSON).
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
-json_values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)), max_leaves=12)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=12,
+)
 # Every field the handlers read from any object, so that garbage reaches them in the right places.
 FIELDS = [
-    "id", "customer", "metadata", "lines", "amount_paid", "amount_due", "currency", "billing_reason", "subscription",
-    "subscription_details", "parent", "status_transitions", "created", "payment_intent", "payments", "charge",
-    "customer_email", "refunds", "amount", "amount_refunded", "invoice", "mode", "payment_status",
-    "client_reference_id", "amount_total", "customer_details", "amount_received", "latest_charge", "charges",
-    "status", "items", "plan", "current_period_end", "email", "deleted",
+    "id",
+    "customer",
+    "metadata",
+    "lines",
+    "amount_paid",
+    "amount_due",
+    "currency",
+    "billing_reason",
+    "subscription",
+    "subscription_details",
+    "parent",
+    "status_transitions",
+    "created",
+    "payment_intent",
+    "payments",
+    "charge",
+    "customer_email",
+    "refunds",
+    "amount",
+    "amount_refunded",
+    "invoice",
+    "mode",
+    "payment_status",
+    "client_reference_id",
+    "amount_total",
+    "customer_details",
+    "amount_received",
+    "latest_charge",
+    "charges",
+    "status",
+    "items",
+    "plan",
+    "current_period_end",
+    "email",
+    "deleted",
 ]
-envelope_fields = {"object": st.just("event"), "livemode": st.just(False), "created": st.integers(0, 2**31),
-                   "api_version": st.sampled_from(list(se.API_VERSIONS.values()))}
+envelope_fields = {
+    "object": st.just("event"),
+    "livemode": st.just(False),
+    "created": st.integers(0, 2**31),
+    "api_version": st.sampled_from(list(se.API_VERSIONS.values())),
+}
 
 
 def event_id() -> str:
@@ -61,10 +104,15 @@ def event_id() -> str:
 
 def garbage_object(object_type: str) -> st.SearchStrategy[dict[str, Any]]:
     """The object a type promises (`object` right, so the handler runs), every other field garbage or absent."""
-    nested = st.one_of(json_values, st.fixed_dictionaries({}, optional={"data": json_values, "metadata": json_values,
-                                                                           "id": json_values, "price": json_values}))
-    return st.fixed_dictionaries({"object": st.just(object_type)},
-                                 optional={name: st.one_of(json_values, nested) for name in FIELDS})
+    nested = st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {}, optional={"data": json_values, "metadata": json_values, "id": json_values, "price": json_values}
+        ),
+    )
+    return st.fixed_dictionaries(
+        {"object": st.just(object_type)}, optional={name: st.one_of(json_values, nested) for name in FIELDS}
+    )
 
 
 @st.composite
@@ -79,14 +127,36 @@ def broken_envelopes(draw: st.DrawFn) -> dict[str, Any]:
     """A valid id and a (mostly handled) type, with `data` missing, not an object, or holding the wrong thing."""
     type_ = draw(st.one_of(st.sampled_from(sorted(HANDLERS)), st.text(max_size=40)))
     evt: dict[str, Any] = {"id": event_id(), "type": type_}
-    evt.update(draw(st.fixed_dictionaries({}, optional={**envelope_fields, "livemode": st.booleans(),
-                                                        "created": json_values, "api_version": json_values})))
-    data = draw(st.one_of(
-        st.just(None), json_values,
-        st.fixed_dictionaries({}, optional={"object": json_values, "previous_attributes": json_values}),
-        st.fixed_dictionaries({"object": st.fixed_dictionaries(
-            {"object": st.sampled_from(sorted({o for o, _ in HANDLERS.values()})), "id": st.text(max_size=20)})}),
-    ))
+    evt.update(
+        draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    **envelope_fields,
+                    "livemode": st.booleans(),
+                    "created": json_values,
+                    "api_version": json_values,
+                },
+            )
+        )
+    )
+    data = draw(
+        st.one_of(
+            st.just(None),
+            json_values,
+            st.fixed_dictionaries({}, optional={"object": json_values, "previous_attributes": json_values}),
+            st.fixed_dictionaries(
+                {
+                    "object": st.fixed_dictionaries(
+                        {
+                            "object": st.sampled_from(sorted({o for o, _ in HANDLERS.values()})),
+                            "id": st.text(max_size=20),
+                        }
+                    )
+                }
+            ),
+        )
+    )
     if data is not None:
         evt["data"] = data
     return evt
@@ -100,11 +170,17 @@ def every_delivery_processed_inline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def stripe_404():  # type: ignore[no-untyped-def]
+def stripe_404():
     """Stripe answers every call 404 (an unknown customer): handlers that ask fail, and are retried later."""
     with respx.mock(base_url="https://stripe.test", assert_all_called=False) as router:
-        router.route().mock(return_value=httpx.Response(
-            404, json={"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}}))
+        router.route().mock(
+            return_value=httpx.Response(
+                404,
+                json={
+                    "error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}
+                },
+            )
+        )
         yield router
 
 
@@ -118,7 +194,7 @@ def _assert_never_a_credit(rt: Runtime, event: str | None) -> None:
         assert status in ("processed", "ignored", "failed"), f"{event} ended {status!r}"
 
 
-def test_signed_random_json_is_refused_or_stored_never_a_5xx(deliver, rt: Runtime, stripe_404) -> None:  # type: ignore[no-untyped-def]
+def test_signed_random_json_is_refused_or_stored_never_a_5xx(deliver, rt: Runtime, stripe_404) -> None:
     @FUZZ
     @given(body=json_values)
     def check(body: Any) -> None:
@@ -130,7 +206,7 @@ def test_signed_random_json_is_refused_or_stored_never_a_5xx(deliver, rt: Runtim
     check()
 
 
-def test_signed_events_with_a_broken_envelope_never_get_a_5xx_nor_credit(deliver, rt: Runtime, stripe_404) -> None:  # type: ignore[no-untyped-def]
+def test_signed_events_with_a_broken_envelope_never_get_a_5xx_nor_credit(deliver, rt: Runtime, stripe_404) -> None:
     @FUZZ
     @given(evt=broken_envelopes())
     def check(evt: dict[str, Any]) -> None:
@@ -141,7 +217,9 @@ def test_signed_events_with_a_broken_envelope_never_get_a_5xx_nor_credit(deliver
 
 
 @pytest.mark.parametrize("type_", sorted(HANDLERS))
-def test_signed_events_with_a_garbage_object_never_get_a_5xx_nor_credit(type_: str, deliver, rt: Runtime, stripe_404) -> None:  # type: ignore[no-untyped-def]
+def test_signed_events_with_a_garbage_object_never_get_a_5xx_nor_credit(
+    type_: str, deliver, rt: Runtime, stripe_404
+) -> None:
     @PER_TYPE
     @given(evt=handled_events(type_))
     def check(evt: dict[str, Any]) -> None:
@@ -153,7 +231,8 @@ def test_signed_events_with_a_garbage_object_never_get_a_5xx_nor_credit(type_: s
 
 # --- what the fuzzers found ---------------------------------------------------------------------------------
 
-def _accepted_or_refused(deliver, rt: Runtime, evt: dict[str, Any] | None = None, raw: bytes | None = None) -> None:  # type: ignore[no-untyped-def]
+
+def _accepted_or_refused(deliver, rt: Runtime, evt: dict[str, Any] | None = None, raw: bytes | None = None) -> None:
     """Not a 5xx: refused (400, nothing stored) or stored and handled without a credit."""
     status = deliver(evt, raw=raw).status_code
     assert status in (200, 400), f"{status} for {(raw or json.dumps(evt).encode())[:200]!r}"
@@ -161,39 +240,52 @@ def _accepted_or_refused(deliver, rt: Runtime, evt: dict[str, Any] | None = None
     _assert_never_a_credit(rt, stored)
     if status == 400:
         with rt.uow() as uow:
-            assert uow.session.scalar(select(func.count()).select_from(StripeEvent)) == 0, "a refused body is not stored"
+            assert uow.session.scalar(select(func.count()).select_from(StripeEvent)) == 0, (
+                "a refused body is not stored"
+            )
 
 
 @pytest.mark.parametrize("data", [[1], "x", 7, True], ids=["list", "string", "number", "true"])
-def test_a_signed_event_whose_data_is_not_an_object_is_not_a_5xx(data: Any, deliver, rt: Runtime) -> None:  # type: ignore[no-untyped-def]
+def test_a_signed_event_whose_data_is_not_an_object_is_not_a_5xx(data: Any, deliver, rt: Runtime) -> None:
     _accepted_or_refused(deliver, rt, {"id": event_id(), "type": "invoice.paid", "livemode": False, "data": data})
 
 
 @pytest.mark.parametrize("field", ["id", "object"])
 @pytest.mark.parametrize("value", [{"a": 1}, ["in_1"], 1.5, 10**30], ids=["object", "array", "float", "huge-int"])
-def test_a_signed_event_whose_object_id_or_type_is_not_a_string_is_not_a_5xx(field: str, value: Any, deliver, rt: Runtime) -> None:  # type: ignore[no-untyped-def]
+def test_a_signed_event_whose_object_id_or_type_is_not_a_string_is_not_a_5xx(
+    field: str, value: Any, deliver, rt: Runtime
+) -> None:
     obj = {"object": "invoice", "id": "in_1", field: value}
-    _accepted_or_refused(deliver, rt, {"id": event_id(), "type": "invoice.paid", "livemode": False, "data": {"object": obj}})
+    _accepted_or_refused(
+        deliver, rt, {"id": event_id(), "type": "invoice.paid", "livemode": False, "data": {"object": obj}}
+    )
 
 
-def test_a_signed_event_with_a_nul_character_is_not_a_5xx(deliver, rt: Runtime) -> None:  # type: ignore[no-untyped-def]
+def test_a_signed_event_with_a_nul_character_is_not_a_5xx(deliver, rt: Runtime) -> None:
     customer = se.customer("cus_nul", metadata={"note": "a\x00b"})  # e.g. metadata a customer typed in
     _accepted_or_refused(deliver, rt, se.event("customer.updated", customer, event_id=event_id()))
 
 
 @pytest.mark.parametrize("created", [10**17, -(10**17), 1e300], ids=["far-future", "far-past", "huge-float"])
-def test_a_signed_event_created_outside_the_calendar_is_not_a_5xx(created: Any, deliver, rt: Runtime) -> None:  # type: ignore[no-untyped-def]
+def test_a_signed_event_created_outside_the_calendar_is_not_a_5xx(created: Any, deliver, rt: Runtime) -> None:
     _accepted_or_refused(deliver, rt, {"id": event_id(), "type": "ping", "livemode": False, "created": created})
 
 
-def test_a_signed_body_nested_too_deeply_to_parse_is_refused(deliver, rt: Runtime) -> None:  # type: ignore[no-untyped-def]
+def test_a_signed_body_nested_too_deeply_to_parse_is_refused(deliver, rt: Runtime) -> None:
     depth = 100_000  # 200 KB, under the 1 MiB cap
-    _accepted_or_refused(deliver, rt, raw=b'{"id": "evt_deep", "type": "ping", "data": ' + b"[" * depth + b"]" * depth + b"}")
+    _accepted_or_refused(
+        deliver, rt, raw=b'{"id": "evt_deep", "type": "ping", "data": ' + b"[" * depth + b"]" * depth + b"}"
+    )
 
 
 @pytest.mark.parametrize("where", ["id", "type", "object id"])
-def test_a_signed_event_with_a_lone_surrogate_is_not_a_5xx(where: str, deliver, rt: Runtime) -> None:  # type: ignore[no-untyped-def]
-    evt = {"id": event_id(), "type": "invoice.paid", "livemode": False, "data": {"object": {"object": "invoice", "id": "in_1"}}}
+def test_a_signed_event_with_a_lone_surrogate_is_not_a_5xx(where: str, deliver, rt: Runtime) -> None:
+    evt = {
+        "id": event_id(),
+        "type": "invoice.paid",
+        "livemode": False,
+        "data": {"object": {"object": "invoice", "id": "in_1"}},
+    }
     if where == "object id":
         evt["data"]["object"]["id"] = "in_\ud800"
     else:
@@ -201,4 +293,7 @@ def test_a_signed_event_with_a_lone_surrogate_is_not_a_5xx(where: str, deliver, 
     assert deliver(evt).status_code in (200, 400)
     _assert_never_a_credit(rt, None)
     with rt.uow() as uow:  # the id may not be stored as sent: look for anything left unhandled
-        assert uow.session.scalar(select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "pending")) == 0
+        assert (
+            uow.session.scalar(select(func.count()).select_from(StripeEvent).where(StripeEvent.status == "pending"))
+            == 0
+        )

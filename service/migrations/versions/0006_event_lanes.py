@@ -7,20 +7,20 @@ Revises: 0005
 Create Date: 2026-12-03 14:40:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('stripe_events', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('lane', sa.String(length=255), nullable=True))
+    with op.batch_alter_table("stripe_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("lane", sa.String(length=255), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('stripe_events', schema=None) as batch_op:
-        batch_op.drop_column('lane')
+    with op.batch_alter_table("stripe_events", schema=None) as batch_op:
+        batch_op.drop_column("lane")

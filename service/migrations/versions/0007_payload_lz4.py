@@ -10,11 +10,11 @@ Revises: 0006
 Create Date: 2026-12-03 15:00:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
-revision = '0007'
-down_revision = '0006'
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class RolloverPolicy(_Strict):
-    """What happens at renewal to credits granted under this policy (DESIGN.md, Refills)."""
+    """What happens at renewal to credits granted under this policy (README.md, Refills)."""
 
     credits: Credits
     rollover: Rollover = "cap"
@@ -63,7 +63,7 @@ class Free(RolloverPolicy):
 
 
 class Referrals(_Strict):
-    """Referral terms: who is paid what, and when (DESIGN.md, Referrals)."""
+    """Referral terms: who is paid what, and when (README.md, Referrals)."""
 
     qualify_on: Literal["first_paid_invoice", "signup"] = "first_paid_invoice"
     referrer_credits: Credits = 0

@@ -1,4 +1,4 @@
-"""The one outbound Stripe client (DESIGN.md, house rule 5): every call the service makes to Stripe goes here.
+"""The one outbound Stripe client: every call the service makes to Stripe goes here.
 
 It wraps `stripe.StripeClient` on `stripe.HTTPXClient`, so tests intercept it with respx, and puts every call
 behind a single tenacity policy: 429, 5xx and connection errors are retried with jittered exponential backoff

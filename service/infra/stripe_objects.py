@@ -1,6 +1,6 @@
 """Reading facts out of Stripe objects in every API shape (2017 localstripe, 2020-2025, 2025-03-31+).
 
-The same fact lives in different places across API versions (see stripe-fixtures/README.md); each function
+The same fact lives in different places across API versions (tests/data/stripe holds one of each); each function
 here reads all of them, so handlers never branch on the API version. Expandable fields may be an id or an
 expanded object; `ref()` reads either.
 """

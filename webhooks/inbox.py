@@ -88,7 +88,7 @@ def claim_due(uow: UnitOfWork, now: datetime, customers: int, most: int) -> tupl
     transaction's until it ends — and as many of the oldest due events that name no customer; at most `most`
     events in all, in the order received. Returns the events and the customers taken."""
     taken = set(
-        uow.session.scalars(FREE_CUSTOMERS[uow.dialect], {"now": now, "scan": 4 * customers, "take": customers})
+        uow.session.scalars(FREE_CUSTOMERS[uow.dialect], {"now": now, "scan": 20 * customers, "take": customers})
     )
     loose = list(uow.session.scalars(OLDEST_WITHOUT_CUSTOMER, {"now": now, "limit": customers}))
     if not taken and not loose:
@@ -162,12 +162,20 @@ _CLAIMED = select(
 _IS_DUE = (_events.c.status.in_(DUE), _events.c.next_attempt_at <= bindparam("now"))
 CLAIM_ANY = _CLAIMED.where(_events.c.id == bindparam("id")).with_for_update(skip_locked=True)
 CLAIM_DUE = _CLAIMED.where(_events.c.id == bindparam("id"), _events.c.status.in_(DUE)).with_for_update(skip_locked=True)
-_WAITING_LONGEST = (
-    select(_events.c.customer)
-    .where(*_IS_DUE, _events.c.customer.is_not(None))
-    .group_by(_events.c.customer)
-    .order_by(func.min(_events.c.received_at))
+# The customers of the oldest due events — a bounded scan of the due index, however long the backlog — those
+# waiting longest first.
+_OLDEST = (
+    select(_events.c.customer, _events.c.received_at)
+    .where(*_IS_DUE)
+    .order_by(_events.c.next_attempt_at, _events.c.received_at)
     .limit(bindparam("scan"))
+    .subquery()
+)
+_WAITING_LONGEST = (
+    select(_OLDEST.c.customer)
+    .where(_OLDEST.c.customer.is_not(None))
+    .group_by(_OLDEST.c.customer)
+    .order_by(func.min(_OLDEST.c.received_at))
     .subquery()
 )
 FREE_CUSTOMERS = {

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 from service.infra import logs
@@ -28,7 +27,8 @@ from webhooks import inbox
 
 log = logs.get("writer")
 MOST = 128  # events in one transaction at most
-Delivery = tuple[dict[str, Any], str, "Future[bool]"]  # the event, its text, and whether it was new
+Delivery = tuple[dict[str, Any], str, "asyncio.Future[bool]"]  # the event, its text, and whether it was new
+Answer = tuple["asyncio.Future[bool]", bool | None, BaseException | None]  # a delivery's result or error
 
 
 class Stopped(Exception):
@@ -48,14 +48,14 @@ class InboxWriter:
     async def store(self, event: dict[str, Any], text: str) -> bool:
         """Store the event durably with whatever else is waiting: True when it is new, False for a redelivery
         (also one earlier in the same batch). Raises what the database raised for it, or Stopped."""
-        stored: Future[bool] = Future()
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         with self.lock:  # never queued behind the stop mark, where nothing would answer it
             if self.stopping:
                 raise Stopped("shutting down")
             if not self.thread.is_alive():
                 self.thread.start()
             self.waiting.put((event, text, stored))
-        return await asyncio.wrap_future(stored)
+        return await stored
 
     def stop(self, timeout: float = 30.0) -> None:
         """Store what is waiting, then end the thread; a delivery that arrives after is answered Stopped."""
@@ -70,7 +70,7 @@ class InboxWriter:
             except queue.Empty:
                 return
             if left is not None:
-                left[2].set_exception(Stopped("shutting down"))
+                _answer([(left[2], None, Stopped("shutting down"))])
 
     def _run(self) -> None:
         while True:
@@ -92,20 +92,23 @@ class InboxWriter:
                 return
 
     def _write(self, batch: list[Delivery]) -> None:
+        _answer(self._store(batch))
+
+    def _store(self, batch: list[Delivery]) -> list[Answer]:
+        """Each delivery's answer: whether its event was new, or the error that kept it from being stored."""
         try:
             new = self._insert(batch)
         except Exception as exc:
             if len(batch) == 1 or is_unreachable(exc):
-                for _, _, stored in batch:
-                    stored.set_exception(exc)
-                return
-            for delivery in batch:  # find the event the database refused: every other one is stored
-                self._write([delivery])
-            return
+                return [(stored, None, exc) for _, _, stored in batch]
+            # find the event the database refused: every other one is stored
+            return [answer for delivery in batch for answer in self._store([delivery])]
         seen: set[str] = set()
+        answers: list[Answer] = []
         for event, _, stored in batch:
-            stored.set_result(event["id"] in new and event["id"] not in seen)
+            answers.append((stored, event["id"] in new and event["id"] not in seen, None))
             seen.add(event["id"])
+        return answers
 
     def _insert(self, batch: list[Delivery]) -> set[str]:
         """The ids of the batch's events that were new, once stored and committed."""
@@ -113,3 +116,24 @@ class InboxWriter:
             new = inbox.store_many(uow, [(event, text) for event, text, _ in batch], utcnow())
             uow.commit()
         return new
+
+
+def _answer(answers: list[Answer]) -> None:
+    """From the writer's thread: hand the answers to the event loops awaiting them, one wake-up per loop."""
+    loops: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
+    for answer in answers:
+        loops.setdefault(answer[0].get_loop(), []).append(answer)
+    for loop, share in loops.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, share)
+
+
+def _settle(answers: list[Answer]) -> None:
+    """On the event loop: each delivery's result or error, unless it stopped waiting (the client went away)."""
+    for stored, new, error in answers:
+        if stored.done():
+            continue
+        if error is not None:
+            stored.set_exception(error)
+        else:
+            stored.set_result(bool(new))

@@ -217,11 +217,6 @@ def spendable(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
     return spending_order(held, account, now)
 
 
-def expire_due(uow: UnitOfWork, account: Account, now: datetime | None = None) -> None:
-    """Expire what is left of every grant whose `expires_at` has passed (one entry per grant)."""
-    spendable(uow, uow.lock_one(account), now or utcnow())
-
-
 def balance(uow: UnitOfWork, account: Account, now: datetime | None = None) -> int:
     """Credits the account can spend now: the remainder of its unexpired grants."""
     total = uow.session.scalar(BALANCE, {"account_id": account.id, "now": now or utcnow()})

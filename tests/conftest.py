@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
@@ -148,8 +149,14 @@ def uow(rt: Runtime) -> Iterator[UnitOfWork]:
 
 
 @pytest.fixture
-def client(rt: Runtime) -> Iterator[TestClient]:
-    with TestClient(create_app(rt), headers={"Authorization": f"Bearer {API_TOKEN}"}) as test_client:
+def app(rt: Runtime) -> FastAPI:
+    """The service's app on the test's runtime, as `client` serves it: its `state` is the app's own."""
+    return create_app(rt)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, headers={"Authorization": f"Bearer {API_TOKEN}"}) as test_client:
         yield test_client
 
 
@@ -157,7 +164,7 @@ Deliver = Callable[..., httpx.Response]
 
 
 @pytest.fixture
-def deliver(client: TestClient) -> Deliver:
+def deliver(client: TestClient, app: FastAPI) -> Deliver:
     """POST a Stripe event to the webhook endpoint, signed as Stripe signs it (or as a test says)."""
 
     def post(
@@ -171,7 +178,7 @@ def deliver(client: TestClient) -> Deliver:
         body = raw if raw is not None else stripe_events.encode(evt or {})
         signature = header if header is not None else stripe_events.sign(body, secret, at)
         response = client.post("/webhooks/stripe", content=body, headers={"Stripe-Signature": signature})
-        client.app.state.inline.wait_idle()  # the test reads what processing did: wait for it
+        app.state.inline.wait_idle()  # the test reads what processing did: wait for it
         return response
 
     return post

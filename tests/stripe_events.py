@@ -1,5 +1,5 @@
-"""Stripe events for tests, built from the recorded payloads in tests/data/stripe (copied from
-shared/stripe-fixtures) in each API era, with only the facts a test cares about changed, and signed the way
+"""Stripe events for tests, built from the recorded payloads in tests/data/stripe (Stripe's published examples
+and localstripe's events) in each API era, with only the facts a test cares about changed, and signed the way
 Stripe signs them.
 
 Eras: "2017" — localstripe's 2017-08-15 shapes (`plan.id`, `invoice.subscription`); "2020" — 2020 to early
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -196,7 +197,7 @@ def charge(
     amount_refunded: int = 0,
     invoice: str | None = None,
     payment_intent: str | None = None,
-    refunds: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    refunds: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
     obj = fixture("current.charge.json")
     obj.update(

@@ -3,15 +3,22 @@ unlinked customer, the customer id as a last resort, and re-keying when the real
 
 from __future__ import annotations
 
+from typing import Any, TypedDict, Unpack
+
 from service.infra.models import StripeEvent
 from tests import stripe_events as se
 from tests.helpers import balance_of, state
 
 
-def invoice_for(customer: str, invoice_id: str = "in_1", **kwargs: object) -> dict:
+class InvoiceOptions(TypedDict, total=False):
+    billing_reason: str | None
+    subscription_metadata: dict[str, str] | None
+
+
+def invoice_for(customer: str, invoice_id: str = "in_1", **kwargs: Unpack[InvoiceOptions]) -> dict[str, Any]:
     return se.invoice(
         "2025", invoice_id=invoice_id, customer=customer, price="price_starter_monthly", amount_paid=2000, **kwargs
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_an_unlinked_customer_is_looked_up_at_stripe_for_its_account_id(deliver, rt, stripe_api) -> None:

@@ -1,5 +1,5 @@
 """`credits backfill referral`: support repairs a missed referral by hand — a dry run first, then --apply,
-through the live path's functions and keys, so nothing is ever paid twice (DESIGN.md, Backfill)."""
+through the live path's functions and keys, so nothing is ever paid twice."""
 
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ def test_the_shipped_sample_catalogue_is_valid() -> None:
 
 def test_a_legacy_plan_id_finds_its_plan() -> None:
     cat = catalogue.load(ROOT / "credits.toml")
-    assert cat.plan_for_price("plan_starter")[0] == "starter"  # type: ignore[index]
+    found = cat.plan_for_price("plan_starter")
+    assert found is not None
+    assert found[0] == "starter"
 
 
 def test_an_unknown_price_finds_nothing() -> None:

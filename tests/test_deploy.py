@@ -22,6 +22,7 @@ import typer
 import yaml
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from starlette.routing import Route
 
 from service.entry.api import create_app
 from service.entry.cli import app as cli_app
@@ -128,7 +129,10 @@ def _image_env() -> dict[str, str]:
     env: dict[str, str] = {}
     for instruction, rest in _stages()[-1][1]:
         if instruction == "ENV":
-            env.update(word.split("=", 1) for word in shlex.split(rest) if "=" in word)  # type: ignore[misc]
+            for word in shlex.split(rest):
+                key, sep, value = word.partition("=")
+                if sep:
+                    env[key] = value
     return env
 
 
@@ -270,6 +274,7 @@ def _our_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
 
 def _serve_port(argv_args: list[str]) -> int:
     """The port `credits serve …` listens on, as the CLI parses it."""
+    assert isinstance(CLI, typer.core.TyperGroup)
     ctx = CLI.commands["serve"].make_context("serve", list(argv_args))
     return int(ctx.params["port"])
 
@@ -301,7 +306,7 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[s
     for path, operations in app.openapi()["paths"].items():
         found.setdefault(path, set()).update(method.upper() for method in operations)
     for route in app.routes:
-        if getattr(route, "methods", None) and getattr(route, "path", None):
+        if isinstance(route, Route) and route.methods and route.path:
             found.setdefault(route.path, set()).update(route.methods)
     # The health route answers without a token and without touching the database.
     assert TestClient(app).get("/healthz").status_code == 200

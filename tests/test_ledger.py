@@ -1,4 +1,4 @@
-"""The ledger's rules (DESIGN.md, Invariants), each on SQLite and PostgreSQL."""
+"""The ledger's rules (docs/architecture.md, Invariants), each on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -49,12 +49,12 @@ def test_spend_consumes_soonest_expiring_first(uow, acct) -> None:
 
 
 def test_expiry_removes_only_what_is_left_of_a_grant(uow, acct) -> None:
-    """DESIGN.md invariant 7: 100 paid + 30 free; 20 spent from free; at expiry 10 expire, 100 remain."""
+    """100 paid + 30 free; 20 spent from free; at expiry 10 expire, 100 remain."""
     ledger.grant(uow, acct, 100, source="pack", key="paid", now=T0)
     ledger.grant(uow, acct, 30, source="free", key="free", expires_at=T0 + timedelta(days=10), now=T0)
     ledger.debit(uow, acct, 20, kind="spend", key="s1", now=T0)
     later = T0 + timedelta(days=11)
-    ledger.expire_due(uow, acct, later)
+    ledger.spendable(uow, acct, later)  # what every debit does first: expire what is due
     assert grants(uow, acct) == [("pack", 100, 100, 0, 0, 0), ("free", 30, 0, 20, 10, 0)]
     assert entries(uow, acct)[-1] == ("expire", -10, "expire:grant:2")
     assert ledger.balance(uow, acct, later) == 100
@@ -99,6 +99,7 @@ def test_reverse_takes_back_unspent_credits_and_records_the_shortfall(uow, acct)
     posted = ledger.grant(uow, acct, 100, source="pack", key="pack", now=T0)
     ledger.debit(uow, acct, 70, kind="spend", key="s1", now=T0)
     pack = ledger.grant_of(uow, posted.entry.idempotency_key)
+    assert pack is not None
     reversal = ledger.debit(
         uow, acct, 100, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0
     )
@@ -116,6 +117,7 @@ def test_reverse_with_nothing_left_still_records_the_whole_shortfall(uow, acct) 
     posted = ledger.grant(uow, acct, 10, source="pack", key="pack", now=T0)
     ledger.debit(uow, acct, 10, kind="spend", key="s1", now=T0)
     pack = ledger.grant_of(uow, posted.entry.idempotency_key)
+    assert pack is not None
     reversal = ledger.debit(
         uow, acct, 10, kind="reverse", grants=[pack], partial=True, key="reverse:re_1", reason="refund", now=T0
     )

@@ -238,7 +238,7 @@ class World:
             for ref in (self.account, self.referrer):
                 assert ledger.balance(uow, accounts.get(uow, ref), self.now) >= 0
             allocations = uow.session.scalars(select(Member.allocation).where(Member.allocation.is_not(None)))
-            assert all(allocation >= 0 for allocation in allocations)
+            assert all(allocation is not None and allocation >= 0 for allocation in allocations)
             assert _spent_from_expired_grants(uow.session) == 0
             payouts = uow.session.scalars(
                 select(LedgerEntry.idempotency_key).where(

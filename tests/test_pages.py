@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -34,6 +34,7 @@ def test_a_reader_that_stops_early_ends_the_reading_thread() -> None:
         return any(thread.name == "stripe-pages" for thread in threading.enumerate())
 
     pages = prefetched(iter(range(1_000)), 10)
+    assert isinstance(pages, Generator)  # a generator, so that the reader can close it
     assert next(pages) == list(range(10))
     assert reading()  # a page ahead, waiting for room
     pages.close()

@@ -4,10 +4,10 @@ with stable kinds and repaired by --fix through the same handlers and keys — o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -364,14 +364,14 @@ def test_stripe_pages_are_followed_and_a_429_is_retried(run, client, rt, stripe_
         for n in range(5)
     ]
     route = serve_list(stripe_lists, "/v1/invoices", invoices, page_size=2)
-    real = route.side_effect
+    real = cast(Callable[[httpx.Request], httpx.Response], route.side_effect)  # serve_list's page handler
     calls = {"n": 0}
 
     def first_throttled(request: httpx.Request) -> httpx.Response:
         calls["n"] += 1
         if calls["n"] == 1:
             return httpx.Response(429, json={"error": {"type": "rate_limit_error", "message": "slow down"}})
-        return real(request)  # type: ignore[operator]
+        return real(request)
 
     route.mock(side_effect=first_throttled)
     _, report = reconcile_json(run, "--fix")

@@ -1,4 +1,4 @@
-"""Referral payouts to both parties — the feature this service exists for (DESIGN.md, Referrals)."""
+"""Referral payouts to both parties — the feature this service exists for."""
 
 from __future__ import annotations
 
@@ -308,7 +308,8 @@ def test_one_side_failing_still_lands_the_other_and_is_retried_on_its_own(client
 def test_a_retry_that_fails_waits_for_the_next_drain_and_the_others_are_paid(client, deliver, rt, monkeypatch) -> None:
     a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_ana", "acct_bob")
     a_referral_paid_on_one_side(client, deliver, monkeypatch, "acct_cat", "acct_dan")
-    real_retry, lost = referrals.retry, []
+    real_retry = referrals.retry
+    lost: list[int] = []
 
     def deadlocked_once(session, catalogue, referral_id, now=None):
         if not lost:

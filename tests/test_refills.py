@@ -49,7 +49,8 @@ def pay(
 def outcome_of_last_event(rt) -> tuple[str, str | None]:
     with rt.uow() as uow:
         event = uow.session.scalars(select(StripeEvent).order_by(StripeEvent.received_at.desc())).first()
-        return event.status, event.outcome  # type: ignore[union-attr]
+        assert event is not None
+        return event.status, event.outcome
 
 
 @pytest.mark.parametrize("era", se.ERAS)

@@ -1,5 +1,5 @@
 """Support's other commands on the audit trail — `rollover extend`, `grant`, `audit` — and the scheduled
-`jobs refill-free` (DESIGN.md, Refills: the free allowance and the one-time rollover extension)."""
+`jobs refill-free` (the free allowance and the one-time rollover extension)."""
 
 from __future__ import annotations
 

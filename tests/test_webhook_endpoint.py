@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
@@ -157,7 +158,7 @@ def test_other_methods_on_the_webhook_path_are_405_and_store_nothing(client: Tes
     assert stored(rt) == []
 
 
-def test_concurrent_duplicate_deliveries_store_and_grant_once(client: TestClient, rt) -> None:
+def test_concurrent_duplicate_deliveries_store_and_grant_once(client: TestClient, app: FastAPI, rt) -> None:
     body = se.encode(se.event("invoice.paid", starter_invoice(), event_id="evt_1"))
     start = threading.Barrier(8)
 
@@ -167,7 +168,7 @@ def test_concurrent_duplicate_deliveries_store_and_grant_once(client: TestClient
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         codes = list(pool.map(post, range(8)))
-    client.app.state.inline.wait_idle()
+    app.state.inline.wait_idle()
     assert codes == [200] * 8
     with rt.uow() as uow:
         assert uow.session.scalar(select(func.count()).select_from(StripeEvent)) == 1
@@ -180,11 +181,11 @@ def test_invoice_paid_and_payment_succeeded_for_one_invoice_grant_once(deliver, 
     assert state(rt, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
 
 
-def test_a_burst_beyond_the_inline_queue_leaves_events_pending_for_the_worker(client, rt) -> None:
+def test_a_burst_beyond_the_inline_queue_leaves_events_pending_for_the_worker(client, app, rt) -> None:
     """The endpoint never waits for processing: what the inline queue cannot take stays pending, and the
     worker processes it."""
-    client.app.state.inline.queue.maxsize = 1
-    client.app.state.inline.size = 0  # no processing threads: the queue fills at once
+    app.state.inline.queue.maxsize = 1
+    app.state.inline.size = 0  # no processing threads: the queue fills at once
     for n in range(3):
         evt = se.event("invoice.paid", starter_invoice(invoice_id=f"in_{n}"), event_id=f"evt_{n}")
         body = se.encode(evt)
@@ -240,9 +241,9 @@ def test_nan_or_infinity_in_a_signed_body_is_400_on_every_database(deliver, rt) 
 
 
 def test_beyond_the_quiet_pace_the_endpoint_stores_and_answers_and_leaves_processing_to_the_worker(
-    client, deliver, rt
+    app, deliver, rt
 ) -> None:
-    client.app.state.inline.per_second = 0  # any delivery is past it
+    app.state.inline.per_second = 0  # any delivery is past it
     assert deliver(se.event("invoice.paid", starter_invoice(), event_id="evt_1")).status_code == 200
     assert stored(rt) == [("evt_1", "pending")]
     assert worker.drain(rt)["processed"] == 1

@@ -39,10 +39,10 @@ def subscribe(api: stripe.StripeClient, card: str = VISA) -> tuple[str, str, str
 
     Returns (customer id, subscription id, first invoice id)."""
     api.v1.plans.create(
-        {"id": "pro_monthly", "amount": 2000, "currency": "usd", "interval": "month", "product": {"name": "Pro"}}  # type: ignore[typeddict-unknown-key]
+        {"id": "pro_monthly", "amount": 2000, "currency": "usd", "interval": "month", "product": {"name": "Pro"}}
     )
     pm = api.v1.payment_methods.create(
-        {"type": "card", "card": {"number": card, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}  # type: ignore[typeddict-item]
+        {"type": "card", "card": {"number": card, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
     )
     customer = api.v1.customers.create(
         {
@@ -53,7 +53,7 @@ def subscribe(api: stripe.StripeClient, card: str = VISA) -> tuple[str, str, str
         }
     )
     # 2017 API: the item names a plan, not a price.
-    sub = api.v1.subscriptions.create({"customer": customer.id, "items": [{"plan": "pro_monthly"}]})  # type: ignore[list-item]
+    sub = api.v1.subscriptions.create({"customer": customer.id, "items": [{"plan": "pro_monthly"}]})
     assert isinstance(sub.latest_invoice, str)
     return customer.id, sub.id, sub.latest_invoice
 
@@ -72,7 +72,7 @@ def balance(service: CreditsService, account: str = ACCOUNT) -> dict[str, Any] |
     if response.status_code == 404:
         return None
     response.raise_for_status()
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def balance_reaches(service: CreditsService, credits: int) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def balance_reaches(service: CreditsService, credits: int) -> dict[str, Any]:
 def ledger(service: CreditsService, account: str = ACCOUNT) -> list[dict[str, Any]]:
     response = service.http.get(f"/v1/accounts/{account}/ledger", params={"limit": 500})
     response.raise_for_status()
-    return response.json()["entries"]  # type: ignore[no-any-return]
+    return response.json()["entries"]
 
 
 def stored_events(service: CreditsService) -> dict[str, dict[str, Any]]:
@@ -132,7 +132,7 @@ def test_subscription_signup_grants_the_plan_credits_once(
 ) -> None:
     customer, subscription, invoice = subscribe(localstripe_server.api)
 
-    view = balance_reaches(credits_service, PLAN_CREDITS)
+    view: dict[str, Any] | None = balance_reaches(credits_service, PLAN_CREDITS)
     events = settled(localstripe_server, credits_service)
 
     assert_all_handled(events)

@@ -1,4 +1,4 @@
-"""Fixtures for the reliability tests (issue 7, item 4).
+"""Fixtures for the reliability tests.
 
 `fresh_pg` is a PostgreSQL database of the test's own on the run's server (`pg_server` from tests/conftest.py),
 created empty, migrated to head, and dropped (WITH FORCE) at the end: the stream and outage tests run other

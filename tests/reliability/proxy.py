@@ -19,10 +19,13 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
 CHUNK = 65536
+T = TypeVar("T")
 
 
 class TcpProxy:
@@ -39,8 +42,8 @@ class TcpProxy:
         self.refused = 0
         self._open = True
         self._silent = False
-        self._held: set[asyncio.BaseTransport] = set()
-        self._pairs: set[tuple[asyncio.BaseTransport, asyncio.BaseTransport]] = set()
+        self._held: set[asyncio.WriteTransport] = set()
+        self._pairs: set[tuple[asyncio.WriteTransport, asyncio.WriteTransport]] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pg-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -101,7 +104,7 @@ class TcpProxy:
 
         self._call(restore())
 
-    def _call(self, coro):
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -156,6 +159,8 @@ class ProxyProcess:
             text=True,
             bufsize=1,
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
         self.port = int(self._reply().removeprefix("port "))
 
     def cut(self) -> int:
@@ -175,7 +180,7 @@ class ProxyProcess:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()  # type: ignore[union-attr]
+                self._stdin.close()
                 self.proc.wait(10)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
@@ -188,12 +193,12 @@ class ProxyProcess:
         self.close()
 
     def _ask(self, command: str) -> str:
-        self.proc.stdin.write(command + "\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
+        self._stdin.write(command + "\n")
+        self._stdin.flush()
         return self._reply()
 
     def _reply(self) -> str:
-        line = self.proc.stdout.readline().strip()  # type: ignore[union-attr]
+        line = self._stdout.readline().strip()
         if not line:
             raise RuntimeError(f"the proxy process exited (code {self.proc.poll()})")
         return line

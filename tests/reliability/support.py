@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -156,9 +157,11 @@ class Process:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time used so far (Linux /proc), for the test's timing summary."""
+        if self.proc is None:
+            return None
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()  # type: ignore[union-attr]
-        except (OSError, AttributeError):
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -197,7 +200,7 @@ def _await_server(
     server: Process, url: str, env: dict[str, str], log_dir: Path, timeout: float, taken: set[int]
 ) -> tuple[Process, str]:
     for _ in range(3):  # the port was free when picked; another process could take it before uvicorn binds it
-        wait_for(f"{server.name} to answer /healthz", lambda s=server, u=url: _up(s, u), timeout, every=0.1)
+        wait_for(f"{server.name} to answer /healthz", partial(_up, server, url), timeout, every=0.1)
         if server.alive():
             return server, url
         if "address already in use" not in server.tail(200).lower():

@@ -280,7 +280,7 @@ def test_a_signed_body_nested_too_deeply_to_parse_is_refused(deliver, rt: Runtim
 
 @pytest.mark.parametrize("where", ["id", "type", "object id"])
 def test_a_signed_event_with_a_lone_surrogate_is_not_a_5xx(where: str, deliver, rt: Runtime) -> None:
-    evt = {
+    evt: dict[str, Any] = {
         "id": event_id(),
         "type": "invoice.paid",
         "livemode": False,

@@ -559,7 +559,7 @@ def create_app(rt: Runtime) -> FastAPI:
     app.state.metrics.register(metrics.DatabaseCollector(rt.sessions, rt.settings.inbox_alert_seconds))
     install_error_handlers(app)
     app.include_router(health)
-    app.include_router(webhooks.create(rt, writer, inline.submit))
+    app.router.routes.append(webhooks.route(rt, writer, inline.submit))
     app.include_router(v1)
     app.include_router(admin)
     app.add_middleware(BodyLimit)

@@ -22,13 +22,10 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_e
 from service.domain import referrals
 from service.infra import logs
 from service.infra.db import is_postgresql, is_unreachable
-from service.infra.models import Account, utcnow
 from service.infra.runtime import Runtime
-from webhooks import dispatch, inbox
+from webhooks import dispatch
 
 log = logs.get("worker")
-CUSTOMERS = 10  # customers a batch takes: fewer commits, but their accounts stay locked until it commits
-MOST = 100  # events in one batch at most
 SETTLED = ("processed", "ignored", "failed", "dead")  # an event that needs nothing more for now
 
 
@@ -44,38 +41,15 @@ def drain(
     side_by_side = 1
     with ThreadPoolExecutor(threads, thread_name_prefix="worker") as pool:
         while stop is None or not stop.is_set():
-            done = list(pool.map(lambda _: drain_batch(rt), range(side_by_side)))
+            done = list(pool.map(lambda _: dispatch.process_due(rt), range(side_by_side)))
             for batch in done:
                 counts.update(batch)
             if not any(status in SETTLED for batch in done for status in batch):
                 break  # nothing due, or only the customers of other transactions
-            side_by_side = threads if any(batch.total() >= CUSTOMERS for batch in done) else 1
+            side_by_side = threads if any(batch.total() >= dispatch.CUSTOMERS for batch in done) else 1
     if referrals_too and (stop is None or not stop.is_set()):
         counts.update(retry_referrals(rt))
     return counts
-
-
-def drain_batch(rt: Runtime, customers: int = CUSTOMERS) -> Counter[str]:
-    """Take the `customers` customers waiting longest that no other transaction is handling, and handle every due
-    event of theirs (and as many of the oldest that name no customer) in one transaction; when one fails, handle
-    each alone. A database that cannot be reached is raised, for the caller to wait out."""
-    now = utcnow()
-    claimed: list[inbox.Claimed] = []
-    try:
-        with rt.uow() as uow:
-            claimed, taken = inbox.claim_due(uow, now, customers, MOST)
-            if taken:  # their accounts locked up front, in id order: handling them reads no account again
-                uow.lock_where(Account.stripe_customer_id.in_(taken))
-            marks = [dispatch.handle(uow, rt, event, now) for event in claimed]
-            if marks:
-                inbox.finish(uow, marks)
-            uow.commit()
-        return Counter(status for _, status, _, _ in marks)
-    except Exception as exc:
-        if is_unreachable(exc):
-            raise
-        log.info("batch.failed", error=f"{type(exc).__name__}: {exc}", events=len(claimed))
-    return Counter(dispatch.process(rt, event.id) or "skipped" for event in claimed)
 
 
 def retry_referrals(rt: Runtime) -> Counter[str]:

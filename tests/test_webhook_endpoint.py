@@ -252,9 +252,9 @@ def test_beyond_the_quiet_pace_the_endpoint_stores_and_answers_and_leaves_proces
 
 def test_beyond_a_few_waiting_events_the_rest_are_left_to_the_worker(rt) -> None:
     inline = InlineProcessor(rt, threads=0, waiting=1)  # no thread takes the first one off the queue
-    inline.submit("evt_1")
-    inline.submit("evt_2")
-    assert list(inline.queue.queue) == ["evt_1"]
+    inline.submit("evt_1", "cus_1")
+    inline.submit("evt_2", "cus_2")
+    assert list(inline.queue.queue) == [("evt_1", "cus_1")]
 
 
 def test_a_database_that_cannot_be_reached_is_503_through_the_real_writer(rt: Runtime) -> None:

@@ -1,23 +1,26 @@
 """Handling stored events: run each through its handler and mark it in the same transaction.
 
-`handle` does one claimed event's work inside a unit of work the caller opened: the worker's batches, and
-`process`, which handles one event in a transaction of its own — the API's processing right after its 2xx,
-`credits events replay`, reconciliation's and backfill's fed events. When a handler fails, its transaction
-rolls back (no partial credits) and `process` records the failure in a fresh one, with a retry time or,
+`process_due` handles a batch of due events in one transaction: the customers waiting longest that no other
+transaction is handling (the worker's drain loop), or one customer's (the API, right after a delivery) — every
+due event of theirs, in the order received, so one customer's events are handled by one transaction at a time
+and in order. `process` handles one event in a transaction of its own: `credits events replay`,
+reconciliation's and backfill's fed events, and each event of a batch that failed. When a handler fails, its
+transaction rolls back (no partial credits) and the failure is recorded in a fresh one, with a retry time or,
 after the configured attempts, status `dead`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from datetime import datetime
 
 import structlog
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from service.infra import logs, metrics
-from service.infra.db import is_conflict
-from service.infra.models import utcnow
+from service.infra.db import is_conflict, is_unreachable
+from service.infra.models import Account, utcnow
 from service.infra.runtime import Runtime
 from service.infra.uow import UnitOfWork
 from webhooks import inbox
@@ -38,6 +41,41 @@ def handle(uow: UnitOfWork, rt: Runtime, event: inbox.Claimed, now: datetime) ->
     return event, status, outcome, now
 
 
+CUSTOMERS = 10  # customers a batch takes: fewer commits, but their accounts stay locked until it commits
+MOST = 100  # events in one batch at most
+
+
+def process_due(rt: Runtime, *, customer: str | None = None, customers: int = CUSTOMERS) -> Counter[str]:
+    """Handle, in one transaction, every due event of `customer` (waiting for the transaction that handles it,
+    if one does) or, without one, of the `customers` customers waiting longest that no other transaction is
+    handling, with as many of the oldest due events that name no customer. When one fails, the batch rolls back
+    and each of its events is handled alone, so the failure is recorded against its own event. Returns counts
+    by the status each event ended in. A database that cannot be reached is raised, for the caller to wait out."""
+    now = utcnow()
+    claimed: list[inbox.Claimed] = []
+    try:
+        with rt.uow() as uow:
+            if customer is None:
+                claimed, taken = inbox.claim_due(uow, now, customers, MOST)
+            else:
+                uow.wait_for_customer(customer)
+                claimed, taken = inbox.claim_of_customer(uow, now, customer, MOST), {customer}
+            if taken:  # their accounts locked up front, in id order, all at once
+                uow.lock_where(Account.stripe_customer_id.in_(taken))
+            marks = [handle(uow, rt, event, now) for event in claimed]
+            if marks:
+                inbox.finish(uow, marks)
+            uow.commit()
+        return Counter(status for _, status, _, _ in marks)
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise
+        if len(claimed) == 1 and not is_conflict(exc):  # its own failure: handling it alone would only repeat it
+            return Counter([record_failure(rt, claimed[0].id, exc, now) or "skipped"])
+        log.info("batch.failed", error=f"{type(exc).__name__}: {exc}", events=len(claimed))
+    return Counter(process(rt, event.id) or "skipped" for event in claimed)
+
+
 def process(rt: Runtime, event_id: str, *, replay: bool = False, now: datetime | None = None) -> str | None:
     """Handle the event in a transaction of its own if it is due (or whatever its status, with `replay`);
     returns its new status, or None when there was nothing to do (already handled, or another process holds
@@ -55,11 +93,12 @@ CONFLICT_RETRIES = Retrying(retry=retry_if_exception(is_conflict), stop=stop_aft
 
 def _process_once(rt: Runtime, event_id: str, replay: bool, now: datetime) -> str | None:
     with rt.uow() as uow:
+        customer = inbox.customer_of(uow, event_id)
+        if customer:  # first, as every transaction handling events takes its customer: a batch may hold it now
+            uow.wait_for_customer(customer)
         event = inbox.claim(uow, event_id, any_status=replay)
         if event is None:
             return None
-        if event.customer:
-            uow.wait_for_customer(event.customer)  # a worker's batch may be handling its customer's other events
         mark = handle(uow, rt, event, now)
         inbox.finish(uow, [mark])
         uow.commit()

@@ -54,18 +54,28 @@ def store_many(uow: UnitOfWork, events: list[tuple[dict[str, Any], str | None]],
     return set(uow.session.scalars(STORE[uow.dialect], rows))
 
 
-def _row(event: dict[str, Any], text: str | None, now: datetime) -> dict[str, Any]:
+def customer_named(event: dict[str, Any]) -> str | None:
+    """The Stripe customer an event's object names: the customer itself, or the customer it belongs to."""
+    obj = _object(event)
+    customer = ref(obj) if obj.get("object") == "customer" else ref(obj.get("customer"))
+    return customer[:255] if customer else None
+
+
+def _object(event: dict[str, Any]) -> dict[str, Any]:
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
-    obj = obj if isinstance(obj, dict) else {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _row(event: dict[str, Any], text: str | None, now: datetime) -> dict[str, Any]:
+    obj = _object(event)
     object_type, object_id, api_version = obj.get("object"), ref(obj), event.get("api_version")
-    customer = ref(obj.get("customer"))
     return {
         "id": event["id"],
         "type": event["type"],
         "object_type": object_type[:100] if isinstance(object_type, str) else None,
         "object_id": object_id[:255] if object_id else None,
-        "customer": customer[:255] if customer else None,
+        "customer": customer_named(event),
         "api_version": api_version if isinstance(api_version, str) else None,
         "livemode": event.get("livemode") is True,
         "created": timestamp(event.get("created")) or now,
@@ -97,6 +107,18 @@ def claim_due(uow: UnitOfWork, now: datetime, customers: int, most: int) -> tupl
         return [], taken
     rows = uow.session.execute(CLAIM_OF, {"now": now, "customers": sorted(taken), "ids": loose, "limit": most})
     return [Claimed(*row) for row in rows], taken
+
+
+def claim_of_customer(uow: UnitOfWork, now: datetime, customer: str, most: int) -> list[Claimed]:
+    """Lock, for processing, the due events of `customer` (at most `most`), in the order received; for a caller
+    that holds the customer (`UnitOfWork.wait_for_customer`)."""
+    rows = uow.session.execute(CLAIM_OF, {"now": now, "customers": [customer], "ids": [], "limit": most})
+    return [Claimed(*row) for row in rows]
+
+
+def customer_of(uow: UnitOfWork, event_id: str) -> str | None:
+    """The customer a stored event names, if any (read without a lock)."""
+    return uow.session.scalar(CUSTOMER_OF, {"id": event_id})
 
 
 Mark = tuple[Claimed, str, str | None, datetime]  # an event, its new status, its outcome, when
@@ -162,10 +184,10 @@ _CLAIMED = select(
     _events.c.id, _events.c.type, _events.c.livemode, _events.c.created, _events.c.payload, _events.c.customer
 )
 _IS_DUE = (_events.c.status.in_(DUE), _events.c.next_attempt_at <= bindparam("now"))
+CUSTOMER_OF = select(_events.c.customer).where(_events.c.id == bindparam("id"))
 CLAIM_ANY = _CLAIMED.where(_events.c.id == bindparam("id")).with_for_update(skip_locked=True)
 CLAIM_DUE = _CLAIMED.where(_events.c.id == bindparam("id"), _events.c.status.in_(DUE)).with_for_update(skip_locked=True)
-# The customers of the oldest due events — a bounded scan of the due index, however long the backlog — those
-# waiting longest first.
+# The customers of the oldest `scan` due events, those waiting longest first.
 _OLDEST = (
     select(_events.c.customer, _events.c.received_at)
     .where(*_IS_DUE)
@@ -178,7 +200,8 @@ _WAITING_LONGEST = (
     .where(_OLDEST.c.customer.is_not(None))
     .group_by(_OLDEST.c.customer)
     .order_by(func.min(_OLDEST.c.received_at))
-    .subquery()
+    .offset(0)  # a fence: the lock condition below is tried on these customers in order, up to the limit, and
+    .subquery()  # never pushed into the grouping, where it would take a lock on every customer scanned
 )
 FREE_CUSTOMERS = {
     dialect: select(_WAITING_LONGEST.c.customer)

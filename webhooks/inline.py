@@ -1,7 +1,8 @@
 """Processing right after the 2xx, in the process that received the event, while deliveries are quiet.
 
-The endpoint hands each stored event's id over and answers at once; a couple of threads process it within
-milliseconds. Only while deliveries are quiet, though: an event's processing costs several times its
+The endpoint hands each stored event over and answers at once; a couple of threads process it within
+milliseconds — with every other due event of its customer, in the order received, as a worker's batch would
+(`dispatch.process_due`). Only while deliveries are quiet, though: an event's processing costs several times its
 acceptance, and this process's Python runs on one core at a time, so processing a burst or a steady stream
 here would turn the endpoint's milliseconds into hundreds. Beyond a few events waiting, or more than
 PER_SECOND deliveries a second, an event is left pending for the worker's drain loop (`credits serve`'s
@@ -19,7 +20,8 @@ from service.infra.runtime import Runtime
 from webhooks import dispatch
 
 log = logs.get("inline")
-STOP = ""
+STOP = ("", None)
+Stored = tuple[str, str | None]  # an event's id and the customer it names
 WAITING = 8  # events queued here at most; beyond, deliveries are coming faster than these threads process
 PER_SECOND = 50  # deliveries a second beyond which the endpoint is taking a burst or a stream
 
@@ -32,18 +34,18 @@ class InlineProcessor:
     ) -> None:
         self.rt, self.size = rt, threads
         self.per_second = PER_SECOND if per_second is None else per_second
-        self.queue: queue.Queue[str] = queue.Queue(maxsize=WAITING if waiting is None else waiting)
+        self.queue: queue.Queue[Stored] = queue.Queue(maxsize=WAITING if waiting is None else waiting)
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
         self.second, self.this_second, self.last_second = 0, 0, 0
 
-    def submit(self, event_id: str) -> None:
+    def submit(self, event_id: str, customer: str | None) -> None:
         """Process the event soon if deliveries are quiet; else leave it pending for the worker."""
         if self._pace() > self.per_second:
             return
         self._start()
         try:
-            self.queue.put_nowait(event_id)
+            self.queue.put_nowait((event_id, customer))
         except queue.Full:
             log.debug("inline.deferred", event_id=event_id)
 
@@ -85,11 +87,14 @@ class InlineProcessor:
 
     def _run(self) -> None:
         while True:
-            event_id = self.queue.get()
+            event_id, customer = self.queue.get()
             try:
-                if event_id == STOP:
+                if (event_id, customer) == STOP:
                     return
-                dispatch.process(self.rt, event_id)
+                if customer is None:
+                    dispatch.process(self.rt, event_id)
+                else:
+                    dispatch.process_due(self.rt, customer=customer)
             except Exception:
                 log.exception("inline.crashed", event_id=event_id)
             finally:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from service.infra import logs, metrics
 from service.infra.runtime import Runtime
+from webhooks import inbox
 from webhooks.writer import InboxWriter, Stopped
 
 PATH = "/webhooks/stripe"
@@ -39,9 +40,10 @@ class Refused(Exception):
         self.status_code, self.reason = status_code, reason
 
 
-def route(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str], None]) -> Route:
+def route(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | None], None]) -> Route:
     """The webhook route for the app: events verified with STRIPE_WEBHOOK_SECRET (every secret it lists, for a
-    rotation), stored by `writer`, and each new one passed to `on_stored` once its 2xx is decided. A plain
+    rotation), stored by `writer`, and each new one passed to `on_stored` (its id and its customer) once its 2xx
+    is decided. A plain
     Starlette route: the raw body is what the signature covers, so there is nothing for FastAPI to parse or
     validate, and its dependency solving would cost every delivery."""
 
@@ -69,7 +71,7 @@ def route(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str], None]) ->
         metrics.WEBHOOKS.labels(event["type"], "stored" if new else "duplicate").inc()
         log.info("webhook.received", event_id=event["id"], event_type=event["type"], duplicate=not new)
         if new:
-            on_stored(event["id"])
+            on_stored(event["id"], inbox.customer_named(event))
         return JSONResponse({"received": True, "duplicate": not new})
 
     return Route(PATH, receive, methods=["POST"], name="stripe_webhook")

@@ -151,7 +151,8 @@ def _rekey(uow: UnitOfWork, account: Account, wanted: str) -> Account:
         raise AccountConflict(
             f"customer {account.stripe_customer_id} belongs to account {account.public_id!r}, not {wanted!r}"
         )
-    target = uow.session.scalar(select(Account).where(Account.public_id == wanted))
+    found = uow.lock_where(Account.public_id == wanted)  # locked before what follows checks it
+    target = found[0] if found else None
     if target is None:
         log.info("account.rekeyed", account_id=wanted, previous=account.public_id)
         account.public_id = wanted
@@ -161,7 +162,6 @@ def _rekey(uow: UnitOfWork, account: Account, wanted: str) -> Account:
         uow.session.delete(account)
         uow.session.flush()
         uow.forget(account)
-        target = uow.lock_one(target)
         target.stripe_customer_id = customer
         log.info("account.linked", account_id=target.public_id, customer=customer)
         return target

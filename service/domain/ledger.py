@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, insert, or_, select
+from sqlalchemy import bindparam, case, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from service.domain import periods
@@ -99,7 +99,7 @@ def grant(
         "idempotency_key": key,
         "reason": reason,
         "actor": actor,
-        "metadata": {"source": source, **(meta or {})},
+        "metadata": metadata,
         "created_at": now,
     }
     entry_id = uow.session.scalar(NEW_ENTRY_UNLESS_KEY_TAKEN[uow.dialect], row)
@@ -147,10 +147,11 @@ def debit(
 
     The credits come from `grants` in their order (an expiry's grant, a refund's grants), by default from the
     account's spendable grants, soonest-expiring first (grants past their expiry are expired first, so nothing
-    is ever spent from them). What may be taken is bounded by what those grants hold, less `reserved` (credits
-    of the balance held back for others: members' allocations), and by `limit` (a member's own allocation).
+    is ever spent from them). Given grants are read again under the lock, and must be the account's. What may
+    be taken is bounded by what those grants hold, less `reserved` (credits of the balance held back for others:
+    members' allocations), and by `limit` (a member's own allocation).
 
-    All or nothing: InsufficientCredits, with nothing written, when the bounds allow less than `amount` —
+    All or nothing: InsufficientCredits, with nothing debited, when the bounds allow less than `amount` —
     unless `partial`, which takes what there is and records the rest as the entry's `shortfall` (a refund of
     credits already spent). The entry's amount is what was taken, so what an answer reports as charged is
     what the ledger took."""
@@ -158,11 +159,10 @@ def debit(
         raise LedgerError(f"a debit ({kind}) must be positive")
     now = now or utcnow()
     account = uow.lock_one(account)
-    earlier = _find(uow, key)
-    if earlier is not None:
-        _same_operation(earlier, account, kind, None if partial else -amount)
-        return Posted(earlier, created=False)
-    sources = spendable(uow, account, now) if grants is None else [g for g in grants if g.remaining > 0]
+    found = earlier(uow, key, account, kind, None if partial else -amount)
+    if found is not None:
+        return Posted(found, created=False)
+    sources = spendable(uow, account, now) if grants is None else _under_lock(uow, account, grants)
     available = max(0, sum(g.remaining for g in sources) - reserved)
     if limit is not None:
         available = min(available, max(0, limit))
@@ -189,10 +189,11 @@ def debit(
         uow.session.execute(
             NEW_ALLOCATION, [{"entry_id": entry_id, "grant_id": g.id, "amount": part} for g, part in parts]
         )
-    column = DEBIT_COLUMNS[kind]
-    for source, part in parts:  # the grants are the session's: the next flush writes them
-        source.remaining -= part
-        setattr(source, column, getattr(source, column) + part)
+        # Relative to what the row holds, so that even a debit decided on a stale read could never write back an
+        # older value: the CHECK constraints would refuse it instead.
+        uow.session.execute(MOVE[kind], [{"grant_id": g.id, "part": part} for g, part in parts])
+    for source, part in parts:
+        uow.session.expire(source, ["remaining", DEBIT_COLUMNS[kind]])
         uow.moved(kind, source.source, part)
     log.info("ledger.posted", kind=kind, amount=-taken, idempotency_key=key, account_id=account.public_id)
     return Posted(Entry(entry_id, account.id, kind, -taken, key, entry.meta), created=True)
@@ -247,6 +248,15 @@ def spend_deadline(grant_row: Grant, account: Account, now: datetime) -> datetim
 def granted(uow: UnitOfWork, key: str) -> bool:
     """Whether an entry holds `key` already."""
     return bool(taken(uow, [key]))
+
+
+def earlier(uow: UnitOfWork, key: str, account: Account, kind: str, amount: int | None = None) -> Entry | None:
+    """The entry that holds `key` already, if one does, checked to be the same operation (IdempotencyConflict
+    when the key was used for another: another account, kind or amount)."""
+    entry = _find(uow, key)
+    if entry is not None:
+        _same_operation(entry, account, kind, amount)
+    return entry
 
 
 def taken(uow: UnitOfWork, keys: list[str]) -> set[str]:
@@ -355,6 +365,17 @@ def _held(uow: UnitOfWork, account: Account) -> list[Grant]:
     return list(uow.session.scalars(HELD, {"account_id": account.id}))
 
 
+def _under_lock(uow: UnitOfWork, account: Account, grants: Sequence[Grant]) -> list[Grant]:
+    """The given grants with credits left, in their order, read again now that the account is locked (a caller
+    may have read them before); each must be the account's."""
+    ids = [g.id for g in grants]
+    fresh = {g.id: g for g in uow.session.scalars(FRESH, {"ids": ids})}
+    foreign = [g.id for g in fresh.values() if g.account_id != account.id]
+    if foreign or len(fresh) != len(set(ids)):
+        raise LedgerError(f"grants {foreign or ids} are not all {account.public_id}'s")
+    return [fresh[i] for i in ids if fresh[i].remaining > 0]
+
+
 def _split(grants: Sequence[Grant], amount: int) -> list[tuple[Grant, int]]:
     """`amount` split over `grants` in their order, each giving what it holds until the amount is made."""
     parts: list[tuple[Grant, int]] = []
@@ -409,6 +430,18 @@ GRANT_BY_KEY = (
     .where(LedgerEntry.idempotency_key == bindparam("key"))
 )
 HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.remaining > 0).order_by(Grant.id)
+FRESH = select(Grant).where(Grant.id.in_(bindparam("ids", expanding=True))).execution_options(populate_existing=True)
+MOVE = {
+    kind: update(_grants)
+    .where(_grants.c.id == bindparam("grant_id"))
+    .values(
+        {
+            _grants.c.remaining: _grants.c.remaining - bindparam("part"),
+            _grants.c[column]: _grants.c[column] + bindparam("part"),
+        }
+    )
+    for kind, column in DEBIT_COLUMNS.items()
+}
 BALANCE = select(func.coalesce(func.sum(_grants.c.remaining), 0)).where(
     _grants.c.account_id == bindparam("account_id"),
     _grants.c.remaining > 0,

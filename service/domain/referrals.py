@@ -163,10 +163,7 @@ def pay(
     """Pay each unpaid side as its own grant, each in its own savepoint: one side failing never stops the
     other, and the failed side is retried on its own later (worker, reconciliation, backfill)."""
     terms = catalogue.referrals
-    owners = {
-        "referrer": uow.session.get_one(Account, referral.referrer_id),
-        "referee": uow.session.get_one(Account, referral.referee_id),
-    }
+    owners = _lock_parties(uow, referral)  # before what a concurrent payout could change: the keys, the cap
     amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
     before = referral.status
     held = None
@@ -218,6 +215,14 @@ def side_paid(uow: UnitOfWork, referral: Referral, side: str) -> bool:
     return ledger.granted(uow, _side_key(referral, side))
 
 
+def _lock_parties(uow: UnitOfWork, referral: Referral) -> dict[str, Account]:
+    """Both parties' accounts, locked (in id order), by side."""
+    referrer = uow.session.get_one(Account, referral.referrer_id)
+    referee = uow.session.get_one(Account, referral.referee_id)
+    uow.lock(referrer, referee)
+    return {"referrer": referrer, "referee": referee}
+
+
 def _side_key(referral: Referral, side: str) -> str:
     return f"referral:{referral.id}:{side}"
 
@@ -233,6 +238,7 @@ def claw_back(uow: UnitOfWork, catalogue: Catalogue, payment: Payment, refunded_
         return f"referral {referral.id} kept: refunded after the {terms.clawback_days}-day clawback window"
     before = referral.status
     shortfall = 0
+    _lock_parties(uow, referral)
     for side in SIDES:
         grant_row = ledger.grant_of(uow, _side_key(referral, side))
         if grant_row is None:
@@ -267,7 +273,7 @@ def retry(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime
     """Pay whatever side of one qualified referral is still unpaid. Both accounts are locked first, then the
     referral is read again under them: another process may have paid it meanwhile."""
     referral = uow.session.get_one(Referral, referral_id)
-    uow.lock(uow.session.get_one(Account, referral.referrer_id), uow.session.get_one(Account, referral.referee_id))
+    _lock_parties(uow, referral)
     uow.session.refresh(referral)
     if referral.status == "qualified":
         pay(uow, catalogue, referral, now or utcnow())

@@ -61,7 +61,13 @@ def _grants_of(uow: UnitOfWork, payment: Payment) -> list[Grant]:
 
 
 def _already_requested(uow: UnitOfWork, account: Account, payment: Payment) -> int:
+    """Credits earlier refunds and lost disputes of `payment` asked back — their own reversals only (keyed
+    `reverse:…`), not a referral clawback the refund caused, which names the payment too."""
     entries = uow.session.scalars(
-        select(LedgerEntry).where(LedgerEntry.account_id == account.id, LedgerEntry.kind == "reverse")
+        select(LedgerEntry).where(
+            LedgerEntry.account_id == account.id,
+            LedgerEntry.kind == "reverse",
+            LedgerEntry.idempotency_key.like("reverse:%"),
+        )
     ).all()
     return sum(int(e.meta.get("requested", 0)) for e in entries if e.meta.get("payment") == payment.id)

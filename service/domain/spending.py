@@ -85,6 +85,9 @@ def spend(
     now = now or utcnow()
     price = cost(catalogue, charge)
     account = uow.lock_one(account)
+    earlier = ledger.earlier(uow, key, account, "spend")
+    if earlier is not None:  # the same spend again: its answer, whatever the checks below would say now
+        return Spent(-earlier.amount, earlier.id, ledger.balance(uow, account, now))
     member = _member(uow, account, charge.member_id) if charge.member_id else None
     if charge.resource and charge.action and _charged_before(uow, account, charge.action, charge.resource):
         return Spent(0, None, ledger.balance(uow, account, now))

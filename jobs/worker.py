@@ -110,5 +110,19 @@ def run(rt: Runtime, stop: threading.Event, *, outage_seconds: float | None = No
         log.info("worker.stopped")
 
 
+def run_beside_the_api(rt: Runtime, stop: threading.Event) -> None:
+    """`credits serve`'s own worker thread: `run` until shutdown. The API stays up through a database outage
+    (answering 503 meanwhile), so this loop waits the outage out too, however long it lasts.
+
+    No service manager restarts a thread, so an unexpected error is logged and the loop started again after a
+    poll interval: otherwise the API would go on storing deliveries that no one processes."""
+    while not stop.is_set():
+        try:
+            run(rt, stop, outage_seconds=float("inf"))
+        except Exception:
+            log.exception("worker.crashed")
+            stop.wait(rt.settings.worker_poll_seconds)
+
+
 def _error(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]

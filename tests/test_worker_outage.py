@@ -1,6 +1,6 @@
 """A worker process rides out a database it cannot reach for WORKER_OUTAGE_SECONDS, draining again with backoff,
 then gives up so that its service manager restarts it and the outage is seen (tests/test_worker_process.py has
-the real process giving up)."""
+the real process giving up). `credits serve`'s worker thread, which nothing would restart, never gives up."""
 
 from __future__ import annotations
 
@@ -79,3 +79,11 @@ def test_a_stop_during_an_outage_ends_the_waiting_at_once_and_the_worker_stops_c
     worker.run(runtime(30), stop)
     assert time.monotonic() - started < 0.6  # the backoff's second wait was to end at 0.75 s
     assert len(calls) == 3  # the last, once stopped, has nothing to do
+
+
+def test_serves_worker_thread_starts_its_loop_again_after_an_unexpected_error(monkeypatch) -> None:
+    stop = threading.Event()
+    bug = IntegrityError("INSERT …", {}, psycopg.IntegrityError("duplicate key"))
+    calls = drains(monkeypatch, [bug, UNREACHABLE, None], stop)
+    worker.run_beside_the_api(runtime(0), stop)
+    assert len(calls) == 3  # the bug ended one loop, the next waited the outage out (past a window of 0 s)

@@ -535,7 +535,7 @@ def create_app(rt: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
-        drains = threading.Thread(target=_drain_beside_the_api, args=(rt, stop), name="worker", daemon=True)
+        drains = threading.Thread(target=worker.run_beside_the_api, args=(rt, stop), name="worker", daemon=True)
         if rt.settings.serve_worker:
             drains.start()
         yield
@@ -565,9 +565,3 @@ def create_app(rt: Runtime) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app
-
-
-def _drain_beside_the_api(rt: Runtime, stop: threading.Event) -> None:
-    """`credits serve`'s own worker: the worker's loop until shutdown. The API stays up through a database
-    outage (answering 503 meanwhile), so its drain loop waits the outage out too, however long it lasts."""
-    worker.run(rt, stop, outage_seconds=float("inf"))

@@ -5,10 +5,11 @@ domain functions it calls and says `uow.commit()` when all of it is done; leavin
 rolls everything back. Domain modules never commit and never open a transaction of their own.
 
 It also knows which account rows the transaction holds locked. An account is locked before any check whose
-answer a concurrent writer could change (is there enough? was this key used?), always in ascending id order
-when several are locked together, so two transactions never wait for each other in a cycle. A row already
-locked is not read again: nobody else can change it until this transaction ends. Processing Stripe events
-also takes a lock per customer, so one customer's events are handled by one transaction at a time.
+answer a concurrent writer could change (is there enough? was this key used?); several accounts locked
+together are locked in ascending id order, so two transactions never wait for each other in a cycle over
+them. A row already locked is not read again: nobody else can change it until this transaction ends.
+Processing Stripe events also takes a lock per customer, so one customer's events are handled by one
+transaction at a time.
 """
 
 from __future__ import annotations
@@ -64,10 +65,9 @@ class UnitOfWork:
         """`lock` for one account."""
         return self.lock(account)[0]
 
-    def lock_where(self, *criteria: ColumnElement[bool], skip_locked: bool = False) -> list[Account]:
-        """Lock the accounts that meet `criteria` (FOR UPDATE, in ascending id order) and return them; with
-        `skip_locked`, only those no other transaction holds, without waiting."""
-        query = select(Account).where(*criteria).order_by(Account.id).with_for_update(skip_locked=skip_locked)
+    def lock_where(self, *criteria: ColumnElement[bool]) -> list[Account]:
+        """Lock the accounts that meet `criteria` (FOR UPDATE, in ascending id order) and return them."""
+        query = select(Account).where(*criteria).order_by(Account.id).with_for_update()
         found = list(self.session.scalars(query.execution_options(populate_existing=True)))
         self._locked.update((account.id, account) for account in found)
         return found
@@ -94,12 +94,15 @@ class UnitOfWork:
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A part of the transaction that can fail alone: on an error it is undone, the error is raised, and
-        the rest of the transaction goes on. Locks taken inside it end with it, so none is remembered then."""
+        the rest of the transaction goes on. Locks taken inside it end with it, so none is remembered then (the
+        accounts are locked and read again when next needed), and the credits it moved are not counted."""
+        moved = len(self._moved)
         try:
             with self.session.begin_nested():
                 yield
         except Exception:
             self._locked.clear()
+            del self._moved[moved:]
             raise
 
     def moved(self, kind: str, source: str, amount: int) -> None:

@@ -48,7 +48,7 @@ def arguments(prog: str, doc: str | None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a setting for every service process (repeatable), e.g. WORKER_PROCESSES=2",
+        help="a setting for every service process (repeatable), e.g. WORKER_THREADS=8",
     )
     parser.add_argument(
         "--admin-url",

@@ -25,12 +25,12 @@ import psycopg
 from bench import load
 from bench.harness import Rows, Run, arguments, command_of, num, one, pgbench, ratio, row, standalone
 
-LIMITS = """The API takes each spend at its door and hands it to one batch thread, which claims the keys and
-locks the accounts, decides every spend of the batch in memory and writes them with a few statements and
-one commit, so a spend costs a fraction of a statement; what is left is the API process's own CPU per spend
-(HTTP, JSON, the batch's SQLAlchemy and psycopg work), one process on one core at a time. pgbench runs one
-spend per transaction with no Python around it; on one hot account it queues on the row lock, which batching
-takes once per batch, so there the service can pass it."""
+LIMITS = """Each spend is a transaction of its own: the account's row locked, the key checked, the grants
+read under the lock, the debit's entry, allocations and grant updates written, the outcome stored for the
+key, then the commit; every statement is a round trip through SQLAlchemy and psycopg. Across accounts the
+API process's own CPU per spend (HTTP, JSON, that ORM work, one process on one core at a time) sets the
+pace; on one hot account the row lock does, held for the whole transaction, which pgbench keeps shorter
+because no Python runs between its statements."""
 
 PGBENCH_SPEND = Path(__file__).with_name("pgbench_spend.sql")
 PLENTY, RACE_CREDITS = 10_000_000, 100

@@ -2,7 +2,7 @@
 
 A code may sit in the subscription's metadata, the customer's or the Checkout session's that created the
 subscription. Asking Stripe per first invoice — the customer, then its Checkout sessions — cost two requests
-per new customer: 19,000 at 100k invoices, 30% of a run against a local fake (bench/reconcile) and, against
+per new customer: 19,000 at 100k invoices, 30% of a run against a local fake (bench/reconcile.py) and, against
 the real Stripe, that many round trips and rate-limit tokens. Instead, the first time a first invoice needs
 it, the window's new customers and completed Checkout sessions are each listed once, 100 a page, keeping only
 the codes found and the customers' ids (their number is the window's signups, not its invoices):

@@ -43,9 +43,8 @@ class Refused(Exception):
 def route(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | None], None]) -> Route:
     """The webhook route for the app: events verified with STRIPE_WEBHOOK_SECRET (every secret it lists, for a
     rotation), stored by `writer`, and each new one passed to `on_stored` (its id and its customer) once its 2xx
-    is decided. A plain
-    Starlette route: the raw body is what the signature covers, so there is nothing for FastAPI to parse or
-    validate, and its dependency solving would cost every delivery."""
+    is decided. A plain Starlette route: the raw body is what the signature covers, so there is nothing for
+    FastAPI to parse or validate, and its dependency solving would cost every delivery."""
 
     async def receive(request: Request) -> JSONResponse:
         """Stripe's webhook endpoint: 200 once the event is stored (also for a redelivery or a type the

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # where `credits worker` runs on its own (compose, Kubernetes): `credits serve --no-worker` says the same.
     serve_worker: bool = True
     # Threads of one worker draining side by side on PostgreSQL (processing mostly waits on the database);
-    # SQLite has one writer at a time, so one. Within the connection pool (10 + 20 overflow).
+    # SQLite has one writer at a time, so one. Each holds one of the pool's connections (db.POOL_SIZE).
     worker_threads: int = Field(default=4, ge=1, le=16)
     # How long a worker waits, once nothing is due, before it looks again: an event the API left pending waits
     # at most this long; each look is one indexed query.

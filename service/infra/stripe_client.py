@@ -171,7 +171,7 @@ class StripeGateway:
 
         The typed services turn a page into a `StripeObject` tree that `to_dict` then turns back into dicts, and
         `raw_request` parses into OrderedDicts: for a page of 100 events that is ~30x and ~3x the cost of the
-        parse itself, and most of the CPU of a long reconciliation (bench/reconcile). The body is requested as a
+        parse itself, and most of the CPU of a long reconciliation (bench/reconcile.py). The body is requested as a
         stream because for a buffered one the SDK formats the whole body into a debug log line (`logfmt`, a
         `repr` of ~600 KB) even when nothing logs it — a fifth of the paging CPU. The requestor's methods are
         private; the SDK is pinned to one release, and tests/test_stripe_client.py checks paging, retries and

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import event, select
+import pytest
+from sqlalchemy import event, select, text
 
 from jobs import worker
 from service.infra.models import StripeEvent, utcnow
@@ -113,23 +114,55 @@ def test_an_event_stored_but_never_processed_is_picked_up_by_the_worker(rt: Runt
     assert state(rt, "acct_1")[0] == [("grant", 2000, "invoice:in_1")]
 
 
+def paid_invoices(customers: int, each: int) -> list[dict]:
+    """`each` paid invoices for each of `customers` customers (cus_0, acct_0…), stored customer after customer
+    within each round, so every batch finds several customers' events interleaved."""
+    return [
+        se.event(
+            "invoice.paid",
+            se.invoice(
+                "2025",
+                invoice_id=f"in_{who}_{n}",
+                customer=f"cus_{who}",
+                price="price_starter_monthly",
+                amount_paid=2000,
+                subscription_metadata={"account_id": f"acct_{who}"},
+            ),
+            event_id=f"evt_{who}_{n}",
+        )
+        for n in range(each)
+        for who in range(customers)
+    ]
+
+
 def test_the_worker_keeps_each_customers_events_in_order_while_it_processes_customers_side_by_side(rt) -> None:
+    customers, each = 3 * dispatch.CUSTOMERS, 4  # full batches: the drain runs them side by side
     with committed(rt) as uow:
-        for n in range(4):
-            for who in ("a", "b", "c"):
-                invoice = se.invoice(
-                    "2025",
-                    invoice_id=f"in_{who}{n}",
-                    customer=f"cus_{who}",
-                    price="price_starter_monthly",
-                    amount_paid=2000,
-                    subscription_metadata={"account_id": f"acct_{who}"},
-                )
-                inbox.store(uow, se.event("invoice.paid", invoice, event_id=f"evt_{who}{n}"), utcnow())
-    assert worker.drain(rt) == {"processed": 12}
-    for who in ("a", "b", "c"):
+        for evt in paid_invoices(customers, each):
+            inbox.store(uow, evt, utcnow())
+    threads = 4 if rt.engine.dialect.name == "postgresql" else 1  # SQLite: one writer, one batch at a time
+    assert worker.drain(rt, threads=threads) == {"processed": customers * each}
+    for who in range(customers):
         grants = [key for _, _, key in state(rt, f"acct_{who}")[0] if key.startswith("invoice:")]
-        assert grants == [f"invoice:in_{who}{n}" for n in range(4)]
+        assert grants == [f"invoice:in_{who}_{n}" for n in range(each)]
+
+
+def test_a_batch_holds_the_lock_of_each_customer_it_takes_and_of_no_other(rt) -> None:
+    if rt.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's one write lock stands in for the customers' locks")
+    with committed(rt) as uow:
+        for evt in paid_invoices(3 * dispatch.CUSTOMERS, 2):
+            inbox.store(uow, evt, utcnow())
+    with rt.uow() as uow:
+        claimed, taken = inbox.claim_due(uow, utcnow(), dispatch.CUSTOMERS, dispatch.MOST)
+        held = uow.session.scalar(
+            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        )
+    assert taken == {f"cus_{who}" for who in range(dispatch.CUSTOMERS)}  # those whose events came first
+    assert held == dispatch.CUSTOMERS
+    assert sorted(evt.id for evt in claimed) == sorted(
+        f"evt_{who}_{n}" for who in range(dispatch.CUSTOMERS) for n in range(2)
+    )
 
 
 def linked_invoice(invoice_id: str) -> dict:

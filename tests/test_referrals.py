@@ -277,6 +277,37 @@ def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver
     assert balance_of(rt, "acct_ana") == 3000
 
 
+def test_a_partial_refund_after_a_clawback_still_reverses_its_own_share(client, deliver, rt) -> None:
+    """The clawback names the refunded payment too, but it is not an earlier refund of it: the second refund
+    reverses its share of the invoice's credits in full."""
+    terms = rt.catalogue.referrals.model_copy(update={"min_amount": 20000})
+    object.__setattr__(rt, "catalogue", rt.catalogue.model_copy(update={"referrals": terms}))
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+    half = [("re_1", 17450)]  # 17,450 of 34,900 paid is left: under min_amount, so the referral is clawed back
+    deliver(
+        se.event(
+            "charge.refunded",
+            se.charge(charge_id="ch_9", amount=34900, amount_refunded=17450, invoice="in_349", refunds=half),
+        )
+    )
+    three_quarters = [*half, ("re_2", 8725)]
+    deliver(
+        se.event(
+            "charge.refunded",
+            se.charge(charge_id="ch_9", amount=34900, amount_refunded=26175, invoice="in_349", refunds=three_quarters),
+        )
+    )
+    assert state(rt, "acct_bob")[0] == [
+        ("grant", 2000, "invoice:in_349"),
+        ("grant", 3000, "referral:1:referee"),
+        ("reverse", -1000, "reverse:re_1"),
+        ("reverse", -3000, "clawback:1:referee"),
+        ("reverse", -500, "reverse:re_2"),
+    ]
+    assert balance_of(rt, "acct_bob") == 500
+
+
 def a_referral_paid_on_one_side(
     client, deliver, monkeypatch, referrer: str = "acct_ana", referee: str = "acct_bob"
 ) -> None:

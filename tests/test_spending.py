@@ -274,6 +274,31 @@ def test_a_spend_whose_ledger_entry_exists_answers_it_and_spends_nothing_more(cl
     assert state(rt, "acct_1")[0][1:] == [("spend", -30, "spend:acct_1:k1")]
 
 
+def spend_twice(rt, charge: spending.Charge, key: str = "spend:acct_1:k1") -> tuple[spending.Spent, spending.Spent]:
+    """The same spend, under the same key, in two transactions: what each answered."""
+    answers = []
+    for _ in range(2):
+        with committed(rt) as uow:
+            answers.append(spending.spend(uow, rt.catalogue, accounts.get(uow, "acct_1"), charge, key=key))
+    return answers[0], answers[1]
+
+
+def test_a_replayed_resource_spend_answers_what_it_charged_not_that_the_resource_was_charged(funded, rt) -> None:
+    first, again = spend_twice(rt, spending.Charge(action="handwritten_note", resource="prospect_7"))
+    assert (first.charged, first.balance) == (5, 95)
+    assert again == first
+    assert state(rt, "acct_1")[0][1:] == [("spend", -5, "spend:acct_1:k1")]
+
+
+def test_a_replayed_member_spend_that_reached_its_limit_answers_what_it_charged(funded, rt) -> None:
+    with committed(rt) as uow:
+        spending.set_member(uow, accounts.get(uow, "acct_1"), "ana", allocation=None, limit_per_period=10)
+    first, again = spend_twice(rt, spending.Charge(amount=10, member_id="ana"))
+    assert (first.charged, first.balance) == (10, 90)
+    assert again == first
+    assert state(rt, "acct_1")[0][1:] == [("spend", -10, "spend:acct_1:k1")]
+
+
 def test_an_expired_grant_is_expired_before_a_spend_and_never_spent(client, admin_headers, rt) -> None:
     with committed(rt) as uow:
         account = accounts.get_or_create(uow, "acct_1")

@@ -1,6 +1,6 @@
 """Property test: any sequence of what happens to an account — invoices paid, a referral qualifying, packs
 bought, refunds (and the clawback they cause), members given allocations and limits, spends, time passing and
-replays — keeps every ledger invariant after every step. Each step goes through the functions production
+replays — keeps every ledger invariant after every step, and no spend takes a member past its limit. Each step goes through the functions production
 runs, in a transaction of its own: webhook events through the inbox and their handlers, spends through
 `spending.spend` as the API calls it, with a fake clock.
 """
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.domain import accounts, ledger, referrals, spending
+from service.domain import accounts, ledger, periods, referrals, spending
 from service.infra.models import Allocation, Grant, LedgerEntry, Member
 from service.infra.runtime import Runtime
 from tests import stripe_events as se
@@ -192,6 +192,8 @@ class World:
             return
         assert (spent.charged, spent.balance) == (op.amount, before - op.amount)
         assert self.balance() == before - op.amount
+        if op.member is not None:
+            assert self.within_limit(op.member)
         self.spends.append((key, op))
 
     def advance(self, _: int, op: Advance) -> None:
@@ -219,6 +221,18 @@ class World:
             inbox.store(uow, event, self.now)
         assert dispatch.process(self.rt, str(event["id"]), now=self.now) == "processed"
         self.events.append(str(event["id"]))
+
+    def within_limit(self, member_id: str) -> bool:
+        """The member has spent no more this period than its limit, if it has one."""
+        with self.rt.uow() as uow:
+            account = accounts.get(uow, self.account)
+            member = uow.session.scalar(
+                select(Member).where(Member.account_id == account.id, Member.member_id == member_id)
+            )
+            if member is None or member.limit_per_period is None:
+                return True
+            months = periods.months_of(self.rt.catalogue, account)
+            return spending.member_usage(uow, account, member_id, self.now, months) <= member.limit_per_period
 
     def balance(self) -> int:
         with self.rt.uow() as uow:

@@ -1,8 +1,8 @@
 """Property test: any sequence of what happens to an account — invoices paid, a referral qualifying, packs
 bought, refunds (and the clawback they cause), members given allocations and limits, spends, time passing and
-replays — keeps every ledger invariant after every step, and no spend takes a member past its limit. Each step goes through the functions production
-runs, in a transaction of its own: webhook events through the inbox and their handlers, spends through
-`spending.spend` as the API calls it, with a fake clock.
+replays — keeps every ledger invariant after every step, and no spend takes a member past its limit. Each step
+goes through the functions production runs, in a transaction of its own: webhook events through the inbox and
+their handlers, spends through `spending.spend` as the API calls it, with a fake clock.
 """
 
 from __future__ import annotations

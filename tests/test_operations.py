@@ -114,6 +114,15 @@ def test_a_request_body_over_one_mebibyte_is_413_on_the_api_too(client) -> None:
     assert (response.status_code, response.json()["error"]) == (413, "body_too_large")
 
 
+def test_a_streamed_request_body_past_one_mebibyte_is_413_on_the_api_too(client) -> None:
+    response = client.post(
+        "/v1/accounts/acct_1/spend",
+        content=(b" " * 65536 for _ in range(17)),
+        headers={"Idempotency-Key": "k", "Content-Type": "application/json"},
+    )
+    assert (response.status_code, response.json()["error"]) == (413, "body_too_large")
+
+
 def test_every_v1_route_refuses_a_request_without_a_token(client) -> None:
     paths = client.app.openapi()["paths"]
     assert {p for p in paths if not p.startswith("/v1/")} <= OPEN_ROUTES

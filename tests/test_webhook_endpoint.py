@@ -99,6 +99,14 @@ def test_a_body_over_one_mebibyte_is_413(deliver, rt) -> None:
     assert stored(rt) == []
 
 
+def test_a_streamed_body_that_grows_past_one_mebibyte_is_413(client: TestClient, rt) -> None:
+    """No Content-Length to refuse it by: it is refused once what was read passes the limit."""
+    chunks = (b"x" * 65536 for _ in range(17))
+    response = client.post("/webhooks/stripe", content=chunks, headers={"Stripe-Signature": "t=1,v1=0"})
+    assert (response.status_code, response.json()["error"]) == (413, "body_too_large")
+    assert stored(rt) == []
+
+
 def test_a_redelivery_is_200_and_changes_nothing(deliver, rt) -> None:
     evt = se.event("invoice.paid", starter_invoice(), event_id="evt_1")
     deliver(evt)
@@ -153,8 +161,12 @@ def test_an_unexpected_failure_is_a_json_500_with_the_request_id(rt: Runtime, mo
 
 
 def test_other_methods_on_the_webhook_path_are_405_and_store_nothing(client: TestClient, rt) -> None:
-    assert client.get("/webhooks/stripe").status_code == 405
-    assert client.put("/webhooks/stripe", content=b"{}").status_code == 405
+    for response in (client.get("/webhooks/stripe"), client.put("/webhooks/stripe", content=b"{}")):
+        assert (response.status_code, response.headers["allow"], response.json()["error"]) == (
+            405,
+            "POST",
+            "method_not_allowed",
+        )
     assert stored(rt) == []
 
 

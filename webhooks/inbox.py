@@ -51,7 +51,7 @@ def store_many(uow: UnitOfWork, events: list[tuple[dict[str, Any], str | None]],
     # in id order, as every writer inserts: two writers storing the same redelivered events never wait for each
     # other's rows in a cycle
     rows = sorted((_row(event, text, now) for event, text in events), key=lambda row: row["id"])
-    return set(uow.session.scalars(STORE[uow.dialect], rows))
+    return set(db.insert_many(uow.session, STORE[uow.dialect], rows))
 
 
 def customer_named(event: dict[str, Any]) -> str | None:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, Operationa
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.infra import logs, metrics
 from service.infra.runtime import Runtime
@@ -40,11 +40,19 @@ class Refused(Exception):
         self.status_code, self.reason = status_code, reason
 
 
-def route(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | None], None]) -> Route:
-    """The webhook route for the app: events verified with STRIPE_WEBHOOK_SECRET (every secret it lists, for a
-    rotation), stored by `writer`, and each new one passed to `on_stored` (its id and its customer) once its 2xx
-    is decided. A plain Starlette route: the raw body is what the signature covers, so there is nothing for
-    FastAPI to parse or validate, and its dependency solving would cost every delivery."""
+def endpoint(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | None], None]) -> ASGIApp:
+    """The webhook endpoint, an ASGI app of its own: events verified with STRIPE_WEBHOOK_SECRET (every secret it
+    lists, for a rotation), stored by `writer`, and each new one passed to `on_stored` (its id and its customer)
+    once its 2xx is decided. The raw body is what the signature covers, so there is nothing for FastAPI to parse
+    or validate, and every failure is answered here."""
+
+    async def app(scope: Scope, receive_message: Receive, send: Send) -> None:
+        if scope["method"] == "POST":
+            response = await receive(Request(scope, receive_message))
+        else:
+            response = _error(405, "method_not_allowed", "only POST is accepted here")
+            response.headers["Allow"] = "POST"
+        await response(scope, receive_message, send)
 
     async def receive(request: Request) -> JSONResponse:
         """Stripe's webhook endpoint: 200 once the event is stored (also for a redelivery or a type the
@@ -73,7 +81,7 @@ def route(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | None
             on_stored(event["id"], inbox.customer_named(event))
         return JSONResponse({"received": True, "duplicate": not new})
 
-    return Route(PATH, receive, methods=["POST"], name="stripe_webhook")
+    return app
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

@@ -25,26 +25,19 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
 
 def _stderr_logger(*_args: Any) -> structlog.WriteLogger:
     """Write to whatever sys.stderr is now (it is swapped by test capture and daemon redirection), each line in
-    one write: print() writes the line and its newline apart, and `credits worker`'s processes share one stderr.
+    one write: print() writes the line and its newline apart, and processes may share one stderr.
     (On a pipe, as under docker or Kubernetes, only writes up to 4 KiB never interleave: a line with a long
     traceback can still be split by another process's line.)"""
     return structlog.WriteLogger(sys.stderr)
 
 
-def _adding(static: dict[str, Any]) -> Any:
-    """A processor that adds `static` to every event (a key the call gives itself wins)."""
-    return lambda _logger, _name, event: {**static, **event}
-
-
-def configure(fmt: str = "auto", level: int = logging.INFO, static: dict[str, Any] | None = None) -> None:
-    """Configure structlog (and route stdlib logging, e.g. uvicorn's, through the same output); `static`: keys
-    every line of this process carries (a worker process's partition), on every thread."""
+def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
+    """Configure structlog (and route stdlib logging, e.g. uvicorn's, through the same output)."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            *([_adding(static)] if static else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,

@@ -29,6 +29,7 @@ SMOKE = {
     "reconcile": ["--sizes", "1000,2000"],
 }
 README, BASELINE = Path(__file__).with_name("README.md"), Path(__file__).with_name("baseline.json")
+MECHANISMS = Path(__file__).with_name("mechanisms.md")  # measured by hand, variant against variant: not rerun
 
 HOW = """## How the figures were produced
 
@@ -90,7 +91,9 @@ def readme(run: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         "# Benchmarks",
         "",
         "Written by `make bench` (`.venv/bin/python -m bench`), which runs the benchmarks below and rewrites this "
-        "file; its paragraphs are in bench/*.py. Each benchmark also runs alone and prints its table, e.g. "
+        "file; its paragraphs are in bench/*.py, and its section on the mechanisms is bench/mechanisms.md, copied "
+        "as it is (measured by hand, variant against variant). Each benchmark also runs alone and prints its table, "
+        "e.g. "
         "`.venv/bin/python -m bench.ingest --checkout DIR`. To show another commit beside this one, measure it on the "
         "same machine first: `.venv/bin/python -m bench --checkout DIR --json bench/baseline.json --no-readme` (for "
         "31e863c add `--workers 1 --env WORKER_PROCESSES=2 --env WORKER_NICE=0`: its `credits worker` supervises "
@@ -115,7 +118,7 @@ def readme(run: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         )
     rows = {name: got["rows"] for name, got in run["benchmarks"].items()}
     old = {name: got["rows"] for name, got in baseline["benchmarks"].items()} if baseline else None
-    out += ["", "## Checks", "", checks(rows, old), "", HOW]
+    out += ["", "## Checks", "", checks(rows, old), "", HOW, MECHANISMS.read_text()]
     for name, got in run["benchmarks"].items():
         module, title = BENCHMARKS[name]
         out += [

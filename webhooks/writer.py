@@ -3,9 +3,9 @@
 A delivery must be durable before it is answered, and the transaction around its one row — BEGIN, the INSERT,
 COMMIT, a WAL flush — costs the API process several times the row itself. So each delivery hands its event to
 this writer's thread and awaits the answer; the thread takes every event waiting at that moment, stores them
-with one INSERT … ON CONFLICT DO NOTHING of many rows, commits, and answers each. Alone, an event is stored at
-once; under load the batches grow by themselves. A transaction per delivery cost the API process about
-twice the CPU a delivery (bench/ingest.py measures it).
+with one pipelined round of INSERT … ON CONFLICT DO NOTHING (`db.insert_many`), commits, and answers each.
+Alone, an event is stored at once; under load the batches grow by themselves. A transaction per delivery
+costs the API process nearly three times the CPU a delivery (bench/README.md, "What the mechanisms save").
 
 An event the database refuses (a value no column holds) must not fail the others of its batch: the batch is
 then stored again event by event, so only that delivery gets the error. A database that cannot be reached

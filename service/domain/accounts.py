@@ -170,7 +170,7 @@ def _rekey(uow: UnitOfWork, account: Account, wanted: str) -> Account:
     )
 
 
-# Built once: every event names an account, and building a statement costs more CPU than running it.
+# Built once: every event names an account, and building a statement anew costs nearly as much CPU as running it.
 BY_REF = select(Account).where(
     or_(Account.public_id == bindparam("ref"), Account.stripe_customer_id == bindparam("ref"))
 )

@@ -225,7 +225,7 @@ def _charged_before(uow: UnitOfWork, account: Account, action: str, resource: st
     return found is not None
 
 
-# Built once: every spend runs them, and building a statement costs more CPU than running it.
+# Built once: every spend runs them, and building a statement anew costs nearly as much CPU as running it.
 RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
 MEMBER = select(Member).where(Member.account_id == bindparam("account_id"), Member.member_id == bindparam("member_id"))
 CHARGED = select(ResourceCharge.id).where(

@@ -89,8 +89,8 @@ def insert_many(session: Session, statement: ReturningInsert[Any], rows: list[di
     On PostgreSQL through psycopg's own executemany, which pipelines the one-row statement: one round trip, and
     a text that never changes, so psycopg converts it once and PostgreSQL prepares it once. SQLAlchemy would
     send one multi-row VALUES list instead, new text for every number of rows, which psycopg converts on every
-    call: twice the client CPU per row. The inbox's writer stores every delivery this way (bench/README.md has
-    what it saves the API). Errors are raised as SQLAlchemy's, as on every other path."""
+    call: twice the client CPU per row. The inbox's writer stores every delivery this way (bench/README.md,
+    "What the mechanisms save"). Errors are raised as SQLAlchemy's, as on every other path."""
     if session.get_bind().dialect.name != "postgresql" or not rows:
         return list(session.scalars(statement, rows))
     connection = session.connection()

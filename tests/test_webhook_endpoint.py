@@ -165,7 +165,7 @@ def test_other_methods_on_the_webhook_path_are_405_and_store_nothing(client: Tes
         assert (response.status_code, response.headers["allow"], response.json()["error"]) == (
             405,
             "POST",
-            "method_not_allowed",
+            "http_error",
         )
     assert stored(rt) == []
 

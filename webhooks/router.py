@@ -50,7 +50,7 @@ def endpoint(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | N
         if scope["method"] == "POST":
             response = await receive(Request(scope, receive_message))
         else:
-            response = _error(405, "method_not_allowed", "only POST is accepted here")
+            response = _error(405, "http_error", "Method Not Allowed")  # as the API answers it
             response.headers["Allow"] = "POST"
         await response(scope, receive_message, send)
 

@@ -95,6 +95,23 @@ def test_replayed_spend_returns_the_first_entry_even_when_the_balance_is_gone(uo
     assert entries(uow, acct) == [("grant", 10, "k1"), ("spend", -10, "s1")]
 
 
+def test_replayed_spend_with_credits_left_writes_nothing(uow, acct) -> None:
+    ledger.grant(uow, acct, 100, source="admin", key="k1", now=T0)
+    first = ledger.debit(uow, acct, 10, kind="spend", key="s1", now=T0)
+    again = ledger.debit(uow, acct, 10, kind="spend", key="s1", now=T0)
+    assert (again.created, again.entry.id) == (False, first.entry.id)
+    assert entries(uow, acct) == [("grant", 100, "k1"), ("spend", -10, "s1")]
+    assert grants(uow, acct) == [("admin", 100, 90, 10, 0, 0)]
+
+
+def test_same_debit_key_for_a_different_amount_is_a_conflict(uow, acct) -> None:
+    ledger.grant(uow, acct, 100, source="admin", key="k1", now=T0)
+    ledger.debit(uow, acct, 10, kind="spend", key="s1", now=T0)
+    with pytest.raises(ledger.IdempotencyConflict):
+        ledger.debit(uow, acct, 20, kind="spend", key="s1", now=T0)
+    assert grants(uow, acct) == [("admin", 100, 90, 10, 0, 0)]
+
+
 def test_reverse_takes_back_unspent_credits_and_records_the_shortfall(uow, acct) -> None:
     posted = ledger.grant(uow, acct, 100, source="pack", key="pack", now=T0)
     ledger.debit(uow, acct, 70, kind="spend", key="s1", now=T0)

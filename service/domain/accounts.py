@@ -48,15 +48,19 @@ class CustomerRecord:
 CustomerLookup = Callable[[str], CustomerRecord]
 
 
-def find(uow: UnitOfWork, ref: str) -> Account | None:
-    """The account whose public id or Stripe customer id is `ref`; the public id wins if both match."""
-    found = list(uow.session.scalars(BY_REF, {"ref": ref}))
+def find(uow: UnitOfWork, ref: str, *, lock: bool = False) -> Account | None:
+    """The account whose public id or Stripe customer id is `ref`; the public id wins if both match. With
+    `lock`, what answers to `ref` is locked as it is read (one statement where reading, then locking, is two)."""
+    if lock:
+        found = uow.lock_where(or_(Account.public_id == ref, Account.stripe_customer_id == ref))
+    else:
+        found = list(uow.session.scalars(BY_REF, {"ref": ref}))
     return next((a for a in found if a.public_id == ref), found[0] if found else None)
 
 
-def get(uow: UnitOfWork, ref: str) -> Account:
+def get(uow: UnitOfWork, ref: str, *, lock: bool = False) -> Account:
     """Like find, but an unknown ref is an AccountNotFound error."""
-    account = find(uow, ref)
+    account = find(uow, ref, lock=lock)
     if account is None:
         raise AccountNotFound(ref)
     return account

@@ -159,20 +159,21 @@ def debit(
         raise LedgerError(f"a debit ({kind}) must be positive")
     now = now or utcnow()
     account = uow.lock_one(account)
-    found = earlier(uow, key, account, kind, None if partial else -amount)
-    if found is not None:
-        return Posted(found, created=False)
+    same = None if partial else -amount
     sources = spendable(uow, account, now) if grants is None else _under_lock(uow, account, grants)
     available = max(0, sum(g.remaining for g in sources) - reserved)
     if limit is not None:
         available = min(available, max(0, limit))
     if amount > available and not partial:
-        raise InsufficientCredits(available, amount)
+        found = earlier(uow, key, account, kind, same)  # made when there was enough: a replay, not a refusal
+        if found is None:
+            raise InsufficientCredits(available, amount)
+        return Posted(found, created=False)
     taken = min(amount, available)
     shortfall = {"requested": amount, "shortfall": amount - taken} if partial else {}
     entry = Entry(0, account.id, kind, -taken, key, {**(meta or {}), **shortfall})
     entry_id = uow.session.scalar(
-        NEW_ENTRY,
+        NEW_ENTRY_UNLESS_KEY_TAKEN[uow.dialect],
         {
             "account_id": account.id,
             "kind": kind,
@@ -184,6 +185,10 @@ def debit(
             "created_at": now,
         },
     )
+    if entry_id is None:  # the key is taken (the account's lock orders this after whoever took it)
+        found = earlier(uow, key, account, kind, same)
+        assert found is not None
+        return Posted(found, created=False)
     parts = _split(sources, taken)
     if parts:
         uow.session.execute(
@@ -406,7 +411,6 @@ def _same_operation(entry: Entry, account: Account, kind: str, amount: int | Non
 
 
 _entries, _grants = LedgerEntry.__table__, Grant.__table__
-NEW_ENTRY = insert(_entries).returning(_entries.c.id)
 NEW_ENTRY_UNLESS_KEY_TAKEN = {
     dialect: db.insert(dialect, _entries)
     .on_conflict_do_nothing(index_elements=["idempotency_key"])

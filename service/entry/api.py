@@ -227,7 +227,7 @@ def post_spend(
     or within its limit — and never more than the balance. 402 when short; nothing is then spent."""
 
     def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
-        acct = _account(uow, account)
+        acct = _account(uow, account, lock=True)
         charge = spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
         try:
             spent = spending.spend(uow, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
@@ -273,7 +273,7 @@ def post_member(
     """Add or update a team member (admin token). An allocation larger than the pool is 422."""
 
     def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
-        acct = _account(uow, account)
+        acct = _account(uow, account, lock=True)
         try:
             spending.set_member(
                 uow, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period
@@ -296,7 +296,7 @@ def get_members(account: str, rt: RuntimeDep) -> dict[str, Any]:
 def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any]:
     """Remove a member (admin token); its unspent allocation returns to the pool."""
     with rt.uow() as uow:
-        acct = _account(uow, account)
+        acct = _account(uow, account, lock=True)
         try:
             spending.remove_member(uow, acct, member_id)
         except spending.UnknownMember as exc:
@@ -391,8 +391,8 @@ def get_findings(rt: RuntimeDep) -> dict[str, Any]:
         return {"findings": findings.open_findings(uow)}
 
 
-def _account(uow: UnitOfWork, ref: str) -> Account:
-    account = accounts.get(uow, ref)
+def _account(uow: UnitOfWork, ref: str, *, lock: bool = False) -> Account:
+    account = accounts.get(uow, ref, lock=lock)
     structlog.contextvars.bind_contextvars(account_id=account.public_id)
     return account
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
+from service.infra import db
 from service.infra.models import ApiRequest, utcnow
 from service.infra.uow import UnitOfWork
 
@@ -48,21 +49,26 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
 def run_once(uow: UnitOfWork, key: str, digest: str, work: Callable[[], tuple[int, dict[str, Any]]]) -> Outcome:
     """Run `work` under `key` unless the key has a stored outcome, which is then replayed. Raises KeyReused
     when the key was used with another request, KeyInFlight when that request has not finished."""
-    claim = (
-        uow.insert(ApiRequest)
-        .values(key=key, fingerprint=digest, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["key"])
-        .returning(ApiRequest.key)
-    )
-    if uow.session.scalar(claim) is None:
-        earlier = uow.session.execute(
-            select(ApiRequest.fingerprint, ApiRequest.status_code, ApiRequest.response).where(ApiRequest.key == key)
-        ).one()
+    claim = {"key": key, "fingerprint": digest, "created_at": utcnow()}
+    if uow.session.scalar(CLAIM[uow.dialect], claim) is None:
+        earlier = uow.session.execute(EARLIER, {"key": key}).one()
         if earlier.fingerprint != digest:
             raise KeyReused(key)
         if earlier.status_code is None or earlier.response is None:
             raise KeyInFlight(key)
         return Outcome(earlier.status_code, earlier.response, replayed=True)
     status_code, body = work()
-    uow.session.execute(update(ApiRequest).where(ApiRequest.key == key).values(status_code=status_code, response=body))
+    uow.session.execute(STORE, {"claimed": key, "status_code": status_code, "response": body})
     return Outcome(status_code, body, replayed=False)
+
+
+# Built once: every POST runs them (see service/domain/ledger.py on the cost of building a statement).
+_requests = ApiRequest.__table__
+CLAIM = {
+    dialect: db.insert(dialect, _requests).on_conflict_do_nothing(index_elements=["key"]).returning(_requests.c.key)
+    for dialect in db.DIALECTS
+}
+EARLIER = select(_requests.c.fingerprint, _requests.c.status_code, _requests.c.response).where(
+    _requests.c.key == bindparam("key")
+)
+STORE = update(_requests).where(_requests.c.key == bindparam("claimed"))

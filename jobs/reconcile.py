@@ -148,8 +148,9 @@ def run(
 
 
 def _attempt(finding: Found) -> bool:
+    assert finding.repair is not None  # only findings with a repair are attempted
     try:
-        return finding.repair()  # type: ignore[misc]
+        return finding.repair()
     except Exception as exc:
         finding.detail += f" (repair failed: {type(exc).__name__}: {exc})"
         log.warning("reconcile.repair_failed", kind=finding.kind, subject=finding.subject, error=str(exc))

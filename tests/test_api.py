@@ -121,7 +121,12 @@ def test_spend_beyond_the_balance_is_402_and_spends_nothing(client: TestClient, 
     grant(client, admin_headers, "acct_1", 10, "g1")
     response = spend(client, "acct_1", 11, "s1")
     assert response.status_code == 402
-    assert response.json() == {"error": "insufficient_credits", "balance": 10, "requested": 11}
+    assert response.json() == {
+        "error": "insufficient_credits",
+        "message": "10 credits available, 11 requested",
+        "balance": 10,
+        "requested": 11,
+    }
     assert client.get("/v1/accounts/acct_1/balance").json()["balance"] == 10
 
 

@@ -54,10 +54,20 @@ def test_expiry_removes_only_what_is_left_of_a_grant(uow, acct) -> None:
     ledger.grant(uow, acct, 30, source="free", key="free", expires_at=T0 + timedelta(days=10), now=T0)
     ledger.debit(uow, acct, 20, kind="spend", key="s1", now=T0)
     later = T0 + timedelta(days=11)
-    ledger.spendable(uow, acct, later)  # what every debit does first: expire what is due
-    assert grants(uow, acct) == [("pack", 100, 100, 0, 0, 0), ("free", 30, 0, 20, 10, 0)]
-    assert entries(uow, acct)[-1] == ("expire", -10, "expire:grant:2")
-    assert ledger.balance(uow, acct, later) == 100
+    ledger.debit(uow, acct, 1, kind="spend", key="s2", now=later)  # every debit first expires what is due
+    assert grants(uow, acct) == [("pack", 100, 99, 1, 0, 0), ("free", 30, 0, 20, 10, 0)]
+    assert entries(uow, acct)[-2:] == [("expire", -10, "expire:grant:2"), ("spend", -1, "s2")]
+    assert ledger.balance(uow, acct, later) == 99
+
+
+def test_replayed_spend_after_a_grant_came_due_writes_nothing(uow, acct) -> None:
+    ledger.grant(uow, acct, 100, source="pack", key="paid", now=T0)
+    ledger.grant(uow, acct, 30, source="free", key="free", expires_at=T0 + timedelta(days=10), now=T0)
+    first = ledger.debit(uow, acct, 20, kind="spend", key="s1", now=T0)
+    again = ledger.debit(uow, acct, 20, kind="spend", key="s1", now=T0 + timedelta(days=11))
+    assert (again.created, again.entry.id) == (False, first.entry.id)
+    assert entries(uow, acct) == [("grant", 100, "paid"), ("grant", 30, "free"), ("spend", -20, "s1")]
+    assert grants(uow, acct) == [("pack", 100, 100, 0, 0, 0), ("free", 30, 10, 20, 0, 0)]
 
 
 def test_expired_credits_are_never_spent_even_before_the_sweep(uow, acct) -> None:

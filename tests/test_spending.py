@@ -118,7 +118,15 @@ def test_an_allocation_is_the_members_own_and_the_pool_cannot_touch_it(client, a
     assert (refused.status_code, refused.json()["balance"]) == (402, 70)
     assert spend(client, {"amount": 20, "member_id": "ana"}).status_code == 200
     short = spend(client, {"amount": 11, "member_id": "ana"})
-    assert (short.status_code, short.json()) == (402, {"error": "insufficient_credits", "balance": 10, "requested": 11})
+    assert (short.status_code, short.json()) == (
+        402,
+        {
+            "error": "insufficient_credits",
+            "message": "10 credits available, 11 requested",
+            "balance": 10,
+            "requested": 11,
+        },
+    )
     view = client.get("/v1/accounts/acct_1/members").json()
     assert view["members"] == [
         {"member_id": "ana", "allocation": 10, "limit_per_period": None, "spent_this_period": 20}
@@ -147,7 +155,13 @@ def test_a_member_limit_per_period_is_enforced(client, admin_headers, funded) ->
     refused = spend(client, {"amount": 5, "member_id": "ana"})
     assert (refused.status_code, refused.json()) == (
         402,
-        {"error": "member_limit_reached", "limit": 10, "used": 6, "requested": 5},
+        {
+            "error": "member_limit_reached",
+            "message": "member limit 10 per period: 6 used, 5 requested",
+            "limit": 10,
+            "used": 6,
+            "requested": 5,
+        },
     )
     assert spend(client, {"amount": 5}).status_code == 200  # the pool itself is not limited
 
@@ -257,7 +271,12 @@ def test_a_member_spends_at_most_what_the_balance_allows_whatever_its_allocation
     refused = spend(client, {"amount": 300, "member_id": "ana"})
     assert (refused.status_code, refused.json()) == (
         402,
-        {"error": "insufficient_credits", "balance": 100, "requested": 300},
+        {
+            "error": "insufficient_credits",
+            "message": "100 credits available, 300 requested",
+            "balance": 100,
+            "requested": 300,
+        },
     )
     spent = spend(client, {"amount": 100, "member_id": "ana"})
     assert (spent.status_code, spent.json()["charged"], spent.json()["balance"]) == (200, 100, 0)

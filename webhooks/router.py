@@ -15,20 +15,18 @@ from collections.abc import Callable
 from typing import Any
 
 import stripe
-from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.infra import logs, metrics
+from service.infra import db, logs, metrics
 from service.infra.runtime import Runtime
 from webhooks import inbox
 from webhooks.writer import InboxWriter, Stopped
 
 PATH = "/webhooks/stripe"
 TOLERANCE_SECONDS = 300
-UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 log = logs.get("webhooks")
 
 
@@ -67,7 +65,7 @@ def endpoint(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | N
             return _error(refused.status_code, "refused", refused.reason)
         try:
             new = await writer.store(event, text)
-        except (*UNAVAILABLE, Stopped) as exc:
+        except (*db.UNAVAILABLE, Stopped) as exc:
             metrics.WEBHOOKS.labels(event["type"], "unavailable").inc()
             log.error("webhook.unavailable", event_id=event["id"], error=type(exc).__name__)
             return _error(503, "database_unavailable", "the database is unavailable; retry later")

@@ -160,7 +160,16 @@ def debit(
     now = now or utcnow()
     account = uow.lock_one(account)
     same = None if partial else -amount
-    sources = spendable(uow, account, now) if grants is None else _under_lock(uow, account, grants)
+    if grants is None:
+        held = _held(uow, account)
+        if any(_due(g, now) for g in held):
+            found = earlier(uow, key, account, kind, same)  # a replay writes nothing, not even an expiry
+            if found is not None:
+                return Posted(found, created=False)
+            _expire_due(uow, account, held, now)
+        sources = spending_order(held, account, now)
+    else:
+        sources = _under_lock(uow, account, grants)
     available = max(0, sum(g.remaining for g in sources) - reserved)
     if limit is not None:
         available = min(available, max(0, limit))
@@ -204,11 +213,9 @@ def debit(
     return Posted(Entry(entry_id, account.id, kind, -taken, key, entry.meta), created=True)
 
 
-def spendable(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
-    """Expire what is due, then the grants that can be spent, in the order spends consume them. For a caller
-    that holds the account's lock."""
-    held = _held(uow, account)
-    for due in [g for g in held if g.expires_at is not None and g.expires_at <= now]:
+def _expire_due(uow: UnitOfWork, account: Account, held: Sequence[Grant], now: datetime) -> None:
+    """Expire what is left of the grants whose expiry has passed, each once (`expire:grant:{id}`)."""
+    for due in [g for g in held if _due(g, now)]:
         debit(
             uow,
             account,
@@ -220,7 +227,10 @@ def spendable(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
             actor="system",
             now=now,
         )
-    return spending_order(held, account, now)
+
+
+def _due(grant_row: Grant, now: datetime) -> bool:
+    return grant_row.remaining > 0 and grant_row.expires_at is not None and grant_row.expires_at <= now
 
 
 def balance(uow: UnitOfWork, account: Account, now: datetime | None = None) -> int:

@@ -24,7 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,7 +43,7 @@ from service.entry.schemas import (
     entry_view,
     grant_view,
 )
-from service.infra import logs, metrics
+from service.infra import db, logs, metrics
 from service.infra.models import Account, utcnow
 from service.infra.runtime import Runtime
 from service.infra.uow import UnitOfWork
@@ -67,7 +67,8 @@ class ApiError(Exception):
 async def runtime(request: Request) -> Runtime:
     """The app's loaded configuration and database sessions. Async, like the other dependencies that never
     block: FastAPI runs a plain `def` dependency on its thread pool, a hand-off per dependency per request."""
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    loaded: Runtime = request.app.state.runtime
+    return loaded
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
@@ -233,10 +234,16 @@ def post_spend(
             spent = spending.spend(uow, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
         except ledger.InsufficientCredits as refused:
             log.info("spend.refused", available=refused.available, requested=refused.requested)
-            return 402, {"error": "insufficient_credits", "balance": refused.available, "requested": refused.requested}
+            return 402, {
+                "error": "insufficient_credits",
+                "message": str(refused),
+                "balance": refused.available,
+                "requested": refused.requested,
+            }
         except spending.MemberLimitReached as refused:
             return 402, {
                 "error": "member_limit_reached",
+                "message": str(refused),
                 "limit": refused.limit,
                 "used": refused.used,
                 "requested": refused.requested,
@@ -366,7 +373,7 @@ def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: 
             "reason": referral.reason,
         }
         if referral.status == "rejected":
-            return 422, {"error": "self_referral", **view}
+            return 422, {"error": "self_referral", "message": "an account cannot refer itself", **view}
         return (201 if made.created else 200), view
 
     return _once(rt, request, key, body, work)
@@ -416,10 +423,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _reused(_: Request, exc: idempotency.KeyReused) -> JSONResponse:
         return _error(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
 
-    @app.exception_handler(idempotency.KeyInFlight)
-    async def _in_flight(_: Request, exc: idempotency.KeyInFlight) -> JSONResponse:
-        return _error(409, "request_in_progress", "a request with this Idempotency-Key is still running")
-
     @app.exception_handler(ledger.IdempotencyConflict)
     async def _conflict(_: Request, exc: ledger.IdempotencyConflict) -> JSONResponse:
         return _error(409, "idempotency_conflict", str(exc))
@@ -446,10 +449,13 @@ def install_error_handlers(app: FastAPI) -> None:
             "the request holds a value that cannot be stored (e.g. a NUL character or an over-long id)",
         )
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
-        log.error("database.unavailable", error=str(exc.orig).splitlines()[0] if exc.orig else "")
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        detail = str(exc.orig if isinstance(exc, DBAPIError) else exc)
+        log.error("database.unavailable", error=(detail.splitlines() or [type(exc).__name__])[0])
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    for unavailable in db.UNAVAILABLE:
+        app.add_exception_handler(unavailable, _db_down)
 
 
 class RequestContext:

@@ -6,7 +6,6 @@ transaction. A mistyped command or a missing argument is a usage message (exit 2
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import signal
@@ -123,7 +122,7 @@ def balance(
     with runtime.load().uow() as uow:
         view = balance_view(uow, accounts.get(uow, account))
     if as_json:
-        _print_json(view)
+        support_cli.print_json(view)
         return
     table = Table(
         "grant", "source", "amount", "remaining", "expires at", title=f"{view['account_id']}: {view['balance']} credits"
@@ -143,7 +142,7 @@ def show_ledger(
     with runtime.load().uow() as uow:
         entries = [entry_view(e) for e in ledger.history(uow, accounts.get(uow, account), limit)]
     if as_json:
-        _print_json({"entries": entries})
+        support_cli.print_json({"entries": entries})
         return
     table = Table("id", "when", "kind", "amount", "reason", "actor", "idempotency key", title=account)
     for e in entries:
@@ -220,7 +219,7 @@ def show_usage(
     with rt.uow() as uow:
         view = usage.report(uow, rt.catalogue, accounts.get(uow, account), period)
     if as_json:
-        _print_json(view)
+        support_cli.print_json(view)
         return
     span = f"{view['period']['start'][:10]} → {view['period']['end'][:10]}"
     table = Table("", "credits", title=f"{view['account_id']}: {period} period {span}")
@@ -379,7 +378,7 @@ def events_list(
     with runtime.load().uow() as uow:
         rows = [_event_view(e) for e in inbox.listing(uow, status, limit)]
     if as_json:
-        _print_json({"events": rows})
+        support_cli.print_json({"events": rows})
         return
     table = Table("event", "type", "status", "attempts", "outcome / last error", "received")
     for r in rows:
@@ -419,10 +418,6 @@ def _event_view(event: Any) -> dict[str, Any]:
         "received_at": event.received_at.isoformat(),
         "next_attempt_at": event.next_attempt_at.isoformat(),
     }
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def main() -> None:

@@ -27,10 +27,6 @@ class KeyReused(Exception):
     """The key was used before with a different request."""
 
 
-class KeyInFlight(Exception):
-    """The key is held by a request that has not finished."""
-
-
 @dataclass(frozen=True)
 class Outcome:
     """A response to send: fresh, or replayed from the first request with the same key."""
@@ -48,14 +44,15 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
 
 def run_once(uow: UnitOfWork, key: str, digest: str, work: Callable[[], tuple[int, dict[str, Any]]]) -> Outcome:
     """Run `work` under `key` unless the key has a stored outcome, which is then replayed. Raises KeyReused
-    when the key was used with another request, KeyInFlight when that request has not finished."""
+    when the key was used with another request.
+
+    A stored key always has its answer: the claim and the answer commit together, and a concurrent request
+    with the same key waits for that commit (or for the rollback that frees the key)."""
     claim = {"key": key, "fingerprint": digest, "created_at": utcnow()}
     if uow.session.scalar(CLAIM[uow.dialect], claim) is None:
         earlier = uow.session.execute(EARLIER, {"key": key}).one()
         if earlier.fingerprint != digest:
             raise KeyReused(key)
-        if earlier.status_code is None or earlier.response is None:
-            raise KeyInFlight(key)
         return Outcome(earlier.status_code, earlier.response, replayed=True)
     status_code, body = work()
     uow.session.execute(STORE, {"claimed": key, "status_code": status_code, "response": body})

@@ -77,7 +77,7 @@ def backfill_referral(
     except stripe.StripeError as exc:
         _refuse(f"Stripe could not be read: {type(exc).__name__}: {exc.user_message or exc}")
     if as_json:
-        _print_json({**report.as_dict(), "audit_id": audit_id})
+        print_json({**report.as_dict(), "audit_id": audit_id})
         return
     _print_backfill(report, audit_id)
 
@@ -132,7 +132,7 @@ def audit_trail(
         acct = accounts.get(uow, account) if account else None
         rows = [audit.view(uow, entry) for entry in audit.listing(uow, acct, limit)]
     if as_json:
-        _print_json({"entries": rows})
+        print_json({"entries": rows})
         return
     table = Table("id", "when (UTC)", "actor", "action", "account", "ticket", title="audit trail")
     table.add_column("reason", overflow="fold")
@@ -239,7 +239,8 @@ def _changes(details: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in details.items() if not isinstance(value, dict | list))
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
+    """`data` as indented JSON on stdout (what `--json` prints)."""
     typer.echo(json.dumps(data, indent=2, default=str))
 
 

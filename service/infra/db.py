@@ -137,12 +137,24 @@ def customer_free(dialect: str, customer: ColumnElement[str]) -> ColumnElement[b
 
 
 # PostgreSQL: `customer_free`'s lock, taken by waiting for the transaction that holds it.
+def wait_for_customer(session: Session, customer: str) -> None:
+    """Take the customer's lock of `customer_free` for the rest of the transaction, waiting for whichever
+    transaction holds it (SQLite's one writer at a time makes it moot there)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(WAIT_FOR_CUSTOMER, {"customer": customer})
+
+
 WAIT_FOR_CUSTOMER = text("SELECT pg_advisory_xact_lock(hashtextextended(:customer, 0))")
 
 
 def is_postgresql(engine: Engine) -> bool:
     """Whether several writers can work at once (row locks); on SQLite one writer at a time does."""
     return engine.dialect.name == "postgresql"
+
+
+# What an HTTP answer calls the database being unavailable (a 503, so the client retries): an error of the
+# connection, or no pooled connection free in time.
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def is_conflict(error: BaseException) -> bool:

@@ -75,8 +75,7 @@ class UnitOfWork:
     def wait_for_customer(self, customer: str) -> None:
         """Take the customer's lock for the rest of the transaction (see `db.customer_free`), waiting for the
         transaction that holds it."""
-        if self.dialect == "postgresql":
-            self.session.execute(db.WAIT_FOR_CUSTOMER, {"customer": customer})
+        db.wait_for_customer(self.session, customer)
 
     def hold_inserted(self, account: Account) -> None:
         """An account row this transaction inserted: no other can see it until this one commits, so it is held

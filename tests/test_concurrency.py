@@ -57,12 +57,13 @@ def test_concurrent_spends_succeed_exactly_as_often_as_the_balance_allows(
     assert_consistent(rt, credits - succeed * each)
 
 
-def test_concurrent_spends_of_a_member_never_pass_its_allocation(client, rt) -> None:
-    fund(rt, 1000, members={"ana": 100})
-    outcomes = at_once(client, [{"amount": 10, "member_id": "ana"}] * 25, [f"s{n}" for n in range(25)])
+@pytest.mark.parametrize(("spends", "each", "allocation", "succeed"), [(25, 10, 100, 10), (50, 3, 100, 33)])
+def test_concurrent_spends_of_a_member_never_pass_its_allocation(client, rt, spends, each, allocation, succeed) -> None:
+    fund(rt, 1000, members={"ana": allocation})
+    outcomes = at_once(client, [{"amount": each, "member_id": "ana"}] * spends, [f"s{n}" for n in range(spends)])
     statuses = [status for status, _ in outcomes]
-    assert (statuses.count(200), statuses.count(402)) == (10, 15)
-    assert_consistent(rt, 900)
+    assert (statuses.count(200), statuses.count(402)) == (succeed, spends - succeed)
+    assert_consistent(rt, 1000 - succeed * each)
 
 
 def test_concurrent_spends_of_a_member_never_pass_the_balance_under_its_allocation(client, rt) -> None:

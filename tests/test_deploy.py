@@ -301,8 +301,8 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[s
     rt = runtime.load(settings)
     app = create_app(rt)
     found: dict[str, set[str]] = {}
-    # The OpenAPI schema lists every included route (FastAPI no longer flattens included routers into
-    # app.routes); plain routes are added for any route kept out of the schema.
+    # The OpenAPI schema lists every included route (app.routes holds the included routers, not their
+    # routes); plain routes are added for any route kept out of the schema.
     for path, operations in app.openapi()["paths"].items():
         found.setdefault(path, set()).update(method.upper() for method in operations)
     for route in app.routes:

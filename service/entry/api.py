@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import structlog
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -53,6 +54,11 @@ from webhooks.writer import InboxWriter
 
 log = logs.get("api")
 MAX_BODY = 1024 * 1024
+# Threads the plain-`def` routes run on at once (anyio's default is 40). Each holds a pooled connection for its
+# transaction, and past a few, more threads only contend for the GIL: at 32 concurrent spends 40 threads cost
+# the process half as much CPU again as 8 (bench/README.md, "What the mechanisms save"). With the writer, the
+# inline threads and the worker's threads they stay within db.POOL_SIZE.
+ROUTE_THREADS = 8
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
 
 
@@ -577,6 +583,7 @@ def create_app(rt: Runtime) -> Service:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        to_thread.current_default_thread_limiter().total_tokens = ROUTE_THREADS
         stop = threading.Event()
         drains = threading.Thread(target=worker.run_beside_the_api, args=(rt, stop), name="worker", daemon=True)
         if rt.settings.serve_worker:

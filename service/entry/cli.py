@@ -62,6 +62,9 @@ def _setup() -> None:
     logs.configure(settings.log_format, settings.log_threshold)
 
 
+SWITCH_INTERVAL = 0.0005  # seconds a thread may keep the GIL while another waits for it (Python's default: 0.005)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -99,6 +102,11 @@ def serve(
 
     from service.entry.api import create_app
 
+    # The API's threads (the inbox's writer, the routes' threads, the worker's) wait on the database, then for
+    # the GIL, which the event loop may hold meanwhile for the whole switch interval (Python's default 5 ms):
+    # every delivery's answer waits on the writer's thread. A shorter interval hands the GIL back sooner
+    # (bench/README.md, "What the mechanisms save").
+    sys.setswitchinterval(SWITCH_INTERVAL)
     # No proxy headers: the app reads neither the client's address nor the scheme, and parsing them costs
     # every request.
     uvicorn.run(create_app(rt), host=host, port=port, access_log=False, log_config=None, proxy_headers=False)

@@ -1,7 +1,8 @@
 """PostgreSQL: the inbox's payloads compressed with lz4 rather than pglz, where the server has lz4.
 
-A ~6 KB event body is stored out of line (TOAST) and compressed. pglz cost the server about 130 µs of CPU
-an INSERT and lz4 about 60 µs, at 3.2 KB a row against 2.9 KB (measured on a ~6 KB invoice event). Reads decompress faster too. The rows already stored keep pglz; PostgreSQL reads both.
+A ~6 KB event body is stored out of line (TOAST) and compressed: lz4 costs the database server about half
+the CPU of pglz per INSERT for a similar size, and decompresses faster (bench/README.md, "What the mechanisms
+save"). The rows already stored keep pglz; PostgreSQL reads both.
 SQLite has nothing of the kind.
 
 Revision ID: 0007
@@ -27,7 +28,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    _compress_with("DEFAULT")  # back to following default_toast_compression, as before
+    _compress_with("DEFAULT")  # follow the server's default_toast_compression
 
 
 def _compress_with(method: str) -> None:

@@ -10,17 +10,19 @@ can never pay twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import or_, select
+from sqlalchemy import Select, or_, select
 
 from jobs.pages import prefetched
 from jobs.referral_codes import ReferralCodes
 from service.domain import accounts, findings, ledger, referrals
-from service.infra import logs
+from service.infra import db, logs
 from service.infra import stripe_objects as so
 from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
 from service.infra.runtime import Runtime
@@ -127,8 +129,9 @@ def run(
     report = Report(since, until, fix, [], run_row.id)
     try:
         scan = Scan(rt, since, until, tick)
-        scan.events()
-        scan.invoices()
+        with _collector_on_new_objects_only():
+            scan.events()
+            scan.invoices()
         scan.local()
         report.found = list(scan.found.values())
         if fix:
@@ -145,6 +148,18 @@ def run(
         uow.commit()
     log.info("reconcile.finished", **{k: v for k, v in report.summary().items() if k != "remaining_by_kind"})
     return report
+
+
+@contextmanager
+def _collector_on_new_objects_only() -> Iterator[None]:
+    """Keep Python's cyclic collector off what exists already (the loaded modules, SQLAlchemy's and
+    pydantic's machinery) while Stripe's pages are decoded: each page's thousands of new objects trigger
+    collections, and a full one walks that whole heap again (bench/README.md, "What the mechanisms save")."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _attempt(finding: Found) -> bool:
@@ -185,8 +200,8 @@ class Scan:
         for page in prefetched(listed, PAGE):
             with self.rt.uow() as uow:
                 session = uow.session
-                query = select(StripeEvent.id, StripeEvent.status).where(StripeEvent.id.in_([e["id"] for e in page]))
-                statuses: dict[str, str] = dict(session.execute(query).all())
+                query = LOOKUPS[uow.dialect].statuses
+                statuses: dict[str, str] = dict(session.execute(query, {"ids": [e["id"] for e in page]}).all())
                 for event in page:
                     self.tick("events")
                     status = statuses.get(event["id"])
@@ -541,25 +556,12 @@ class Known:
 
     @classmethod
     def fetch(cls, uow: UnitOfWork, invoices: list[so.InvoiceFacts]) -> Known:
-        session = uow.session
-        outcomes = dict(
-            session.execute(select(Payment.id, Payment.outcome).where(Payment.id.in_([i.id for i in invoices]))).all()
-        )
+        session, queries = uow.session, LOOKUPS[uow.dialect]
+        outcomes = dict(session.execute(queries.outcomes, {"ids": [i.id for i in invoices]}).all())
         refs = list({ref for invoice in invoices for ref in _account_refs(invoice)})
-        found = [
-            AccountRef(*row)
-            for row in session.execute(
-                select(Account.id, Account.public_id, Account.stripe_customer_id).where(
-                    or_(Account.public_id.in_(refs), Account.stripe_customer_id.in_(refs))
-                )
-            )
-        ]
+        found = [AccountRef(*row) for row in session.execute(queries.accounts, {"refs": refs})]
         referrals: dict[int, list[ReferralRef]] = {}
-        for row in session.execute(
-            select(Referral.id, Referral.referee_id, Referral.status).where(
-                Referral.referee_id.in_([a.id for a in found])
-            )
-        ):
+        for row in session.execute(queries.referrals, {"ids": [a.id for a in found]}):
             referrals.setdefault(row.referee_id, []).append(ReferralRef(*row))
         return cls(
             outcomes,
@@ -571,6 +573,31 @@ class Known:
     def account(self, ref: str) -> AccountRef | None:
         """As `accounts.find`: the account whose public id is `ref`, else the one whose customer id is."""
         return self.by_public_id.get(ref) or self.by_customer.get(ref)
+
+
+class Lookups(NamedTuple):
+    """The scan's queries for a page, each taking the page's ids as one list parameter (`db.among`)."""
+
+    statuses: Select[str, str]
+    outcomes: Select[str, str]
+    accounts: Select[int, str, str | None]
+    referrals: Select[int, int, str]
+
+
+def _lookups(dialect: str) -> Lookups:
+    return Lookups(
+        statuses=select(StripeEvent.id, StripeEvent.status).where(db.among(dialect, StripeEvent.id, "ids")),
+        outcomes=select(Payment.id, Payment.outcome).where(db.among(dialect, Payment.id, "ids")),
+        accounts=select(Account.id, Account.public_id, Account.stripe_customer_id).where(
+            or_(db.among(dialect, Account.public_id, "refs"), db.among(dialect, Account.stripe_customer_id, "refs"))
+        ),
+        referrals=select(Referral.id, Referral.referee_id, Referral.status).where(
+            db.among(dialect, Referral.referee_id, "ids")
+        ),
+    )
+
+
+LOOKUPS = {dialect: _lookups(dialect) for dialect in db.DIALECTS}  # built once, for each database
 
 
 def _accounts(uow: UnitOfWork, customer: str | None) -> list[str]:

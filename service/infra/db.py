@@ -10,12 +10,25 @@ import functools
 from typing import Any
 
 import psycopg
-from sqlalchemy import ColumnElement, Engine, Table, Text, bindparam, cast, create_engine, event, func, text, true
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    text,
+    true,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 from sqlalchemy.sql.dml import ReturningInsert
 
 # Connections per process, kept open: as many as requests, worker threads and inline processing use at once.
@@ -75,6 +88,18 @@ def _sqlite_begin(connection: Any) -> None:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit (answers are built from them)."""
     return sessionmaker(engine, expire_on_commit=False, autobegin=True)
+
+
+def among(dialect: str, column: ColumnElement[Any] | QueryableAttribute[Any], name: str) -> ColumnElement[bool]:
+    """`column` is one of the list passed as the parameter `name`.
+
+    On PostgreSQL `= ANY(:name)`, the list sent as one array: an `IN` list of a page's 100 values is rendered
+    into the SQL by SQLAlchemy and parsed back out by psycopg on every query, and its text changes with the
+    list's length, so it is never prepared (bench/README.md, "What the mechanisms save"). SQLite has no
+    arrays: the list is expanded there."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 def insert(dialect: str, table: type[Any] | Table) -> Insert:

@@ -208,12 +208,17 @@ class World:
         if kind == "event":
             assert dispatch.process(self.rt, which, replay=True, now=self.now) == "processed"
         else:
-            amount = dict(self.spends)[which].amount
+            first = dict(self.spends)[which]
             with committed(self.rt) as uow:
-                again = ledger.debit(
-                    uow, accounts.get(uow, self.account), amount, kind="spend", key=which, now=self.now
+                again = spending.spend(
+                    uow,
+                    self.rt.catalogue,
+                    accounts.get(uow, self.account),
+                    spending.Charge(amount=first.amount, member_id=first.member),
+                    key=which,
+                    now=self.now,
                 )
-            assert again.created is False
+            assert again.charged == first.amount  # the first answer, whatever the balance and limits say now
         assert (self.entries(), self.balance()) == (count, before)
 
     def deliver(self, event: dict[str, object]) -> None:

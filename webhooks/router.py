@@ -16,7 +16,6 @@ from typing import Any
 
 import stripe
 from sqlalchemy.exc import DataError, IntegrityError
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -46,19 +45,20 @@ def endpoint(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | N
 
     async def app(scope: Scope, receive_message: Receive, send: Send) -> None:
         if scope["method"] == "POST":
-            response = await receive(Request(scope, receive_message))
+            signature = dict(scope["headers"]).get(b"stripe-signature", b"").decode("latin-1")
+            response = await receive(await _body(receive_message), signature)
         else:
             response = _error(405, "http_error", "Method Not Allowed")  # as the API answers it
             response.headers["Allow"] = "POST"
         await response(scope, receive_message, send)
 
-    async def receive(request: Request) -> JSONResponse:
+    async def receive(body: bytes | None, signature: str) -> JSONResponse:
         """Stripe's webhook endpoint: 200 once the event is stored (also for a redelivery or a type the
         service ignores), so Stripe never retries what is safely in the inbox."""
         try:
-            event, text = verified_event(
-                await request.body(), request.headers.get("stripe-signature", ""), rt.settings.webhook_secrets
-            )
+            if body is None:
+                raise Refused(400, "the client went away before sending the whole body")
+            event, text = verified_event(body, signature, rt.settings.webhook_secrets)
         except Refused as refused:
             metrics.WEBHOOKS.labels("unverified", f"refused_{refused.status_code}").inc()
             log.warning("webhook.refused", status=refused.status_code, reason=refused.reason)
@@ -80,6 +80,18 @@ def endpoint(rt: Runtime, writer: InboxWriter, on_stored: Callable[[str, str | N
         return JSONResponse({"received": True, "duplicate": not new})
 
     return app
+
+
+async def _body(receive: Receive) -> bytes | None:
+    """The request's body as sent (None when the client went away first); the app's BodyLimit bounds it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

@@ -262,7 +262,7 @@ def spend_deadline(grant_row: Grant, account: Account, now: datetime) -> datetim
 
 def granted(uow: UnitOfWork, key: str) -> bool:
     """Whether an entry holds `key` already."""
-    return bool(taken(uow, [key]))
+    return uow.session.scalar(KEY_TAKEN, {"key": key}) is not None
 
 
 def earlier(uow: UnitOfWork, key: str, account: Account, kind: str, amount: int | None = None) -> Entry | None:
@@ -437,6 +437,7 @@ BY_KEY = select(
     _entries.c.idempotency_key,
     _entries.c.metadata,
 ).where(_entries.c.idempotency_key == bindparam("key"))
+KEY_TAKEN = select(_entries.c.id).where(_entries.c.idempotency_key == bindparam("key"))
 KEYS_TAKEN = select(_entries.c.idempotency_key).where(_entries.c.idempotency_key.in_(bindparam("keys", expanding=True)))
 GRANT_BY_KEY = (
     select(Grant)

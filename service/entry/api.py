@@ -55,9 +55,9 @@ from webhooks.writer import InboxWriter
 log = logs.get("api")
 MAX_BODY = 1024 * 1024
 # Threads the plain-`def` routes run on at once (anyio's default is 40). Each holds a pooled connection for its
-# transaction, and past a few, more threads only contend for the GIL: at 32 concurrent spends 40 threads cost
-# the process half as much CPU again as 8 (bench/README.md, "What the mechanisms save"). With the writer, the
-# inline threads and the worker's threads they stay within db.POOL_SIZE.
+# transaction, and past a few, more threads only contend for the GIL (bench/README.md, "What the mechanisms
+# save"). With the writer, the two inline threads and up to nine worker threads they fit in db.POOL_SIZE;
+# beyond that a transaction waits for a free connection.
 ROUTE_THREADS = 8
 bearer = HTTPBearer(auto_error=False, description="CREDITS_API_TOKEN, or CREDITS_ADMIN_TOKEN for admin routes")
 
@@ -144,8 +144,9 @@ health = APIRouter(tags=["health"])
 
 
 @health.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
+async def healthz() -> dict[str, str]:
+    """The process is up. On the event loop, not a route thread: a liveness probe must answer while every
+    route thread waits on an unreachable database."""
     return {"status": "ok"}
 
 

@@ -53,6 +53,7 @@ def run_once(uow: UnitOfWork, key: str, digest: str, work: Callable[[], tuple[in
         earlier = uow.session.execute(EARLIER, {"key": key}).one()
         if earlier.fingerprint != digest:
             raise KeyReused(key)
+        assert earlier.status_code is not None  # stored with its claim, in the claim's transaction
         return Outcome(earlier.status_code, earlier.response, replayed=True)
     status_code, body = work()
     uow.session.execute(STORE, {"claimed": key, "status_code": status_code, "response": body})

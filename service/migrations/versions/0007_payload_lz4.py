@@ -1,7 +1,7 @@
 """PostgreSQL: the inbox's payloads compressed with lz4 rather than pglz, where the server has lz4.
 
-A ~6 KB event body is stored out of line (TOAST) and compressed: lz4 costs the database server about half
-the CPU of pglz per INSERT for a similar size, and decompresses faster (bench/README.md, "What the mechanisms
+A ~6 KB event body is stored out of line (TOAST) and compressed: lz4 costs the database server less CPU
+than pglz per INSERT for a similar size, and decompresses faster (bench/README.md, "What the mechanisms
 save"). The rows already stored keep pglz; PostgreSQL reads both.
 SQLite has nothing of the kind.
 

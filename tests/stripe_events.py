@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -99,6 +100,17 @@ def invoice(
             obj.update(payment_intent=payment_intent, charge=charge)
         else:
             line["pricing"] = {"type": "price_details", "price_details": {"price": price, "product": "prod_1"}}
+            line["parent"] = {  # the subscription's line for the period, not a proration
+                "type": "subscription_item_details",
+                "invoice_item_details": None,
+                "subscription_item_details": {
+                    "invoice_item": None,
+                    "proration": False,
+                    "proration_details": {"credited_items": None},
+                    "subscription": subscription,
+                    "subscription_item": "si_1",
+                },
+            }
             obj["parent"] = {
                 "type": "subscription_details",
                 "subscription_details": {"subscription": subscription, "metadata": subscription_metadata or {}},
@@ -122,6 +134,53 @@ def invoice(
         period_start=start,
         period_end=end,
     )
+    return obj
+
+
+@dataclass(frozen=True)
+class Line:
+    """An invoice line: its price, amount (negative for unused time) and period, and whether it prorates."""
+
+    price: str
+    amount: int
+    period: tuple[datetime, datetime]
+    proration: bool = False
+
+
+def invoice_of_lines(era: str, lines: list[Line], **fields: Any) -> dict[str, Any]:
+    """A paid invoice with these lines, in the order given (Stripe lists the unused time first), each in the
+    shape of `era`: `proration` and `type` on the line to 2025-03-31, `parent.subscription_item_details`
+    after. `fields` are `invoice`'s."""
+    obj = invoice(era, price=lines[0].price, **fields)
+    template = obj["lines"]["data"][0]
+    subscription = fields.get("subscription", "sub_1")
+    built = []
+    for n, line in enumerate(lines):
+        data = copy.deepcopy(template)
+        data.update(
+            id=f"il_{n}", amount=line.amount, period={"start": epoch(line.period[0]), "end": epoch(line.period[1])}
+        )
+        if era == "2017":
+            data["plan"]["id"] = line.price
+            data["proration"] = line.proration
+        elif era == "2020":
+            data["price"] = {"id": line.price, "object": "price"}
+            data.update(proration=line.proration, type="invoiceitem" if line.proration else "subscription")
+        else:
+            data["pricing"] = {"type": "price_details", "price_details": {"price": line.price, "product": "prod_1"}}
+            data["parent"] = {
+                "type": "subscription_item_details",
+                "invoice_item_details": None,
+                "subscription_item_details": {
+                    "invoice_item": f"ii_{n}" if line.proration else None,
+                    "proration": line.proration,
+                    "proration_details": {"credited_items": None},
+                    "subscription": subscription,
+                    "subscription_item": "si_1",
+                },
+            }
+        built.append(data)
+    obj["lines"]["data"] = built
     return obj
 
 

@@ -56,7 +56,7 @@ def _refill(
     if invoice.amount_paid <= 0:
         record("no_credits", detail="amount_paid is 0 (trial or fully discounted)")
         return "no credits: amount_paid is 0"
-    found = next((hit for hit in map(catalogue.plan_for_price, invoice.price_ids) if hit), None)
+    found = next((hit for hit in map(catalogue.plan_for_price, invoice.billed_prices) if hit), None)
     if found is None:
         prices = ", ".join(invoice.price_ids) or "none"
         record("unknown_price", detail=f"no plan in the catalogue for price(s) {prices}")

@@ -51,6 +51,7 @@ class InvoiceFacts:
     subscription_metadata: dict[str, str] | None
     metadata: dict[str, str]
     price_ids: list[str]
+    billed_prices: list[str]
     period_start: datetime | None
     period_end: datetime | None
     payment_intent: str | None
@@ -78,6 +79,7 @@ def invoice(obj: Obj) -> InvoiceFacts:
         subscription_metadata=dict(sub_metadata) if isinstance(sub_metadata, dict) else None,
         metadata=metadata(obj),
         price_ids=[p for p in (_line_price(line) for line in lines) if p],
+        billed_prices=_billed_prices(lines),
         period_start=min((t for t in (timestamp(p.get("start")) for p in periods) if t), default=None),
         period_end=max((t for t in (timestamp(p.get("end")) for p in periods) if t), default=None),
         payment_intent=ref(obj.get("payment_intent")) or _invoice_payment_intent(obj),
@@ -85,6 +87,24 @@ def invoice(obj: Obj) -> InvoiceFacts:
         customer_email=obj.get("customer_email"),
         paid_at=paid_at,
     )
+
+
+def _billed_prices(lines: list[Obj]) -> list[str]:
+    """The prices that may name the plan an invoice bills, in the order to try them: those of its lines for
+    the period (not prorations); on an invoice of prorations only (an upgrade billed at once), those of its
+    positive proration lines. A negative proration (the unused time on the old plan, which Stripe lists
+    first) never names it."""
+    for_period = [line for line in lines if not _proration(line)]
+    chosen = for_period or [line for line in lines if _proration(line) and _int(line.get("amount")) > 0]
+    return [p for p in (_line_price(line) for line in chosen) if p]
+
+
+def _proration(line: Obj) -> bool:
+    """Whether an invoice line is a proration: `proration` on the line (to 2025-03-31), or on the details its
+    parent's `type` names (2025-03-31+: `subscription_item_details` or `invoice_item_details`)."""
+    parent = line.get("parent")
+    details = parent.get(str(parent.get("type"))) if isinstance(parent, dict) else None
+    return line.get("proration") is True or (isinstance(details, dict) and details.get("proration") is True)
 
 
 def _line_price(line: Obj) -> str | None:

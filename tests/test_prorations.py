@@ -1,0 +1,81 @@
+"""Upgrades and downgrades: the plan an invoice grants is the one its period's line bills, in every API era's
+line shape (`proration` and `type` on the line to 2025-03-31, `parent.subscription_item_details` after)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import stripe_events as se
+from tests.helpers import T0, state
+from tests.stripe_events import Line
+
+JAN = (T0, T0.replace(month=2))
+FEB = (T0.replace(month=2), T0.replace(month=3))
+MID_JAN = (T0.replace(day=16), T0.replace(month=2))
+ERAS = ["2020", "2025"]  # the eras whose invoices carry prorations (2017's localstripe bills none)
+
+
+def pay(deliver, era: str, invoice_id: str, lines: list[Line], reason: str) -> None:
+    obj = se.invoice_of_lines(
+        era,
+        lines,
+        invoice_id=invoice_id,
+        customer="cus_1",
+        amount_paid=max(1, sum(line.amount for line in lines)),
+        billing_reason=reason,
+        period=lines[-1].period,
+        subscription_metadata={"account_id": "acct_1"},
+    )
+    assert deliver(se.event("invoice.paid", obj, era=era)).status_code == 200
+
+
+def subscribe_to_starter(deliver, era: str) -> None:
+    pay(deliver, era, "in_1", [Line("price_starter_monthly", 2000, JAN)], "subscription_create")
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_an_upgrade_billed_at_once_tops_the_period_up_to_the_new_plan(deliver, rt, era: str) -> None:
+    subscribe_to_starter(deliver, era)
+    unused, remaining = (
+        Line("price_starter_monthly", -1000, MID_JAN, True),
+        Line("price_pro_monthly", 2500, MID_JAN, True),
+    )
+    pay(deliver, era, "in_up", [unused, remaining], "subscription_update")
+    assert state(rt, "acct_1") == (
+        [("grant", 2000, "invoice:in_1"), ("grant", 3000, "invoice:in_up")],
+        [("plan", 2000, 2000, 0, 0, 0), ("plan", 3000, 3000, 0, 0, 0)],
+    )
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_an_upgrade_billed_at_once_tops_up_once(deliver, rt, era: str) -> None:
+    subscribe_to_starter(deliver, era)
+    lines = [Line("price_starter_monthly", -1000, MID_JAN, True), Line("price_pro_monthly", 2500, MID_JAN, True)]
+    pay(deliver, era, "in_up", lines, "subscription_update")
+    pay(deliver, era, "in_up", lines, "subscription_update")
+    assert [key for _, _, key in state(rt, "acct_1")[0]] == ["invoice:in_1", "invoice:in_up"]
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_the_next_cycle_after_an_upgrade_grants_the_new_plan_not_the_unused_time(deliver, rt, era: str) -> None:
+    """Stripe's default (`create_prorations`): the prorations ride on the next cycle's invoice, unused time
+    first; the plan is the line for the new period."""
+    subscribe_to_starter(deliver, era)
+    lines = [
+        Line("price_starter_monthly", -1000, MID_JAN, True),
+        Line("price_pro_monthly", 2500, MID_JAN, True),
+        Line("price_pro_monthly", 5000, FEB),
+    ]
+    pay(deliver, era, "in_2", lines, "subscription_cycle")
+    assert state(rt, "acct_1") == (
+        [("grant", 2000, "invoice:in_1"), ("grant", 5000, "invoice:in_2")],
+        [("plan", 2000, 2000, 0, 0, 0), ("plan", 5000, 5000, 0, 0, 0)],
+    )
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_a_downgrade_billed_at_once_takes_nothing_back_and_grants_nothing(deliver, rt, era: str) -> None:
+    pay(deliver, era, "in_1", [Line("price_pro_monthly", 5000, JAN)], "subscription_create")
+    lines = [Line("price_pro_monthly", -2500, MID_JAN, True), Line("price_starter_monthly", 1000, MID_JAN, True)]
+    pay(deliver, era, "in_down", lines, "subscription_update")
+    assert state(rt, "acct_1") == ([("grant", 5000, "invoice:in_1")], [("plan", 5000, 5000, 0, 0, 0)])

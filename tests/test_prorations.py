@@ -79,3 +79,20 @@ def test_a_downgrade_billed_at_once_takes_nothing_back_and_grants_nothing(delive
     lines = [Line("price_pro_monthly", -2500, MID_JAN, True), Line("price_starter_monthly", 1000, MID_JAN, True)]
     pay(deliver, era, "in_down", lines, "subscription_update")
     assert state(rt, "acct_1") == ([("grant", 5000, "invoice:in_1")], [("plan", 5000, 5000, 0, 0, 0)])
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_a_plan_priced_per_seat_grants_its_credits_for_each_seat(deliver, rt, era: str) -> None:
+    obj = se.invoice_of_lines(
+        era,
+        [Line("price_team_seat", 3000, JAN)],
+        invoice_id="in_team",
+        customer="cus_1",
+        amount_paid=3000,
+        billing_reason="subscription_create",
+        period=JAN,
+        subscription_metadata={"account_id": "acct_1"},
+    )
+    obj["lines"]["data"][0]["quantity"] = 3
+    assert deliver(se.event("invoice.paid", obj, era=era)).status_code == 200
+    assert state(rt, "acct_1") == ([("grant", 1500, "invoice:in_team")], [("plan", 1500, 1500, 0, 0, 0)])

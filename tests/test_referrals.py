@@ -382,3 +382,24 @@ def test_a_retry_in_a_real_deadlock_with_a_handler_leaves_the_worker_draining(
     assert drained == [{"referral retries failed": 1}]
     assert worker.drain(rt) == {"referrals retried": 1}
     assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
+
+
+def test_a_referrers_first_invoice_keeps_the_referral_credits_it_already_earned(client, deliver, rt) -> None:
+    """The rollover policy runs at renewals only: a first invoice has nothing to carry over, so it cuts
+    nothing — here the referrer's 3,000 earned before it subscribed to a plan that carries nothing over."""
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+    assert balance_of(rt, "acct_ana") == 3000
+    first = se.invoice(
+        "2025",
+        invoice_id="in_ana_1",
+        customer="cus_acct_ana",
+        price="price_outreach_monthly",
+        amount_paid=9900,
+        billing_reason="subscription_create",
+        period=THIS_MONTH,
+        subscription_metadata={"account_id": "acct_ana"},
+    )
+    deliver(se.event("invoice.paid", first))
+    assert state(rt, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer"), ("grant", 1000, "invoice:in_ana_1")]
+    assert balance_of(rt, "acct_ana") == 4000

@@ -56,18 +56,20 @@ def _refill(
     if invoice.amount_paid <= 0:
         record("no_credits", detail="amount_paid is 0 (trial or fully discounted)")
         return "no credits: amount_paid is 0"
-    found = next((hit for hit in map(catalogue.plan_for_price, invoice.billed_prices) if hit), None)
+    found, seats = next(
+        ((hit, line.quantity) for line in invoice.billed if (hit := catalogue.plan_for_price(line.price))), (None, 1)
+    )
     if found is None:
         prices = ", ".join(invoice.price_ids) or "none"
         record("unknown_price", detail=f"no plan in the catalogue for price(s) {prices}")
         log.warning("refill.unknown_price", invoice=invoice.id, prices=invoice.price_ids, account_id=account.public_id)
         return f"unknown price: {prices}"
     name, plan = found
-    credits = plan.credits
+    credits = allowance = plan.credits_for(seats)
     if invoice.billing_reason == "subscription_update":
-        credits = max(0, plan.credits - _granted_for_period(uow, account, invoice.period_end))
-    else:
-        rollover.apply(uow, account, plan, plan.credits, key=f"rollover:{invoice.id}", now=now)
+        credits = max(0, allowance - _granted_for_period(uow, account, invoice.period_end))
+    elif invoice.billing_reason != "subscription_create":  # a renewal: a first invoice has nothing to carry over
+        rollover.apply(uow, account, plan, allowance, key=f"rollover:{invoice.id}", now=now)
     if credits > 0:
         ledger.grant(
             uow,

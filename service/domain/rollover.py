@@ -33,7 +33,7 @@ def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: i
     by this renewal, whatever it cuts.
     """
     kept_until = _take_extension(account, now)
-    limit = policy.carry_limit()
+    limit = policy.carry_limit(incoming)
     if limit is None:
         return 0
     held = _held(uow, account, now)

@@ -32,13 +32,15 @@ class RolloverPolicy(_Strict):
     rollover: Rollover = "cap"
     rollover_cap: Annotated[float, Field(ge=0)] = 2.0
 
-    def carry_limit(self) -> int | None:
-        """Most credits under the policy held after a renewal grant lands; None means no limit."""
+    def carry_limit(self, incoming: int | None = None) -> int | None:
+        """Most credits under the policy held after a renewal grant of `incoming` lands (by default the
+        policy's `credits`; more for a plan priced per seat); None means no limit."""
+        granted = self.credits if incoming is None else incoming
         if self.rollover == "all":
             return None
         if self.rollover == "none":
-            return self.credits
-        return int(self.rollover_cap * self.credits)
+            return granted
+        return int(self.rollover_cap * granted)
 
 
 class Plan(RolloverPolicy):
@@ -46,6 +48,12 @@ class Plan(RolloverPolicy):
 
     prices: Annotated[list[str], Field(min_length=1)]
     interval: Literal["month", "year"] = "month"
+    # Priced per seat: an invoice grants `credits` for each unit of its line's quantity.
+    per_seat: bool = False
+
+    def credits_for(self, quantity: int) -> int:
+        """Credits an invoice for `quantity` units of the plan grants."""
+        return self.credits * max(1, quantity) if self.per_seat else self.credits
 
 
 class Pack(_Strict):

@@ -39,6 +39,14 @@ def metadata(obj: Obj | None) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Billed:
+    """An invoice line that may bill a plan: its price and quantity (seats, for a plan priced per seat)."""
+
+    price: str
+    quantity: int
+
+
+@dataclass(frozen=True)
 class InvoiceFacts:
     """What a refill, a referral qualification and a refund need to know about an invoice."""
 
@@ -51,7 +59,7 @@ class InvoiceFacts:
     subscription_metadata: dict[str, str] | None
     metadata: dict[str, str]
     price_ids: list[str]
-    billed_prices: list[str]
+    billed: list[Billed]
     period_start: datetime | None
     period_end: datetime | None
     payment_intent: str | None
@@ -79,7 +87,7 @@ def invoice(obj: Obj) -> InvoiceFacts:
         subscription_metadata=dict(sub_metadata) if isinstance(sub_metadata, dict) else None,
         metadata=metadata(obj),
         price_ids=[p for p in (_line_price(line) for line in lines) if p],
-        billed_prices=_billed_prices(lines),
+        billed=_billed(lines),
         period_start=min((t for t in (timestamp(p.get("start")) for p in periods) if t), default=None),
         period_end=max((t for t in (timestamp(p.get("end")) for p in periods) if t), default=None),
         payment_intent=ref(obj.get("payment_intent")) or _invoice_payment_intent(obj),
@@ -89,14 +97,14 @@ def invoice(obj: Obj) -> InvoiceFacts:
     )
 
 
-def _billed_prices(lines: list[Obj]) -> list[str]:
-    """The prices that may name the plan an invoice bills, in the order to try them: those of its lines for
-    the period (not prorations); on an invoice of prorations only (an upgrade billed at once), those of its
-    positive proration lines. A negative proration (the unused time on the old plan, which Stripe lists
+def _billed(lines: list[Obj]) -> list[Billed]:
+    """The lines that may name the plan an invoice bills, in the order to try them: its lines for the period
+    (not prorations); on an invoice of prorations only (an upgrade billed at once), its positive proration
+    lines. A negative proration (the unused time on the old plan, which Stripe lists
     first) never names it."""
     for_period = [line for line in lines if not _proration(line)]
     chosen = for_period or [line for line in lines if _proration(line) and _int(line.get("amount")) > 0]
-    return [p for p in (_line_price(line) for line in chosen) if p]
+    return [Billed(price, max(1, _int(line.get("quantity")))) for line in chosen if (price := _line_price(line))]
 
 
 def _proration(line: Obj) -> bool:

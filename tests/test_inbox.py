@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import event, select, text
 
 from jobs import worker
+from service.infra.config import Settings
 from service.infra.models import StripeEvent, utcnow
 from service.infra.runtime import Runtime
 from tests import stripe_events as se
@@ -236,3 +237,24 @@ def test_a_failure_in_a_batch_is_recorded_on_its_event_and_the_others_are_proces
         ("processed", 1),
     ]
     assert [key for _, _, key in state(rt, "acct_1")[0]] == ["invoice:in_0", "invoice:in_2"]
+
+
+def test_with_the_defaults_a_failing_event_is_retried_for_three_days_before_it_is_dead(rt: Runtime) -> None:
+    defaults = Settings()
+    first = utcnow()
+    with committed(rt) as uow:
+        inbox.store(uow, se.event("invoice.paid", unlinked_invoice(), event_id="evt_1"), first)
+    now, status = first, "failed"
+    while status != "dead":
+        with committed(rt) as uow:
+            status = inbox.record_failure(
+                uow,
+                "evt_1",
+                RuntimeError("the payment has not arrived yet"),
+                max_attempts=defaults.worker_max_attempts,
+                backoff_seconds=defaults.worker_backoff_seconds,
+                now=now,
+            )
+        if status != "dead":
+            now = event_row(rt, "evt_1").next_attempt_at
+    assert now - first >= timedelta(days=3)

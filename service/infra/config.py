@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_token: SecretStr | None = None
     inbox_alert_seconds: float = 300.0
-    worker_max_attempts: int = 8
+    # With the default backoff (30 s doubling, at most 6 h) an event that keeps failing is retried for about
+    # 74 hours before it is dead: Stripe itself retries for three days, and an event that arrives before
+    # the one it depends on (a refund before its payment) must outlive that wait.
+    worker_max_attempts: int = 22
     worker_backoff_seconds: float = 30.0
     # Whether `credits serve` also runs the worker's drain loop, so that one process is a whole system. Off
     # where `credits worker` runs on its own (compose, Kubernetes): `credits serve --no-worker` says the same.

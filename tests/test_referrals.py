@@ -261,11 +261,43 @@ def test_a_refund_after_the_window_keeps_the_payouts(client, deliver, rt) -> Non
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
-    deliver(
-        se.event("charge.refunded", se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349"))
-    )
+    refunded = se.charge(charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349")
+    deliver(se.event("charge.refunded", refunded, created=NOW))  # no refunds listed: the event's time counts
     assert balance_of(rt, "acct_ana") == 3000
     assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+
+
+def test_the_clawback_window_counts_from_the_refunds_own_time_not_from_its_processing(client, deliver, rt) -> None:
+    """Paid 45 days ago and refunded 5 days after, the refund processed only now (a retried event): inside
+    the 30-day window by the refund's `created`, so both payouts are clawed back."""
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
+    refunded = se.charge(
+        charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349", refunds=[("re_1", 34900)]
+    )
+    refunded["refunds"]["data"][0]["created"] = int((NOW - timedelta(days=40)).timestamp())
+    deliver(se.event("charge.refunded", refunded))
+    assert referral_rows(rt, "acct_ana") == [
+        ("grant", 3000, "referral:1:referrer"),
+        ("reverse", -3000, "clawback:1:referrer"),
+    ]
+    assert referral_rows(rt, "acct_bob") == [
+        ("grant", 3000, "referral:1:referee"),
+        ("reverse", -3000, "clawback:1:referee"),
+    ]
+
+
+def test_a_refund_made_after_the_window_keeps_the_payouts_whenever_it_is_processed(client, deliver, rt) -> None:
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
+    refunded = se.charge(
+        charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349", refunds=[("re_1", 34900)]
+    )
+    refunded["refunds"]["data"][0]["created"] = int((NOW - timedelta(days=10)).timestamp())
+    deliver(se.event("charge.refunded", refunded))
+    assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
 
 
 def test_a_partial_refund_that_still_qualifies_keeps_the_payouts(client, deliver, rt) -> None:

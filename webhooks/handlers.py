@@ -139,7 +139,10 @@ def charge_refunded(ctx: Context, obj: so.Obj) -> str:
     outcome = reversals.reverse_payment(
         ctx.uow, payment, charge.amount_refunded, total, key=key, reason=f"refund of {payment.id}", now=ctx.now
     )
-    clawback = referrals.claw_back(ctx.uow, ctx.catalogue, payment, total - charge.amount_refunded, ctx.now)
+    refunded_at = charge.refunded_at or ctx.event.created  # the refund's time, not when it was processed
+    clawback = referrals.claw_back(
+        ctx.uow, ctx.catalogue, payment, total - charge.amount_refunded, ctx.now, refunded_at=refunded_at
+    )
     return outcome + (f"; {clawback}" if clawback else "")
 
 
@@ -158,7 +161,9 @@ def dispute_closed(ctx: Context, obj: so.Obj) -> str:
         reason=f"lost dispute {dispute.id} of {payment.id}",
         now=ctx.now,
     )
-    clawback = referrals.claw_back(ctx.uow, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now)
+    clawback = referrals.claw_back(
+        ctx.uow, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now, refunded_at=ctx.event.created
+    )
     return outcome + (f"; {clawback}" if clawback else "")
 
 

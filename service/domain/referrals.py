@@ -227,14 +227,23 @@ def _side_key(referral: Referral, side: str) -> str:
     return f"referral:{referral.id}:{side}"
 
 
-def claw_back(uow: UnitOfWork, catalogue: Catalogue, payment: Payment, refunded_to: int, now: datetime) -> str | None:
-    """If `payment` qualified a referral and, refunded down to `refunded_to`, no longer qualifies — within
-    `clawback_days` of being paid — reverse both payouts' unspent credits."""
+def claw_back(
+    uow: UnitOfWork,
+    catalogue: Catalogue,
+    payment: Payment,
+    refunded_to: int,
+    now: datetime,
+    *,
+    refunded_at: datetime | None = None,
+) -> str | None:
+    """If `payment` qualified a referral and, refunded down to `refunded_to`, no longer qualifies — refunded
+    (at `refunded_at`, the refund's own time; else `now`) within `clawback_days` of being paid — reverse both
+    payouts' unspent credits. However late the refund is processed, its own time decides."""
     referral = uow.session.scalar(select(Referral).where(Referral.qualifying_payment == payment.id))
     terms = catalogue.referrals
     if referral is None or referral.status == "reversed" or refunded_to >= max(terms.min_amount, 1):
         return None
-    if now - payment.paid_at > timedelta(days=terms.clawback_days):
+    if (refunded_at or now) - payment.paid_at > timedelta(days=terms.clawback_days):
         return f"referral {referral.id} kept: refunded after the {terms.clawback_days}-day clawback window"
     before = referral.status
     shortfall = 0

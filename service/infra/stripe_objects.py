@@ -142,6 +142,7 @@ class ChargeFacts:
     invoice: str | None
     payment_intent: str | None
     latest_refund: str | None
+    refunded_at: datetime | None  # the latest refund's own time, when the charge lists its refunds
 
 
 def charge(obj: Obj) -> ChargeFacts:
@@ -156,6 +157,7 @@ def charge(obj: Obj) -> ChargeFacts:
         invoice=ref(obj.get("invoice")),
         payment_intent=ref(obj.get("payment_intent")),
         latest_refund=latest.get("id") if latest else None,
+        refunded_at=timestamp(latest.get("created")) if latest else None,
     )
 
 

@@ -435,3 +435,14 @@ def test_a_referrers_first_invoice_keeps_the_referral_credits_it_already_earned(
     deliver(se.event("invoice.paid", first))
     assert state(rt, "acct_ana")[0] == [("grant", 3000, "referral:1:referrer"), ("grant", 1000, "invoice:in_ana_1")]
     assert balance_of(rt, "acct_ana") == 4000
+
+
+def test_reading_the_referrals_view_writes_nothing(client, rt) -> None:
+    with committed(rt) as uow:
+        accounts.get_or_create(uow, "acct_ana")
+    view = client.get("/v1/accounts/acct_ana/referrals").json()
+    assert (view["code"], view["link"], view["referrals"]) == (None, None, [])
+    with rt.uow() as uow:
+        assert accounts.get(uow, "acct_ana").referral_code is None
+    code = code_of(client, "acct_ana")
+    assert client.get("/v1/accounts/acct_ana/referrals").json()["code"] == code

@@ -289,8 +289,9 @@ def retry(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime
 
 
 def view(uow: UnitOfWork, account: Account, link_base: str) -> dict[str, Any]:
-    """What Settings → Referrals shows: the code and link, credits earned, and each referral's state."""
-    code = code_for(uow, account)
+    """What Settings → Referrals shows: the code and link (None until `code_for` makes one: a read writes
+    nothing), credits earned, and each referral's state."""
+    code = account.referral_code
     rows = uow.session.scalars(select(Referral).where(Referral.referrer_id == account.id).order_by(Referral.id)).all()
     referrals = []
     for r in rows:
@@ -308,7 +309,7 @@ def view(uow: UnitOfWork, account: Account, link_base: str) -> dict[str, Any]:
         )
     return {
         "code": code,
-        "link": link(code, link_base),
+        "link": link(code, link_base) if code else None,
         "credits_earned": sum(r["credits_earned"] for r in referrals),
         "referrals": referrals,
     }

@@ -390,9 +390,7 @@ def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: 
 def get_referrals(account: str, rt: RuntimeDep) -> dict[str, Any]:
     """Settings → Referrals: the code and link, credits earned, and every referral with its status."""
     with rt.uow() as uow:
-        view = referrals.view(uow, _account(uow, account), rt.settings.referral_link_base)
-        uow.commit()  # the code is made on first use
-        return view
+        return referrals.view(uow, _account(uow, account), rt.settings.referral_link_base)
 
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])

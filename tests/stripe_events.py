@@ -139,12 +139,14 @@ def invoice(
 
 @dataclass(frozen=True)
 class Line:
-    """An invoice line: its price, amount (negative for unused time) and period, and whether it prorates."""
+    """An invoice line: its price, amount (negative for unused time), period, whether it prorates, and its
+    quantity (seats)."""
 
     price: str
     amount: int
     period: tuple[datetime, datetime]
     proration: bool = False
+    quantity: int = 1
 
 
 def invoice_of_lines(era: str, lines: list[Line], **fields: Any) -> dict[str, Any]:
@@ -158,7 +160,10 @@ def invoice_of_lines(era: str, lines: list[Line], **fields: Any) -> dict[str, An
     for n, line in enumerate(lines):
         data = copy.deepcopy(template)
         data.update(
-            id=f"il_{n}", amount=line.amount, period={"start": epoch(line.period[0]), "end": epoch(line.period[1])}
+            id=f"il_{n}",
+            amount=line.amount,
+            quantity=line.quantity,
+            period={"start": epoch(line.period[0]), "end": epoch(line.period[1])},
         )
         if era == "2017":
             data["plan"]["id"] = line.price

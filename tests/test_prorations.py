@@ -83,16 +83,5 @@ def test_a_downgrade_billed_at_once_takes_nothing_back_and_grants_nothing(delive
 
 @pytest.mark.parametrize("era", ERAS)
 def test_a_plan_priced_per_seat_grants_its_credits_for_each_seat(deliver, rt, era: str) -> None:
-    obj = se.invoice_of_lines(
-        era,
-        [Line("price_team_seat", 3000, JAN)],
-        invoice_id="in_team",
-        customer="cus_1",
-        amount_paid=3000,
-        billing_reason="subscription_create",
-        period=JAN,
-        subscription_metadata={"account_id": "acct_1"},
-    )
-    obj["lines"]["data"][0]["quantity"] = 3
-    assert deliver(se.event("invoice.paid", obj, era=era)).status_code == 200
+    pay(deliver, era, "in_team", [Line("price_team_seat", 3000, JAN, quantity=3)], "subscription_create")
     assert state(rt, "acct_1") == ([("grant", 1500, "invoice:in_team")], [("plan", 1500, 1500, 0, 0, 0)])

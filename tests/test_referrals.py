@@ -267,17 +267,23 @@ def test_a_refund_after_the_window_keeps_the_payouts(client, deliver, rt) -> Non
     assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
 
 
-def test_the_clawback_window_counts_from_the_refunds_own_time_not_from_its_processing(client, deliver, rt) -> None:
-    """Paid 45 days ago and refunded 5 days after, the refund processed only now (a retried event): inside
-    the 30-day window by the refund's `created`, so both payouts are clawed back."""
+def paid_45_days_ago_then_refunded(client, deliver, *, refunded_days_ago: int) -> None:
+    """acct_ana refers acct_bob, whose qualifying invoice was paid 45 days ago; the refund of all of it,
+    made `refunded_days_ago`, is processed now."""
     refer(client, code_of(client, "acct_ana"), "acct_bob")
     long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
     deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
     refunded = se.charge(
         charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349", refunds=[("re_1", 34900)]
     )
-    refunded["refunds"]["data"][0]["created"] = int((NOW - timedelta(days=40)).timestamp())
+    refunded["refunds"]["data"][0]["created"] = int((NOW - timedelta(days=refunded_days_ago)).timestamp())
     deliver(se.event("charge.refunded", refunded))
+
+
+def test_the_clawback_window_counts_from_the_refunds_own_time_not_from_its_processing(client, deliver, rt) -> None:
+    """Paid 45 days ago and refunded 5 days after, the refund processed only now (a retried event): inside
+    the 30-day window by the refund's `created`, so both payouts are clawed back."""
+    paid_45_days_ago_then_refunded(client, deliver, refunded_days_ago=40)
     assert referral_rows(rt, "acct_ana") == [
         ("grant", 3000, "referral:1:referrer"),
         ("reverse", -3000, "clawback:1:referrer"),
@@ -289,14 +295,7 @@ def test_the_clawback_window_counts_from_the_refunds_own_time_not_from_its_proce
 
 
 def test_a_refund_made_after_the_window_keeps_the_payouts_whenever_it_is_processed(client, deliver, rt) -> None:
-    refer(client, code_of(client, "acct_ana"), "acct_bob")
-    long_ago = (NOW - timedelta(days=45), NOW - timedelta(days=15))
-    deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=long_ago)))
-    refunded = se.charge(
-        charge_id="ch_9", amount=34900, amount_refunded=34900, invoice="in_349", refunds=[("re_1", 34900)]
-    )
-    refunded["refunds"]["data"][0]["created"] = int((NOW - timedelta(days=10)).timestamp())
-    deliver(se.event("charge.refunded", refunded))
+    paid_45_days_ago_then_refunded(client, deliver, refunded_days_ago=10)
     assert referral_rows(rt, "acct_ana") == [("grant", 3000, "referral:1:referrer")]
 
 

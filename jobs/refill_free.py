@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
@@ -56,7 +56,9 @@ def _refill(uow: UnitOfWork, free: Free, account: Account, month: str, now: date
         return "skipped (paid plan)"
     if _granted(uow, account, month):
         return "already granted"
-    rollover.apply(uow, account, free, free.credits, key=f"rollover:free:{account.public_id}:{month}", now=now)
+    month_start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
+    key = f"rollover:free:{account.public_id}:{month}"
+    rollover.apply(uow, account, free, free.credits, period_start=month_start, key=key, now=now)
     ledger.grant(
         uow,
         account,
@@ -66,6 +68,7 @@ def _refill(uow: UnitOfWork, free: Free, account: Account, month: str, now: date
         reason=f"free allowance for {month}",
         actor="refill-free",
         rollover=True,
+        earned_at=month_start,
         meta={"month": month},
         now=now,
     )

@@ -66,6 +66,14 @@ def test_a_bad_rollover_policy_is_refused(tmp_path: Path) -> None:
         catalogue.load(path)
 
 
+def test_a_referral_rollover_choice_other_than_policy_or_never_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[referrals]\nreferrer_credits = 1\nrollover = "cap"\n')
+    with pytest.raises(
+        CatalogueError, match=r"credits.toml:3: referrals\.rollover: Input should be 'policy' or 'never'"
+    ):
+        catalogue.load(path)
+
+
 def test_invalid_toml_is_refused_with_its_position(tmp_path: Path) -> None:
     with pytest.raises(CatalogueError, match=r"not valid TOML: .*line 2"):
         catalogue.load(write(tmp_path, "[free]\ncredits = \n"))

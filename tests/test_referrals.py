@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from jobs import worker
+from jobs import refill_free, worker
 from service.domain import accounts, ledger, referrals
 from service.infra.catalogue import Referrals
 from service.infra.models import utcnow
@@ -445,3 +445,171 @@ def test_reading_the_referrals_view_writes_nothing(client, rt) -> None:
         assert accounts.get(uow, "acct_ana").referral_code is None
     code = code_of(client, "acct_ana")
     assert client.get("/v1/accounts/acct_ana/referrals").json()["code"] == code
+
+
+def with_terms(rt, **changes) -> None:
+    terms = rt.catalogue.referrals.model_copy(update=changes)
+    object.__setattr__(rt, "catalogue", rt.catalogue.model_copy(update={"referrals": terms}))
+
+
+BEFORE = (NOW - timedelta(days=40), NOW - timedelta(days=10))
+RENEWED = (NOW - timedelta(days=10), NOW + timedelta(days=20))
+
+
+def renewal(account: str, invoice_id: str, period=RENEWED) -> dict:
+    return se.event(
+        "invoice.paid",
+        se.invoice(
+            "2025",
+            invoice_id=invoice_id,
+            customer=f"cus_{account}",
+            price="price_starter_monthly",
+            amount_paid=34900,
+            billing_reason="subscription_cycle",
+            period=period,
+            subscription_metadata={"account_id": account},
+        ),
+    )
+
+
+def test_under_the_rollover_policy_a_referees_bonus_counts_under_the_cap_at_renewal(client, deliver, rt) -> None:
+    """The default (`rollover = "policy"`): starter's cap is 2 x 2,000, so the renewal keeps 2,000 of the
+    2,000 plan + 3,000 bonus and adds 2,000."""
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_first", period=BEFORE)))
+    deliver(renewal("acct_bob", "in_renewal"))
+    entries, grants = state(rt, "acct_bob")
+    assert entries == [
+        ("grant", 2000, "invoice:in_first"),
+        ("grant", 3000, "referral:1:referee"),
+        ("expire", -2000, "rollover:in_renewal:1"),
+        ("expire", -1000, "rollover:in_renewal:2"),
+        ("grant", 2000, "invoice:in_renewal"),
+    ]
+    assert grants == [
+        ("plan", 2000, 0, 0, 2000, 0),
+        ("referral", 3000, 2000, 0, 1000, 0),
+        ("plan", 2000, 2000, 0, 0, 0),
+    ]
+    assert balance_of(rt, "acct_bob") == 4000
+
+
+def test_with_rollover_never_a_bonus_outlives_every_renewal(client, deliver, rt) -> None:
+    with_terms(rt, rollover="never")
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_first", period=BEFORE)))
+    deliver(renewal("acct_bob", "in_renewal"))
+    deliver(renewal("acct_bob", "in_next", period=(NOW + timedelta(days=20), NOW + timedelta(days=50))))
+    entries, grants = state(rt, "acct_bob")
+    assert entries == [
+        ("grant", 2000, "invoice:in_first"),
+        ("grant", 3000, "referral:1:referee"),
+        ("grant", 2000, "invoice:in_renewal"),
+        ("expire", -2000, "rollover:in_next:1"),
+        ("grant", 2000, "invoice:in_next"),
+    ]
+    assert grants[1] == ("referral", 3000, 3000, 0, 0, 0)
+    assert balance_of(rt, "acct_bob") == 3000 + 4000
+
+
+def test_with_rollover_never_a_free_referrers_bonus_outlives_the_free_refills(client, deliver, rt) -> None:
+    with_terms(rt, rollover="never")
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+    for month in ("2027-01", "2027-02"):
+        refill_free.run(rt, month, now=datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC))
+    assert state(rt, "acct_ana")[0] == [
+        ("grant", 3000, "referral:1:referrer"),
+        ("grant", 100, "free:acct_ana:2027-01"),
+        ("grant", 100, "free:acct_ana:2027-02"),
+    ]
+    assert balance_of(rt, "acct_ana") == 3200
+
+
+def test_under_the_rollover_policy_a_free_referrers_bonus_is_cut_to_the_free_cap(client, deliver, rt) -> None:
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+    refill_free.run(rt, "2027-01", now=datetime(2027, 1, 1, tzinfo=UTC))
+    assert state(rt, "acct_ana")[0] == [
+        ("grant", 3000, "referral:1:referrer"),
+        ("expire", -2900, "rollover:free:acct_ana:2027-01:3"),
+        ("grant", 100, "free:acct_ana:2027-01"),
+    ]
+    assert balance_of(rt, "acct_ana") == 200
+
+
+def test_with_expires_after_days_a_never_rolling_bonus_expires_that_long_after_it_is_paid(client, deliver, rt) -> None:
+    with_terms(rt, rollover="never", expires_after_days=90)
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
+    with rt.uow() as uow:
+        payout = ledger.grant_of(uow, "referral:1:referrer")
+        assert payout is not None and payout.expires_at is not None
+        assert timedelta(days=90) <= payout.expires_at - NOW < timedelta(days=90, minutes=5)
+        assert ledger.balance(uow, accounts.get(uow, "acct_ana"), payout.expires_at - timedelta(seconds=1)) == 3000
+        assert ledger.balance(uow, accounts.get(uow, "acct_ana"), payout.expires_at) == 0
+
+
+def test_the_choice_is_kept_on_each_payout_so_changing_it_never_rewrites_past_ones(client, deliver, rt) -> None:
+    with_terms(rt, rollover="never")
+    refer(client, code_of(client, "acct_ana"), "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob", "in_first", period=BEFORE)))
+    with_terms(rt, rollover="policy")
+    deliver(renewal("acct_bob", "in_renewal"))
+    assert referral_rows(rt, "acct_bob") == [("grant", 3000, "referral:1:referee")]
+    assert balance_of(rt, "acct_bob") == 2000 + 3000 + 2000
+    with rt.uow() as uow:
+        payout = ledger.earlier(uow, "referral:1:referee", accounts.get(uow, "acct_bob"), "grant")
+        assert payout is not None and payout.meta["rollover"] == "never"
+
+
+@pytest.mark.parametrize("first", ["payout", "renewal"])
+def test_a_bonus_earned_after_a_renewal_is_never_cut_by_it_whichever_is_processed_first(
+    client, deliver, rt, first: str
+) -> None:
+    """ana renews on day -10; bob's payment on day -5 earns her 3,000 in the renewed period."""
+    code = code_of(client, "acct_ana")
+    deliver(se.event("invoice.paid", paid_invoice("acct_ana", "in_ana_1", period=BEFORE)))
+    refer(client, code, "acct_bob")
+    bob_paid = se.event("invoice.paid", paid_invoice("acct_bob", period=(NOW - timedelta(days=5), NOW + timedelta(25))))
+    for evt in (
+        (bob_paid, renewal("acct_ana", "in_ana_2"))
+        if first == "payout"
+        else (renewal("acct_ana", "in_ana_2"), bob_paid)
+    ):
+        deliver(evt)
+    assert sorted(state(rt, "acct_ana")[0]) == [
+        ("grant", 2000, "invoice:in_ana_1"),
+        ("grant", 2000, "invoice:in_ana_2"),
+        ("grant", 3000, "referral:1:referrer"),
+    ]
+    assert balance_of(rt, "acct_ana") == 7000
+
+
+@pytest.mark.parametrize("first", ["payout", "renewal"])
+def test_a_bonus_earned_before_a_renewal_is_cut_by_it_whichever_is_processed_first(
+    client, deliver, rt, first: str
+) -> None:
+    """bob's payment on day -15 earns ana 3,000 in the period her day -10 renewal ends: with her 2,000 that is
+    5,000 where starter carries 2,000, so 3,000 expire, whether the payout or the renewal is processed first."""
+    code = code_of(client, "acct_ana")
+    deliver(se.event("invoice.paid", paid_invoice("acct_ana", "in_ana_1", period=BEFORE)))
+    refer(client, code, "acct_bob")
+    bob_paid = se.event(
+        "invoice.paid", paid_invoice("acct_bob", period=(NOW - timedelta(days=15), NOW + timedelta(15)))
+    )
+    for evt in (
+        (bob_paid, renewal("acct_ana", "in_ana_2"))
+        if first == "payout"
+        else (renewal("acct_ana", "in_ana_2"), bob_paid)
+    ):
+        deliver(evt)
+    expired = sum(amount for kind, amount, _ in state(rt, "acct_ana")[0] if kind == "expire")
+    assert (expired, balance_of(rt, "acct_ana")) == (-3000, 4000)
+    if first == "renewal":
+        assert state(rt, "acct_ana")[0] == [
+            ("grant", 2000, "invoice:in_ana_1"),
+            ("grant", 2000, "invoice:in_ana_2"),
+            ("grant", 3000, "referral:1:referrer"),
+            ("expire", -3000, "rollover:late:referral:1:referrer"),
+        ]

@@ -80,13 +80,15 @@ def grant(
     actor: str | None = None,
     expires_at: datetime | None = None,
     rollover: bool = False,
+    earned_at: datetime | None = None,
     meta: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Posted:
     """Give `amount` credits to the account once per `key`: every way credits arrive comes through here.
 
-    `rollover`: the grant is under its plan's rollover policy (a renewal may cut it); `expires_at`: when what
-    is left of it stops being spendable."""
+    `rollover`: the grant is under its plan's rollover policy (a renewal may cut it); `earned_at`: when the
+    credits were earned in billing time, `now` unless said (a renewal cuts only what was earned before its
+    period starts); `expires_at`: when what is left of it stops being spendable."""
     if amount <= 0:
         raise LedgerError("a grant must be positive")
     now = now or utcnow()
@@ -118,6 +120,7 @@ def grant(
             "remaining": amount,
             "expires_at": expires_at,
             "rollover": rollover,
+            "earned_at": earned_at or now,
             "created_at": now,
         },
     )

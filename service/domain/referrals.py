@@ -15,9 +15,9 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, select
 
-from service.domain import ledger
+from service.domain import ledger, rollover
 from service.infra import logs
-from service.infra.catalogue import Catalogue
+from service.infra.catalogue import Catalogue, Referrals
 from service.infra.models import Account, LedgerEntry, Payment, Referral, utcnow
 from service.infra.uow import UnitOfWork
 
@@ -175,7 +175,7 @@ def pay(
         cap = terms.max_rewards_per_referrer_per_month
         if side == "referrer" and not override_cap and _over_cap(uow, referral, cap, now):
             held = f"referrer reached {cap} rewards this month"
-        elif _pay_side(uow, referral, side, owners[side], amounts[side], now):
+        elif _pay_side(uow, terms, referral, side, owners[side], amounts[side], now):
             continue
         unpaid.append(side)
     if not unpaid:
@@ -188,11 +188,19 @@ def pay(
         _log_status(referral, before, owners["referrer"], owners["referee"])
 
 
-def _pay_side(uow: UnitOfWork, referral: Referral, side: str, owner: Account, credits: int, now: datetime) -> bool:
-    """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid."""
+def _pay_side(
+    uow: UnitOfWork, terms: Referrals, referral: Referral, side: str, owner: Account, credits: int, now: datetime
+) -> bool:
+    """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid.
+
+    The payout is earned when its referral qualified (the qualifying payment's time), however late it is
+    paid: a renewal of the period it was earned in must not cut it, one of an earlier period always does
+    (under `rollover = "policy"`). Its expiry, if the terms set one, counts from when it is paid."""
+    days = terms.expires_after_days
+    earned_at = _earned_at(uow, referral, now)
     try:
         with uow.savepoint():
-            ledger.grant(
+            posted = ledger.grant(
                 uow,
                 owner,
                 credits,
@@ -200,14 +208,26 @@ def _pay_side(uow: UnitOfWork, referral: Referral, side: str, owner: Account, cr
                 key=_side_key(referral, side),
                 reason=f"referral {referral.id} ({side})",
                 actor="referrals",
-                rollover=True,
-                meta={"referral": referral.id, "side": side},
+                rollover=terms.rollover == "policy",
+                earned_at=earned_at,
+                expires_at=now + timedelta(days=days) if days else None,
+                meta={"referral": referral.id, "side": side, "rollover": terms.rollover},
                 now=now,
             )
+            if terms.rollover == "policy":
+                rollover.cut_late(uow, owner, posted, earned_at=earned_at, now=now)
     except Exception as exc:
         log.warning("referral.side_failed", referral=referral.id, side=side, error=f"{type(exc).__name__}: {exc}")
         return False
     return True
+
+
+def _earned_at(uow: UnitOfWork, referral: Referral, now: datetime) -> datetime:
+    """When the referral's payouts were earned: its qualifying payment's time (else its attribution's)."""
+    payment = uow.session.get(Payment, referral.qualifying_payment) if referral.qualifying_payment else None
+    if payment is not None:
+        return payment.paid_at
+    return referral.qualified_at or referral.attributed_at or now
 
 
 def side_paid(uow: UnitOfWork, referral: Referral, side: str) -> bool:

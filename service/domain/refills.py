@@ -66,12 +66,13 @@ def _refill(
         return f"unknown price: {prices}"
     name, plan = found
     credits = allowance = plan.credits_for(seats)
+    period_start = invoice.period_start or invoice.paid_at or now
     if invoice.billing_reason == "subscription_update":
         credits = max(0, allowance - _granted_for_period(uow, account, invoice.period_end))
     elif invoice.billing_reason != "subscription_create":  # a renewal: a first invoice has nothing to carry over
-        rollover.apply(uow, account, plan, allowance, key=f"rollover:{invoice.id}", now=now)
+        rollover.apply(uow, account, plan, allowance, period_start=period_start, key=f"rollover:{invoice.id}", now=now)
     if credits > 0:
-        ledger.grant(
+        posted = ledger.grant(
             uow,
             account,
             credits,
@@ -80,6 +81,7 @@ def _refill(
             reason=f"{name} plan, invoice {invoice.id}",
             actor="stripe",
             rollover=True,
+            earned_at=period_start,
             meta={
                 "invoice": invoice.id,
                 "plan": name,
@@ -88,7 +90,9 @@ def _refill(
             },
             now=now,
         )
-    account.plan = name
+        rollover.cut_late(uow, account, posted, earned_at=period_start, now=now)
+    if invoice.period_end is None or account.period_end is None or invoice.period_end >= account.period_end:
+        account.plan = name  # a late invoice of an earlier period does not name the plan
     if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
         account.period_end = invoice.period_end
     record("granted", product=name, credits=credits)

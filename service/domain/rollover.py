@@ -1,5 +1,9 @@
 """The rollover policy at a renewal: what credits under the policy expire before the new grant lands.
 
+A renewal looks only at credits earned before its period starts (`Grant.earned_at`): a referral bonus
+earned later in the period is the new period's, whether its event was processed before the renewal's or
+after, so the order Stripe delivers events in never changes a balance.
+
 `none`: everything held under the policy expires. `cap`: once the new grant lands, credits under the policy
 come to at most `rollover_cap × credits`; the excess expires first from the soonest-expiring grants. `all`:
 nothing expires. Purchased packs and admin grants are never under the policy.
@@ -24,8 +28,18 @@ class ExtensionRefused(Exception):
     """The extension cannot be granted as asked (already used once, or a date that is not ahead)."""
 
 
-def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: int, *, key: str, now: datetime) -> int:
-    """Cut what the policy cuts before `incoming` credits land; returns the credits cut.
+def apply(
+    uow: UnitOfWork,
+    account: Account,
+    policy: RolloverPolicy,
+    incoming: int,
+    *,
+    period_start: datetime,
+    key: str,
+    now: datetime,
+) -> int:
+    """Cut what the policy cuts, of the credits earned before `period_start`, before `incoming` credits land;
+    returns the credits cut.
 
     Each cut is its own expire entry keyed `{key}:{grant id}`. Under a support extension still ahead of `now`,
     the credits cut are given back at once as one grant keyed `{key}:extension`, outside the policy and
@@ -34,11 +48,16 @@ def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: i
     """
     kept_until = _take_extension(account, now)
     limit = policy.carry_limit(incoming)
+    latest = account.rollover_from is None or period_start >= account.rollover_from
+    if latest:
+        account.rollover_from, account.rollover_room = period_start, None
     if limit is None:
         return 0
-    held = _held(uow, account, now)
+    held = _held(uow, account, period_start, now)
     carry = max(0, limit - incoming)  # under "none" the limit is the new grant itself: nothing carries
     excess = sum(g.remaining for g in held) - carry
+    if latest:
+        account.rollover_room = max(0, -excess)
     if kept_until is None:
         reason = f"rollover ({policy.rollover}) at renewal"
     else:
@@ -77,6 +96,36 @@ def apply(uow: UnitOfWork, account: Account, policy: RolloverPolicy, incoming: i
     return cut
 
 
+def cut_late(uow: UnitOfWork, account: Account, posted: ledger.Posted, *, earned_at: datetime, now: datetime) -> int:
+    """Cut, of a grant under the policy just made, what the latest renewal would have cut had the grant been
+    processed before it: it was earned before that renewal's period started. Returns the credits cut.
+
+    The renewal left room for so many more credits earned before it; the grant fills that room first and the
+    rest expires at once (`rollover:late:{grant key}`), as it would have at the renewal.
+    """
+    since, room = account.rollover_from, account.rollover_room
+    if not posted.created or since is None or earned_at >= since or room is None:
+        return 0
+    account.rollover_room = max(0, room - posted.entry.amount)
+    excess = posted.entry.amount - room
+    if excess <= 0:
+        return 0
+    grant_row = ledger.grant_of(uow, posted.entry.idempotency_key)
+    assert grant_row is not None  # just made
+    ledger.debit(
+        uow,
+        account,
+        excess,
+        kind="expire",
+        key=f"rollover:late:{posted.entry.idempotency_key}",
+        grants=[grant_row],
+        reason=f"rollover at the renewal of {since:%Y-%m-%d %H:%M} UTC: earned before it, processed after it",
+        actor="system",
+        now=now,
+    )
+    return excess
+
+
 def extend(uow: UnitOfWork, account: Account, until: datetime, *, force: bool, now: datetime) -> datetime | None:
     """Grant the one-time extension: the next renewal keeps what it would cut until `until`.
 
@@ -107,12 +156,17 @@ def _take_extension(account: Account, now: datetime) -> datetime | None:
     return until
 
 
-def _held(uow: UnitOfWork, account: Account, now: datetime) -> list[Grant]:
-    """The unexpired grants under the policy with credits left, soonest-expiring first: the order cuts take."""
-    live = [
-        g for g in uow.session.scalars(HELD, {"account_id": account.id}) if g.expires_at is None or g.expires_at > now
-    ]
+def _held(uow: UnitOfWork, account: Account, period_start: datetime, now: datetime) -> list[Grant]:
+    """The unexpired grants under the policy earned before `period_start` with credits left, soonest-expiring
+    first: the order cuts take."""
+    found = uow.session.scalars(HELD, {"account_id": account.id, "before": period_start})
+    live = [g for g in found if g.expires_at is None or g.expires_at > now]
     return sorted(live, key=lambda g: (ledger.spend_deadline(g, account, now), g.id))
 
 
-HELD = select(Grant).where(Grant.account_id == bindparam("account_id"), Grant.rollover.is_(True), Grant.remaining > 0)
+HELD = select(Grant).where(
+    Grant.account_id == bindparam("account_id"),
+    Grant.rollover.is_(True),
+    Grant.remaining > 0,
+    Grant.earned_at < bindparam("before"),
+)

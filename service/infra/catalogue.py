@@ -79,6 +79,11 @@ class Referrals(_Strict):
     min_amount: Credits = 1
     clawback_days: Credits = 30
     max_rewards_per_referrer_per_month: Credits = 100
+    # "policy": a payout counts under the account's rollover policy, which a renewal or free refill may cut;
+    # "never": a payout is a grant of its own that no renewal cuts. Each grant records the choice it was made
+    # under, so changing it never rewrites past payouts.
+    rollover: Literal["policy", "never"] = "policy"
+    expires_after_days: Annotated[int, Field(gt=0, strict=True)] | None = None
 
 
 class Catalogue(_Strict):

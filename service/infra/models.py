@@ -91,6 +91,11 @@ class Account(Base):
     # Support's one-time extension: at the next renewal, what the rollover policy would cut is kept until then.
     rollover_extended_until: Mapped[datetime | None]
     rollover_extensions: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The latest renewal that ran the rollover policy (its period's start), and how many more credits earned
+    # before it that renewal could have carried (None: no limit). A credit earned before it but processed after
+    # is cut as that renewal would have cut it.
+    rollover_from: Mapped[datetime | None]
+    rollover_room: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -115,6 +120,9 @@ class Grant(Base):
     reversed: Mapped[int] = mapped_column(BigInteger, default=0)
     expires_at: Mapped[datetime | None]
     rollover: Mapped[bool] = mapped_column(default=False)
+    # When the credits were earned in billing time (the invoice's period, the qualifying payment, the free
+    # allowance's month), which may precede `created_at`: a renewal cuts only what was earned before its period.
+    earned_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -73,8 +73,9 @@ def invoice(obj: Obj) -> InvoiceFacts:
     parent = (obj.get("parent") or {}).get("subscription_details") or {}
     legacy_details = obj.get("subscription_details") or {}
     lines = [line for line in ((obj.get("lines") or {}).get("data") or []) if isinstance(line, dict)]
-    subscription_lines = [line for line in lines if _line_price(line)] or lines
-    periods = [line.get("period") or {} for line in subscription_lines]
+    billing = _billing_lines(lines)
+    # The period is the billed lines': a cycle invoice's prorations of an earlier change start mid-period.
+    periods = [line.get("period") or {} for line in billing or [line for line in lines if _line_price(line)] or lines]
     sub_metadata = parent.get("metadata") if "metadata" in parent else legacy_details.get("metadata")
     paid_at = timestamp((obj.get("status_transitions") or {}).get("paid_at")) or timestamp(obj.get("created"))
     return InvoiceFacts(
@@ -87,7 +88,7 @@ def invoice(obj: Obj) -> InvoiceFacts:
         subscription_metadata=dict(sub_metadata) if isinstance(sub_metadata, dict) else None,
         metadata=metadata(obj),
         price_ids=[p for p in (_line_price(line) for line in lines) if p],
-        billed=_billed(lines),
+        billed=[Billed(price, max(1, _int(line.get("quantity")))) for line in billing if (price := _line_price(line))],
         period_start=min((t for t in (timestamp(p.get("start")) for p in periods) if t), default=None),
         period_end=max((t for t in (timestamp(p.get("end")) for p in periods) if t), default=None),
         payment_intent=ref(obj.get("payment_intent")) or _invoice_payment_intent(obj),
@@ -97,14 +98,14 @@ def invoice(obj: Obj) -> InvoiceFacts:
     )
 
 
-def _billed(lines: list[Obj]) -> list[Billed]:
-    """The lines that may name the plan an invoice bills, in the order to try them: its lines for the period
-    (not prorations); on an invoice of prorations only (an upgrade billed at once), its positive proration
-    lines. A negative proration (the unused time on the old plan, which Stripe lists
-    first) never names it."""
-    for_period = [line for line in lines if not _proration(line)]
-    chosen = for_period or [line for line in lines if _proration(line) and _int(line.get("amount")) > 0]
-    return [Billed(price, max(1, _int(line.get("quantity")))) for line in chosen if (price := _line_price(line))]
+def _billing_lines(lines: list[Obj]) -> list[Obj]:
+    """The priced lines that may name the plan an invoice bills, in the order to try them: its lines for the
+    period (not prorations); on an invoice of prorations only (an upgrade billed at once), its positive
+    proration lines. A negative proration (the unused time on the old plan, which Stripe lists first) never
+    names it."""
+    priced = [line for line in lines if _line_price(line)]
+    for_period = [line for line in priced if not _proration(line)]
+    return for_period or [line for line in priced if _proration(line) and _int(line.get("amount")) > 0]
 
 
 def _proration(line: Obj) -> bool:

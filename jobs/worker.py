@@ -1,6 +1,7 @@
-"""The worker: processes every event that is due — never processed, or failed and now past its backoff — and
-retries referral payouts left one-sided. `credits worker` runs it; so does `credits serve`, on threads of its
-own, unless told not to: the same `drain`, the same loop.
+"""The worker: processes every event that is due — never processed, or failed and now past its backoff —,
+retries referral payouts left one-sided, and once a month starts pays the referrals an earlier month's cap
+held. `credits worker` runs it; so does `credits serve`, on threads of its own, unless told not to: the same
+`drain`, the same loop.
 
 Several workers, threads and API processes share the inbox safely. A batch takes the customers waiting
 longest — a lock per customer, skipping those another transaction is handling — and claims every due event of
@@ -16,12 +17,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
-from service.domain import referrals
+from service.domain import audit, referrals
 from service.infra import logs
 from service.infra.db import is_postgresql, is_unreachable
+from service.infra.models import Account, Referral, utcnow
 from service.infra.runtime import Runtime
 from webhooks import dispatch
 
@@ -49,6 +52,7 @@ def drain(
             side_by_side = threads if any(batch.total() >= dispatch.CUSTOMERS for batch in done) else 1
     if referrals_too and (stop is None or not stop.is_set()):
         counts.update(retry_referrals(rt))
+        counts.update(release_held_referrals(rt))
     return counts
 
 
@@ -68,6 +72,34 @@ def retry_referrals(rt: Runtime) -> Counter[str]:
             counts["referral retries failed"] += 1
             continue
         counts["referrals retried"] += 1
+    return counts
+
+
+def release_held_referrals(rt: Runtime, now: datetime | None = None) -> Counter[str]:
+    """Once a month starts, pay the referrals held by an earlier month's cap whose referrer is back under it,
+    each in a transaction of its own, audited as `system`; a referrer still over the cap stays held."""
+    counts: Counter[str] = Counter()
+    now = now or utcnow()
+    with rt.uow() as uow:
+        due = referrals.held_before(uow, now.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
+    for referral_id in due:
+        try:
+            with rt.uow() as uow:
+                if referrals.release_under_cap(uow, rt.catalogue, referral_id, now):
+                    referral = uow.session.get_one(Referral, referral_id)
+                    audit.record(
+                        uow,
+                        actor="system",
+                        action="referral.release",
+                        reason="the referrer is back under the monthly cap",
+                        account=uow.session.get_one(Account, referral.referrer_id),
+                        details={"referral": referral_id, "status": referral.status},
+                    )
+                    counts["held referrals released"] += 1
+                uow.commit()
+        except Exception as exc:
+            log.warning("referral.release_failed", referral=referral_id, error=f"{type(exc).__name__}: {exc}")
+            counts["held referral releases failed"] += 1
     return counts
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -13,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from jobs import refill_free, worker
-from service.domain import accounts, ledger, referrals
+from service.domain import accounts, audit, ledger, referrals
 from service.infra.catalogue import Referrals
 from service.infra.models import utcnow
 from tests import stripe_events as se
@@ -613,3 +615,76 @@ def test_a_bonus_earned_before_a_renewal_is_cut_by_it_whichever_is_processed_fir
             ("grant", 3000, "referral:1:referrer"),
             ("expire", -3000, "rollover:late:referral:1:referrer"),
         ]
+
+
+def four_referees_one_held(client, deliver) -> None:
+    """ana refers four referees who all pay this month; the test catalogue caps her at 3 rewards a month."""
+    code = code_of(client, "acct_ana")
+    for n in range(4):
+        refer(client, code, f"acct_r{n}")
+        deliver(se.event("invoice.paid", paid_invoice(f"acct_r{n}", f"in_{n}")))
+
+
+def test_support_lists_referrals_by_status_in_the_cli_and_the_admin_api(client, deliver, run, admin_headers) -> None:
+    four_referees_one_held(client, deliver)
+    status, out, _ = run("referrals", "list", "--status", "held", "--json")
+    held = json.loads(out)["referrals"]
+    assert status == 0
+    assert [(r["id"], r["referrer_account_id"], r["referee_account_id"], r["paid_sides"]) for r in held] == [
+        (4, "acct_ana", "acct_r3", ["referee"])
+    ]
+    assert held[0]["reason"] == "referrer reached 3 rewards this month"
+    answer = client.get("/v1/admin/referrals", params={"status": "held"}, headers=admin_headers)
+    assert answer.json() == {"referrals": held}
+    every = client.get("/v1/admin/referrals", headers=admin_headers).json()["referrals"]
+    assert [r["status"] for r in every] == ["paid", "paid", "paid", "held"]
+
+
+def test_the_referrals_list_is_admin_only_and_refuses_an_unknown_status(client, admin_headers) -> None:
+    assert client.get("/v1/admin/referrals").status_code == 403
+    refused = client.get("/v1/admin/referrals", params={"status": "stuck"}, headers=admin_headers)
+    assert (refused.status_code, refused.json()["error"]) == (422, "invalid_request")
+
+
+def test_releasing_a_held_referral_pays_its_referrer_once_and_is_audited(client, deliver, run, rt) -> None:
+    four_referees_one_held(client, deliver)
+    status, out, _ = run(
+        "referrals", "release", "4", "--reason", "goodwill: cap hit by a launch", "--actor", "sam", "--ticket", "T-9"
+    )
+    assert (status, out) == (0, "referral 4: paid; paid: referee, referrer (audit 1)\n")
+    assert referral_rows(rt, "acct_ana")[-1] == ("grant", 3000, "referral:4:referrer")
+    assert balance_of(rt, "acct_ana") == 12000
+    status, _, err = run("referrals", "release", "4", "--reason", "again", "--actor", "sam")
+    assert (status, err) == (1, "refused: referral 4 is paid, not held\n")
+    assert balance_of(rt, "acct_ana") == 12000
+    _, out, _ = run("audit", "acct_ana", "--json")
+    [entry] = json.loads(out)["entries"]
+    assert (entry["actor"], entry["action"], entry["reason"], entry["ticket"]) == (
+        "sam",
+        "referral.release",
+        "goodwill: cap hit by a launch",
+        "T-9",
+    )
+    assert entry["details"] == {"referral": 4, "status": "paid", "paid_sides": ["referee", "referrer"]}
+
+
+def test_release_needs_a_reason_and_an_actor_and_refuses_an_unknown_referral(run) -> None:
+    assert run("referrals", "release", "4", "--actor", "sam")[0] == 2
+    assert run("referrals", "release", "99", "--reason", "x", "--actor", "sam")[1:] == ("", "refused: no referral 99\n")
+
+
+def test_a_new_month_pays_a_held_referrer_back_under_the_cap_audited_as_system(client, deliver, rt) -> None:
+    four_referees_one_held(client, deliver)
+    assert worker.release_held_referrals(rt) == Counter()  # the same month: still over the cap
+    next_month = (NOW.replace(day=1) + timedelta(days=32)).replace(day=1, hour=0, minute=5)
+    assert worker.release_held_referrals(rt, now=next_month) == Counter({"held referrals released": 1})
+    assert worker.release_held_referrals(rt, now=next_month) == Counter()
+    assert referral_rows(rt, "acct_ana")[-1] == ("grant", 3000, "referral:4:referrer")
+    assert balance_of(rt, "acct_ana") == 12000
+    with rt.uow() as uow:
+        [entry] = audit.listing(uow, accounts.get(uow, "acct_ana"))
+        assert (entry.actor, entry.action, entry.details) == (
+            "system",
+            "referral.release",
+            {"referral": 4, "status": "paid"},
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import bindparam, func, select
 
@@ -291,6 +291,71 @@ def claw_back(
     referral.reason = f"{payment.id} refunded" + (f"; shortfall {shortfall}" if shortfall else "")
     _log_status(referral, before, None, None)
     return f"referral {referral.id} clawed back" + (f" (shortfall {shortfall})" if shortfall else "")
+
+
+Status = Literal["attributed", "qualified", "paid", "held", "rejected", "reversed"]
+
+
+class ReleaseRefused(Exception):
+    """Only a held referral can be released."""
+
+
+def release(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime) -> Referral:
+    """Support's release of a held referral: pay its held side past the referrer's monthly cap, once (the
+    side's usual key, so a payout already made is never made again)."""
+    referral = uow.session.get(Referral, referral_id)
+    if referral is None:
+        raise ReleaseRefused(f"no referral {referral_id}")
+    _lock_parties(uow, referral)
+    uow.session.refresh(referral)
+    if referral.status != "held":
+        raise ReleaseRefused(f"referral {referral_id} is {referral.status}, not held")
+    pay(uow, catalogue, referral, now, override_cap=True)
+    return referral
+
+
+def held_before(uow: UnitOfWork, month_start: datetime) -> list[int]:
+    """The referrals held in an earlier month, oldest first: their referrer's cap counts afresh this month."""
+    query = select(Referral.id).where(Referral.status == "held", Referral.qualified_at < month_start)
+    return list(uow.session.scalars(query.order_by(Referral.id)))
+
+
+def release_under_cap(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime) -> bool:
+    """Pay a held referral whose referrer is back under the monthly cap; whether it is paid now."""
+    referral = uow.session.get_one(Referral, referral_id)
+    _lock_parties(uow, referral)
+    uow.session.refresh(referral)
+    if referral.status != "held":
+        return False
+    pay(uow, catalogue, referral, now)
+    return referral.status == "paid"
+
+
+def listing(uow: UnitOfWork, status: Status | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Referrals for support, oldest first, only those in `status` when given."""
+    query = select(Referral).order_by(Referral.id).limit(limit)
+    if status is not None:
+        query = query.where(Referral.status == status)
+    return [describe(uow, r) for r in uow.session.scalars(query)]
+
+
+def describe(uow: UnitOfWork, referral: Referral) -> dict[str, Any]:
+    """One referral as support sees it: both parties by public id, its state, and which sides are paid."""
+    paid = ledger.taken(uow, [_side_key(referral, side) for side in SIDES])
+    return {
+        "id": referral.id,
+        "status": referral.status,
+        "reason": referral.reason,
+        "referrer_account_id": uow.session.get_one(Account, referral.referrer_id).public_id,
+        "referee_account_id": uow.session.get_one(Account, referral.referee_id).public_id,
+        "code": referral.code,
+        "source": referral.source,
+        "qualifying_payment": referral.qualifying_payment,
+        "paid_sides": [side for side in SIDES if _side_key(referral, side) in paid],
+        "attributed_at": referral.attributed_at.isoformat(),
+        "qualified_at": referral.qualified_at.isoformat() if referral.qualified_at else None,
+        "paid_at": referral.paid_at.isoformat() if referral.paid_at else None,
+    }
 
 
 def unpaid(uow: UnitOfWork) -> list[int]:

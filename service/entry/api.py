@@ -403,6 +403,17 @@ def get_findings(rt: RuntimeDep) -> dict[str, Any]:
         return {"findings": findings.open_findings(uow)}
 
 
+@admin.get("/referrals")
+def get_admin_referrals(
+    rt: RuntimeDep,
+    status: Annotated[referrals.Status | None, Query(description="only referrals in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Referrals for support, oldest first: held ones wait for `credits referrals release`, rejected ones say why."""
+    with rt.uow() as uow:
+        return {"referrals": referrals.listing(uow, status, limit)}
+
+
 def _account(uow: UnitOfWork, ref: str, *, lock: bool = False) -> Account:
     account = accounts.get(uow, ref, lock=lock)
     structlog.contextvars.bind_contextvars(account_id=account.public_id)

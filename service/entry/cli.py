@@ -356,6 +356,7 @@ events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)
 app.add_typer(events, name="events")
 app.add_typer(support_cli.backfill, name="backfill")
 app.add_typer(support_cli.rollover_app, name="rollover")
+app.add_typer(support_cli.referrals_app, name="referrals")
 app.add_typer(support_cli.jobs_app, name="jobs")
 app.command(name="audit")(support_cli.audit_trail)
 

@@ -1,5 +1,5 @@
-"""Support's commands on the audit trail: `backfill referral`, `rollover extend`, `audit`, and the scheduled
-`jobs refill-free`. Registered on the `credits` app by service/cli.py.
+"""Support's commands on the audit trail: `backfill referral`, `rollover extend`, `referrals list|release`,
+`audit`, and the scheduled `jobs refill-free`. Registered on the `credits` app by service/entry/cli.py.
 
 Like the rest of the CLI these only translate: arguments into domain calls, results into tables or JSON.
 Every action that changes credits by hand asks who (`--actor`) and why (`--reason`) and leaves an audit
@@ -21,13 +21,14 @@ from rich.table import Table
 
 from jobs import backfill as backfill_job
 from jobs import refill_free as refill_job
-from service.domain import accounts, audit, rollover
+from service.domain import accounts, audit, referrals, rollover
 from service.entry.schemas import aware_utc
 from service.infra import runtime
 from service.infra.models import utcnow
 
 backfill = typer.Typer(help="Repair one support case by hand: a dry run unless --apply.", no_args_is_help=True)
 rollover_app = typer.Typer(help="Support's levers on the rollover policy.", no_args_is_help=True)
+referrals_app = typer.Typer(help="Support's work on referrals: the held and the rejected.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Scheduled jobs (cron runs them; each is safe to repeat).", no_args_is_help=True)
 out = Console(markup=False)  # account ids, reasons and tickets are printed as typed, never read as markup
 err = Console(stderr=True, markup=False, soft_wrap=True)
@@ -149,6 +150,65 @@ def audit_trail(
             _changes(r["details"]),
         )
     out.print(table)
+
+
+@referrals_app.command("list")
+def referrals_list(
+    status: Annotated[referrals.Status | None, typer.Option(help="Only referrals in this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Oldest rows to show.")] = 100,
+    as_json: AsJson = False,
+) -> None:
+    """List referrals, oldest first: the held wait for `credits referrals release`, the rejected say why."""
+    with runtime.load().uow() as uow:
+        rows = referrals.listing(uow, status, limit)
+    if as_json:
+        print_json({"referrals": rows})
+        return
+    table = Table("id", "status", "referrer", "referee", "paid", "qualified (UTC)", title="referrals")
+    table.add_column("reason", overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["status"],
+            r["referrer_account_id"],
+            r["referee_account_id"],
+            ", ".join(r["paid_sides"]) or "-",
+            (r["qualified_at"] or "-")[:16].replace("T", " "),
+            r["reason"] or "",
+        )
+    out.print(table)
+
+
+@referrals_app.command("release")
+def referrals_release(
+    referral: Annotated[int, typer.Argument(help="The referral's id (`credits referrals list --status held`).")],
+    reason: Reason,
+    actor: Actor,
+    ticket: Ticket = None,
+    as_json: AsJson = False,
+) -> None:
+    """Pay a held referral's unpaid side past the referrer's monthly cap, once; audited."""
+    rt = runtime.load()
+    with rt.uow() as uow:
+        try:
+            released = referrals.release(uow, rt.catalogue, referral, utcnow())
+        except referrals.ReleaseRefused as exc:
+            _refuse(f"refused: {exc}")
+        view = referrals.describe(uow, released)
+        row = audit.record(
+            uow,
+            actor=actor,
+            action="referral.release",
+            reason=reason,
+            account=accounts.get(uow, view["referrer_account_id"]),
+            ticket=ticket,
+            details={"referral": referral, "status": view["status"], "paid_sides": view["paid_sides"]},
+        )
+        uow.commit()
+    if as_json:
+        print_json({**view, "audit_id": row.id})
+        return
+    out.print(f"referral {referral}: {view['status']}; paid: {', '.join(view['paid_sides'])} (audit {row.id})")
 
 
 @jobs_app.command("refill-free")

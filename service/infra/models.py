@@ -238,7 +238,7 @@ class Referral(Base):
     code: Mapped[str] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(32))
     email: Mapped[str | None] = mapped_column(String(320))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # the worker looks for qualified and held ones
     reason: Mapped[str | None] = mapped_column(Text)
     qualifying_payment: Mapped[str | None] = mapped_column(String(255))
     attributed_at: Mapped[datetime]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 from sqlalchemy import text
 
-from service.infra.models import utcnow
+from service.infra.models import StripeEvent, utcnow
 from tests import stripe_events as se
-from tests.helpers import committed
+from tests.helpers import committed, state
 from webhooks import inbox
 
 
@@ -137,6 +138,42 @@ def test_events_replay_reprocesses_one_event(run, rt) -> None:
 def test_events_replay_of_an_unknown_event_is_exit_1(run) -> None:
     code, _, err = run("events", "replay", "evt_nope")
     assert (code, "no stored event 'evt_nope'" in err) == (1, True)
+
+
+def test_events_replay_status_dead_replays_every_dead_event_received_since(run, rt) -> None:
+    with committed(rt) as uow:
+        for n, received in enumerate((se.T0, se.T0 + timedelta(days=2), se.T0 + timedelta(days=3))):
+            inv = se.invoice(
+                "2020",
+                invoice_id=f"in_{n}",
+                customer="cus_1",
+                price="price_starter_monthly",
+                amount_paid=2000,
+                subscription_metadata={"account_id": "acct_1"},
+            )
+            inbox.store(uow, se.event("invoice.paid", inv, event_id=f"evt_{n}", era="2020"), received)
+            uow.session.get_one(StripeEvent, f"evt_{n}").status = "dead"
+    code, out, _ = run("events", "replay", "--status", "dead", "--since", "2026-01-02")
+    assert (code, out.splitlines()) == (
+        0,
+        [
+            "evt_1: processed — granted 2000 credits (starter)",
+            "evt_2: processed — granted 2000 credits (starter)",
+            "replayed 2 dead event(s): 2 processed",
+        ],
+    )
+    assert [key for _, _, key in state(rt, "acct_1")[0]] == ["invoice:in_1", "invoice:in_2"]
+    assert run("events", "replay", "--status", "dead")[1].splitlines() == [
+        "evt_0: processed — granted 2000 credits (starter)",
+        "replayed 1 dead event(s): 1 processed",
+    ]
+
+
+def test_events_replay_takes_an_event_id_or_a_status(run) -> None:
+    assert run("events", "replay")[0] == 2
+    assert run("events", "replay", "evt_1", "--status", "dead")[0] == 2
+    assert run("events", "replay", "evt_1", "--since", "2026-01-01")[0] == 2
+    assert run("events", "replay", "--status", "processed")[0] == 2
 
 
 def test_demo_posts_the_whole_story_and_shows_the_ledger(run) -> None:

@@ -126,19 +126,29 @@ def test_a_2025_invoice_refund_is_found_through_the_invoice_payments_at_stripe(d
     assert stripe_api.calls.last.request.url.params["payment[payment_intent]"] == "pi_7"
 
 
-def test_a_refund_before_its_payment_is_retried_until_the_payment_is_known(deliver, rt) -> None:
-    deliver(
-        se.event(
-            "charge.refunded",
-            se.charge(amount_refunded=1000, payment_intent="pi_1", invoice=None, refunds=[("re_1", 1000)]),
-            event_id="evt_refund",
-        )
-    )
-    with rt.uow() as uow:
-        assert uow.session.get_one(StripeEvent, "evt_refund").status == "failed"
+def test_a_refund_two_days_before_its_payment_is_still_being_retried_and_lands_once_the_payment_does(
+    deliver, rt, stripe_api
+) -> None:
+    """With the default schedule the refund is retried at each backoff for two days without dying; the pack's
+    payment then arrives, and the next retry reverses it."""
+    stripe_api.get("/v1/invoice_payments").respond(json={"object": "list", "has_more": False, "data": []})
+    refund = se.charge(amount_refunded=1000, payment_intent="pi_1", invoice=None, refunds=[("re_1", 1000)])
+    deliver(se.event("charge.refunded", refund, event_id="evt_refund"))
+    first = utcnow()
+    while (due := event_row(rt).next_attempt_at) < first + timedelta(days=2):
+        assert dispatch.process(rt, "evt_refund", now=due) == "failed"
+    assert "PaymentNotFound: no recorded payment for charge ch_1" in (event_row(rt).last_error or "")
     buy_boost(deliver)
-    assert dispatch.process(rt, "evt_refund", now=utcnow() + timedelta(hours=1)) == "processed"
-    assert balance_of(rt, "acct_1") == 0
+    assert dispatch.process(rt, "evt_refund", now=event_row(rt).next_attempt_at) == "processed"
+    assert state(rt, "acct_1") == (
+        [("grant", 1000, "purchase:pi_1"), ("reverse", -1000, "reverse:re_1")],
+        [("pack", 1000, 0, 0, 0, 1000)],
+    )
+
+
+def event_row(rt) -> StripeEvent:
+    with rt.uow() as uow:
+        return uow.session.get_one(StripeEvent, "evt_refund")
 
 
 def test_a_lost_dispute_reverses_the_disputed_share(deliver, rt) -> None:

@@ -171,6 +171,14 @@ def listing(uow: UnitOfWork, status: str | None, limit: int) -> list[StripeEvent
     return list(uow.session.scalars(query))
 
 
+def ids_in(uow: UnitOfWork, status: str, since: datetime | None = None) -> list[str]:
+    """The ids of the events in `status` (received since `since`, when given), oldest first: for a bulk replay."""
+    query = select(StripeEvent.id).where(StripeEvent.status == status)
+    if since is not None:
+        query = query.where(StripeEvent.received_at >= since)
+    return list(uow.session.scalars(query.order_by(StripeEvent.received_at, StripeEvent.id)))
+
+
 # Built once: every delivery, claim and mark runs one of them.
 _events = StripeEvent.__table__
 STORE = {

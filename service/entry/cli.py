@@ -12,10 +12,11 @@ import signal
 import sys
 import threading
 import uuid
+from collections import Counter
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import stripe
 import typer
@@ -403,16 +404,43 @@ def events_list(
 
 
 @events.command("replay")
-def events_replay(event_id: Annotated[str, typer.Argument(help="The Stripe event id (evt_…).")]) -> None:
-    """Process one stored event again, whatever its status (handlers are idempotent: nothing doubles)."""
+def events_replay(
+    event_id: Annotated[str | None, typer.Argument(help="The Stripe event id (evt_…).")] = None,
+    status: Annotated[
+        Literal["dead", "failed"] | None, typer.Option(help="Replay every event in this status instead, oldest first.")
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(formats=ISO_FORMATS, help="With --status: only events received since (UTC unless an offset)."),
+    ] = None,
+) -> None:
+    """Process stored events again, whatever their status: one by id, or all dead (or failed) ones.
+
+    Handlers are idempotent, so nothing doubles. Exit 1 when any replayed event still fails."""
+    if (event_id is None) == (status is None):
+        raise typer.BadParameter("give an event id or --status, not both", param_hint="EVENT_ID / --status")
+    if since is not None and status is None:
+        raise typer.BadParameter("only with --status", param_hint="--since")
     rt = runtime.load()
-    status = dispatch.process(rt, event_id, replay=True)
-    if status is None:
-        raise Failure(f"no stored event {event_id!r} (or another process holds it right now)")
-    with rt.uow() as uow:
-        event = uow.session.get_one(StripeEvent, event_id)
-        out.print(f"{event_id}: {event.status} — {event.last_error or event.outcome}")
-    if status in ("failed", "dead"):
+    if event_id is not None:
+        ids = [event_id]
+    else:
+        assert status is not None
+        with rt.uow() as uow:
+            ids = inbox.ids_in(uow, status, aware_utc(since) if since else None)
+    outcomes: Counter[str] = Counter()
+    for one in ids:
+        result = dispatch.process(rt, one, replay=True)
+        if result is None:
+            raise Failure(f"no stored event {one!r} (or another process holds it right now)")
+        with rt.uow() as uow:
+            event = uow.session.get_one(StripeEvent, one)
+            out.print(f"{one}: {event.status} — {event.last_error or event.outcome}")
+        outcomes[result] += 1
+    if status is not None:
+        summary = ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
+        out.print(f"replayed {len(ids)} {status} event(s)" + (f": {summary}" if summary else ""))
+    if outcomes["failed"] or outcomes["dead"]:
         raise typer.Exit(1)
 
 

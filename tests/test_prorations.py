@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.domain import accounts
 from tests import stripe_events as se
 from tests.helpers import T0, state
 from tests.stripe_events import Line
@@ -85,3 +86,16 @@ def test_a_downgrade_billed_at_once_takes_nothing_back_and_grants_nothing(delive
 def test_a_plan_priced_per_seat_grants_its_credits_for_each_seat(deliver, rt, era: str) -> None:
     pay(deliver, era, "in_team", [Line("price_team_seat", 3000, JAN, quantity=3)], "subscription_create")
     assert state(rt, "acct_1") == ([("grant", 1500, "invoice:in_team")], [("plan", 1500, 1500, 0, 0, 0)])
+
+
+def test_an_upgrade_processed_before_its_periods_first_invoice_still_ends_the_period_with_the_new_plan(
+    deliver, rt
+) -> None:
+    """Stripe promises no order: the upgrade billed on Jan 16 may be processed before January's own invoice.
+    The period gets the larger allowance once either way, and the later invoice adds nothing."""
+    lines = [Line("price_starter_monthly", -1000, MID_JAN, True), Line("price_pro_monthly", 2500, MID_JAN, True)]
+    pay(deliver, "2025", "in_up", lines, "subscription_update")
+    subscribe_to_starter(deliver, "2025")
+    assert state(rt, "acct_1") == ([("grant", 5000, "invoice:in_up")], [("plan", 5000, 5000, 0, 0, 0)])
+    with rt.uow() as uow:
+        assert accounts.get(uow, "acct_1").plan == "pro"

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from service.domain import ledger, payments, rollover
 from service.infra import logs
 from service.infra.catalogue import Catalogue
-from service.infra.models import Account, Grant, LedgerEntry
+from service.infra.models import Account, Grant, LedgerEntry, Payment
 from service.infra.stripe_objects import InvoiceFacts
 from service.infra.uow import UnitOfWork
 
@@ -67,9 +67,11 @@ def _refill(
     name, plan = found
     credits = allowance = plan.credits_for(seats)
     period_start = invoice.period_start or invoice.paid_at or now
-    if invoice.billing_reason == "subscription_update":
-        credits = max(0, allowance - _granted_for_period(uow, account, invoice.period_end))
-    elif invoice.billing_reason != "subscription_create":  # a renewal: a first invoice has nothing to carry over
+    # A period is granted its plan's allowance once, topped up by an upgrade: whichever of a renewal and an
+    # upgrade billed at once in its period is processed first, the period ends with the larger allowance.
+    credits = max(0, allowance - _granted_for_period(uow, account, invoice.period_end))
+    if invoice.billing_reason not in ("subscription_create", "subscription_update"):
+        # a renewal: a first invoice has nothing to carry over, an upgrade's period has already begun
         rollover.apply(uow, account, plan, allowance, period_start=period_start, key=f"rollover:{invoice.id}", now=now)
     if credits > 0:
         posted = ledger.grant(
@@ -91,12 +93,24 @@ def _refill(
             now=now,
         )
         rollover.cut_late(uow, account, posted, earned_at=period_start, now=now)
-    if invoice.period_end is None or account.period_end is None or invoice.period_end >= account.period_end:
-        account.plan = name  # a late invoice of an earlier period does not name the plan
+    if _latest(uow, account, invoice, now):
+        account.plan = name
     if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
         account.period_end = invoice.period_end
     record("granted", product=name, credits=credits)
     return f"granted {credits} credits ({name})"
+
+
+def _latest(uow: UnitOfWork, account: Account, invoice: InvoiceFacts, now: datetime) -> bool:
+    """Whether the invoice is the account's latest in billing time, and so names its plan: a late invoice of
+    an earlier period, or a period's first invoice processed after its upgrade, does not."""
+    if invoice.period_end is None or account.period_end is None or invoice.period_end != account.period_end:
+        return invoice.period_end is None or account.period_end is None or invoice.period_end > account.period_end
+    others = select(func.max(Payment.paid_at)).where(
+        Payment.account_id == account.id, Payment.kind == "invoice", Payment.id != invoice.id
+    )
+    latest = uow.session.scalar(others)
+    return latest is None or (invoice.paid_at or now) >= latest
 
 
 def _granted_for_period(uow: UnitOfWork, account: Account, period_end: datetime | None) -> int:

@@ -25,6 +25,40 @@ def test_the_shipped_sample_catalogue_is_valid() -> None:
     assert cat.referrals.referrer_credits == 3000
 
 
+def test_the_shipped_sample_catalogue_prices_a_gift_by_formula() -> None:
+    actions = catalogue.load(ROOT / "credits.toml").actions
+    assert actions["gift"] == catalogue.ActionPrice(base=8, add="denomination")
+    assert actions["postcard_us"] == 1  # flat prices sit beside it
+
+
+FLAT = "[actions]\npostcard = 1\n\n"
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ('[actions.gift]\nbase = -1\nadd = "denomination"\n', r":5: actions\.gift\.base: .*greater than or equal to 0"),
+        ('[actions.gift]\nbase = "8"\nadd = "denomination"\n', r":5: actions\.gift\.base: .*valid integer"),
+        ("[actions.gift]\nbase = 8\n", r":4: actions\.gift\.add: Field required"),
+        ('[actions.gift]\nbase = 8\nadd = "denomination"\nmax = 9\n', r":7: actions\.gift\.max: Extra inputs"),
+        ('[actions.gift]\nbase = 8\nadd = "Denomination value"\n', r":6: actions\.gift\.add: .*match pattern"),
+        (
+            '[actions.gift]\nbase = 8\nadd = "quantity"\n',
+            r":6: actions\.gift\.add: .*'quantity' is taken by every spend",
+        ),
+    ],
+)
+def test_a_bad_formula_names_its_line_and_key(tmp_path: Path, table: str, error: str) -> None:
+    with pytest.raises(CatalogueError, match=r"credits.toml" + error):
+        catalogue.load(write(tmp_path, FLAT + table))
+
+
+def test_a_bad_flat_price_still_names_its_line_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[actions]\npostcard = 1\nnote = 0\n\n[actions.gift]\nbase = 8\nadd = "denomination"\n')
+    with pytest.raises(CatalogueError, match=r"credits.toml:3: actions\.note: Input should be greater than 0"):
+        catalogue.load(path)
+
+
 def test_a_legacy_plan_id_finds_its_plan() -> None:
     cat = catalogue.load(ROOT / "credits.toml")
     found = cat.plan_for_price("plan_starter")

@@ -66,7 +66,13 @@ def test_an_action_is_priced_by_the_catalogue_and_recorded(client, funded, rt) -
 def test_an_unknown_action_is_422_naming_the_known_ones(client, funded) -> None:
     response = spend(client, {"action": "fax"})
     assert response.status_code == 422
-    assert response.json()["known_actions"] == ["handwritten_note", "postcard_intl", "postcard_us", "unlock_prospect"]
+    assert response.json()["known_actions"] == [
+        "gift",
+        "handwritten_note",
+        "postcard_intl",
+        "postcard_us",
+        "unlock_prospect",
+    ]
 
 
 @pytest.mark.parametrize(

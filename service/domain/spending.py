@@ -8,14 +8,15 @@ unlock it at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, select
 
 from service.domain import ledger, periods
-from service.infra.catalogue import Catalogue
+from service.infra.catalogue import ActionPrice, Catalogue
 from service.infra.models import Account, LedgerEntry, Member, ResourceCharge, utcnow
 from service.infra.uow import UnitOfWork
 
@@ -26,6 +27,15 @@ class UnknownAction(ValueError):
     def __init__(self, action: str, known: list[str]) -> None:
         super().__init__(f"unknown action {action!r}; known actions: {', '.join(known) or 'none'}")
         self.known = known
+
+
+class FieldRefused(ValueError):
+    """A field the action's price needs is missing or not a positive integer, or one it does not take was
+    given; `field` names it and `problem` says which, as a validation error would."""
+
+    def __init__(self, name: str, problem: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.problem = name, problem
 
 
 class UnknownMember(LookupError):
@@ -46,7 +56,8 @@ class AllocationTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class Charge:
-    """What a spend asks for: an amount, or an action (× quantity) from the price list."""
+    """What a spend asks for: an amount, or an action (× quantity) from the price list, with the field its
+    formula adds (`fields`, e.g. {"denomination": 25}) when it is priced by one."""
 
     amount: int | None = None
     action: str | None = None
@@ -54,6 +65,7 @@ class Charge:
     resource: str | None = None
     member_id: str | None = None
     reason: str | None = None
+    fields: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,12 +78,37 @@ class Spent:
 
 
 def cost(catalogue: Catalogue, charge: Charge) -> int:
-    """Credits the charge costs: its amount, or the action's price × quantity."""
+    """Credits the charge costs: its amount, or the action's price × quantity — a formula's price being its
+    base plus the integer given in its field. Raises UnknownAction, or FieldRefused (see check_fields)."""
+    check_fields(catalogue, charge.action, charge.fields)
     if charge.action is None:
         return charge.amount or 0
     if charge.action not in catalogue.actions:
         raise UnknownAction(charge.action, sorted(catalogue.actions))
-    return catalogue.actions[charge.action] * charge.quantity
+    price = catalogue.actions[charge.action]
+    if isinstance(price, ActionPrice):
+        return (price.base + charge.fields[price.add]) * charge.quantity
+    return price * charge.quantity
+
+
+def check_fields(catalogue: Catalogue, action: str | None, fields: Mapping[str, int]) -> None:
+    """Raise FieldRefused unless `fields` are exactly what the action's price takes: the positive integer its
+    formula adds, or nothing for a flat price or a spend by amount. An unknown action is cost()'s to refuse."""
+    price = catalogue.actions.get(action) if action is not None else None
+    if action is not None and price is None:
+        return
+    taken = price.add if isinstance(price, ActionPrice) else None
+    for name in fields:
+        if name != taken:
+            what = f"action {action!r}" if action is not None else "a spend by amount"
+            raise FieldRefused(name, "Extra inputs are not permitted", f"{what} takes no field {name!r}")
+    if taken is None:
+        return
+    given = fields.get(taken)
+    if given is None:
+        raise FieldRefused(taken, "Field required", f"action {action!r} needs {taken!r}, a positive integer")
+    if type(given) is not int or given <= 0:
+        raise FieldRefused(taken, "Input should be a positive integer", f"{taken!r} must be a positive integer")
 
 
 def spend(
@@ -102,6 +139,7 @@ def spend(
         for name, value in {
             "action": charge.action,
             "quantity": charge.quantity if charge.action else None,
+            **_formula(catalogue, charge),
             "resource": charge.resource,
             "member_id": charge.member_id,
         }.items()
@@ -136,6 +174,14 @@ def spend(
             .on_conflict_do_nothing()
         )
     return Spent(-posted.entry.amount, posted.entry.id, ledger.balance(uow, account, now))
+
+
+def _formula(catalogue: Catalogue, charge: Charge) -> dict[str, int]:
+    """A formula's inputs, for the ledger row to explain its charge: {"base": 8, "denomination": 25}."""
+    price = catalogue.actions.get(charge.action) if charge.action else None
+    if not isinstance(price, ActionPrice):
+        return {}
+    return {"base": price.base, price.add: charge.fields[price.add]}
 
 
 def pool(uow: UnitOfWork, account: Account, now: datetime) -> int:

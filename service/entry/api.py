@@ -224,7 +224,7 @@ def post_grant(
     responses={
         402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
         404: {"description": "unknown account or member"},
-        422: {"description": "unknown action"},
+        422: {"description": "unknown action; a formula's field missing or not a positive integer, or one not taken"},
     },
 )
 def post_spend(
@@ -233,10 +233,18 @@ def post_spend(
     """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
     `resource`, once per (action, resource) in the account; with a `member_id`, from that member's allocation
     or within its limit — and never more than the balance. 402 when short; nothing is then spent."""
+    fields = body.model_extra or {}
+    try:  # the field an action priced by formula adds, checked like the rest of the body: before anything else
+        spending.check_fields(rt.catalogue, body.action, fields)
+    except spending.FieldRefused as refused:
+        details = [{"loc": ["body", refused.field], "message": refused.problem}]
+        raise ApiError(422, "invalid_request", str(refused), details=details) from refused
 
     def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
         acct = _account(uow, account, lock=True)
-        charge = spending.Charge(body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason)
+        charge = spending.Charge(
+            body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason, fields
+        )
         try:
             spent = spending.spend(uow, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
         except ledger.InsufficientCredits as refused:
@@ -264,6 +272,7 @@ def post_spend(
             for name, value in (
                 ("action", body.action),
                 ("quantity", body.quantity if body.action else None),
+                *fields.items(),
                 ("resource", body.resource),
                 ("member_id", body.member_id),
             )

@@ -39,9 +39,17 @@ class GrantRequest(_Body):
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
 
 
+# The field an action priced by formula adds to its base (`"denomination": 25`), given beside the spend's own.
+FormulaField = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT, description="What the action's formula adds.")]
+
+
 class SpendRequest(_Body):
     """A spend: an `amount`, or an `action` (× `quantity`) priced by the catalogue; optionally once per
-    `resource`, and by a team `member_id`."""
+    `resource`, and by a team `member_id`. An action priced by formula takes its field too, a positive integer
+    (`{"action": "gift", "denomination": 25}`); which one, and that no other is given, the spend checks."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, FormulaField] = Field(init=False)
 
     amount: Amount | None = None
     action: Name | None = None

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 Credits = Annotated[int, Field(ge=0, strict=True)]
 Rollover = Literal["none", "cap", "all"]
@@ -86,6 +86,38 @@ class Referrals(_Strict):
     expires_after_days: Annotated[int, Field(gt=0, strict=True)] | None = None
 
 
+# Names a priced action's field cannot take: the spend body's own fields, and the keys a spend's ledger metadata
+# already uses (tests/test_action_prices.py keeps this in step with the spend body).
+SPEND_FIELDS = frozenset({"amount", "action", "quantity", "resource", "member_id", "reason", "base"})
+
+
+class ActionPrice(_Strict):
+    """An action priced by formula: `base` plus the positive integer the spend gives in its field `add`
+    (`[actions.gift]` with `base = 8`, `add = "denomination"`: a gift of 25 costs 33), × quantity."""
+
+    base: Credits
+    add: Annotated[str, Field(strict=True, pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+
+    @field_validator("add")
+    @classmethod
+    def _not_a_spend_field(cls, name: str) -> str:
+        if name in SPEND_FIELDS:
+            raise ValueError(f"{name!r} is taken by every spend (its body or its ledger metadata); name another field")
+        return name
+
+
+def _price_kind(value: Any) -> str:
+    return "formula" if isinstance(value, dict | ActionPrice) else "flat"
+
+
+# A flat price (`postcard_us = 1`) or a table priced by formula (`[actions.gift]`). The tag keeps a bad table's
+# error to the table's own keys (load() leaves the tag out of the key it names).
+Price = Annotated[
+    Annotated[Annotated[int, Field(gt=0, strict=True)], Tag("flat")] | Annotated[ActionPrice, Tag("formula")],
+    Discriminator(_price_kind),
+]
+
+
 class Catalogue(_Strict):
     """The whole catalogue with its look-ups."""
 
@@ -93,7 +125,7 @@ class Catalogue(_Strict):
     packs: dict[str, Pack] = {}
     free: Free = Free()
     referrals: Referrals = Referrals()
-    actions: dict[str, Annotated[int, Field(gt=0, strict=True)]] = {}
+    actions: dict[str, Price] = {}
 
     @model_validator(mode="after")
     def _each_price_means_one_thing(self) -> Catalogue:
@@ -131,6 +163,8 @@ def load(path: Path) -> Catalogue:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = [str(part) for part in first["loc"]]
+        if loc[:1] == ["actions"] and len(loc) > 2:
+            del loc[2]  # the price's kind (flat or formula) is the union's tag, not a key
         message = first["msg"]
         if first["type"] == "value_error" and not loc:
             price = re.search(r"price '([^']+)'", message)

@@ -82,8 +82,9 @@ def flatmap_body(context: Any, body: Any) -> Any:
             st.just(body),
             st.fixed_dictionaries({"amount": st.integers(1, 2000)}),
             st.fixed_dictionaries(
-                {"action": st.sampled_from(["unlock_prospect", "handwritten_note", "no_such_action"])},
+                {"action": st.sampled_from(["unlock_prospect", "handwritten_note", "gift", "no_such_action"])},
                 optional={
+                    "denomination": st.integers(-5, 100),
                     "quantity": st.integers(1, 50),
                     "resource": st.text(min_size=1, max_size=20),
                     "member_id": st.sampled_from(["member_1", "nobody"]),

@@ -149,6 +149,8 @@ def test_events_replay_status_dead_replays_every_dead_event_received_since(run, 
                 customer="cus_1",
                 price="price_starter_monthly",
                 amount_paid=2000,
+                billing_reason="subscription_cycle",
+                period=(se.T0.replace(month=n + 1), se.T0.replace(month=n + 2)),
                 subscription_metadata={"account_id": "acct_1"},
             )
             inbox.store(uow, se.event("invoice.paid", inv, event_id=f"evt_{n}", era="2020"), received)

@@ -1,6 +1,6 @@
 """Concurrent spends through the API, as the product sends them: the account row lock (PostgreSQL) or the write
-lock (SQLite) means no interleaving overdraws, a member's allocation bounds it as the balance does, and a
-retried Idempotency-Key spends once."""
+lock (SQLite) means no interleaving overdraws, a member's allocation — and its team's allocation and limit —
+bound it as the balance does, and a retried Idempotency-Key spends once."""
 
 from __future__ import annotations
 
@@ -71,6 +71,63 @@ def test_concurrent_spends_of_a_member_never_pass_the_balance_under_its_allocati
     with committed(rt) as uow:  # most of the credits taken back (a refund): the allocation outgrows the balance
         ledger.debit(uow, accounts.get(uow, "acct_hot"), 70, kind="reverse", key="reverse:re_1", partial=True)
     outcomes = at_once(client, [{"amount": 10, "member_id": "ana"}] * 25, [f"s{n}" for n in range(25)])
+    statuses = [status for status, _ in outcomes]
+    assert (statuses.count(200), statuses.count(402)) == (3, 22)
+    assert_consistent(rt, 0)
+
+
+def test_concurrent_spends_of_a_team_and_the_pool_never_pass_the_allocations_or_the_balance(client, rt) -> None:
+    """The team sales holds 100 of 1,000: ana's own 30 and 70 that bob and cy share; the pool has 900. Ten
+    spends of 100 from the pool and twenty of 10 by each member, all at once."""
+    fund(rt, 1000)
+    with committed(rt) as uow:
+        account = accounts.get(uow, "acct_hot")
+        spending.set_team(uow, account, "sales", allocation=100, limit_per_period=None)
+        spending.set_member(uow, account, "ana", allocation=30, limit_per_period=None, team_id="sales")
+        for shares in ("bob", "cy"):
+            spending.set_member(uow, account, shares, allocation=None, limit_per_period=None, team_id="sales")
+    bodies = [{"amount": 100}] * 10 + [{"amount": 10, "member_id": who} for who in ("ana", "bob", "cy") * 20]
+    outcomes = at_once(client, bodies, [f"s{n}" for n in range(len(bodies))])
+    succeeded = [body.get("member_id", "pool") for status, body in outcomes if status == 200]
+    assert (succeeded.count("pool"), succeeded.count("ana"), succeeded.count("bob") + succeeded.count("cy")) == (
+        9,
+        3,
+        7,
+    )
+    assert {status for status, _ in outcomes} == {200, 402}
+    assert_consistent(rt, 0)
+    view = client.get("/v1/accounts/acct_hot/teams").json()
+    assert (view["pool"], view["teams"][0]["allocation"], view["teams"][0]["unallocated"]) == (0, 0, 0)
+
+
+def test_concurrent_spends_of_a_teams_members_never_pass_its_limit(client, rt) -> None:
+    fund(rt, 1000)
+    with committed(rt) as uow:
+        account = accounts.get(uow, "acct_hot")
+        spending.set_team(uow, account, "ops", allocation=None, limit_per_period=50)
+        for who in ("dan", "eve"):
+            spending.set_member(uow, account, who, allocation=None, limit_per_period=None, team_id="ops")
+    outcomes = at_once(
+        client, [{"amount": 5, "member_id": ("dan", "eve")[n % 2]} for n in range(30)], [f"s{n}" for n in range(30)]
+    )
+    statuses = [status for status, _ in outcomes]
+    assert (statuses.count(200), statuses.count(402)) == (10, 20)
+    assert {body["error"] for status, body in outcomes if status == 402} == {"team_limit_reached"}
+    assert_consistent(rt, 950)
+
+
+def test_concurrent_spends_of_a_teams_members_never_pass_the_balance_under_its_allocation(client, rt) -> None:
+    fund(rt, 100)
+    with committed(rt) as uow:
+        account = accounts.get(uow, "acct_hot")
+        spending.set_team(uow, account, "sales", allocation=100, limit_per_period=None)
+        spending.set_member(uow, account, "ana", allocation=50, limit_per_period=None, team_id="sales")
+        spending.set_member(uow, account, "bob", allocation=None, limit_per_period=None, team_id="sales")
+        # most of the credits taken back (a refund): the team's allocation outgrows the balance
+        ledger.debit(uow, account, 70, kind="reverse", key="reverse:re_1", partial=True)
+    outcomes = at_once(
+        client, [{"amount": 10, "member_id": ("ana", "bob")[n % 2]} for n in range(25)], [f"s{n}" for n in range(25)]
+    )
     statuses = [status for status, _ in outcomes]
     assert (statuses.count(200), statuses.count(402)) == (3, 22)
     assert_consistent(rt, 0)

@@ -1,6 +1,7 @@
 """Property test: any sequence of what happens to an account — invoices paid, a referral qualifying, packs
-bought, refunds (and the clawback they cause), members given allocations and limits, spends, time passing and
-replays — keeps every ledger invariant after every step, and no spend takes a member past its limit. Each step
+bought, refunds (and the clawback they cause), teams and members given allocations and limits, spends, time
+passing and replays — keeps every ledger invariant after every step: no spend takes a member or its team past its
+limit, a team's allocation always holds its members', and the pool never spends what is reserved. Each step
 goes through the functions production runs, in a transaction of its own: webhook events through the inbox and
 their handlers, spends through `spending.spend` as the API calls it, with a fake clock.
 """
@@ -17,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.domain import accounts, ledger, periods, referrals, spending
-from service.infra.models import Allocation, Grant, LedgerEntry, Member
+from service.infra.models import Allocation, Grant, LedgerEntry, Member, Team
 from service.infra.runtime import Runtime
 from tests import stripe_events as se
 from tests.helpers import T0, committed
@@ -45,10 +46,18 @@ class Refund:
 
 
 @dataclass(frozen=True)
+class SetTeam:
+    team: str
+    allocation: int | None
+    limit: int | None
+
+
+@dataclass(frozen=True)
 class SetMember:
     member: str
     allocation: int | None
     limit: int | None
+    team: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,15 +76,16 @@ class Replay:
     which: int
 
 
-MEMBERS = st.sampled_from(["ana", "bob"])
+MEMBERS = st.sampled_from(["ana", "bob", "cy"])
+TEAMS = st.sampled_from(["sales", "ops"])
+SOME = st.one_of(st.none(), st.integers(0, 3000))
 operations = st.lists(
     st.one_of(
         st.just(Invoice()),
         st.just(Pack()),
         st.builds(Refund, st.integers(0, 10), st.integers(1, 100)),
-        st.builds(
-            SetMember, MEMBERS, st.one_of(st.none(), st.integers(0, 3000)), st.one_of(st.none(), st.integers(0, 3000))
-        ),
+        st.builds(SetTeam, TEAMS, SOME, SOME),
+        st.builds(SetMember, MEMBERS, SOME, SOME, st.one_of(st.none(), TEAMS)),
         st.builds(Spend, st.integers(1, 4000), st.one_of(st.none(), MEMBERS)),
         st.builds(Advance, st.integers(1, 40)),
         st.builds(Replay, st.integers(0, 100)),
@@ -159,6 +169,20 @@ class World:
         obj["customer"] = self.customer
         self.deliver(se.event("charge.refunded", obj, event_id=f"evt_{self.prefix}_re{step}", created=self.now))
 
+    def setteam(self, _: int, op: SetTeam) -> None:
+        with committed(self.rt) as uow:
+            try:
+                spending.set_team(
+                    uow,
+                    accounts.get(uow, self.account),
+                    op.team,
+                    allocation=op.allocation,
+                    limit_per_period=op.limit,
+                    now=self.now,
+                )
+            except (spending.AllocationTooLarge, spending.AllocationTooSmall):
+                return
+
     def setmember(self, _: int, op: SetMember) -> None:
         with committed(self.rt) as uow:
             try:
@@ -168,14 +192,15 @@ class World:
                     op.member,
                     allocation=op.allocation,
                     limit_per_period=op.limit,
+                    team_id=op.team,
                     now=self.now,
                 )
-            except spending.AllocationTooLarge:
+            except (spending.AllocationTooLarge, spending.UnknownTeam):
                 return
 
     def spend(self, step: int, op: Spend) -> None:
         key = f"spend:{self.account}:{step}"
-        before = self.balance()
+        before, pool = self.balance(), self.pool()
         try:
             with committed(self.rt) as uow:
                 spent = spending.spend(
@@ -186,7 +211,12 @@ class World:
                     key=key,
                     now=self.now,
                 )
-        except (ledger.InsufficientCredits, spending.MemberLimitReached, spending.UnknownMember):
+        except (
+            ledger.InsufficientCredits,
+            spending.MemberLimitReached,
+            spending.TeamLimitReached,
+            spending.UnknownMember,
+        ):
             assert self.balance() == before
             assert self.entry(key) is None
             return
@@ -194,6 +224,8 @@ class World:
         assert self.balance() == before - op.amount
         if op.member is not None:
             assert self.within_limit(op.member)
+        else:
+            assert op.amount <= pool  # the pool spends only what no allocation reserves
         self.spends.append((key, op))
 
     def advance(self, _: int, op: Advance) -> None:
@@ -234,14 +266,24 @@ class World:
             member = uow.session.scalar(
                 select(Member).where(Member.account_id == account.id, Member.member_id == member_id)
             )
-            if member is None or member.limit_per_period is None:
+            if member is None:
                 return True
             months = periods.months_of(self.rt.catalogue, account)
-            return spending.member_usage(uow, account, member_id, self.now, months) <= member.limit_per_period
+            used = spending.member_usage(uow, account, member_id, self.now, months)
+            if member.limit_per_period is not None and used > member.limit_per_period:
+                return False
+            team = uow.session.get(Team, member.team_id) if member.team_id is not None else None
+            if team is not None and team.limit_per_period is not None:
+                return spending.team_usage(uow, account, team.team_id, self.now, months) <= team.limit_per_period
+            return True
 
     def balance(self) -> int:
         with self.rt.uow() as uow:
             return ledger.balance(uow, accounts.get(uow, self.account), self.now)
+
+    def pool(self) -> int:
+        with self.rt.uow() as uow:
+            return spending.pool(uow, accounts.get(uow, self.account), self.now)
 
     def entries(self) -> int:
         with self.rt.uow() as uow:
@@ -258,6 +300,9 @@ class World:
                 assert ledger.balance(uow, accounts.get(uow, ref), self.now) >= 0
             allocations = uow.session.scalars(select(Member.allocation).where(Member.allocation.is_not(None)))
             assert all(allocation is not None and allocation >= 0 for allocation in allocations)
+            for team in uow.session.scalars(select(Team).where(Team.allocation.is_not(None))):
+                held = uow.session.scalar(select(func.sum(Member.allocation)).where(Member.team_id == team.id))
+                assert team.allocation is not None and team.allocation >= (held or 0) >= 0
             assert _spent_from_expired_grants(uow.session) == 0
             payouts = uow.session.scalars(
                 select(LedgerEntry.idempotency_key).where(

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib
 import json
+from datetime import timedelta
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
 
 from service.infra.migrate import alembic_config, upgrade
-from service.infra.models import Base, utcnow
+from service.infra.models import Account, Base, Grant, utcnow
 
 HAS_LZ4 = importlib.import_module("service.migrations.versions.0007_payload_lz4").HAS_LZ4
 
@@ -76,3 +78,71 @@ def test_upgrading_to_customer_batches_names_the_customer_of_every_event_still_d
         "evt_product": None,
         "evt_done": None,
     }
+
+
+def test_upgrading_to_teams_keeps_every_member_with_its_allocation_outside_any_team(engine: Engine) -> None:
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0010")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO accounts (id, public_id, status, rollover_extensions, created_at) "
+                "VALUES (1, 'a', 'active', 0, :now)"
+            ),
+            {"now": utcnow()},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO members (account_id, member_id, allocation, limit_per_period, created_at) "
+                "VALUES (1, 'ana', 30, NULL, :now), (1, 'bob', NULL, 10, :now)"
+            ),
+            {"now": utcnow()},
+        )
+
+    upgrade(engine)
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT member_id, allocation, limit_per_period, team_id FROM members ORDER BY member_id")
+        ).all()
+        assert conn.execute(text("SELECT count(*) FROM teams")).scalar() == 0
+    assert [tuple(r) for r in rows] == [("ana", 30, None, None), ("bob", None, 10, None)]
+
+
+def test_upgrading_to_billing_time_gives_each_grant_its_creation_time_as_when_it_was_earned(engine: Engine) -> None:
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0008")
+    made = utcnow().replace(microsecond=0) - timedelta(days=40)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO accounts (id, public_id, status, rollover_extensions, created_at) "
+                "VALUES (1, 'a', 'active', 0, :at)"
+            ),
+            {"at": made},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO ledger_entries (id, account_id, kind, amount, idempotency_key, metadata, created_at) "
+                "VALUES (1, 1, 'grant', 2000, 'invoice:in_1', '{}', :at)"
+            ),
+            {"at": made},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO credit_grants (account_id, entry_id, source, amount, remaining, spent, expired, "
+                "reversed, rollover, created_at) VALUES (1, 1, 'plan', 2000, 2000, 0, 0, 0, true, :at)"
+            ),
+            {"at": made},
+        )
+
+    upgrade(engine)
+
+    with Session(engine) as session:
+        grant = session.scalars(select(Grant)).one()
+        account = session.get_one(Account, 1)
+    assert (grant.earned_at, account.rollover_from, account.rollover_room) == (made, None, None)

@@ -135,7 +135,7 @@ def test_an_allocation_is_the_members_own_and_the_pool_cannot_touch_it(client, a
     )
     view = client.get("/v1/accounts/acct_1/members").json()
     assert view["members"] == [
-        {"member_id": "ana", "allocation": 10, "limit_per_period": None, "spent_this_period": 20}
+        {"member_id": "ana", "team_id": None, "allocation": 10, "limit_per_period": None, "spent_this_period": 20}
     ]
     assert view["pool"] == 70
 
@@ -149,10 +149,11 @@ def test_shrinking_an_allocation_or_removing_the_member_returns_credits_to_the_p
     assert (removed.json()["pool"], removed.json()["members"]) == (100, [])
 
 
-def test_an_allocation_larger_than_the_pool_is_422(client, admin_headers, funded) -> None:
+def test_an_allocation_larger_than_the_pool_is_422_and_adds_no_member(client, admin_headers, funded) -> None:
     member(client, admin_headers, {"member_id": "ana", "allocation": 60})
     response = member(client, admin_headers, {"member_id": "bob", "allocation": 41})
     assert (response.status_code, response.json()["error"]) == (422, "allocation_too_large")
+    assert [m["member_id"] for m in client.get("/v1/accounts/acct_1/members").json()["members"]] == ["ana"]
 
 
 def test_a_member_limit_per_period_is_enforced(client, admin_headers, funded) -> None:
@@ -222,6 +223,7 @@ def test_usage_reports_the_current_period_by_source_action_and_member(client, ad
         "total": 14,
         "by_action": {"postcard_intl": 4, "amount": 10},
         "by_member": {"ana": 4, "pool": 10},
+        "by_team": {},
     }
     assert (usage["expired"], usage["reversed"], usage["remaining"], usage["monthly_goal"]) == (0, 0, 86, None)
     previous = client.get("/v1/accounts/acct_1/usage", params={"period": "previous"}).json()

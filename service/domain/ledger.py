@@ -152,7 +152,7 @@ def debit(
     account's spendable grants, soonest-expiring first (grants past their expiry are expired first, so nothing
     is ever spent from them). Given grants are read again under the lock, and must be the account's. What may
     be taken is bounded by what those grants hold, less `reserved` (credits of the balance held back for others:
-    members' allocations), and by `limit` (a member's own allocation).
+    teams' and members' allocations), and by `limit` (the reservation a member's spend draws on).
 
     All or nothing: InsufficientCredits, with nothing debited, when the bounds allow less than `amount` —
     unless `partial`, which takes what there is and records the rest as the entry's `shortfall` (a refund of

@@ -1,9 +1,12 @@
-"""Spending the way the product does: priced actions, once-per-resource charges, and team members who share
-the pool, spend only their allocation, or spend up to a limit per billing period.
+"""Spending the way the product does: priced actions, once-per-resource charges, and members who share the
+pool, spend only their allocation, or spend up to a limit per billing period — alone or in a team, which may have
+an allocation and a limit of its own.
 
-Every spend is one `ledger.debit`, made under the account's row lock, so concurrent spends by several members
-never exceed an allocation, a limit or the balance, and a resource is charged once however many colleagues
-unlock it at once.
+Credits are reserved account → team → member: a team's allocation is held back from the account's pool, and the
+allocations of its members come out of the team's (never reserved twice); an allocation outside a team is held
+back from the pool. Every spend is one `ledger.debit`, made under the account's row lock, so concurrent spends by
+several members never exceed an allocation, a limit (the member's or its team's) or the balance, and a resource is
+charged once however many colleagues unlock it at once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from sqlalchemy import bindparam, func, select
 
 from service.domain import ledger, periods
 from service.infra.catalogue import ActionPrice, Catalogue
-from service.infra.models import Account, LedgerEntry, Member, ResourceCharge, utcnow
+from service.infra.models import Account, LedgerEntry, Member, ResourceCharge, Team, utcnow
 from service.infra.uow import UnitOfWork
 
 
@@ -42,6 +45,10 @@ class UnknownMember(LookupError):
     """No such member in this account."""
 
 
+class UnknownTeam(LookupError):
+    """No such team in this account."""
+
+
 class MemberLimitReached(Exception):
     """The member's spend this billing period would pass its limit; nothing was spent."""
 
@@ -50,8 +57,20 @@ class MemberLimitReached(Exception):
         self.limit, self.used, self.requested = limit, used, requested
 
 
+class TeamLimitReached(Exception):
+    """The member's team would spend more this billing period than its limit; nothing was spent."""
+
+    def __init__(self, team_id: str, limit: int, used: int, requested: int) -> None:
+        super().__init__(f"team {team_id!r} limit {limit} per period: {used} used, {requested} requested")
+        self.team_id, self.limit, self.used, self.requested = team_id, limit, used, requested
+
+
 class AllocationTooLarge(ValueError):
-    """An allocation cannot reserve more than the pool holds."""
+    """An allocation cannot reserve more than the pool holds (a member's in a team: than the team's holds)."""
+
+
+class AllocationTooSmall(ValueError):
+    """A team's allocation cannot hold less than the allocations of its members, which come out of it."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +134,11 @@ def spend(
     uow: UnitOfWork, catalogue: Catalogue, account: Account, charge: Charge, *, key: str, now: datetime | None = None
 ) -> Spent:
     """Spend for `charge` once per `key`: nothing when the resource was already charged in this account; else
-    from the member's allocation or within its period limit, and never more than the balance allows.
+    from the member's allocation (or, for a member without one in a team with one, the team's unallocated
+    credits), within the member's and its team's period limits, and never more than the balance allows.
 
-    Raises UnknownAction, UnknownMember, MemberLimitReached or ledger.InsufficientCredits, having spent nothing.
+    Raises UnknownAction, UnknownMember, MemberLimitReached, TeamLimitReached or ledger.InsufficientCredits,
+    having spent nothing.
     """
     now = now or utcnow()
     price = cost(catalogue, charge)
@@ -126,14 +147,23 @@ def spend(
     if earlier is not None:  # the same spend again: its answer, whatever the checks below would say now
         return Spent(-earlier.amount, earlier.id, ledger.balance(uow, account, now))
     member = _member(uow, account, charge.member_id) if charge.member_id else None
+    team = uow.session.get(Team, member.team_id) if member is not None and member.team_id is not None else None
     if charge.resource and charge.action and _charged_before(uow, account, charge.action, charge.resource):
         return Spent(0, None, ledger.balance(uow, account, now))
     if member is not None and member.limit_per_period is not None:
         used = member_usage(uow, account, member.member_id, now, periods.months_of(catalogue, account))
         if used + price > member.limit_per_period:
             raise MemberLimitReached(member.limit_per_period, used, price)
-    own = member.allocation if member is not None else None  # a member with an allocation spends only that
-    reserved = _reserved(uow, account) - (own or 0)
+    if team is not None and team.limit_per_period is not None:
+        used = team_usage(uow, account, team.team_id, now, periods.months_of(catalogue, account))
+        if used + price > team.limit_per_period:
+            raise TeamLimitReached(team.team_id, team.limit_per_period, used, price)
+    # A spend out of a reservation is bounded by it and by the balance; a spend out of the pool, by the balance
+    # less every reservation. While the balance covers the reservations, no one reaches into another's; when it
+    # no longer does (a refund took credits back), what is there is spent first come, first served by those who
+    # hold reservations, rather than left stranded.
+    own = _own_credits(uow, member, team)
+    reserved = _reserved(uow, account) if own is None else 0
     meta = {
         name: value
         for name, value in {
@@ -142,6 +172,7 @@ def spend(
             **_formula(catalogue, charge),
             "resource": charge.resource,
             "member_id": charge.member_id,
+            "team_id": team.team_id if team is not None else None,
         }.items()
         if value is not None
     }
@@ -158,8 +189,10 @@ def spend(
         meta=meta,
         now=now,
     )
-    if posted.created and member is not None and own is not None:
-        member.allocation = own - price
+    if posted.created and member is not None and member.allocation is not None:
+        member.allocation -= price
+    if posted.created and team is not None and team.allocation is not None:
+        team.allocation -= price  # a team member's allocation is part of the team's: both shrink
     if posted.created and charge.resource and charge.action:
         uow.session.execute(
             uow.insert(ResourceCharge)
@@ -184,8 +217,21 @@ def _formula(catalogue: Catalogue, charge: Charge) -> dict[str, int]:
     return {"base": price.base, price.add: charge.fields[price.add]}
 
 
+def _own_credits(uow: UnitOfWork, member: Member | None, team: Team | None) -> int | None:
+    """The reservation a spend comes out of, if any: the member's allocation; else, in a team with an allocation,
+    the team's credits no member holds; else none (the spend comes out of the pool)."""
+    if member is None:
+        return None
+    if member.allocation is not None:  # a member with an allocation spends only that
+        return member.allocation
+    if team is not None and team.allocation is not None:
+        return team.allocation - _assigned(uow, team)
+    return None
+
+
 def pool(uow: UnitOfWork, account: Account, now: datetime) -> int:
-    """What the account's shared pool can spend: the balance less what members' allocations reserve."""
+    """What the account's shared pool can spend: the balance less what teams' and members' allocations reserve
+    (negative when the balance fell below them, e.g. after a refund)."""
     return ledger.balance(uow, account, now) - _reserved(uow, account)
 
 
@@ -196,26 +242,81 @@ def set_member(
     *,
     allocation: int | None,
     limit_per_period: int | None,
+    team_id: str | None = None,
     now: datetime | None = None,
 ) -> Member:
-    """Create or update a member; a new allocation must fit in the pool (plus what the member held)."""
+    """Create or set a member, as given: its allocation, limit and team (None: none). A new allocation must fit
+    in what it comes out of — in a team with an allocation, the team's unallocated credits, else the pool —
+    plus what the member held there; keeping or shrinking an allocation is always allowed.
+
+    Raises UnknownTeam or AllocationTooLarge, having changed nothing."""
     now = now or utcnow()
     account = uow.lock_one(account)
+    team = _team(uow, account, team_id) if team_id is not None else None
     member = uow.session.scalar(MEMBER, {"account_id": account.id, "member_id": member_id})
     if member is None:
         member = Member(account_id=account.id, member_id=member_id, created_at=now)
-        uow.session.add(member)
+    old_team = uow.session.get(Team, member.team_id) if member.team_id is not None else None
     held = member.allocation or 0
-    available = pool(uow, account, now) + held
-    if allocation is not None and allocation > available:
-        raise AllocationTooLarge(f"allocation {allocation} is more than the pool's {available}")
+    if allocation is not None:
+        if team is not None and team.allocation is not None:  # out of the team's reservation
+            kept = held if old_team is team else 0
+            free = team.allocation - _assigned(uow, team) + kept
+            where = f"team {team.team_id!r}'s unallocated"
+        else:  # out of the pool
+            kept = held if old_team is None or old_team.allocation is None else 0
+            free = pool(uow, account, now) + kept
+            where = "the pool's"
+        if allocation > max(free, kept):
+            raise AllocationTooLarge(f"allocation {allocation} is more than {where} {free}")
+    if member.id is None:
+        uow.session.add(member)
     member.allocation, member.limit_per_period = allocation, limit_per_period
+    member.team_id = team.id if team is not None else None
     uow.session.flush()
     return member
 
 
+def set_team(
+    uow: UnitOfWork,
+    account: Account,
+    team_id: str,
+    *,
+    allocation: int | None,
+    limit_per_period: int | None,
+    now: datetime | None = None,
+) -> Team:
+    """Create or set a team, as given: its allocation and limit (None: none). The allocation holds its members'
+    allocations, so it may not be less than they hold; what it reserves beyond what the team held must fit in
+    the pool; keeping or shrinking it is always allowed. Without an allocation the team reserves nothing, and its
+    members' allocations come out of the pool.
+
+    Raises AllocationTooSmall or AllocationTooLarge, having changed nothing."""
+    now = now or utcnow()
+    account = uow.lock_one(account)
+    team = uow.session.scalar(TEAM, {"account_id": account.id, "team_id": team_id})
+    if team is None:
+        team = Team(account_id=account.id, team_id=team_id, created_at=now)
+    assigned = _assigned(uow, team) if team.id is not None else 0
+    if allocation is not None:
+        if allocation < assigned:
+            raise AllocationTooSmall(
+                f"team allocation {allocation} is less than its members' allocations, {assigned}; shrink those first"
+            )
+        held = team.allocation if team.allocation is not None else assigned  # what the team holds of the pool now
+        available = pool(uow, account, now) + held
+        if allocation > max(available, held):
+            raise AllocationTooLarge(f"allocation {allocation} is more than the pool's {available}")
+    if team.id is None:
+        uow.session.add(team)
+    team.allocation, team.limit_per_period = allocation, limit_per_period
+    uow.session.flush()
+    return team
+
+
 def remove_member(uow: UnitOfWork, account: Account, member_id: str) -> None:
-    """Remove a member; its unspent allocation returns to the pool."""
+    """Remove a member; its unspent allocation returns to the pool (or, in a team with an allocation, to the team's
+    unallocated credits)."""
     account = uow.lock_one(account)
     uow.session.delete(_member(uow, account, member_id))
     uow.session.flush()
@@ -224,18 +325,50 @@ def remove_member(uow: UnitOfWork, account: Account, member_id: str) -> None:
 def members(
     uow: UnitOfWork, catalogue: Catalogue, account: Account, now: datetime | None = None
 ) -> list[dict[str, Any]]:
-    """Each member with its allocation, limit and usage in the current billing period."""
+    """Each member with its team, allocation, limit and usage in the current billing period."""
     now = now or utcnow()
     months = periods.months_of(catalogue, account)
-    rows = uow.session.scalars(select(Member).where(Member.account_id == account.id).order_by(Member.member_id))
+    rows = uow.session.execute(
+        select(Member, Team.team_id)
+        .outerjoin(Team, Team.id == Member.team_id)
+        .where(Member.account_id == account.id)
+        .order_by(Member.member_id)
+    )
     return [
         {
             "member_id": m.member_id,
+            "team_id": team_id,
             "allocation": m.allocation,
             "limit_per_period": m.limit_per_period,
             "spent_this_period": member_usage(uow, account, m.member_id, now, months),
         }
-        for m in rows
+        for m, team_id in rows
+    ]
+
+
+def teams(uow: UnitOfWork, catalogue: Catalogue, account: Account, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Each team with its allocation (and the part of it no member holds), limit, usage in the current billing
+    period and members."""
+    now = now or utcnow()
+    months = periods.months_of(catalogue, account)
+    rows = list(uow.session.scalars(select(Team).where(Team.account_id == account.id).order_by(Team.team_id)))
+    in_team: dict[int, list[Member]] = {t.id: [] for t in rows}
+    for m in uow.session.scalars(
+        select(Member).where(Member.account_id == account.id, Member.team_id.is_not(None)).order_by(Member.member_id)
+    ):
+        in_team[m.team_id or 0].append(m)
+    return [
+        {
+            "team_id": t.team_id,
+            "allocation": t.allocation,
+            "unallocated": (
+                t.allocation - sum(m.allocation or 0 for m in in_team[t.id]) if t.allocation is not None else None
+            ),
+            "limit_per_period": t.limit_per_period,
+            "spent_this_period": team_usage(uow, account, t.team_id, now, months),
+            "members": [m.member_id for m in in_team[t.id]],
+        }
+        for t in rows
     ]
 
 
@@ -254,9 +387,30 @@ def member_usage(uow: UnitOfWork, account: Account, member_id: str, now: datetim
     return int(spent or 0)
 
 
+def team_usage(uow: UnitOfWork, account: Account, team_id: str, now: datetime, months: int = 1) -> int:
+    """Credits the team's members spent for the team in the account's current billing period (a spend counts
+    for the team its member was in when it was made)."""
+    start, end = periods.bounds(account, "current", now, months)
+    spent = uow.session.scalar(
+        select(func.coalesce(func.sum(-LedgerEntry.amount), 0)).where(
+            LedgerEntry.account_id == account.id,
+            LedgerEntry.kind == "spend",
+            LedgerEntry.meta["team_id"].as_string() == team_id,
+            LedgerEntry.created_at >= start,
+            LedgerEntry.created_at < end,
+        )
+    )
+    return int(spent or 0)
+
+
 def _reserved(uow: UnitOfWork, account: Account) -> int:
-    """Credits that members' allocations hold back from the shared pool."""
+    """Credits held back from the shared pool: teams' allocations, and members' allocations outside them."""
     return int(uow.session.scalar(RESERVED, {"account_id": account.id}) or 0)
+
+
+def _assigned(uow: UnitOfWork, team: Team) -> int:
+    """Credits of the team's allocation that its members' own allocations hold."""
+    return int(uow.session.scalar(ASSIGNED, {"team": team.id}) or 0)
 
 
 def _member(uow: UnitOfWork, account: Account, member_id: str) -> Member:
@@ -266,14 +420,31 @@ def _member(uow: UnitOfWork, account: Account, member_id: str) -> Member:
     return member
 
 
+def _team(uow: UnitOfWork, account: Account, team_id: str) -> Team:
+    team = uow.session.scalar(TEAM, {"account_id": account.id, "team_id": team_id})
+    if team is None:
+        raise UnknownTeam(team_id)
+    return team
+
+
 def _charged_before(uow: UnitOfWork, account: Account, action: str, resource: str) -> bool:
     found = uow.session.scalar(CHARGED, {"account_id": account.id, "action": action, "resource": resource})
     return found is not None
 
 
 # Built once: every spend runs them, and building a statement anew costs nearly as much CPU as running it.
-RESERVED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.account_id == bindparam("account_id"))
+_OUTSIDE_TEAMS = (  # members' allocations that no team's allocation holds
+    select(func.coalesce(func.sum(Member.allocation), 0))
+    .select_from(Member)
+    .outerjoin(Team, Team.id == Member.team_id)
+    .where(Member.account_id == bindparam("account_id"), Team.allocation.is_(None))
+    .scalar_subquery()
+)
+_TEAMS = select(func.coalesce(func.sum(Team.allocation), 0)).where(Team.account_id == bindparam("account_id"))
+RESERVED = select(_OUTSIDE_TEAMS + _TEAMS.scalar_subquery())
+ASSIGNED = select(func.coalesce(func.sum(Member.allocation), 0)).where(Member.team_id == bindparam("team"))
 MEMBER = select(Member).where(Member.account_id == bindparam("account_id"), Member.member_id == bindparam("member_id"))
+TEAM = select(Team).where(Team.account_id == bindparam("account_id"), Team.team_id == bindparam("team_id"))
 CHARGED = select(ResourceCharge.id).where(
     ResourceCharge.account_id == bindparam("account_id"),
     ResourceCharge.action == bindparam("action"),

@@ -19,13 +19,16 @@ from service.infra.uow import UnitOfWork
 def report(
     uow: UnitOfWork, catalogue: Catalogue, account: Account, which: str = "current", now: datetime | None = None
 ) -> dict[str, Any]:
-    """Granted (by source), spent (by action and by member), expired, reversed and remaining in the period."""
+    """Granted (by source), spent (by action, by member and by team), expired, reversed and remaining in the
+    period. A spend without a member counts under "pool" by member; by team, a spend counts for the team its
+    member was in when it was made, and one outside any team for none."""
     now = now or utcnow()
     months = periods.months_of(catalogue, account)
     start, end = periods.bounds(account, which, now, months)
     granted: dict[str, int] = defaultdict(int)
     by_action: dict[str, int] = defaultdict(int)
     by_member: dict[str, int] = defaultdict(int)
+    by_team: dict[str, int] = defaultdict(int)
     totals: dict[str, int] = defaultdict(int)
     entries = uow.session.scalars(
         select(LedgerEntry).where(
@@ -38,6 +41,8 @@ def report(
         elif entry.kind == "spend":
             by_action[entry.meta.get("action", "amount")] -= entry.amount
             by_member[entry.meta.get("member_id", "pool")] -= entry.amount
+            if "team_id" in entry.meta:
+                by_team[entry.meta["team_id"]] -= entry.amount
         totals[entry.kind] -= entry.amount
     remaining = (
         ledger.balance(uow, account, now)
@@ -56,7 +61,12 @@ def report(
         "period": {"which": which, "start": start.isoformat(), "end": end.isoformat()},
         "granted": dict(granted),
         "granted_total": sum(granted.values()),
-        "spent": {"total": totals["spend"], "by_action": dict(by_action), "by_member": dict(by_member)},
+        "spent": {
+            "total": totals["spend"],
+            "by_action": dict(by_action),
+            "by_member": dict(by_member),
+            "by_team": dict(by_team),
+        },
         "expired": totals["expire"],
         "reversed": totals["reverse"],
         "remaining": remaining,

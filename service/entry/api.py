@@ -40,9 +40,12 @@ from service.entry.schemas import (
     NoBody,
     ReferralRequest,
     SpendRequest,
+    TeamRequest,
     balance_view,
     entry_view,
     grant_view,
+    members_view,
+    teams_view,
 )
 from service.infra import db, logs, metrics
 from service.infra.models import Account, utcnow
@@ -222,7 +225,7 @@ def post_grant(
 @v1.post(
     "/accounts/{account}/spend",
     responses={
-        402: {"description": "insufficient_credits or member_limit_reached: nothing was spent"},
+        402: {"description": "insufficient_credits, member_limit_reached or team_limit_reached: nothing was spent"},
         404: {"description": "unknown account or member"},
         422: {"description": "unknown action; a formula's field missing or not a positive integer, or one not taken"},
     },
@@ -232,7 +235,8 @@ def post_spend(
 ) -> JSONResponse:
     """Spend credits, soonest-expiring first: an amount, or an action priced by the catalogue. With a
     `resource`, once per (action, resource) in the account; with a `member_id`, from that member's allocation
-    or within its limit — and never more than the balance. 402 when short; nothing is then spent."""
+    (or its team's) and within its limit and its team's — and never more than the balance. 402 when short;
+    nothing is then spent."""
     fields = body.model_extra or {}
     try:  # the field an action priced by formula adds, checked like the rest of the body: before anything else
         spending.check_fields(rt.catalogue, body.action, fields)
@@ -263,6 +267,15 @@ def post_spend(
                 "used": refused.used,
                 "requested": refused.requested,
             }
+        except spending.TeamLimitReached as refused:
+            return 402, {
+                "error": "team_limit_reached",
+                "message": str(refused),
+                "team_id": refused.team_id,
+                "limit": refused.limit,
+                "used": refused.used,
+                "requested": refused.requested,
+            }
         except spending.UnknownMember:
             return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {acct.public_id}"}
         except spending.UnknownAction as unknown:
@@ -289,21 +302,37 @@ def post_spend(
     return _once(rt, request, key, body, work)
 
 
-@v1.post("/accounts/{account}/members", dependencies=[Depends(require_admin)], tags=["members"])
+@v1.post(
+    "/accounts/{account}/members",
+    dependencies=[Depends(require_admin)],
+    tags=["members"],
+    responses={
+        404: {"description": "unknown account or team"},
+        422: {"description": "allocation_too_large: more than the pool (in a team with an allocation, the team's)"},
+    },
+)
 def post_member(
     account: str, body: MemberRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
 ) -> JSONResponse:
-    """Add or update a team member (admin token). An allocation larger than the pool is 422."""
+    """Add or set a member (admin token), as given: its allocation, limit and team. An allocation larger than
+    the pool (in a team with an allocation, than the team's unallocated credits) is 422; an unknown team 404."""
 
     def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
         acct = _account(uow, account, lock=True)
         try:
             spending.set_member(
-                uow, acct, body.member_id, allocation=body.allocation, limit_per_period=body.limit_per_period
+                uow,
+                acct,
+                body.member_id,
+                allocation=body.allocation,
+                limit_per_period=body.limit_per_period,
+                team_id=body.team_id,
             )
         except spending.AllocationTooLarge as exc:
             return 422, {"error": "allocation_too_large", "message": str(exc)}
-        return 200, _members_view(uow, rt, acct)
+        except spending.UnknownTeam:
+            return 404, {"error": "team_not_found", "message": f"no team {body.team_id!r} in {acct.public_id}"}
+        return 200, members_view(uow, rt.catalogue, acct)
 
     return _once(rt, request, key, body, work)
 
@@ -312,38 +341,69 @@ def post_member(
 def get_members(account: str, rt: RuntimeDep) -> dict[str, Any]:
     """The account's members with their allocation, limit and usage this period, and the shared pool."""
     with rt.uow() as uow:
-        return _members_view(uow, rt, _account(uow, account))
+        return members_view(uow, rt.catalogue, _account(uow, account))
 
 
 @v1.delete("/accounts/{account}/members/{member_id}", dependencies=[Depends(require_admin)], tags=["members"])
 def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any]:
-    """Remove a member (admin token); its unspent allocation returns to the pool."""
+    """Remove a member (admin token); its unspent allocation returns to the pool (or to its team's allocation)."""
     with rt.uow() as uow:
         acct = _account(uow, account, lock=True)
         try:
             spending.remove_member(uow, acct, member_id)
         except spending.UnknownMember as exc:
             raise ApiError(404, "member_not_found", f"no member {member_id!r} in {acct.public_id}") from exc
-        view = _members_view(uow, rt, acct)
+        view = members_view(uow, rt.catalogue, acct)
         uow.commit()
         return view
+
+
+@v1.post(
+    "/accounts/{account}/teams",
+    dependencies=[Depends(require_admin)],
+    tags=["members"],
+    responses={
+        422: {
+            "description": "allocation_too_large (more than the pool) or allocation_too_small (less than its members')"
+        }
+    },
+)
+def post_team(
+    account: str, body: TeamRequest, request: Request, rt: RuntimeDep, key: IdempotencyKey = None
+) -> JSONResponse:
+    """Add or set a team (admin token), as given: its allocation and limit per billing period. An allocation
+    larger than the pool is 422 `allocation_too_large`; one smaller than its members' allocations, 422
+    `allocation_too_small`."""
+
+    def work(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
+        acct = _account(uow, account, lock=True)
+        try:
+            spending.set_team(
+                uow, acct, body.team_id, allocation=body.allocation, limit_per_period=body.limit_per_period
+            )
+        except spending.AllocationTooLarge as exc:
+            return 422, {"error": "allocation_too_large", "message": str(exc)}
+        except spending.AllocationTooSmall as exc:
+            return 422, {"error": "allocation_too_small", "message": str(exc)}
+        return 200, teams_view(uow, rt.catalogue, acct)
+
+    return _once(rt, request, key, body, work)
+
+
+@v1.get("/accounts/{account}/teams", tags=["members"])
+def get_teams(account: str, rt: RuntimeDep) -> dict[str, Any]:
+    """The account's teams with their allocation, limit, usage this period and members, and the shared pool."""
+    with rt.uow() as uow:
+        return teams_view(uow, rt.catalogue, _account(uow, account))
 
 
 @v1.get("/accounts/{account}/usage", tags=["accounts"])
 def get_usage(
     account: str, rt: RuntimeDep, period: Annotated[Literal["current", "previous"], Query()] = "current"
 ) -> dict[str, Any]:
-    """Credits granted, spent (by action and member), expired, reversed and remaining in a billing period."""
+    """Credits granted, spent (by action, member and team), expired, reversed and remaining in a billing period."""
     with rt.uow() as uow:
         return usage.report(uow, rt.catalogue, _account(uow, account), period)
-
-
-def _members_view(uow: UnitOfWork, rt: Runtime, acct: Account) -> dict[str, Any]:
-    return {
-        "account_id": acct.public_id,
-        "pool": spending.pool(uow, acct, utcnow()),
-        "members": spending.members(uow, rt.catalogue, acct),
-    }
 
 
 @v1.post("/accounts/{account}/referral-code", tags=["referrals"])

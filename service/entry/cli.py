@@ -31,7 +31,7 @@ from jobs import report
 from jobs import worker as inbox_worker
 from service.domain import accounts, audit, ledger, usage
 from service.domain.accounts import AccountNotFound
-from service.entry import support_cli
+from service.entry import members_cli, support_cli
 from service.entry.schemas import aware_utc, balance_view, entry_view
 from service.infra import logs, runtime
 from service.infra.catalogue import CatalogueError
@@ -221,7 +221,7 @@ def show_usage(
     period: Annotated[str, typer.Option(help="current or previous billing period.")] = "current",
     as_json: AsJson = False,
 ) -> None:
-    """Credits granted, spent (by action and member), expired, reversed and remaining in a billing period."""
+    """Credits granted, spent (by action, member and team), expired, reversed and remaining in a billing period."""
     if period not in ("current", "previous"):
         raise typer.BadParameter("must be current or previous", param_hint="--period")
     rt = runtime.load()
@@ -238,6 +238,8 @@ def show_usage(
         table.add_row(f"spent on {action}", str(amount))
     for who, amount in sorted(view["spent"]["by_member"].items()):
         table.add_row(f"spent by {who}", str(amount))
+    for team, amount in sorted(view["spent"]["by_team"].items()):
+        table.add_row(f"spent by team {team}", str(amount))
     table.add_row("expired", str(view["expired"]))
     table.add_row("reversed", str(view["reversed"]))
     table.add_row("[bold]remaining[/bold]", f"[bold]{view['remaining']}[/bold]")
@@ -355,6 +357,8 @@ def _progress() -> Progress:
 
 events = typer.Typer(help="The Stripe event inbox.", no_args_is_help=True)
 app.add_typer(events, name="events")
+app.add_typer(members_cli.members_app, name="members")
+app.add_typer(members_cli.teams_app, name="teams")
 app.add_typer(support_cli.backfill, name="backfill")
 app.add_typer(support_cli.rollover_app, name="rollover")
 app.add_typer(support_cli.referrals_app, name="referrals")

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
-from service.domain import ledger
-from service.infra.models import Account, Grant, LedgerEntry
+from service.domain import ledger, spending
+from service.infra.catalogue import Catalogue
+from service.infra.models import Account, Grant, LedgerEntry, utcnow
 from service.infra.uow import UnitOfWork
 
 MAX_AMOUNT = 10**12
@@ -68,10 +69,21 @@ class SpendRequest(_Body):
 
 
 class MemberRequest(_Body):
-    """A team member: with an allocation (its own credits out of the pool), a limit per billing period,
-    or neither (it shares the pool)."""
+    """A member, set as given: with an allocation (its own credits out of the pool, or out of its team's
+    allocation), a limit per billing period, or neither (it shares the pool, or its team's credits); in a team
+    (`team_id`, which must exist) or not."""
 
     member_id: Name
+    allocation: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
+    limit_per_period: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
+    team_id: Name | None = None
+
+
+class TeamRequest(_Body):
+    """A team, set as given: with an allocation (credits out of the pool for its members), a limit per billing
+    period on what its members spend together, both, or neither."""
+
+    team_id: Name
     allocation: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
     limit_per_period: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
 
@@ -124,4 +136,22 @@ def balance_view(uow: UnitOfWork, account: Account) -> dict[str, Any]:
         "account_id": account.public_id,
         "balance": sum(g.remaining for g in grants),
         "grants": [grant_view(g) for g in grants],
+    }
+
+
+def members_view(uow: UnitOfWork, catalogue: Catalogue, account: Account) -> dict[str, Any]:
+    """What …/members and `credits members list` show: the shared pool and every member."""
+    return {
+        "account_id": account.public_id,
+        "pool": spending.pool(uow, account, utcnow()),
+        "members": spending.members(uow, catalogue, account),
+    }
+
+
+def teams_view(uow: UnitOfWork, catalogue: Catalogue, account: Account) -> dict[str, Any]:
+    """What …/teams and `credits teams list` show: the shared pool and every team."""
+    return {
+        "account_id": account.public_id,
+        "pool": spending.pool(uow, account, utcnow()),
+        "teams": spending.teams(uow, catalogue, account),
     }

@@ -298,12 +298,31 @@ class Finding(Base):
     closed_at: Mapped[datetime | None]
 
 
-class Member(Base):
-    """A team member of an account: shares the pool, or spends only an allocation, or up to a limit.
+class Team(Base):
+    """A team of an account's members: its own credits, a limit on what its members spend together, or both.
 
-    `allocation` is the member's own unspent credits, reserved out of the account's pool (the credits stay
-    in the account's grants; the pool simply cannot spend what is reserved). Shrinking it or removing the
-    member returns the difference to the pool.
+    `allocation` is the team's unspent credits, reserved out of the account's pool as a member's allocation is;
+    the allocations of its members come out of it (never reserved twice), and its members without an allocation
+    of their own share the rest. `limit_per_period` bounds the sum of its members' spends in a billing period.
+    """
+
+    __tablename__ = "teams"
+    __table_args__ = (Index("uq_teams_account_team", "account_id", "team_id", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    team_id: Mapped[str] = mapped_column(String(255))
+    allocation: Mapped[int | None] = mapped_column(BigInteger)
+    limit_per_period: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Member(Base):
+    """A member of an account: shares the pool, or spends only an allocation, or up to a limit; in a team or not.
+
+    `allocation` is the member's own unspent credits, reserved out of the account's pool — or, in a team with an
+    allocation, out of the team's (the credits stay in the account's grants; the pool simply cannot spend what is
+    reserved). Shrinking it or removing the member returns the difference to the pool, or to the team.
     """
 
     __tablename__ = "members"
@@ -314,6 +333,8 @@ class Member(Base):
     member_id: Mapped[str] = mapped_column(String(255))
     allocation: Mapped[int | None] = mapped_column(BigInteger)
     limit_per_period: Mapped[int | None] = mapped_column(BigInteger)
+    # The team's row id (teams.id), not its `team_id`: a team is named by its account and its `team_id`.
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

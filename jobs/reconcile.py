@@ -21,7 +21,7 @@ from sqlalchemy import Select, or_, select
 
 from jobs.pages import prefetched
 from jobs.referral_codes import ReferralCodes
-from service.domain import accounts, findings, ledger, referrals
+from service.domain import accounts, findings, ledger, referrals, refills
 from service.infra import db, logs
 from service.infra import stripe_objects as so
 from service.infra.models import Account, LedgerEntry, Payment, Referral, StripeEvent, utcnow
@@ -303,7 +303,7 @@ class Scan:
         )
 
     def _missing_refill(self, invoice: so.InvoiceFacts, payment: Payment | None, obj: dict[str, Any]) -> Found:
-        plan = next((hit for hit in map(self.rt.catalogue.plan_for_price, invoice.price_ids) if hit), None)
+        plan = refills.plan_of(self.rt.catalogue, invoice.billed)
         detail = (
             f"paid invoice {invoice.id} was never credited"
             if payment is None
@@ -326,7 +326,7 @@ class Scan:
             else "add the price to the catalogue, then --fix",
             [invoice.customer or ""],
             [invoice.id],
-            plan[1].credits if plan else 0,
+            plan[2] if plan else 0,
             lambda: self._process(synthetic),
         )
 
@@ -466,9 +466,8 @@ class Scan:
             and isinstance(obj.get("amount_paid"), int)
             and obj["amount_paid"] > 0
         ):
-            prices = so.invoice(obj).price_ids
-            plan = next((hit for hit in map(self.rt.catalogue.plan_for_price, prices) if hit), None)
-            return "missing_refill", obj["id"], plan[1].credits if plan else 0
+            plan = refills.plan_of(self.rt.catalogue, so.invoice(obj).billed)
+            return "missing_refill", obj["id"], plan[2] if plan else 0
         pack = (obj.get("metadata") or {}).get("pack") if isinstance(obj.get("metadata"), dict) else None
         intent = so.ref(obj.get("payment_intent")) if type_.startswith("checkout.") else so.ref(obj)
         if pack and intent and (type_ == "payment_intent.succeeded" or obj.get("payment_status") == "paid"):

@@ -1,7 +1,7 @@
 """The worker: processes every event that is due — never processed, or failed and now past its backoff —,
-retries referral payouts left one-sided, and once a month starts pays the referrals an earlier month's cap
-held. `credits worker` runs it; so does `credits serve`, on threads of its own, unless told not to: the same
-`drain`, the same loop.
+retries referral payouts left one-sided, and when a month starts pays the referrals an earlier month's cap
+held (`run`, once a month; `credits worker --once`, every time). `credits worker` runs it; so does `credits
+serve`, on threads of its own, unless told not to: the same `drain`, the same loop.
 
 Several workers, threads and API processes share the inbox safely. A batch takes the customers waiting
 longest — a lock per customer, skipping those another transaction is handling — and claims every due event of
@@ -21,10 +21,10 @@ from datetime import datetime
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
-from service.domain import audit, referrals
+from service.domain import periods, referrals
 from service.infra import logs
 from service.infra.db import is_postgresql, is_unreachable
-from service.infra.models import Account, Referral, utcnow
+from service.infra.models import utcnow
 from service.infra.runtime import Runtime
 from webhooks import dispatch
 
@@ -52,7 +52,6 @@ def drain(
             side_by_side = threads if any(batch.total() >= dispatch.CUSTOMERS for batch in done) else 1
     if referrals_too and (stop is None or not stop.is_set()):
         counts.update(retry_referrals(rt))
-        counts.update(release_held_referrals(rt))
     return counts
 
 
@@ -81,25 +80,28 @@ def release_held_referrals(rt: Runtime, now: datetime | None = None) -> Counter[
     counts: Counter[str] = Counter()
     now = now or utcnow()
     with rt.uow() as uow:
-        due = referrals.held_before(uow, now.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
+        due = referrals.held_before(uow, periods.month_start(now))
     for referral_id in due:
         try:
             with rt.uow() as uow:
-                if referrals.release_under_cap(uow, rt.catalogue, referral_id, now):
-                    referral = uow.session.get_one(Referral, referral_id)
-                    audit.record(
-                        uow,
-                        actor="system",
-                        action="referral.release",
-                        reason="the referrer is back under the monthly cap",
-                        account=uow.session.get_one(Account, referral.referrer_id),
-                        details={"referral": referral_id, "status": referral.status},
-                    )
-                    counts["held referrals released"] += 1
+                released = referrals.release(
+                    uow,
+                    rt.catalogue,
+                    referral_id,
+                    now,
+                    actor="system",
+                    reason="the referrer is back under the monthly cap",
+                    past_cap=False,
+                )
                 uow.commit()
+        except referrals.ReleaseRefused:
+            continue  # paid meanwhile by someone else
         except Exception as exc:
             log.warning("referral.release_failed", referral=referral_id, error=f"{type(exc).__name__}: {exc}")
             counts["held referral releases failed"] += 1
+            continue
+        if released.audit_id is not None:
+            counts["held referrals released"] += 1
     return counts
 
 
@@ -132,9 +134,13 @@ def run(rt: Runtime, stop: threading.Event, *, outage_seconds: float | None = No
         reraise=True,
     )
     log.info("worker.started", threads=threads)
+    released_in: datetime | None = None  # the month whose held referrals this loop has looked at
     try:
         while not stop.is_set():
             counts = riding_out(drain, rt, stop, threads=threads)
+            if released_in != (month := periods.month_start(utcnow())):
+                counts.update(riding_out(release_held_referrals, rt))
+                released_in = month
             if counts:
                 log.info("worker.drained", **counts)
             stop.wait(rt.settings.worker_poll_seconds)

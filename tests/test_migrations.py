@@ -111,7 +111,9 @@ def test_upgrading_to_teams_keeps_every_member_with_its_allocation_outside_any_t
     assert [tuple(r) for r in rows] == [("ana", 30, None, None), ("bob", None, 10, None)]
 
 
-def test_upgrading_to_billing_time_gives_each_grant_its_creation_time_as_when_it_was_earned(engine: Engine) -> None:
+def test_upgrading_to_billing_time_gives_each_grant_spent_or_not_its_creation_time_as_when_it_was_earned(
+    engine: Engine,
+) -> None:
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
@@ -135,10 +137,18 @@ def test_upgrading_to_billing_time_gives_each_grant_its_creation_time_as_when_it
         conn.execute(
             text(
                 "INSERT INTO credit_grants (account_id, entry_id, source, amount, remaining, spent, expired, "
-                "reversed, rollover, created_at) VALUES (1, 1, 'plan', 2000, 2000, 0, 0, 0, true, :at)"
+                "reversed, rollover, created_at) VALUES (1, 1, 'plan', 2000, 1500, 500, 0, 0, true, :at)"
             ),
             {"at": made},
         )
+        conn.execute(
+            text(
+                "INSERT INTO ledger_entries (id, account_id, kind, amount, idempotency_key, metadata, created_at) "
+                "VALUES (2, 1, 'spend', -500, 'spend:a:1', '{}', :at)"
+            ),
+            {"at": made},
+        )
+        conn.execute(text("INSERT INTO ledger_allocations (entry_id, grant_id, amount) VALUES (2, 1, 500)"))
 
     upgrade(engine)
 

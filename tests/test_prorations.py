@@ -7,7 +7,7 @@ import pytest
 
 from service.domain import accounts
 from tests import stripe_events as se
-from tests.helpers import T0, state
+from tests.helpers import T0, balance_of, state
 from tests.stripe_events import Line
 
 JAN = (T0, T0.replace(month=2))
@@ -92,10 +92,74 @@ def test_an_upgrade_processed_before_its_periods_first_invoice_still_ends_the_pe
     deliver, rt
 ) -> None:
     """Stripe promises no order: the upgrade billed on Jan 16 may be processed before January's own invoice.
-    The period gets the larger allowance once either way, and the later invoice adds nothing."""
+    Each invoice grants what its own lines say — the upgrade pro's allowance less starter's — so the period
+    ends with pro's either way, and the plan is pro."""
     lines = [Line("price_starter_monthly", -1000, MID_JAN, True), Line("price_pro_monthly", 2500, MID_JAN, True)]
     pay(deliver, "2025", "in_up", lines, "subscription_update")
     subscribe_to_starter(deliver, "2025")
-    assert state(rt, "acct_1") == ([("grant", 5000, "invoice:in_up")], [("plan", 5000, 5000, 0, 0, 0)])
+    assert state(rt, "acct_1") == (
+        [("grant", 3000, "invoice:in_up"), ("grant", 2000, "invoice:in_1")],
+        [("plan", 3000, 3000, 0, 0, 0), ("plan", 2000, 2000, 0, 0, 0)],
+    )
     with rt.uow() as uow:
         assert accounts.get(uow, "acct_1").plan == "pro"
+
+
+@pytest.mark.parametrize("upgrade_first", [True, False])
+def test_refunding_an_upgrade_takes_back_what_it_granted_whichever_was_processed_first(
+    deliver, rt, upgrade_first: bool
+) -> None:
+    lines = [Line("price_starter_monthly", -1000, MID_JAN, True), Line("price_pro_monthly", 2500, MID_JAN, True)]
+    upgrade = se.invoice_of_lines(
+        "2025",
+        lines,
+        invoice_id="in_up",
+        customer="cus_1",
+        amount_paid=1500,
+        billing_reason="subscription_update",
+        period=MID_JAN,
+        subscription_metadata={"account_id": "acct_1"},
+        charge="ch_up",
+    )
+    upgrade["charge"] = "ch_up"
+    if upgrade_first:
+        deliver(se.event("invoice.paid", upgrade))
+    subscribe_to_starter(deliver, "2025")
+    if not upgrade_first:
+        deliver(se.event("invoice.paid", upgrade))
+    refund = se.charge(charge_id="ch_up", amount=1500, amount_refunded=1500, invoice="in_up", refunds=[("re_up", 1500)])
+    deliver(se.event("charge.refunded", refund))
+    assert balance_of(rt, "acct_1") == 2000
+    assert ("reverse", -3000, "reverse:re_up") in state(rt, "acct_1")[0]
+
+
+def test_more_seats_billed_at_once_add_the_new_seats_allowance(deliver, rt) -> None:
+    pay(deliver, "2025", "in_1", [Line("price_team_seat", 1500, JAN, quantity=3)], "subscription_create")
+    more = [
+        Line("price_team_seat", -750, MID_JAN, True, quantity=3),
+        Line("price_team_seat", 1250, MID_JAN, True, quantity=5),
+    ]
+    pay(deliver, "2025", "in_seats", more, "subscription_update")
+    assert state(rt, "acct_1")[0] == [("grant", 1500, "invoice:in_1"), ("grant", 1000, "invoice:in_seats")]
+
+
+def test_changing_plans_back_and_forth_within_a_period_never_passes_the_new_allowance(deliver, rt) -> None:
+    subscribe_to_starter(deliver, "2025")
+    up = [Line("price_starter_monthly", -1000, MID_JAN, True), Line("price_pro_monthly", 2500, MID_JAN, True)]
+    down = [Line("price_pro_monthly", -2400, MID_JAN, True), Line("price_starter_monthly", 950, MID_JAN, True)]
+    pay(deliver, "2025", "in_up", up, "subscription_update")
+    pay(deliver, "2025", "in_down", down, "subscription_update")
+    pay(deliver, "2025", "in_up_again", up, "subscription_update")
+    assert [(amount, key) for _, amount, key in state(rt, "acct_1")[0]] == [
+        (2000, "invoice:in_1"),
+        (3000, "invoice:in_up"),
+    ]
+    with rt.uow() as uow:
+        assert accounts.get(uow, "acct_1").plan == "pro"
+
+
+@pytest.mark.parametrize("reason", ["manual", "subscription_threshold"])
+def test_an_invoice_that_is_not_a_renewal_never_runs_the_rollover_policy(deliver, rt, reason: str) -> None:
+    pay(deliver, "2025", "in_1", [Line("price_outreach_monthly", 1000, JAN)], "subscription_create")
+    pay(deliver, "2025", "in_extra", [Line("price_outreach_monthly", 500, MID_JAN)], reason)
+    assert [(kind, amount) for kind, amount, _ in state(rt, "acct_1")[0]] == [("grant", 1000), ("grant", 1000)]

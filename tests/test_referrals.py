@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from jobs import refill_free, worker
-from service.domain import accounts, audit, ledger, referrals
+from service.domain import accounts, audit, ledger, referrals, rollover
 from service.infra.catalogue import Referrals
 from service.infra.models import utcnow
 from tests import stripe_events as se
@@ -543,11 +543,12 @@ def test_under_the_rollover_policy_a_free_referrers_bonus_is_cut_to_the_free_cap
 def test_with_expires_after_days_a_never_rolling_bonus_expires_that_long_after_it_is_paid(client, deliver, rt) -> None:
     with_terms(rt, rollover="never", expires_after_days=90)
     refer(client, code_of(client, "acct_ana"), "acct_bob")
+    before = utcnow()
     deliver(se.event("invoice.paid", paid_invoice("acct_bob")))
     with rt.uow() as uow:
         payout = ledger.grant_of(uow, "referral:1:referrer")
         assert payout is not None and payout.expires_at is not None
-        assert timedelta(days=90) <= payout.expires_at - NOW < timedelta(days=90, minutes=5)
+        assert before + timedelta(days=90) <= payout.expires_at <= utcnow() + timedelta(days=90)
         assert ledger.balance(uow, accounts.get(uow, "acct_ana"), payout.expires_at - timedelta(seconds=1)) == 3000
         assert ledger.balance(uow, accounts.get(uow, "acct_ana"), payout.expires_at) == 0
 
@@ -665,7 +666,7 @@ def test_releasing_a_held_referral_pays_its_referrer_once_and_is_audited(client,
         "goodwill: cap hit by a launch",
         "T-9",
     )
-    assert entry["details"] == {"referral": 4, "status": "paid", "paid_sides": ["referee", "referrer"]}
+    assert entry["details"] == {"referral": 4, "past_cap": True}
 
 
 def test_release_needs_a_reason_and_an_actor_and_refuses_an_unknown_referral(run) -> None:
@@ -675,7 +676,7 @@ def test_release_needs_a_reason_and_an_actor_and_refuses_an_unknown_referral(run
 
 def test_a_new_month_pays_a_held_referrer_back_under_the_cap_audited_as_system(client, deliver, rt) -> None:
     four_referees_one_held(client, deliver)
-    assert worker.release_held_referrals(rt) == Counter()  # the same month: still over the cap
+    assert worker.release_held_referrals(rt) == Counter()  # held this month: nothing to look at before the next
     next_month = (NOW.replace(day=1) + timedelta(days=32)).replace(day=1, hour=0, minute=5)
     assert worker.release_held_referrals(rt, now=next_month) == Counter({"held referrals released": 1})
     assert worker.release_held_referrals(rt, now=next_month) == Counter()
@@ -686,5 +687,68 @@ def test_a_new_month_pays_a_held_referrer_back_under_the_cap_audited_as_system(c
         assert (entry.actor, entry.action, entry.details) == (
             "system",
             "referral.release",
-            {"referral": 4, "status": "paid"},
+            {"referral": 4, "past_cap": False},
         )
+
+
+def test_a_referrer_still_over_the_cap_in_the_new_month_stays_held(client, deliver, rt) -> None:
+    four_referees_one_held(client, deliver)
+    with_terms(rt, max_rewards_per_referrer_per_month=0)
+    next_month = (NOW.replace(day=1) + timedelta(days=32)).replace(day=1, hour=0, minute=5)
+    assert worker.release_held_referrals(rt, now=next_month) == Counter()
+    assert client.get("/v1/accounts/acct_ana/referrals").json()["referrals"][3]["status"] == "held"
+    assert balance_of(rt, "acct_ana") == 9000
+
+
+def outreach(invoice_id: str, reason: str, period) -> dict:
+    """ana's invoice for the outreach plan, which carries nothing over."""
+    return se.invoice(
+        "2025",
+        invoice_id=invoice_id,
+        customer="cus_acct_ana",
+        price="price_outreach_monthly",
+        amount_paid=9900,
+        billing_reason=reason,
+        period=period,
+        subscription_metadata={"account_id": "acct_ana"},
+    )
+
+
+def test_a_released_payout_is_earned_when_released_so_an_earlier_renewal_never_cuts_it(
+    client, deliver, rt, run
+) -> None:
+    """ana's plan carries nothing over. Her referees paid 40 days ago, her renewal 10 days ago cut the three
+    payouts then paid; the fourth, held by the cap and released now, is hers to keep."""
+    code = code_of(client, "acct_ana")
+    deliver(se.event("invoice.paid", outreach("in_ana_1", "subscription_create", BEFORE)))
+    for n in range(4):
+        refer(client, code, f"acct_r{n}")
+        deliver(se.event("invoice.paid", paid_invoice(f"acct_r{n}", f"in_{n}", period=BEFORE)))
+    deliver(se.event("invoice.paid", outreach("in_ana_2", "subscription_cycle", RENEWED)))
+    assert balance_of(rt, "acct_ana") == 1000
+    assert run("referrals", "release", "4", "--reason", "cap hit by a launch", "--actor", "sam")[0] == 0
+    assert state(rt, "acct_ana")[0][-1] == ("grant", 3000, "referral:4:referrer")
+    assert balance_of(rt, "acct_ana") == 4000
+
+
+def test_a_bonus_cut_late_is_kept_when_the_renewal_that_cuts_it_ran_under_a_support_extension(
+    client, deliver, rt
+) -> None:
+    """Delivered in order, ana's day -10 renewal would have cut bob's day -15 bonus and kept it under the
+    extension; processed after the renewal, the bonus is cut and kept the same way."""
+    until = NOW + timedelta(days=60)
+    code = code_of(client, "acct_ana")
+    deliver(se.event("invoice.paid", paid_invoice("acct_ana", "in_ana_1", period=BEFORE)))
+    with committed(rt) as uow:
+        rollover.extend(uow, accounts.get(uow, "acct_ana"), until, force=False, now=utcnow())
+    deliver(renewal("acct_ana", "in_ana_2"))
+    refer(client, code, "acct_bob")
+    deliver(se.event("invoice.paid", paid_invoice("acct_bob", period=(NOW - timedelta(days=15), NOW + timedelta(15)))))
+    assert state(rt, "acct_ana")[0] == [
+        ("grant", 2000, "invoice:in_ana_1"),
+        ("grant", 2000, "invoice:in_ana_2"),
+        ("grant", 3000, "referral:1:referrer"),
+        ("expire", -3000, "rollover:late:referral:1:referrer"),
+        ("grant", 3000, "rollover:late:referral:1:referrer:extension"),
+    ]
+    assert balance_of(rt, "acct_ana") == 7000

@@ -7,9 +7,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from jobs import refill_free
+from service.domain import accounts
 from service.infra.models import Payment, StripeEvent
 from tests import stripe_events as se
-from tests.helpers import T0, balance_of, state
+from tests.helpers import T0, balance_of, committed, state
 
 JAN, FEB, MAR = (
     (T0, T0.replace(month=2)),
@@ -171,3 +173,14 @@ def test_a_renewal_that_arrives_before_the_first_invoice_still_grants_each_once(
     pay(deliver, "2025", "in_1", "price_starter_monthly", period=JAN)
     assert sorted(key for _, _, key in state(rt, "acct_1")[0]) == ["invoice:in_1", "invoice:in_2"]
     assert balance_of(rt, "acct_1") == 4000
+
+
+def test_a_first_invoice_processed_after_the_free_refill_keeps_its_whole_allowance(deliver, rt) -> None:
+    """The subscription began in January; its first invoice is processed after February's free allowance was
+    granted. A plan's own grant is never cut for being late: only a renewal runs the policy."""
+    with committed(rt) as uow:
+        accounts.get_or_create(uow, "acct_1")
+    refill_free.run(rt, "2026-02", now=FEB[0])
+    pay(deliver, "2025", "in_1", "price_starter_monthly", period=JAN)
+    assert state(rt, "acct_1")[0] == [("grant", 100, "free:acct_1:2026-02"), ("grant", 2000, "invoice:in_1")]
+    assert balance_of(rt, "acct_1") == 2100

@@ -22,7 +22,8 @@ UNREACHABLE = OperationalError("SELECT …", {}, psycopg.OperationalError("conne
 
 
 def drains(monkeypatch, outcomes: list[BaseException | None], stop: threading.Event) -> list[int]:
-    """worker.drain replaced: each call takes the next outcome (raised, or None: a drain that went through,
+    """worker.drain replaced (and the monthly release of held referrals, which would use the database): each
+    call takes the next outcome (raised, or None: a drain that went through,
     after which the worker is asked to stop); once stopped, a drain does nothing, as the real one; returns the
     list the calls are counted in."""
     calls: list[int] = []
@@ -36,6 +37,7 @@ def drains(monkeypatch, outcomes: list[BaseException | None], stop: threading.Ev
         return Counter()
 
     monkeypatch.setattr(worker, "drain", drain)
+    monkeypatch.setattr(worker, "release_held_referrals", lambda *_args, **_kwargs: Counter())
     return calls
 
 

@@ -162,7 +162,12 @@ def dispute_closed(ctx: Context, obj: so.Obj) -> str:
         now=ctx.now,
     )
     clawback = referrals.claw_back(
-        ctx.uow, ctx.catalogue, payment, payment.amount - dispute.amount, ctx.now, refunded_at=ctx.event.created
+        ctx.uow,
+        ctx.catalogue,
+        payment,
+        payment.amount - dispute.amount,
+        ctx.now,
+        refunded_at=dispute.opened_at or ctx.event.created,  # a dispute closes weeks after it is opened
     )
     return outcome + (f"; {clawback}" if clawback else "")
 

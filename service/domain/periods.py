@@ -26,9 +26,14 @@ def bounds(account: Account, which: str, now: datetime, months: int = 1) -> tupl
     if account.plan and account.period_end is not None and account.period_end > now:
         end, length = account.period_end, months
     else:
-        end, length = add_months(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), 1), 1
+        end, length = add_months(month_start(now), 1), 1
     start = add_months(end, -length)
     return (add_months(start, -length), start) if which == "previous" else (start, end)
+
+
+def month_start(when: datetime) -> datetime:
+    """The first instant of `when`'s calendar month."""
+    return when.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 def add_months(when: datetime, months: int) -> datetime:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from sqlalchemy import bindparam, func, select
 
-from service.domain import ledger, rollover
+from service.domain import audit, ledger, periods, rollover
 from service.infra import logs
 from service.infra.catalogue import Catalogue, Referrals
 from service.infra.models import Account, LedgerEntry, Payment, Referral, utcnow
@@ -166,6 +166,9 @@ def pay(
     owners = _lock_parties(uow, referral)  # before what a concurrent payout could change: the keys, the cap
     amounts = {"referrer": terms.referrer_credits, "referee": terms.referee_credits}
     before = referral.status
+    # A payout the cap held back is earned when it is released, not when its referral qualified: a renewal
+    # of the referrer's since then must not cut what support (or a new month) has just paid.
+    earned_at = now if override_cap or before == "held" else _earned_at(uow, referral, now)
     held = None
     unpaid = []
     paid = ledger.taken(uow, [_side_key(referral, side) for side in SIDES])
@@ -175,7 +178,7 @@ def pay(
         cap = terms.max_rewards_per_referrer_per_month
         if side == "referrer" and not override_cap and _over_cap(uow, referral, cap, now):
             held = f"referrer reached {cap} rewards this month"
-        elif _pay_side(uow, terms, referral, side, owners[side], amounts[side], now):
+        elif _pay_side(uow, terms, referral, side, owners[side], amounts[side], earned_at, now):
             continue
         unpaid.append(side)
     if not unpaid:
@@ -189,15 +192,21 @@ def pay(
 
 
 def _pay_side(
-    uow: UnitOfWork, terms: Referrals, referral: Referral, side: str, owner: Account, credits: int, now: datetime
+    uow: UnitOfWork,
+    terms: Referrals,
+    referral: Referral,
+    side: str,
+    owner: Account,
+    credits: int,
+    earned_at: datetime,
+    now: datetime,
 ) -> bool:
     """Grant one side in a savepoint of its own; False (logged) when it failed and so remains unpaid.
 
-    The payout is earned when its referral qualified (the qualifying payment's time), however late it is
-    paid: a renewal of the period it was earned in must not cut it, one of an earlier period always does
-    (under `rollover = "policy"`). Its expiry, if the terms set one, counts from when it is paid."""
+    The payout is earned at `earned_at`, however late its event is processed: under `rollover = "policy"` a
+    renewal whose period starts after it does not cut it, and one whose period started before it does. Its
+    expiry, if the terms set one, counts from when it is paid."""
     days = terms.expires_after_days
-    earned_at = _earned_at(uow, referral, now)
     try:
         with uow.savepoint():
             posted = ledger.grant(
@@ -300,18 +309,46 @@ class ReleaseRefused(Exception):
     """Only a held referral can be released."""
 
 
-def release(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime) -> Referral:
-    """Support's release of a held referral: pay its held side past the referrer's monthly cap, once (the
-    side's usual key, so a payout already made is never made again)."""
-    referral = uow.session.get(Referral, referral_id)
+@dataclass(frozen=True)
+class Released:
+    """What a release did: the referral as it is now, and the audit row written when it was paid."""
+
+    referral: Referral
+    audit_id: int | None
+
+
+def release(
+    uow: UnitOfWork,
+    catalogue: Catalogue,
+    referral_id: int,
+    now: datetime,
+    *,
+    actor: str,
+    reason: str,
+    ticket: str | None = None,
+    past_cap: bool = True,
+) -> Released:
+    """Pay a held referral's unpaid side, once (the side's usual key), and audit it when paid: support's
+    release passes the referrer's monthly cap (`past_cap`); a new month's release (actor `system`) pays only a
+    referrer back under it, and leaves the others held. ReleaseRefused for a referral that is not held."""
+    referral = _locked(uow, referral_id)
     if referral is None:
         raise ReleaseRefused(f"no referral {referral_id}")
-    _lock_parties(uow, referral)
-    uow.session.refresh(referral)
     if referral.status != "held":
         raise ReleaseRefused(f"referral {referral_id} is {referral.status}, not held")
-    pay(uow, catalogue, referral, now, override_cap=True)
-    return referral
+    pay(uow, catalogue, referral, now, override_cap=past_cap)
+    if referral.status != "paid":
+        return Released(referral, None)
+    row = audit.record(
+        uow,
+        actor=actor,
+        action="referral.release",
+        reason=reason,
+        account=uow.session.get_one(Account, referral.referrer_id),
+        ticket=ticket,
+        details={"referral": referral.id, "past_cap": past_cap},
+    )
+    return Released(referral, row.id)
 
 
 def held_before(uow: UnitOfWork, month_start: datetime) -> list[int]:
@@ -320,15 +357,14 @@ def held_before(uow: UnitOfWork, month_start: datetime) -> list[int]:
     return list(uow.session.scalars(query.order_by(Referral.id)))
 
 
-def release_under_cap(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime) -> bool:
-    """Pay a held referral whose referrer is back under the monthly cap; whether it is paid now."""
-    referral = uow.session.get_one(Referral, referral_id)
-    _lock_parties(uow, referral)
-    uow.session.refresh(referral)
-    if referral.status != "held":
-        return False
-    pay(uow, catalogue, referral, now)
-    return referral.status == "paid"
+def _locked(uow: UnitOfWork, referral_id: int) -> Referral | None:
+    """The referral with both parties' accounts locked, read again under them: another process may have paid
+    it meanwhile."""
+    referral = uow.session.get(Referral, referral_id)
+    if referral is not None:
+        _lock_parties(uow, referral)
+        uow.session.refresh(referral)
+    return referral
 
 
 def listing(uow: UnitOfWork, status: Status | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -364,12 +400,9 @@ def unpaid(uow: UnitOfWork) -> list[int]:
 
 
 def retry(uow: UnitOfWork, catalogue: Catalogue, referral_id: int, now: datetime | None = None) -> None:
-    """Pay whatever side of one qualified referral is still unpaid. Both accounts are locked first, then the
-    referral is read again under them: another process may have paid it meanwhile."""
-    referral = uow.session.get_one(Referral, referral_id)
-    _lock_parties(uow, referral)
-    uow.session.refresh(referral)
-    if referral.status == "qualified":
+    """Pay whatever side of one qualified referral is still unpaid."""
+    referral = _locked(uow, referral_id)
+    if referral is not None and referral.status == "qualified":
         pay(uow, catalogue, referral, now or utcnow())
 
 
@@ -436,7 +469,7 @@ def self_referral(referrer: Account, referee: Account, email: str | None) -> str
 
 def _over_cap(uow: UnitOfWork, referral: Referral, cap: int, now: datetime) -> bool:
     """Whether the referrer already got `cap` referral rewards this calendar month."""
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    month_start = periods.month_start(now)
     rewards = uow.session.scalar(
         select(func.count()).where(
             LedgerEntry.account_id == referral.referrer_id,

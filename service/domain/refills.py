@@ -1,5 +1,10 @@
-"""Plan refills: a paid invoice grants its plan's credits once (`invoice:{id}`), after the rollover policy
-has cut what the account carries over; an upgrade's invoice tops the period up to the new plan's allowance.
+"""Plan refills: a paid invoice grants its plan's credits once (`invoice:{id}`); a renewal first lets the
+rollover policy cut what the account carries over; an upgrade billed at once tops the period up to the new
+plan's allowance.
+
+Each invoice grants what its own lines say — a period's invoice its plan's allowance, an upgrade the new
+allowance less the one its unused-time line replaces — so a renewal and an upgrade of one period end the same
+whichever is processed first, and a refund of either reverses what that invoice granted.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from sqlalchemy import func, select
 
 from service.domain import ledger, payments, rollover
 from service.infra import logs
-from service.infra.catalogue import Catalogue
+from service.infra.catalogue import Catalogue, Plan
 from service.infra.models import Account, Grant, LedgerEntry, Payment
-from service.infra.stripe_objects import InvoiceFacts
+from service.infra.stripe_objects import Billed, InvoiceFacts
 from service.infra.uow import UnitOfWork
 
 log = logs.get("refills")
+UPGRADE = "subscription_update"
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,11 @@ class Refilled:
 
 
 def refill(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, now: datetime) -> Refilled:
-    """Grant the plan's credits for `invoice` once."""
+    """Grant the plan's credits for `invoice` once (an invoice that granted 0 — a downgrade — is handled too)."""
     account = uow.lock_one(account)
     key = f"invoice:{invoice.id}"
-    if ledger.granted(uow, key):
+    handled = uow.session.get(Payment, invoice.id)
+    if ledger.granted(uow, key) or (handled is not None and handled.outcome == "granted"):
         return Refilled(f"already granted ({key})", first=False)
     return Refilled(_refill(uow, catalogue, account, invoice, key, now), first=True)
 
@@ -56,25 +63,23 @@ def _refill(
     if invoice.amount_paid <= 0:
         record("no_credits", detail="amount_paid is 0 (trial or fully discounted)")
         return "no credits: amount_paid is 0"
-    found, seats = next(
-        ((hit, line.quantity) for line in invoice.billed if (hit := catalogue.plan_for_price(line.price))), (None, 1)
-    )
+    found = plan_of(catalogue, invoice.billed)
     if found is None:
         prices = ", ".join(invoice.price_ids) or "none"
         record("unknown_price", detail=f"no plan in the catalogue for price(s) {prices}")
         log.warning("refill.unknown_price", invoice=invoice.id, prices=invoice.price_ids, account_id=account.public_id)
         return f"unknown price: {prices}"
-    name, plan = found
-    credits = allowance = plan.credits_for(seats)
+    name, plan, allowance = found
     period_start = invoice.period_start or invoice.paid_at or now
-    # A period is granted its plan's allowance once, topped up by an upgrade: whichever of a renewal and an
-    # upgrade billed at once in its period is processed first, the period ends with the larger allowance.
-    credits = max(0, allowance - _granted_for_period(uow, account, invoice.period_end))
-    if invoice.billing_reason not in ("subscription_create", "subscription_update"):
-        # a renewal: a first invoice has nothing to carry over, an upgrade's period has already begun
-        rollover.apply(uow, account, plan, allowance, period_start=period_start, key=f"rollover:{invoice.id}", now=now)
+    if invoice.billing_reason == UPGRADE:
+        credits = _top_up(uow, catalogue, account, invoice, allowance)
+    else:
+        credits = allowance
+        if _renewal(uow, invoice, now):
+            key_of_cut = f"rollover:{invoice.id}"
+            rollover.apply(uow, account, plan, allowance, period_start=period_start, key=key_of_cut, now=now)
     if credits > 0:
-        posted = ledger.grant(
+        ledger.grant(
             uow,
             account,
             credits,
@@ -88,12 +93,12 @@ def _refill(
                 "invoice": invoice.id,
                 "plan": name,
                 "billing_reason": invoice.billing_reason,
+                "subscription": invoice.subscription_id,
                 "period_end": invoice.period_end.isoformat() if invoice.period_end else None,
             },
             now=now,
         )
-        rollover.cut_late(uow, account, posted, earned_at=period_start, now=now)
-    if _latest(uow, account, invoice, now):
+    if _names_the_plan(uow, account, invoice, now):
         account.plan = name
     if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
         account.period_end = invoice.period_end
@@ -101,25 +106,74 @@ def _refill(
     return f"granted {credits} credits ({name})"
 
 
-def _latest(uow: UnitOfWork, account: Account, invoice: InvoiceFacts, now: datetime) -> bool:
-    """Whether the invoice is the account's latest in billing time, and so names its plan: a late invoice of
-    an earlier period, or a period's first invoice processed after its upgrade, does not."""
-    if invoice.period_end is None or account.period_end is None or invoice.period_end != account.period_end:
-        return invoice.period_end is None or account.period_end is None or invoice.period_end > account.period_end
-    others = select(func.max(Payment.paid_at)).where(
-        Payment.account_id == account.id, Payment.kind == "invoice", Payment.id != invoice.id
+def plan_of(catalogue: Catalogue, lines: list[Billed]) -> tuple[str, Plan, int] | None:
+    """The first of `lines` whose price the catalogue knows: its plan's name, the plan, and the allowance for
+    the line's quantity."""
+    for line in lines:
+        if hit := catalogue.plan_for_price(line.price):
+            return hit[0], hit[1], hit[1].credits_for(line.quantity)
+    return None
+
+
+def _top_up(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, allowance: int) -> int:
+    """An upgrade billed at once: the new allowance less the one its unused-time line replaces (all of it when
+    that line names no known plan), and never past the new allowance for the period, so changing plans back and
+    forth within a period never adds up to more. A downgrade grants nothing and takes nothing back."""
+    replaced = plan_of(catalogue, invoice.replaced)
+    room = allowance - _granted_for_period(uow, account, invoice)
+    step = allowance - replaced[2] if replaced is not None else room
+    return max(0, min(step, room))
+
+
+def _renewal(uow: UnitOfWork, invoice: InvoiceFacts, now: datetime) -> bool:
+    """Whether the invoice renews its subscription, the moment the rollover policy runs: Stripe's
+    `subscription_cycle`; where `billing_reason` is empty (the oldest shapes), an invoice of a subscription
+    paid after another of its invoices. A first invoice, an upgrade, a manual or threshold invoice are not."""
+    if invoice.billing_reason is not None:
+        return invoice.billing_reason == "subscription_cycle"
+    if invoice.subscription_id is None:
+        return False
+    earlier = select(Payment.id).where(
+        Payment.kind == "invoice",
+        Payment.subscription_id == invoice.subscription_id,
+        Payment.id != invoice.id,
+        Payment.paid_at < (invoice.paid_at or now),
     )
-    latest = uow.session.scalar(others)
-    return latest is None or (invoice.paid_at or now) >= latest
+    return uow.session.scalar(earlier.limit(1)) is not None
 
 
-def _granted_for_period(uow: UnitOfWork, account: Account, period_end: datetime | None) -> int:
-    """Plan credits already granted for the billing period that ends at `period_end` (for upgrade top-ups)."""
-    if period_end is None:
+def _names_the_plan(uow: UnitOfWork, account: Account, invoice: InvoiceFacts, now: datetime) -> bool:
+    """Whether the invoice names the account's plan: it is of the latest period; within one period a plan
+    change billed at once outranks the period's own invoice, and the latest change wins."""
+    if invoice.period_end is None or account.period_end is None:
+        return True
+    if invoice.period_end != account.period_end:
+        return invoice.period_end > account.period_end
+    changes = select(func.max(Payment.paid_at)).where(
+        Payment.account_id == account.id,
+        Payment.kind == "invoice",
+        Payment.billing_reason == UPGRADE,
+        Payment.id != invoice.id,
+        Payment.paid_at >= (invoice.period_start or invoice.paid_at or now),
+    )
+    latest_change = uow.session.scalar(changes)
+    if invoice.billing_reason != UPGRADE:
+        return latest_change is None
+    return latest_change is None or (invoice.paid_at or now) >= latest_change
+
+
+def _granted_for_period(uow: UnitOfWork, account: Account, invoice: InvoiceFacts) -> int:
+    """Plan credits already granted for the invoice's subscription and the billing period it ends with."""
+    if invoice.period_end is None:
         return 0
     rows = uow.session.execute(
         select(Grant.amount, LedgerEntry.meta)
         .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
         .where(Grant.account_id == account.id, Grant.source == "plan")
     ).all()
-    return sum(amount for amount, meta in rows if (meta or {}).get("period_end") == period_end.isoformat())
+    period_end = invoice.period_end.isoformat()
+    return sum(
+        amount
+        for amount, meta in rows
+        if (meta or {}).get("period_end") == period_end and (meta or {}).get("subscription") == invoice.subscription_id
+    )

@@ -1,8 +1,8 @@
 """The rollover policy at a renewal: what credits under the policy expire before the new grant lands.
 
-A renewal looks only at credits earned before its period starts (`Grant.earned_at`): a referral bonus
-earned later in the period is the new period's, whether its event was processed before the renewal's or
-after, so the order Stripe delivers events in never changes a balance.
+A renewal looks only at credits earned before its period starts (`Grant.earned_at`): a referral bonus earned
+later in the period is the new period's, whether its event was processed before the renewal's or after; one
+earned before it but processed after is cut then (`cut_late`) as the renewal would have cut it.
 
 `none`: everything held under the policy expires. `cap`: once the new grant lands, credits under the policy
 come to at most `rollover_cap × credits`; the excess expires first from the soonest-expiring grants. `all`:
@@ -51,6 +51,7 @@ def apply(
     latest = account.rollover_from is None or period_start >= account.rollover_from
     if latest:
         account.rollover_from, account.rollover_room = period_start, None
+        account.rollover_kept_until = kept_until
     if limit is None:
         return 0
     held = _held(uow, account, period_start, now)
@@ -67,32 +68,10 @@ def apply(
         if excess <= 0:
             break
         part = min(grant.remaining, excess)
-        ledger.debit(
-            uow,
-            account,
-            part,
-            kind="expire",
-            key=f"{key}:{grant.id}",
-            grants=[grant],
-            reason=reason,
-            actor="system",
-            now=now,
-        )
+        _expire(uow, account, grant, part, key=f"{key}:{grant.id}", reason=reason, now=now)
         excess -= part
         cut += part
-    if kept_until is not None and cut > 0:
-        ledger.grant(
-            uow,
-            account,
-            cut,
-            source="extension",
-            key=f"{key}:extension",
-            reason=f"rollover extension: {cut} credits a renewal would cut, kept until {kept_until:%Y-%m-%d %H:%M} UTC",
-            actor="rollover",
-            expires_at=kept_until,
-            meta={"renewal": key},
-            now=now,
-        )
+    _keep(uow, account, cut, kept_until, key=key, now=now)
     return cut
 
 
@@ -101,7 +80,8 @@ def cut_late(uow: UnitOfWork, account: Account, posted: ledger.Posted, *, earned
     processed before it: it was earned before that renewal's period started. Returns the credits cut.
 
     The renewal left room for so many more credits earned before it; the grant fills that room first and the
-    rest expires at once (`rollover:late:{grant key}`), as it would have at the renewal.
+    rest expires at once (`rollover:late:{grant key}`), as it would have at the renewal — and is kept, as it
+    would have been, when that renewal ran under a support extension.
     """
     since, room = account.rollover_from, account.rollover_room
     if not posted.created or since is None or earned_at >= since or room is None:
@@ -112,18 +92,36 @@ def cut_late(uow: UnitOfWork, account: Account, posted: ledger.Posted, *, earned
         return 0
     grant_row = ledger.grant_of(uow, posted.entry.idempotency_key)
     assert grant_row is not None  # just made
-    ledger.debit(
+    key = f"rollover:late:{posted.entry.idempotency_key}"
+    reason = f"rollover at the renewal of {since:%Y-%m-%d %H:%M} UTC: earned before it, processed after it"
+    _expire(uow, account, grant_row, excess, key=key, reason=reason, now=now)
+    _keep(uow, account, excess, account.rollover_kept_until, key=key, now=now)
+    return excess
+
+
+def _expire(
+    uow: UnitOfWork, account: Account, grant: Grant, part: int, *, key: str, reason: str, now: datetime
+) -> None:
+    ledger.debit(uow, account, part, kind="expire", key=key, grants=[grant], reason=reason, actor="system", now=now)
+
+
+def _keep(uow: UnitOfWork, account: Account, cut: int, kept_until: datetime | None, *, key: str, now: datetime) -> None:
+    """Give back, under a support extension still ahead, the credits a renewal cut: one grant keyed
+    `{key}:extension`, outside the policy, expiring at the extension's date."""
+    if kept_until is None or kept_until <= now or cut <= 0:
+        return
+    ledger.grant(
         uow,
         account,
-        excess,
-        kind="expire",
-        key=f"rollover:late:{posted.entry.idempotency_key}",
-        grants=[grant_row],
-        reason=f"rollover at the renewal of {since:%Y-%m-%d %H:%M} UTC: earned before it, processed after it",
-        actor="system",
+        cut,
+        source="extension",
+        key=f"{key}:extension",
+        reason=f"rollover extension: {cut} credits a renewal would cut, kept until {kept_until:%Y-%m-%d %H:%M} UTC",
+        actor="rollover",
+        expires_at=kept_until,
+        meta={"renewal": key},
         now=now,
     )
-    return excess
 
 
 def extend(uow: UnitOfWork, account: Account, until: datetime, *, force: bool, now: datetime) -> datetime | None:

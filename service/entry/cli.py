@@ -371,7 +371,7 @@ def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due,
     """Process inbox events that are due (unprocessed, or failed and past their backoff); run several for more."""
     rt = runtime.load()  # a bad catalogue or URL fails here, before anything is processed
     if once:
-        counts = inbox_worker.drain(rt)
+        counts = inbox_worker.drain(rt) + inbox_worker.release_held_referrals(rt)
         out.print("processed: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"))
         return
     stop = threading.Event()
@@ -435,8 +435,12 @@ def events_replay(
     outcomes: Counter[str] = Counter()
     for one in ids:
         result = dispatch.process(rt, one, replay=True)
-        if result is None:
+        if result is None and event_id is not None:
             raise Failure(f"no stored event {one!r} (or another process holds it right now)")
+        if result is None:  # another process holds it right now: it is being handled
+            out.print(f"{one}: skipped — another process holds it")
+            outcomes["busy"] += 1
+            continue
         with rt.uow() as uow:
             event = uow.session.get_one(StripeEvent, one)
             out.print(f"{one}: {event.status} — {event.last_error or event.outcome}")

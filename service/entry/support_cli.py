@@ -187,28 +187,23 @@ def referrals_release(
     ticket: Ticket = None,
     as_json: AsJson = False,
 ) -> None:
-    """Pay a held referral's unpaid side past the referrer's monthly cap, once; audited."""
+    """Pay a held referral's unpaid side past the referrer's monthly cap, once; audited. Exit 1 unless paid."""
     rt = runtime.load()
     with rt.uow() as uow:
         try:
-            released = referrals.release(uow, rt.catalogue, referral, utcnow())
+            released = referrals.release(
+                uow, rt.catalogue, referral, utcnow(), actor=actor, reason=reason, ticket=ticket
+            )
         except referrals.ReleaseRefused as exc:
             _refuse(f"refused: {exc}")
-        view = referrals.describe(uow, released)
-        row = audit.record(
-            uow,
-            actor=actor,
-            action="referral.release",
-            reason=reason,
-            account=accounts.get(uow, view["referrer_account_id"]),
-            ticket=ticket,
-            details={"referral": referral, "status": view["status"], "paid_sides": view["paid_sides"]},
-        )
+        view = referrals.describe(uow, released.referral)
         uow.commit()
     if as_json:
-        print_json({**view, "audit_id": row.id})
-        return
-    out.print(f"referral {referral}: {view['status']}; paid: {', '.join(view['paid_sides'])} (audit {row.id})")
+        print_json({**view, "audit_id": released.audit_id})
+    elif released.audit_id is not None:
+        out.print(f"referral {referral}: paid; paid: {', '.join(view['paid_sides'])} (audit {released.audit_id})")
+    if released.audit_id is None:
+        _refuse(f"referral {referral} not paid: {view['reason']}")
 
 
 @jobs_app.command("refill-free")

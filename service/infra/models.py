@@ -96,6 +96,7 @@ class Account(Base):
     # is cut as that renewal would have cut it.
     rollover_from: Mapped[datetime | None]
     rollover_room: Mapped[int | None] = mapped_column(BigInteger)
+    rollover_kept_until: Mapped[datetime | None]  # the extension that renewal ran under, if any
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -60,6 +60,7 @@ class InvoiceFacts:
     metadata: dict[str, str]
     price_ids: list[str]
     billed: list[Billed]
+    replaced: list[Billed]  # the unused time on a plan changed mid-period: its negative proration lines
     period_start: datetime | None
     period_end: datetime | None
     payment_intent: str | None
@@ -88,7 +89,8 @@ def invoice(obj: Obj) -> InvoiceFacts:
         subscription_metadata=dict(sub_metadata) if isinstance(sub_metadata, dict) else None,
         metadata=metadata(obj),
         price_ids=[p for p in (_line_price(line) for line in lines) if p],
-        billed=[Billed(price, max(1, _int(line.get("quantity")))) for line in billing if (price := _line_price(line))],
+        billed=_as_billed(billing),
+        replaced=_as_billed([line for line in lines if _proration(line) and _int(line.get("amount")) < 0]),
         period_start=min((t for t in (timestamp(p.get("start")) for p in periods) if t), default=None),
         period_end=max((t for t in (timestamp(p.get("end")) for p in periods) if t), default=None),
         payment_intent=ref(obj.get("payment_intent")) or _invoice_payment_intent(obj),
@@ -96,6 +98,10 @@ def invoice(obj: Obj) -> InvoiceFacts:
         customer_email=obj.get("customer_email"),
         paid_at=paid_at,
     )
+
+
+def _as_billed(lines: list[Obj]) -> list[Billed]:
+    return [Billed(price, max(1, _int(line.get("quantity")))) for line in lines if (price := _line_price(line))]
 
 
 def _billing_lines(lines: list[Obj]) -> list[Obj]:
@@ -169,6 +175,7 @@ class DisputeFacts:
     payment_intent: str | None
     amount: int
     status: str | None
+    opened_at: datetime | None  # the dispute's `created`: what a clawback window counts to
 
 
 def dispute(obj: Obj) -> DisputeFacts:
@@ -179,6 +186,7 @@ def dispute(obj: Obj) -> DisputeFacts:
         payment_intent=ref(obj.get("payment_intent")),
         amount=_int(obj.get("amount")),
         status=obj.get("status"),
+        opened_at=timestamp(obj.get("created")),
     )
 
 

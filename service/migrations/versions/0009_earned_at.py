@@ -1,8 +1,11 @@
 """Each grant keeps when its credits were earned in billing time (the invoice's period, the qualifying
-payment, the free allowance's month): a renewal cuts only credits earned before its period starts, and each
-account keeps its latest renewal's start and the room it left, so a credit earned before that renewal but
-processed after it is cut as the renewal would have cut it. The order Stripe's events are processed in never
-changes what is cut. Existing grants were earned when made.
+payment, the free allowance's month): a renewal cuts only credits earned by its period's start, and each
+account keeps its latest renewal's start, the room it left and the extension it ran under, so a credit earned
+before that renewal but processed after it is cut (or kept) as the renewal would have. The order Stripe's
+events are processed in never changes what is cut. Existing grants were earned when made.
+
+The column is added NOT NULL with a constant default and then filled: SQLite can make a column NOT NULL only
+by copying its table, which the foreign keys of the allocations refuse.
 
 Revision ID: 0009
 Revises: 0008
@@ -18,22 +21,24 @@ branch_labels = None
 depends_on = None
 
 GRANTS = sa.table("credit_grants", sa.column("earned_at", sa.DateTime), sa.column("created_at", sa.DateTime))
+ACCOUNT_COLUMNS = ("rollover_from", "rollover_room", "rollover_kept_until")
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("credit_grants", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("earned_at", sa.DateTime(timezone=True), nullable=True))
+    placeholder = sa.text("'1970-01-01 00:00:00'")
+    op.add_column(
+        "credit_grants", sa.Column("earned_at", sa.DateTime(timezone=True), nullable=False, server_default=placeholder)
+    )
     op.execute(GRANTS.update().values(earned_at=GRANTS.c.created_at))
-    with op.batch_alter_table("credit_grants", schema=None) as batch_op:
-        batch_op.alter_column("earned_at", existing_type=sa.DateTime(timezone=True), nullable=False)
-    with op.batch_alter_table("accounts", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("rollover_from", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("rollover_room", sa.BigInteger(), nullable=True))
+    if op.get_bind().dialect.name == "postgresql":
+        op.alter_column("credit_grants", "earned_at", server_default=None)
+    op.add_column("accounts", sa.Column("rollover_from", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("accounts", sa.Column("rollover_room", sa.BigInteger(), nullable=True))
+    op.add_column("accounts", sa.Column("rollover_kept_until", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("accounts", schema=None) as batch_op:
-        batch_op.drop_column("rollover_room")
-        batch_op.drop_column("rollover_from")
-    with op.batch_alter_table("credit_grants", schema=None) as batch_op:
-        batch_op.drop_column("earned_at")
+    # Plain DROP COLUMN (SQLite 3.35+): a batch copy of these tables is refused by the foreign keys into them.
+    for column in ACCOUNT_COLUMNS:
+        op.execute(f"ALTER TABLE accounts DROP COLUMN {column}")
+    op.execute("ALTER TABLE credit_grants DROP COLUMN earned_at")

@@ -93,6 +93,7 @@ def invoice(
         line.pop("plan", None)
         if era == "2020":
             obj.pop("parent", None)
+            line.pop("parent", None)  # lines have no parent before 2025-03-31
             line.pop("pricing", None)
             line["price"] = {"id": price, "object": "price"}
             obj["subscription"] = subscription

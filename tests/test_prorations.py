@@ -163,3 +163,24 @@ def test_an_invoice_that_is_not_a_renewal_never_runs_the_rollover_policy(deliver
     pay(deliver, "2025", "in_1", [Line("price_outreach_monthly", 1000, JAN)], "subscription_create")
     pay(deliver, "2025", "in_extra", [Line("price_outreach_monthly", 500, MID_JAN)], reason)
     assert [(kind, amount) for kind, amount, _ in state(rt, "acct_1")[0]] == [("grant", 1000), ("grant", 1000)]
+
+
+UP = [Line("price_starter_monthly", -1000, MID_JAN, True), Line("price_pro_monthly", 2500, MID_JAN, True)]
+
+
+@pytest.mark.parametrize("reason", ["manual", "automatic_pending_invoice_item_invoice", None])
+def test_an_invoice_of_prorations_only_tops_up_whatever_its_billing_reason(deliver, rt, reason) -> None:
+    subscribe_to_starter(deliver, "2025")
+    pay(deliver, "2025", "in_up", UP, reason)
+    assert state(rt, "acct_1")[0] == [("grant", 2000, "invoice:in_1"), ("grant", 3000, "invoice:in_up")]
+
+
+def test_changing_plans_back_and_forth_before_the_periods_own_invoice_still_ends_with_one_allowance(
+    deliver, rt
+) -> None:
+    down = [Line("price_pro_monthly", -2400, MID_JAN, True), Line("price_starter_monthly", 950, MID_JAN, True)]
+    pay(deliver, "2025", "in_up", UP, "subscription_update")
+    pay(deliver, "2025", "in_down", down, "subscription_update")
+    pay(deliver, "2025", "in_up_again", UP, "subscription_update")
+    subscribe_to_starter(deliver, "2025")
+    assert state(rt, "acct_1")[0] == [("grant", 3000, "invoice:in_up"), ("grant", 2000, "invoice:in_1")]

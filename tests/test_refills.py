@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from sqlalchemy import select
 
@@ -153,14 +151,6 @@ def test_a_redelivered_renewal_cuts_nothing_twice(deliver, rt) -> None:
         pay(deliver, "2025", invoice_id, "price_starter_monthly", reason="subscription_cycle", period=period)
     assert len(state(rt, "acct_1")[0]) == 4
     assert balance_of(rt, "acct_1") == 4000
-
-
-def test_an_upgrade_tops_the_period_up_to_the_new_plans_allowance(deliver, rt) -> None:
-    pay(deliver, "2025", "in_1", "price_starter_monthly", period=JAN)
-    mid = (T0 + timedelta(days=10), JAN[1])
-    pay(deliver, "2025", "in_up", "price_pro_monthly", amount=1500, reason="subscription_update", period=mid)
-    assert state(rt, "acct_1")[0] == [("grant", 2000, "invoice:in_1"), ("grant", 3000, "invoice:in_up")]
-    assert balance_of(rt, "acct_1") == 5000
 
 
 def test_an_annual_plan_grants_the_years_credits_up_front(deliver, rt) -> None:

@@ -34,6 +34,8 @@ def record(
     product: str | None = None,
     credits: int = 0,
     detail: str | None = None,
+    period_end: datetime | None = None,
+    allowance: int | None = None,
 ) -> None:
     """Create or update the payment row: a new row as given; on an existing row the account, outcome and detail
     are replaced and every other fact only by a given one (not 0, not empty) — later facts (a charge id, a
@@ -55,6 +57,8 @@ def record(
             "subscription_id": subscription_id,
             "billing_reason": billing_reason,
             "product": product,
+            "period_end": period_end,
+            "allowance": allowance,
             "created_at": utcnow(),
         },
     )
@@ -81,9 +85,10 @@ def _upsert(dialect: str) -> db.Insert:
             "product",
         )
     }
+    kept = {name: func.coalesce(new[name], Payment.__table__.c[name]) for name in ("period_end", "allowance")}
     return statement.on_conflict_do_update(
         index_elements=["id"],
-        set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts},
+        set_={"account_id": new.account_id, "outcome": new.outcome, "detail": new.detail, **facts, **kept},
     )
 
 

@@ -2,9 +2,9 @@
 rollover policy cut what the account carries over; an upgrade billed at once tops the period up to the new
 plan's allowance.
 
-Each invoice grants what its own lines say — a period's invoice its plan's allowance, an upgrade the new
-allowance less the one its unused-time line replaces — so a renewal and an upgrade of one period end the same
-whichever is processed first, and a refund of either reverses what that invoice granted.
+Each invoice grants what its own lines say — a period's invoice its plan's allowance, a plan changed
+mid-period and billed at once the step up from the allowance it replaces — so a renewal and an upgrade of one
+period end the same whichever is processed first, and a refund of either reverses what that invoice granted.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from service.domain import ledger, payments, rollover
 from service.infra import logs
 from service.infra.catalogue import Catalogue, Plan
-from service.infra.models import Account, Grant, LedgerEntry, Payment
+from service.infra.models import Account, Payment
 from service.infra.stripe_objects import Billed, InvoiceFacts
 from service.infra.uow import UnitOfWork
 
@@ -58,6 +58,7 @@ def _refill(
         charge=invoice.charge,
         subscription_id=invoice.subscription_id,
         billing_reason=invoice.billing_reason,
+        period_end=invoice.period_end,
         paid_at=invoice.paid_at or now,
     )
     if invoice.amount_paid <= 0:
@@ -71,11 +72,11 @@ def _refill(
         return f"unknown price: {prices}"
     name, plan, allowance = found
     period_start = invoice.period_start or invoice.paid_at or now
-    if invoice.billing_reason == UPGRADE:
-        credits = _top_up(uow, catalogue, account, invoice, allowance)
+    if invoice.prorations_only:
+        credits = _top_up(uow, catalogue, invoice, allowance)
     else:
         credits = allowance
-        if _renewal(uow, invoice, now):
+        if _renewal(uow, invoice):
             key_of_cut = f"rollover:{invoice.id}"
             rollover.apply(uow, account, plan, allowance, period_start=period_start, key=key_of_cut, now=now)
     if credits > 0:
@@ -102,7 +103,7 @@ def _refill(
         account.plan = name
     if invoice.period_end and (account.period_end is None or invoice.period_end > account.period_end):
         account.period_end = invoice.period_end
-    record("granted", product=name, credits=credits)
+    record("granted", product=name, credits=credits, allowance=allowance)
     return f"granted {credits} credits ({name})"
 
 
@@ -115,29 +116,28 @@ def plan_of(catalogue: Catalogue, lines: list[Billed]) -> tuple[str, Plan, int] 
     return None
 
 
-def _top_up(uow: UnitOfWork, catalogue: Catalogue, account: Account, invoice: InvoiceFacts, allowance: int) -> int:
-    """An upgrade billed at once: the new allowance less the one its unused-time line replaces (all of it when
-    that line names no known plan), and never past the new allowance for the period, so changing plans back and
-    forth within a period never adds up to more. A downgrade grants nothing and takes nothing back."""
+def _top_up(uow: UnitOfWork, catalogue: Catalogue, invoice: InvoiceFacts, allowance: int) -> int:
+    """A plan changed mid-period and billed at once: the new allowance less the higher of the one its
+    unused-time line replaces and the highest this period already reached (its own invoice, earlier changes).
+    So changing plans back and forth adds nothing, and a downgrade grants nothing and takes nothing back."""
     replaced = plan_of(catalogue, invoice.replaced)
-    room = allowance - _granted_for_period(uow, account, invoice)
-    step = allowance - replaced[2] if replaced is not None else room
-    return max(0, min(step, room))
+    reached = _reached(uow, invoice)
+    floor = max(replaced[2] if replaced is not None else 0, reached or 0)
+    return max(0, allowance - floor)
 
 
-def _renewal(uow: UnitOfWork, invoice: InvoiceFacts, now: datetime) -> bool:
+def _renewal(uow: UnitOfWork, invoice: InvoiceFacts) -> bool:
     """Whether the invoice renews its subscription, the moment the rollover policy runs: Stripe's
     `subscription_cycle`; where `billing_reason` is empty (the oldest shapes), an invoice of a subscription
-    paid after another of its invoices. A first invoice, an upgrade, a manual or threshold invoice are not."""
+    whose earlier period's invoice is recorded. A first invoice, a manual or a threshold invoice is not."""
     if invoice.billing_reason is not None:
         return invoice.billing_reason == "subscription_cycle"
-    if invoice.subscription_id is None:
+    if invoice.subscription_id is None or invoice.period_start is None:
         return False
     earlier = select(Payment.id).where(
         Payment.kind == "invoice",
         Payment.subscription_id == invoice.subscription_id,
-        Payment.id != invoice.id,
-        Payment.paid_at < (invoice.paid_at or now),
+        Payment.period_end <= invoice.period_start,
     )
     return uow.session.scalar(earlier.limit(1)) is not None
 
@@ -157,23 +157,19 @@ def _names_the_plan(uow: UnitOfWork, account: Account, invoice: InvoiceFacts, no
         Payment.paid_at >= (invoice.period_start or invoice.paid_at or now),
     )
     latest_change = uow.session.scalar(changes)
-    if invoice.billing_reason != UPGRADE:
+    if not invoice.prorations_only:
         return latest_change is None
     return latest_change is None or (invoice.paid_at or now) >= latest_change
 
 
-def _granted_for_period(uow: UnitOfWork, account: Account, invoice: InvoiceFacts) -> int:
-    """Plan credits already granted for the invoice's subscription and the billing period it ends with."""
+def _reached(uow: UnitOfWork, invoice: InvoiceFacts) -> int | None:
+    """The highest allowance another invoice of the subscription's same billing period already reached."""
     if invoice.period_end is None:
-        return 0
-    rows = uow.session.execute(
-        select(Grant.amount, LedgerEntry.meta)
-        .join(LedgerEntry, LedgerEntry.id == Grant.entry_id)
-        .where(Grant.account_id == account.id, Grant.source == "plan")
-    ).all()
-    period_end = invoice.period_end.isoformat()
-    return sum(
-        amount
-        for amount, meta in rows
-        if (meta or {}).get("period_end") == period_end and (meta or {}).get("subscription") == invoice.subscription_id
+        return None
+    query = select(func.max(Payment.allowance)).where(
+        Payment.kind == "invoice",
+        Payment.subscription_id == invoice.subscription_id,
+        Payment.period_end == invoice.period_end,
+        Payment.id != invoice.id,
     )
+    return uow.session.scalar(query)

@@ -102,6 +102,7 @@ def cut_late(uow: UnitOfWork, account: Account, posted: ledger.Posted, *, earned
 def _expire(
     uow: UnitOfWork, account: Account, grant: Grant, part: int, *, key: str, reason: str, now: datetime
 ) -> None:
+    """Expire `part` of one grant under the policy, once per `key`."""
     ledger.debit(uow, account, part, kind="expire", key=key, grants=[grant], reason=reason, actor="system", now=now)
 
 

@@ -414,6 +414,7 @@ def _assigned(uow: UnitOfWork, team: Team) -> int:
 
 
 def _member(uow: UnitOfWork, account: Account, member_id: str) -> Member:
+    """The account's member, or UnknownMember."""
     member = uow.session.scalar(MEMBER, {"account_id": account.id, "member_id": member_id})
     if member is None:
         raise UnknownMember(member_id)
@@ -421,6 +422,7 @@ def _member(uow: UnitOfWork, account: Account, member_id: str) -> Member:
 
 
 def _team(uow: UnitOfWork, account: Account, team_id: str) -> Team:
+    """The account's team, or UnknownTeam."""
     team = uow.session.scalar(TEAM, {"account_id": account.id, "team_id": team_id})
     if team is None:
         raise UnknownTeam(team_id)
@@ -428,6 +430,7 @@ def _team(uow: UnitOfWork, account: Account, team_id: str) -> Team:
 
 
 def _charged_before(uow: UnitOfWork, account: Account, action: str, resource: str) -> bool:
+    """Whether the account was already charged for this action on this resource."""
     found = uow.session.scalar(CHARGED, {"account_id": account.id, "action": action, "resource": resource})
     return found is not None
 

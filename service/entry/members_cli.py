@@ -199,6 +199,7 @@ def _audit(
     ticket: str | None,
     details: dict[str, Any],
 ) -> None:
+    """The audit row every change by hand leaves: who, why, under which ticket, what was there before and after."""
     changed = details["before"] != details.get("after")
     audit.record(
         uow,
@@ -212,14 +213,17 @@ def _audit(
 
 
 def _said(row: dict[str, Any] | None) -> str:
+    """A member's or team's row as one line: `allocation 30, limit per period -`."""
     assert row is not None  # just set
     return ", ".join(f"{k.removesuffix('_id').replace('_', ' ')} {_n(v)}" for k, v in row.items())
 
 
 def _refuse(message: str) -> NoReturn:
+    """A refusal: one line on stderr, exit code 1."""
     err.print(message)
     raise typer.Exit(1)
 
 
 def _n(value: Any) -> str:
+    """A value as shown, `-` for none."""
     return "-" if value is None else str(value)

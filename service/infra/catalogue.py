@@ -88,7 +88,7 @@ class Referrals(_Strict):
 
 # Names a priced action's field cannot take: the spend body's own fields, and the keys a spend's ledger metadata
 # already uses (tests/test_action_prices.py keeps this in step with the spend body).
-SPEND_FIELDS = frozenset({"amount", "action", "quantity", "resource", "member_id", "reason", "base"})
+SPEND_FIELDS = frozenset({"amount", "action", "quantity", "resource", "member_id", "team_id", "reason", "base"})
 
 
 class ActionPrice(_Strict):
@@ -107,6 +107,7 @@ class ActionPrice(_Strict):
 
 
 def _price_kind(value: Any) -> str:
+    """Which of the price forms a value is, so a bad table's error names the table's own keys."""
     return "formula" if isinstance(value, dict | ActionPrice) else "flat"
 
 

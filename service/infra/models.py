@@ -208,6 +208,10 @@ class Payment(Base):
     billing_reason: Mapped[str | None] = mapped_column(String(64))
     product: Mapped[str | None] = mapped_column(String(100))
     credits: Mapped[int] = mapped_column(BigInteger, default=0)
+    # An invoice's billing period end and its plan's allowance for it (what an upgrade in the period steps up
+    # from), kept even when it granted nothing.
+    period_end: Mapped[datetime | None]
+    allowance: Mapped[int | None] = mapped_column(BigInteger)
     outcome: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
     paid_at: Mapped[datetime]

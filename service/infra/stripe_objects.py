@@ -61,6 +61,7 @@ class InvoiceFacts:
     price_ids: list[str]
     billed: list[Billed]
     replaced: list[Billed]  # the unused time on a plan changed mid-period: its negative proration lines
+    prorations_only: bool  # billed by its prorations alone: a plan changed mid-period and billed at once
     period_start: datetime | None
     period_end: datetime | None
     payment_intent: str | None
@@ -91,6 +92,7 @@ def invoice(obj: Obj) -> InvoiceFacts:
         price_ids=[p for p in (_line_price(line) for line in lines) if p],
         billed=_as_billed(billing),
         replaced=_as_billed([line for line in lines if _proration(line) and _int(line.get("amount")) < 0]),
+        prorations_only=bool(billing) and all(_proration(line) for line in billing),
         period_start=min((t for t in (timestamp(p.get("start")) for p in periods) if t), default=None),
         period_end=max((t for t in (timestamp(p.get("end")) for p in periods) if t), default=None),
         payment_intent=ref(obj.get("payment_intent")) or _invoice_payment_intent(obj),
@@ -101,6 +103,7 @@ def invoice(obj: Obj) -> InvoiceFacts:
 
 
 def _as_billed(lines: list[Obj]) -> list[Billed]:
+    """The priced lines as (price, quantity): a quantity below 1 (absent) counts as 1."""
     return [Billed(price, max(1, _int(line.get("quantity")))) for line in lines if (price := _line_price(line))]
 
 

@@ -8,6 +8,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.entry.api import create_app
 from service.infra.db import make_engine, make_sessionmaker
+from service.infra.models import ApiRequest
 from service.infra.runtime import Runtime
 from tests.conftest import API_TOKEN
 
@@ -161,6 +162,42 @@ def test_a_replayed_grant_grants_once(client: TestClient, admin_headers) -> None
     again = grant(client, admin_headers, "acct_1", 100, "g1")
     assert (again.status_code, again.json()) == (201, first.json())
     assert client.get("/v1/accounts/acct_1/balance").json()["balance"] == 100
+
+
+@pytest.mark.parametrize("length", [1, 236, 255])
+def test_every_idempotency_key_of_1_to_255_characters_works_and_replays(
+    client: TestClient, admin_headers, length: int
+) -> None:
+    account, key = "acct_" + "a" * 200, "k" * length
+    assert grant(client, admin_headers, account, 100, "g" * length).status_code == 201
+    first, again = spend(client, account, 30, key), spend(client, account, 30, key)
+    assert (first.status_code, again.status_code, again.headers["Idempotent-Replayed"]) == (200, 200, "true")
+    assert again.json() == first.json()
+    assert client.get(f"/v1/accounts/{account}/balance").json()["balance"] == 70
+
+
+def test_a_key_over_255_characters_is_400(client: TestClient, admin_headers) -> None:
+    response = grant(client, admin_headers, "acct_1", 100, "k" * 256)
+    assert (response.status_code, response.json()["error"]) == (400, "idempotency_key_required")
+
+
+def test_a_refused_request_saves_nothing_and_its_key_stays_free(client: TestClient, admin_headers, rt) -> None:
+    grant(client, admin_headers, "acct_1", 100, "g1")
+    headers = {"Idempotency-Key": "s1"}
+    refused = client.post("/v1/accounts/acct_1/spend", json={"action": "nope"}, headers=headers)
+    assert (refused.status_code, refused.json()["error"]) == (422, "unknown_action")
+    with rt.uow() as uow:
+        assert uow.session.get(ApiRequest, "s1") is None
+    fixed = client.post("/v1/accounts/acct_1/spend", json={"action": "unlock_prospect"}, headers=headers)
+    assert (fixed.status_code, fixed.json()["charged"]) == (200, 1)
+
+
+def test_a_402_is_a_result_and_replays_even_after_a_top_up(client: TestClient, admin_headers) -> None:
+    grant(client, admin_headers, "acct_1", 10, "g1")
+    assert spend(client, "acct_1", 30, "s1").status_code == 402
+    grant(client, admin_headers, "acct_1", 100, "g2")
+    again = spend(client, "acct_1", 30, "s1")
+    assert (again.status_code, again.headers["Idempotent-Replayed"]) == (402, "true")
 
 
 def test_a_post_without_an_idempotency_key_is_400(client: TestClient, admin_headers) -> None:

@@ -128,13 +128,29 @@ def _key(value: str | None) -> str:
 Work = Callable[[UnitOfWork], tuple[int, dict[str, Any]]]
 
 
+# Answers that refuse what was asked and write nothing. Like a body that does not validate, they are not
+# stored: the key stays free for the corrected request, as at Stripe. A 402 is a result, and replays.
+REFUSALS = frozenset(
+    {
+        "invalid_request",
+        "unknown_action",
+        "allocation_too_large",
+        "allocation_too_small",
+        "member_not_found",
+        "team_not_found",
+    }
+)
+
+
 def _once(rt: Runtime, request: Request, key: str | None, body: BaseModel, work: Work) -> JSONResponse:
-    """Run `work` in one transaction under the request's Idempotency-Key, replaying an earlier outcome."""
+    """Run `work` in one transaction under the request's Idempotency-Key, replaying an earlier outcome; a
+    refusal rolls back, claim and all."""
     client_key = _key(key)
     digest = idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json"))
     with rt.uow() as uow:
         outcome = idempotency.run_once(uow, client_key, digest, lambda: work(uow))
-        uow.commit()
+        if outcome.replayed or outcome.body.get("error") not in REFUSALS:
+            uow.commit()
     return _answer(outcome)
 
 
@@ -209,7 +225,7 @@ def post_grant(
             acct,
             body.amount,
             source="admin",
-            key=f"grant:{acct.public_id}:{key}",
+            key=idempotency.scoped("grant", acct.public_id, _key(key)),
             reason=body.reason,
             actor="api:admin",
             expires_at=body.expires_at,
@@ -250,7 +266,9 @@ def post_spend(
             body.amount, body.action, body.quantity, body.resource, body.member_id, body.reason, fields
         )
         try:
-            spent = spending.spend(uow, rt.catalogue, acct, charge, key=f"spend:{acct.public_id}:{key}")
+            spent = spending.spend(
+                uow, rt.catalogue, acct, charge, key=idempotency.scoped("spend", acct.public_id, _key(key))
+            )
         except ledger.InsufficientCredits as refused:
             log.info("spend.refused", available=refused.available, requested=refused.requested)
             return 402, {

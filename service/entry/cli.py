@@ -31,7 +31,7 @@ from jobs import report
 from jobs import worker as inbox_worker
 from service.domain import accounts, audit, ledger, usage
 from service.domain.accounts import AccountNotFound
-from service.entry import members_cli, support_cli
+from service.entry import idempotency, members_cli, support_cli
 from service.entry.schemas import aware_utc, balance_view, entry_view
 from service.infra import logs, runtime
 from service.infra.catalogue import CatalogueError
@@ -189,7 +189,7 @@ def grant(
             acct,
             amount,
             source="admin",
-            key=f"grant:{acct.public_id}:{key}",
+            key=idempotency.scoped("grant", acct.public_id, key),
             reason=reason,
             actor=actor,
             expires_at=aware_utc(expires_at) if expires_at else None,

@@ -36,6 +36,17 @@ class Outcome:
     replayed: bool
 
 
+def scoped(prefix: str, account: str, key: str) -> str:
+    """The ledger key a client's Idempotency-Key stands for in an account: `{prefix}:{account}:{key}`, or, when
+    that would not fit the ledger's 255 characters (a long key or account id), `{prefix}#` and its SHA-256 —
+    so every key of 1-255 characters works, and a hashed key can never equal a written-out one."""
+    text = f"{prefix}:{account}:{key}"
+    if len(text) <= MAX_KEY_LENGTH:
+        return text
+    digest = hashlib.sha256("\0".join((account, key)).encode()).hexdigest()
+    return f"{prefix}#{digest}"
+
+
 def fingerprint(method: str, path: str, payload: Any) -> str:
     """A digest of what the request asks for; key order and whitespace in the body do not matter."""
     canonical = json.dumps([method.upper(), path, payload], sort_keys=True, separators=(",", ":"), default=str)

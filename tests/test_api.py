@@ -274,3 +274,16 @@ def test_a_value_the_database_cannot_store_is_never_a_500(client: TestClient, ad
     """PostgreSQL refuses an over-long id or a NUL character (422); SQLite stores them (201 / 404)."""
     assert grant(client, admin_headers, "acct_" + "x" * 300, 5, "g1").status_code in (201, 422)
     assert client.get("/v1/accounts/acct_%00/balance").status_code in (404, 422)
+
+
+def test_an_error_repeats_only_a_short_prefix_of_what_was_sent(client: TestClient, admin_headers) -> None:
+    long_id = "x" * 10_000
+    missing = client.get(f"/v1/accounts/{long_id}/balance")
+    assert (missing.status_code, missing.json()["message"]) == (
+        404,
+        f"no account or Stripe customer '{'x' * 40}…'",
+    )
+    grant(client, admin_headers, "acct_1", 100, "g1")
+    odd = client.post("/v1/accounts/acct_1/spend", json={"amount": 1, "y" * 5000: 1}, headers={"Idempotency-Key": "s"})
+    assert odd.status_code == 422
+    assert len(odd.text) < 1000 and "y" * 41 not in odd.text

@@ -24,6 +24,7 @@ from tests.helpers import committed
 from webhooks import inbox
 
 ROOT = Path(__file__).parent.parent
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 OPEN_ROUTES = {
     "/healthz",
     "/readyz",
@@ -67,7 +68,7 @@ def test_metrics_count_deliveries_processing_and_credits(client, deliver) -> Non
     deliver(se.event("invoice.paid", invoice), secret="whsec_wrong")
     after = [sample(name, labels) for name, labels in names]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 2000, 1]
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     assert scraped(text, "credits_inbox_events", '{status="processed"}') == 1
     assert "credits_inbox_oldest_pending_seconds 0.0" in text
 
@@ -81,15 +82,24 @@ def test_stripe_retries_are_counted_and_a_failed_event_shows_in_the_inbox_depth(
             se.invoice("2025", invoice_id="in_9", customer="cus_9", price="price_starter_monthly", amount_paid=2000),
         )
     )
-    assert scraped(client.get("/metrics").text, "credits_inbox_events", '{status="failed"}') == 1
+    assert scraped(client.get("/metrics", headers=ADMIN).text, "credits_inbox_events", '{status="failed"}') == 1
     assert sample("credits_stripe_api_retries_total", {"error": "APIError"}) - before == 4  # 5 attempts
 
 
-def test_metrics_can_be_put_behind_a_token(rt: Runtime) -> None:
+def test_metrics_need_their_token_or_the_admin_token(rt: Runtime) -> None:
     locked = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"metrics_token": SecretStr("scrape-me")}))
     client = TestClient(create_app(locked))
-    assert client.get("/metrics").status_code == 401
+    refused = client.get("/metrics")
+    assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized")
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {API_TOKEN}"}).status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 200
+
+
+def test_metrics_are_closed_by_default_and_open_only_when_made_public(rt: Runtime) -> None:
+    assert TestClient(create_app(rt)).get("/metrics").status_code == 401
+    public = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"metrics_public": True}))
+    assert TestClient(create_app(public)).get("/metrics").status_code == 200
 
 
 def test_an_old_pending_event_logs_a_backlog_warning(rt: Runtime, capsys) -> None:
@@ -100,7 +110,7 @@ def test_an_old_pending_event_logs_a_backlog_warning(rt: Runtime, capsys) -> Non
             utcnow() - timedelta(hours=1),
         )
     logs.configure("json")
-    text = TestClient(create_app(rt)).get("/metrics").text
+    text = TestClient(create_app(rt)).get("/metrics", headers=ADMIN).text
     assert scraped(text, "credits_inbox_oldest_pending_seconds") >= 3600
     assert '"event": "inbox.backlog"' in capsys.readouterr().err
 

@@ -120,7 +120,7 @@ def check_fields(catalogue: Catalogue, action: str | None, fields: Mapping[str, 
     for name in fields:
         if name != taken:
             what = f"action {action!r}" if action is not None else "a spend by amount"
-            raise FieldRefused(name, "Extra inputs are not permitted", f"{what} takes no field {name!r}")
+            raise FieldRefused(name, "Extra inputs are not permitted", f"{what} takes no field {_quoted(name)}")
     if taken is None:
         return
     given = fields.get(taken)
@@ -128,6 +128,11 @@ def check_fields(catalogue: Catalogue, action: str | None, fields: Mapping[str, 
         raise FieldRefused(taken, "Field required", f"action {action!r} needs {taken!r}, a positive integer")
     if type(given) is not int or given <= 0:
         raise FieldRefused(taken, "Input should be a positive integer", f"{taken!r} must be a positive integer")
+
+
+def _quoted(name: str) -> str:
+    """A field name the client sent, as a refusal repeats it: quoted, its first 40 characters at most."""
+    return repr(name if len(name) <= 40 else name[:40] + "…")
 
 
 def spend(

@@ -156,7 +156,7 @@ def _once(rt: Runtime, request: Request, key: str | None, body: BaseModel, work:
 
 def _answer(outcome: idempotency.Outcome) -> JSONResponse:
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
-    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+    return JSONResponse(_clipped(outcome.body), status_code=outcome.status_code, headers=headers)
 
 
 health = APIRouter(tags=["health"])
@@ -295,7 +295,10 @@ def post_spend(
                 "requested": refused.requested,
             }
         except spending.UnknownMember:
-            return 404, {"error": "member_not_found", "message": f"no member {body.member_id!r} in {acct.public_id}"}
+            return 404, {
+                "error": "member_not_found",
+                "message": f"no member {_echo(body.member_id)} in {acct.public_id}",
+            }
         except spending.UnknownAction as unknown:
             return 422, {"error": "unknown_action", "message": str(unknown), "known_actions": unknown.known}
         echo = {
@@ -349,7 +352,7 @@ def post_member(
         except spending.AllocationTooLarge as exc:
             return 422, {"error": "allocation_too_large", "message": str(exc)}
         except spending.UnknownTeam:
-            return 404, {"error": "team_not_found", "message": f"no team {body.team_id!r} in {acct.public_id}"}
+            return 404, {"error": "team_not_found", "message": f"no team {_echo(body.team_id)} in {acct.public_id}"}
         return 200, members_view(uow, rt.catalogue, acct)
 
     return _once(rt, request, key, body, work)
@@ -370,7 +373,7 @@ def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any
         try:
             spending.remove_member(uow, acct, member_id)
         except spending.UnknownMember as exc:
-            raise ApiError(404, "member_not_found", f"no member {member_id!r} in {acct.public_id}") from exc
+            raise ApiError(404, "member_not_found", f"no member {_echo(member_id)} in {acct.public_id}") from exc
         view = members_view(uow, rt.catalogue, acct)
         uow.commit()
         return view
@@ -456,7 +459,7 @@ def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: 
         try:
             made = referrals.attribute(uow, rt.catalogue, referee, body.code, source="api", email=body.email)
         except referrals.UnknownCode:
-            return 404, {"error": "unknown_code", "message": f"no account has the referral code {body.code!r}"}
+            return 404, {"error": "unknown_code", "message": f"no account has the referral code {_echo(body.code)}"}
         except referrals.AlreadyAttributed:
             return 409, {"error": "already_attributed", "message": "the referee keeps its first attribution"}
         referral = made.referral
@@ -507,8 +510,34 @@ def _account(uow: UnitOfWork, ref: str, *, lock: bool = False) -> Account:
     return account
 
 
+ECHO = 40  # characters of a client's value an error repeats back
+MESSAGE = 300  # characters of an error's message at most
+
+
+def _echo(value: object) -> str:
+    """A client's value as an error repeats it: quoted, and only its first ECHO characters."""
+    text = str(value)
+    return repr(text if len(text) <= ECHO else text[:ECHO] + "…")
+
+
+def _clipped(body: dict[str, Any]) -> dict[str, Any]:
+    """An error body that repeats no more than a short prefix of what was sent: its message at most MESSAGE
+    characters, each name in a `details` location at most ECHO."""
+    if "error" not in body:
+        return body
+    clipped = dict(body)
+    message = str(clipped.get("message", ""))
+    clipped["message"] = message if len(message) <= MESSAGE else message[:MESSAGE] + "…"
+    if isinstance(clipped.get("details"), list):
+        clipped["details"] = [
+            {**d, "loc": [p if not isinstance(p, str) or len(p) <= ECHO else p[:ECHO] + "…" for p in d["loc"]]}
+            for d in clipped["details"]
+        ]
+    return clipped
+
+
 def _error(status_code: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status_code)
+    return JSONResponse(_clipped({"error": code, "message": message, **extra}), status_code=status_code)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -520,7 +549,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AccountNotFound)
     async def _not_found(_: Request, exc: AccountNotFound) -> JSONResponse:
-        return _error(404, "account_not_found", f"no account or Stripe customer {exc.args[0]!r}")
+        return _error(404, "account_not_found", f"no account or Stripe customer {_echo(exc.args[0])}")
 
     @app.exception_handler(idempotency.KeyReused)
     async def _reused(_: Request, exc: idempotency.KeyReused) -> JSONResponse:
@@ -605,10 +634,14 @@ class RequestContext:
 
 @health.get("/metrics", include_in_schema=False)
 def get_metrics(request: Request, creds: Credentials, rt: RuntimeDep) -> Response:
-    """Prometheus metrics; behind METRICS_TOKEN when one is set."""
-    token = rt.settings.metrics_token
-    if token is not None and (creds is None or not _matches(creds.credentials, token)):
-        raise ApiError(401, "unauthorized", "Authorization: Bearer $METRICS_TOKEN is required")
+    """Prometheus metrics: behind METRICS_TOKEN (or the admin token) unless METRICS_PUBLIC=true."""
+    settings = rt.settings
+    if not settings.metrics_public:
+        given = creds.credentials if creds is not None else ""
+        if not given or not any(_matches(given, t) for t in (settings.metrics_token, settings.credits_admin_token)):
+            raise ApiError(
+                401, "unauthorized", "Authorization: Bearer $METRICS_TOKEN is required (or METRICS_PUBLIC=true)"
+            )
     return Response(metrics.exposition(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 

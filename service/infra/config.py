@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     log_format: str = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_token: SecretStr | None = None
+    # /metrics tells inbox depth and credit totals: it needs METRICS_TOKEN (or the admin token) unless opened.
+    metrics_public: bool = False
     inbox_alert_seconds: float = 300.0
     # With the default backoff (30 s doubling, at most 6 h) an event that keeps failing is retried for about
     # 74 hours before it is dead: Stripe itself retries for three days, and an event that arrives before

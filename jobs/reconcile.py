@@ -207,8 +207,8 @@ class Scan:
                     status = statuses.get(event["id"])
                     if status is None or status in inbox.DUE:
                         self._unprocessed(uow, event, session.get(StripeEvent, event["id"]) if status else None)
-                    elif status == "dead":
-                        self._dead(session.get_one(StripeEvent, event["id"]))
+                    elif status in ("dead", "invalid"):
+                        self._given_up(session.get_one(StripeEvent, event["id"]))
 
     def invoices(self) -> None:
         """Every paid invoice of the window: its refill recorded, and its referral paid if it qualifies."""
@@ -238,12 +238,13 @@ class Scan:
         """Dead and stuck events, unsettled referrals, unknown prices, shortfalls and ledger drift."""
         with self.rt.uow() as uow:
             session = uow.session
-            for row in session.scalars(select(StripeEvent).where(StripeEvent.status.in_(("dead", *inbox.DUE)))):
+            stuck = ("dead", "invalid", *inbox.DUE)
+            for row in session.scalars(select(StripeEvent).where(StripeEvent.status.in_(stuck))):
                 self.tick("inbox")
                 if row.id in self.reported_events:
                     continue
-                if row.status == "dead":
-                    self._dead(row)
+                if row.status in ("dead", "invalid"):
+                    self._given_up(row)
                 elif row.received_at < utcnow() - GRACE:
                     self._unprocessed(uow, row.payload, row)
             for referral in session.scalars(select(Referral).where(Referral.status.in_(UNSETTLED))):
@@ -286,6 +287,26 @@ class Scan:
                 [event["id"], *[found for found in (so.ref(obj),) if found]],
                 credits,
                 lambda: self._process(event),
+            )
+        )
+
+    def _given_up(self, row: StripeEvent) -> None:
+        """A dead event, or an invalid one: nothing retries it, so a person has to look."""
+        if row.status == "invalid":
+            self._invalid(row)
+        else:
+            self._dead(row)
+
+    def _invalid(self, row: StripeEvent) -> None:
+        self.reported_events.add(row.id)
+        self.add(
+            Found(
+                "invalid_event",
+                row.id,
+                f"{row.type} refused at once: {row.outcome or 'no reason recorded'}",
+                f"the object does not fit what the service reads: check its sender; `credits events replay {row.id}`"
+                " once the stored payload is right",
+                stripe_ids=[row.id, row.object_id or ""],
             )
         )
 

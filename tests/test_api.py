@@ -287,3 +287,8 @@ def test_an_error_repeats_only_a_short_prefix_of_what_was_sent(client: TestClien
     odd = client.post("/v1/accounts/acct_1/spend", json={"amount": 1, "y" * 5000: 1}, headers={"Idempotency-Key": "s"})
     assert odd.status_code == 422
     assert len(odd.text) < 1000 and "y" * 41 not in odd.text
+
+
+def test_a_method_a_route_does_not_take_is_405_saying_which_it_does(client: TestClient) -> None:
+    response = client.request("TRACE", "/v1/accounts/acct_1/balance")
+    assert (response.status_code, response.headers["Allow"], response.json()["error"]) == (405, "GET", "http_error")

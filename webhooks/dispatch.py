@@ -18,7 +18,7 @@ from datetime import datetime
 import structlog
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-from service.infra import logs, metrics
+from service.infra import logs, metrics, stripe_payloads
 from service.infra.db import is_conflict, is_unreachable
 from service.infra.models import Account, utcnow
 from service.infra.runtime import Runtime
@@ -139,4 +139,8 @@ def _run_handler(ctx: Context, rt: Runtime) -> tuple[str, str]:
     if not isinstance(obj, dict) or obj.get("object") != expected:
         found = obj.get("object") if isinstance(obj, dict) else type(obj).__name__
         return "ignored", f"data.object is {found!r}, not {expected!r}"
+    wrong = stripe_payloads.problem(expected, obj)
+    if wrong is not None:  # it would fail the same way at every retry: refused at once, never retried
+        log.warning("event.invalid", reason=wrong)
+        return "invalid", wrong
     return "processed", handler(ctx, obj)

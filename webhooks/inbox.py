@@ -23,7 +23,7 @@ from service.infra.stripe_objects import ref, timestamp
 from service.infra.uow import UnitOfWork
 
 DUE = ("pending", "failed")
-STATUSES = ("pending", "processed", "ignored", "failed", "dead")
+STATUSES = ("pending", "processed", "ignored", "invalid", "failed", "dead")
 MAX_BACKOFF_SECONDS = 6 * 3600
 
 

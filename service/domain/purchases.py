@@ -55,6 +55,9 @@ def grant_pack(
     if ledger.granted(uow, key):
         record("granted")
         return f"already granted ({key})"
+    if purchase.amount <= 0:  # nothing was paid: a pack is bought, never given by a payload
+        record("no_credits", detail="amount is 0")
+        return "no credits: amount is 0"
     found = _pack(catalogue, purchase.pack, prices)
     if isinstance(found, str):
         record("unknown_pack", detail=found)

@@ -382,7 +382,7 @@ def worker(once: Annotated[bool, typer.Option("--once", help="Drain what is due,
 
 @events.command("list")
 def events_list(
-    status: Annotated[str | None, typer.Option(help="pending, processed, ignored, failed or dead.")] = None,
+    status: Annotated[str | None, typer.Option(help="pending, processed, ignored, invalid, failed or dead.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 50,
     as_json: AsJson = False,
 ) -> None:

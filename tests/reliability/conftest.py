@@ -11,7 +11,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
+import respx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -36,3 +38,25 @@ def fresh_pg(pg_server: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def every_delivery_processed_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read what processing did right after each delivery, many deliveries a second: above the
+    endpoint's quiet rate those would be left to the worker (tested in test_webhook_endpoint.py)."""
+    monkeypatch.setattr("webhooks.inline.PER_SECOND", 1_000_000)
+
+
+@pytest.fixture
+def stripe_404():
+    """Stripe answers every call 404 (an unknown customer): handlers that ask fail, and are retried later."""
+    with respx.mock(base_url="https://stripe.test", assert_all_called=False) as router:
+        router.route().mock(
+            return_value=httpx.Response(
+                404,
+                json={
+                    "error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}
+                },
+            )
+        )
+        yield router

@@ -3,7 +3,8 @@ events of every handled type whose data.object is garbage — never get a 5xx an
 
 A body that is not an event is refused (400); an event is stored and answered 200, and whatever its
 processing (the app's inline processor, waited for by tests/conftest.py's `deliver`) makes of it ends in the
-inbox as `processed` (with an outcome), `ignored` or `failed` — never as an exception (one escaping
+inbox as `processed` (with an outcome), `ignored`, `invalid` (an object that does not fit what the service
+reads) or `failed` — never as an exception (one escaping
 `dispatch.process` would leave the event `pending`, which fails here), and never as a ledger entry or a
 grant. Outbound Stripe calls (a customer look-up for an unknown customer) are answered 404 by respx, so no
 request leaves the machine. Both databases.
@@ -21,9 +22,7 @@ import itertools
 import json
 from typing import Any
 
-import httpx
 import pytest
-import respx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
@@ -33,6 +32,7 @@ from service.infra.runtime import Runtime
 from tests import stripe_events as se
 from webhooks.handlers import HANDLERS
 
+pytestmark = pytest.mark.usefixtures("every_delivery_processed_inline")
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -162,28 +162,6 @@ def broken_envelopes(draw: st.DrawFn) -> dict[str, Any]:
     return evt
 
 
-@pytest.fixture(autouse=True)
-def every_delivery_processed_inline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests read what processing did right after each delivery, many deliveries a second: above the
-    endpoint's quiet rate those would be left to the worker (tested in test_webhook_endpoint.py)."""
-    monkeypatch.setattr("webhooks.inline.PER_SECOND", 1_000_000)
-
-
-@pytest.fixture
-def stripe_404():
-    """Stripe answers every call 404 (an unknown customer): handlers that ask fail, and are retried later."""
-    with respx.mock(base_url="https://stripe.test", assert_all_called=False) as router:
-        router.route().mock(
-            return_value=httpx.Response(
-                404,
-                json={
-                    "error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}
-                },
-            )
-        )
-        yield router
-
-
 def _assert_never_a_credit(rt: Runtime, event: str | None) -> None:
     with rt.uow() as uow:
         entries = uow.session.scalar(select(func.count()).select_from(LedgerEntry))
@@ -191,7 +169,7 @@ def _assert_never_a_credit(rt: Runtime, event: str | None) -> None:
         status = uow.session.scalar(select(StripeEvent.status).where(StripeEvent.id == event)) if event else None
     assert (entries, grants) == (0, 0), "garbage never credits anyone"
     if event is not None:
-        assert status in ("processed", "ignored", "failed"), f"{event} ended {status!r}"
+        assert status in ("processed", "ignored", "invalid", "failed"), f"{event} ended {status!r}"
 
 
 def test_signed_random_json_is_refused_or_stored_never_a_5xx(deliver, rt: Runtime, stripe_404) -> None:

@@ -292,3 +292,19 @@ def test_an_error_repeats_only_a_short_prefix_of_what_was_sent(client: TestClien
 def test_a_method_a_route_does_not_take_is_405_saying_which_it_does(client: TestClient) -> None:
     response = client.request("TRACE", "/v1/accounts/acct_1/balance")
     assert (response.status_code, response.headers["Allow"], response.json()["error"]) == (405, "GET", "http_error")
+
+
+def test_the_openapi_document_lists_every_answer_in_the_one_error_shape(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    spend = document["paths"]["/v1/accounts/{account}/spend"]["post"]
+    assert sorted(spend["responses"]) == ["200", "400", "401", "402", "404", "409", "413", "422", "500", "503"]
+    assert {
+        r["content"]["application/json"]["schema"]["$ref"] for s, r in spend["responses"].items() if s >= "400"
+    } == {"#/components/schemas/ErrorAnswer"}
+    [key] = [p for p in spend["parameters"] if p["name"] == "Idempotency-Key"]
+    assert (key["required"], key["schema"]["maxLength"]) == (True, 255)
+    assert document["components"]["schemas"]["SpendRequest"]["oneOf"] == [
+        {"required": ["amount"]},
+        {"required": ["action"]},
+    ]
+    assert "403" in document["paths"]["/v1/accounts/{account}/grants"]["post"]["responses"]

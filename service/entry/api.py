@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from jobs import worker
 from service.domain import accounts, findings, ledger, referrals, spending, usage
 from service.domain.accounts import AccountNotFound
-from service.entry import idempotency
+from service.entry import contract, idempotency
 from service.entry.schemas import (
     GrantRequest,
     MemberRequest,
@@ -190,7 +190,10 @@ def get_balance(account: str, rt: RuntimeDep) -> dict[str, Any]:
         return balance_view(uow, _account(uow, account))
 
 
-@v1.get("/accounts/{account}/ledger")
+@v1.get(
+    "/accounts/{account}/ledger",
+    responses={400: {"description": "invalid_cursor: a cursor that is no next_cursor of an earlier page"}},
+)
 def get_ledger(
     account: str,
     rt: RuntimeDep,
@@ -743,6 +746,7 @@ def create_app(rt: Runtime) -> Service:
     app.include_router(health)
     app.include_router(v1)
     app.include_router(admin)
+    contract.install(app, [v1, admin], require_admin)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     app.webhook = RequestContext(BodyLimit(webhooks.endpoint(rt, writer, inline.submit)))

@@ -87,3 +87,13 @@ def test_invalid_events_are_listed_by_the_cli(deliver, run) -> None:
     [listed] = json.loads(out)["events"]
     assert (listed["id"], listed["status"]) == ("evt_1", "invalid")
     assert listed["outcome"].startswith("amount_paid: Input should be a valid integer")
+
+
+def test_an_object_that_names_no_account_and_no_customer_is_invalid_not_retried(deliver, rt) -> None:
+    session = se.checkout_session(customer=None, client_reference_id=None, metadata={"pack": "boost"})
+    deliver(se.event("checkout.session.completed", session, event_id="evt_1"))
+    with rt.uow() as uow:
+        row = uow.session.get_one(StripeEvent, "evt_1")
+        assert (row.status, row.attempts) == ("invalid", 1)
+        assert "Unresolvable: the objects name no account id and no customer" in (row.last_error or "")
+    assert ledger_entries(rt) == 0

@@ -18,6 +18,7 @@ from datetime import datetime
 import structlog
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
+from service.domain import accounts
 from service.infra import logs, metrics, stripe_payloads
 from service.infra.db import is_conflict, is_unreachable
 from service.infra.models import Account, utcnow
@@ -115,6 +116,7 @@ def record_failure(rt: Runtime, event_id: str, exc: Exception, now: datetime, *,
                 event_id,
                 exc,
                 any_status=replay,
+                permanent=isinstance(exc, accounts.Unresolvable),
                 max_attempts=rt.settings.worker_max_attempts,
                 backoff_seconds=rt.settings.worker_backoff_seconds,
                 now=now,

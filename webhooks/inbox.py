@@ -145,9 +145,11 @@ def record_failure(
     backoff_seconds: float,
     now: datetime,
     any_status: bool = False,
+    permanent: bool = False,
 ) -> str:
     """For a handler's transaction that rolled back: count the attempt, keep the error, and schedule a retry
-    with exponential backoff, or declare the event dead. Returns the new status.
+    with exponential backoff, or declare the event dead — or, for an error no retry can mend (`permanent`),
+    invalid at once. Returns the new status.
 
     An event another process handled meanwhile (this waited for its row lock) keeps its status: the attempt
     that failed changed nothing, and the event needs nothing more — unless this was a replay (`any_status`),
@@ -156,7 +158,7 @@ def record_failure(
     if event.status not in DUE and not any_status:
         return event.status
     attempts = event.attempts + 1
-    status = "dead" if attempts >= max_attempts else "failed"
+    status = "invalid" if permanent else "dead" if attempts >= max_attempts else "failed"
     delay = timedelta(seconds=min(backoff_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS))
     detail = "".join(traceback.format_exception_only(type(error), error)).strip()
     event.attempts, event.status, event.last_error, event.next_attempt_at = attempts, status, detail[:4000], now + delay

@@ -23,7 +23,8 @@ class AccountConflict(Exception):
 
 
 class Unresolvable(Exception):
-    """The Stripe objects name neither an account nor a customer (yet): retry when a later event links it."""
+    """The Stripe objects name neither an account nor a customer: nothing links them to anyone, now or later,
+    so the event is refused as invalid rather than retried."""
 
 
 @dataclass(frozen=True)

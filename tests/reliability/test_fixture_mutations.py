@@ -41,10 +41,9 @@ FIXTURES = {
     "localstripe.payment_intent.succeeded.json": "payment_intent.succeeded",
     "localstripe.customer.subscription.created.json": "customer.subscription.created",
 }
-# A handler waiting for what may still come (a payment, a link to an account, Stripe): retried, it may succeed.
+# A handler waiting for what may still come (a payment, Stripe): retried, it may succeed.
 WAITING = (
     "PaymentNotFound",
-    "Unresolvable",
     "StripeError",
     "APIConnectionError",
     "InvalidRequestError",

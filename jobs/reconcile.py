@@ -38,6 +38,7 @@ KINDS = (
     "missing_purchase_grant",
     "unprocessed_event",
     "dead_event",
+    "invalid_event",
     "unreversed_refund",
     "ledger_drift",
 )
@@ -298,6 +299,7 @@ class Scan:
             self._dead(row)
 
     def _invalid(self, row: StripeEvent) -> None:
+        """An event refused at once: its object does not fit what the service reads, and nothing retries it."""
         self.reported_events.add(row.id)
         self.add(
             Found(
@@ -305,7 +307,7 @@ class Scan:
                 row.id,
                 f"{row.type} refused at once: {row.outcome or 'no reason recorded'}",
                 f"the object does not fit what the service reads: check its sender; `credits events replay {row.id}`"
-                " once the stored payload is right",
+                " once the service is changed to accept it",
                 stripe_ids=[row.id, row.object_id or ""],
             )
         )

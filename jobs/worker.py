@@ -29,7 +29,7 @@ from service.infra.runtime import Runtime
 from webhooks import dispatch
 
 log = logs.get("worker")
-SETTLED = ("processed", "ignored", "failed", "dead")  # an event that needs nothing more for now
+SETTLED = ("processed", "ignored", "invalid", "failed", "dead")  # an event that needs nothing more for now
 
 
 def drain(

@@ -304,7 +304,12 @@ def test_the_openapi_document_lists_every_answer_in_the_one_error_shape(client: 
     [key] = [p for p in spend["parameters"] if p["name"] == "Idempotency-Key"]
     assert (key["required"], key["schema"]["maxLength"]) == (True, 255)
     assert document["components"]["schemas"]["SpendRequest"]["oneOf"] == [
-        {"required": ["amount"]},
-        {"required": ["action"]},
+        {"required": ["amount"], "properties": {"amount": {"type": "integer"}}},
+        {"required": ["action"], "properties": {"action": {"type": "string"}}},
     ]
     assert "403" in document["paths"]["/v1/accounts/{account}/grants"]["post"]["responses"]
+
+
+def test_a_405_names_every_method_of_a_path_that_several_routes_share(client: TestClient) -> None:
+    response = client.request("OPTIONS", "/v1/accounts/acct_1/members")
+    assert (response.status_code, response.headers["Allow"]) == (405, "GET, POST")

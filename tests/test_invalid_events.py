@@ -9,8 +9,12 @@ import pytest
 from sqlalchemy import func, select
 
 from jobs import worker
-from service.infra.models import LedgerEntry, StripeEvent
+from service.infra import stripe_payloads
+from service.infra.models import LedgerEntry, StripeEvent, utcnow
 from tests import stripe_events as se
+from tests.helpers import committed
+from webhooks import inbox
+from webhooks.handlers import HANDLERS
 
 
 def invoice(**changes: object) -> dict:
@@ -97,3 +101,38 @@ def test_an_object_that_names_no_account_and_no_customer_is_invalid_not_retried(
         assert (row.status, row.attempts) == ("invalid", 1)
         assert "Unresolvable: the objects name no account id and no customer" in (row.last_error or "")
     assert ledger_entries(rt) == 0
+
+
+@pytest.mark.parametrize("data", ["x", None, {"object": "x"}], ids=["string", "null", "object-a-string"])
+def test_an_event_whose_data_holds_no_object_is_invalid_at_once(deliver, rt, data: object) -> None:
+    deliver({"id": "evt_1", "object": "event", "type": "invoice.paid", "livemode": False, "created": 1, "data": data})
+    status, outcome, attempts = status_of(rt, "evt_1")
+    assert (status, attempts) == ("invalid", 1)
+    assert outcome is not None and outcome.startswith("data.object: not an object")
+
+
+def test_an_id_too_long_to_key_the_ledger_is_invalid(deliver, rt) -> None:
+    deliver(se.event("invoice.paid", invoice(id="in_" + "a" * 250), event_id="evt_1"))
+    status, outcome, _ = status_of(rt, "evt_1")
+    assert (status, outcome) == ("invalid", "id: String should have at most 200 characters (1 problem)")
+
+
+def test_a_batch_of_invalid_events_does_not_stop_the_worker_draining_the_rest(rt) -> None:
+    with committed(rt) as uow:
+        for n in range(10):
+            bad = invoice(id=f"in_{n}", amount_paid="34900", customer=f"cus_{n}")
+            inbox.store(uow, se.event("invoice.paid", bad, event_id=f"evt_bad_{n}"), utcnow())
+        inbox.store(uow, se.event("invoice.paid", invoice(id="in_ok", customer="cus_ok"), event_id="evt_ok"), utcnow())
+    assert worker.drain(rt) == {"invalid": 10, "processed": 1}
+    assert ledger_entries(rt) == 1
+
+
+def test_every_object_a_handler_takes_has_its_model_at_the_door() -> None:
+    assert {expected for expected, _ in HANDLERS.values()} <= set(stripe_payloads.MODELS)
+
+
+def test_an_event_whose_time_is_not_an_epoch_is_invalid(deliver, rt) -> None:
+    evt = se.event("invoice.paid", invoice(), event_id="evt_1")
+    evt["created"] = "x"
+    deliver(evt)
+    assert status_of(rt, "evt_1")[:2] == ("invalid", "created: Input should be a valid integer (1 problem)")

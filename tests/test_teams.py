@@ -159,7 +159,7 @@ def test_a_member_of_an_unknown_team_is_404_and_is_not_created(client, admin_hea
     response = member(client, admin_headers, {"member_id": "ana", "team_id": "ghosts"})
     assert (response.status_code, response.json()) == (
         404,
-        {"error": "team_not_found", "message": "no team 'ghosts' in acct_1"},
+        {"error": "team_not_found", "message": "no team 'ghosts' in 'acct_1'"},
     )
     assert ok(client.get("/v1/accounts/acct_1/members"))["members"] == []
 

@@ -32,7 +32,7 @@ log = logs.get("dispatch")
 
 def handle(uow: UnitOfWork, rt: Runtime, event: inbox.Claimed, now: datetime) -> inbox.Mark:
     """Handle a claimed event; returns the mark the caller writes in the same transaction (`inbox.finish`):
-    its new status ("processed" or "ignored") and outcome. Raises what the handler raised, leaving the caller
+    its new status ("processed", "ignored" or "invalid") and outcome. Raises what the handler raised, leaving the caller
     to roll back."""
     structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
     started = time.perf_counter()
@@ -137,12 +137,20 @@ def _run_handler(ctx: Context, rt: Runtime) -> tuple[str, str]:
     if entry is None:
         return "ignored", f"no handler for {event.type}"
     expected, handler = entry
-    obj = (event.payload.get("data") or {}).get("object")
-    if not isinstance(obj, dict) or obj.get("object") != expected:
-        found = obj.get("object") if isinstance(obj, dict) else type(obj).__name__
-        return "ignored", f"data.object is {found!r}, not {expected!r}"
-    wrong = stripe_payloads.problem(expected, obj)
-    if wrong is not None:  # it would fail the same way at every retry: refused at once, never retried
-        log.warning("event.invalid", reason=wrong)
-        return "invalid", wrong
+    data = event.payload.get("data")
+    obj = data.get("object") if isinstance(data, dict) else data
+    if not isinstance(obj, dict):
+        return _invalid(f"data.object: not an object ({type(obj).__name__})")
+    if obj.get("object") != expected:
+        return "ignored", f"data.object is {obj.get('object')!r}, not {expected!r}"
+    wrong = stripe_payloads.envelope_problem(event.payload) or stripe_payloads.problem(expected, obj)
+    if wrong is not None:
+        return _invalid(wrong)
     return "processed", handler(ctx, obj)
+
+
+def _invalid(reason: str) -> tuple[str, str]:
+    """An event whose object cannot be read: it would fail the same way at every retry, so it is refused at
+    once and never retried."""
+    log.warning("event.invalid", reason=reason)
+    return "invalid", reason

@@ -28,7 +28,7 @@ class UnknownAction(ValueError):
     """The action is not in the catalogue's price list."""
 
     def __init__(self, action: str, known: list[str]) -> None:
-        super().__init__(f"unknown action {action!r}; known actions: {', '.join(known) or 'none'}")
+        super().__init__(f"unknown action {_quoted(action)}; known actions: {', '.join(known) or 'none'}")
         self.known = known
 
 

@@ -21,6 +21,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, SecretStr
@@ -28,6 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs import worker
@@ -300,7 +302,7 @@ def post_spend(
         except spending.UnknownMember:
             return 404, {
                 "error": "member_not_found",
-                "message": f"no member {_echo(body.member_id)} in {acct.public_id}",
+                "message": f"no member {_echo(body.member_id)} in {_echo(acct.public_id)}",
             }
         except spending.UnknownAction as unknown:
             return 422, {"error": "unknown_action", "message": str(unknown), "known_actions": unknown.known}
@@ -355,7 +357,10 @@ def post_member(
         except spending.AllocationTooLarge as exc:
             return 422, {"error": "allocation_too_large", "message": str(exc)}
         except spending.UnknownTeam:
-            return 404, {"error": "team_not_found", "message": f"no team {_echo(body.team_id)} in {acct.public_id}"}
+            return 404, {
+                "error": "team_not_found",
+                "message": f"no team {_echo(body.team_id)} in {_echo(acct.public_id)}",
+            }
         return 200, members_view(uow, rt.catalogue, acct)
 
     return _once(rt, request, key, body, work)
@@ -376,7 +381,7 @@ def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any
         try:
             spending.remove_member(uow, acct, member_id)
         except spending.UnknownMember as exc:
-            raise ApiError(404, "member_not_found", f"no member {_echo(member_id)} in {acct.public_id}") from exc
+            raise ApiError(404, "member_not_found", f"no member {_echo(member_id)} in {_echo(acct.public_id)}") from exc
         view = members_view(uow, rt.catalogue, acct)
         uow.commit()
         return view
@@ -539,6 +544,16 @@ def _clipped(body: dict[str, Any]) -> dict[str, Any]:
     return clipped
 
 
+def _methods_of(scope: Scope) -> list[str]:
+    """Every method the request's path takes, across the routes that share it (Starlette's 405 names only the
+    first route it matched)."""
+    methods: set[str] = set()
+    for route in [*health.routes, *v1.routes, *admin.routes]:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
 def _error(status_code: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(_clipped({"error": code, "message": message, **extra}), status_code=status_code)
 
@@ -572,9 +587,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _too_large()
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         response = _error(exc.status_code, "http_error", str(exc.detail))
-        response.headers.update(exc.headers or {})  # a 405's Allow, among others
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_methods_of(request.scope))
         return response
 
     @app.exception_handler(DataError)

@@ -411,7 +411,8 @@ def events_list(
 def events_replay(
     event_id: Annotated[str | None, typer.Argument(help="The Stripe event id (evt_…).")] = None,
     status: Annotated[
-        Literal["dead", "failed"] | None, typer.Option(help="Replay every event in this status instead, oldest first.")
+        Literal["dead", "failed", "invalid"] | None,
+        typer.Option(help="Replay every event in this status instead, oldest first."),
     ] = None,
     since: Annotated[
         datetime | None,
@@ -448,7 +449,7 @@ def events_replay(
     if status is not None:
         summary = ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
         out.print(f"replayed {len(ids)} {status} event(s)" + (f": {summary}" if summary else ""))
-    if outcomes["failed"] or outcomes["dead"]:
+    if outcomes["failed"] or outcomes["dead"] or outcomes["invalid"]:
         raise typer.Exit(1)
 
 

@@ -78,7 +78,10 @@ def _complete(document: dict[str, Any], routes: list[Any], admin_only: Callable[
             _answer(operation, answers)
     spend = document["components"]["schemas"].get("SpendRequest")
     if spend is not None:
-        spend["oneOf"] = [{"required": ["amount"]}, {"required": ["action"]}]
+        spend["oneOf"] = [
+            {"required": ["amount"], "properties": {"amount": {"type": "integer"}}},
+            {"required": ["action"], "properties": {"action": {"type": "string"}}},
+        ]
 
 
 def _answer(operation: dict[str, Any], answers: dict[int, str]) -> None:

@@ -28,11 +28,14 @@ MAX_AMOUNT = 10**12
 EPOCH_MAX = 32503680000  # the year 3000: any real Stripe time is far below
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+# An object's id, and the ids it refers to: ledger keys are built from them (`invoice:{id}`,
+# `rollover:late:invoice:{id}:extension`), which must fit the ledger's 255 characters.
+ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=255)]
 Money = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)]
 SignedMoney = Annotated[StrictInt, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
 Epoch = Annotated[StrictInt, Field(ge=0, le=EPOCH_MAX)]
-Quantity = Annotated[StrictInt, Field(ge=0, le=1_000_000)]
+Quantity = Annotated[StrictInt, Field(ge=0, le=10**9)]  # metered lines count units in the millions
 Currency = Annotated[str, StringConstraints(pattern=r"^[a-z]{3}$")]
 Email = Annotated[str, StringConstraints(max_length=320)]
 
@@ -59,10 +62,10 @@ class _Shape(BaseModel):
 
 
 class _Expanded(_Shape):
-    id: Id
+    id: ObjectId
 
 
-Ref = Id | _Expanded | None  # an expandable field: an id, or the object expanded
+Ref = ObjectId | _Expanded | None  # an expandable field: an id, or the object expanded
 
 
 class _Period(_Shape):
@@ -123,7 +126,7 @@ class _InvoicePayments(_Shape):
 
 
 class _Object(_Shape):
-    id: Id
+    id: ObjectId
     metadata: Metadata | None = None
 
 
@@ -145,7 +148,7 @@ class Invoice(_Object):
 
 
 class _Refund(_Shape):
-    id: Id
+    id: ObjectId
     amount: Money
     created: Epoch | None = None
 
@@ -224,6 +227,12 @@ class Customer(_Object):
     deleted: StrictBool | None = None
 
 
+class _Envelope(_Shape):
+    """The event around the object: its time orders a customer's subscription changes."""
+
+    created: Epoch
+
+
 MODELS: dict[str, type[_Object]] = {
     "invoice": Invoice,
     "charge": Charge,
@@ -235,11 +244,21 @@ MODELS: dict[str, type[_Object]] = {
 }
 
 
+def envelope_problem(event: dict[str, Any]) -> str | None:
+    """Why the event around a handled object cannot be read (its `created`), or None."""
+    return _first(_Envelope, event)
+
+
 def problem(object_type: str, obj: dict[str, Any]) -> str | None:
     """Why `obj`, a Stripe object of `object_type`, cannot be read — its first wrong field and what is wrong
     with it, and how many there are — or None when it fits."""
+    return _first(MODELS[object_type], obj)
+
+
+def _first(model: type[_Shape], value: dict[str, Any]) -> str | None:
+    """The first field of `value` that `model` refuses, what is wrong with it and how many there are."""
     try:
-        MODELS[object_type].model_validate(obj)
+        model.model_validate(value)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part)[:40] for part in first["loc"]) or "the object"

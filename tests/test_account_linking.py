@@ -92,3 +92,16 @@ def test_a_customer_claimed_by_two_accounts_fails_visibly_instead_of_guessing(de
         event = uow.session.get_one(StripeEvent, "evt_conflict")
         assert event.status == "failed"
         assert "AccountConflict" in (event.last_error or "")
+
+
+def test_a_customer_at_stripe_whose_account_id_cannot_be_an_account_fails_clearly_and_is_retried(
+    deliver, rt, stripe_api
+) -> None:
+    stripe_api.get("/v1/customers/cus_1").respond(json=se.customer("cus_1", metadata={"account_id": "a" * 300}))
+    deliver(se.event("invoice.paid", invoice_for("cus_1"), event_id="evt_1"))
+    with rt.uow() as uow:
+        row = uow.session.get_one(StripeEvent, "evt_1")
+        assert row.status == "failed"
+        assert "UnreadableCustomer: customer cus_1 at Stripe: metadata: Value error, account_id is longer" in (
+            row.last_error or ""
+        )

@@ -14,6 +14,7 @@ from datetime import datetime
 from service.domain import accounts, payments, purchases, referrals, refills, reversals
 from service.domain.accounts import CustomerRecord, Identity
 from service.infra import stripe_objects as so
+from service.infra import stripe_payloads
 from service.infra.catalogue import Catalogue
 from service.infra.models import Account, Payment
 from service.infra.stripe_client import StripeGateway
@@ -25,6 +26,11 @@ PAYING = frozenset({"active", "trialing", "past_due"})
 
 class PaymentNotFound(LookupError):
     """A refund or dispute names money the service has not recorded (yet): retried until it is."""
+
+
+class UnreadableCustomer(ValueError):
+    """The customer retrieved from Stripe does not fit what the service reads (an account id too long, say):
+    retried, so that a customer fixed at Stripe is read on a later attempt."""
 
 
 @dataclass
@@ -69,7 +75,11 @@ class Context:
         return note + (f"; referral {settled}" if settled is not None and not note else "")
 
     def _customer_record(self, customer_id: str) -> CustomerRecord:
-        customer = so.customer(self.stripe.retrieve_customer(customer_id))
+        retrieved = self.stripe.retrieve_customer(customer_id)
+        wrong = stripe_payloads.problem("customer", retrieved)
+        if wrong is not None:
+            raise UnreadableCustomer(f"customer {customer_id} at Stripe: {wrong}")
+        customer = so.customer(retrieved)
         record = CustomerRecord(
             customer.metadata.get("account_id"), customer.email, customer.metadata.get("referral_code")
         )

@@ -220,3 +220,14 @@ def run(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
 @pytest.fixture
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def funded(client: TestClient, admin_headers: dict[str, str]) -> None:
+    """acct_1 with 100 credits, granted by hand."""
+    response = client.post(
+        "/v1/accounts/acct_1/grants",
+        json={"amount": 100, "reason": "seed"},
+        headers={**admin_headers, "Idempotency-Key": "seed"},
+    )
+    assert response.status_code == 201

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 
@@ -50,3 +51,10 @@ def committed(rt: Runtime) -> Iterator[UnitOfWork]:
     with rt.uow() as uow:
         yield uow
         uow.commit()
+
+
+def spend_rows(rt: Runtime) -> list[tuple[int, dict[str, Any]]]:
+    """(amount, metadata) of every spend entry, oldest first."""
+    with rt.uow() as uow:
+        rows = uow.session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "spend").order_by(LedgerEntry.id))
+        return [(e.amount, e.meta) for e in rows]

@@ -7,13 +7,12 @@ from __future__ import annotations
 from itertools import count
 
 import pytest
-from sqlalchemy import select
 
 from service.domain import spending
 from service.entry.schemas import SpendRequest
 from service.infra.catalogue import SPEND_FIELDS, ActionPrice
-from service.infra.models import ApiRequest, LedgerEntry
-from tests.helpers import state
+from service.infra.models import ApiRequest
+from tests.helpers import spend_rows, state
 
 _keys = count()
 
@@ -22,25 +21,8 @@ def spend(client, body: dict, key: str | None = None):
     return client.post("/v1/accounts/acct_1/spend", json=body, headers={"Idempotency-Key": key or f"gift{next(_keys)}"})
 
 
-@pytest.fixture
-def funded(client, admin_headers):
-    """acct_1 with 100 credits."""
-    client.post(
-        "/v1/accounts/acct_1/grants",
-        json={"amount": 100, "reason": "seed"},
-        headers={**admin_headers, "Idempotency-Key": "seed"},
-    )
-
-
-def spends(rt) -> list[tuple[int, dict]]:
-    """(amount, metadata) of every spend entry, oldest first."""
-    with rt.uow() as uow:
-        rows = uow.session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "spend").order_by(LedgerEntry.id))
-        return [(e.amount, e.meta) for e in rows]
-
-
 def nothing_written(rt, key: str) -> None:
-    assert spends(rt) == []
+    assert spend_rows(rt) == []
     assert state(rt, "acct_1")[1] == [("admin", 100, 100, 0, 0, 0)]
     with rt.uow() as uow:
         assert uow.session.get(ApiRequest, key) is None  # the key stays free for the corrected request
@@ -52,14 +34,14 @@ def test_a_gift_costs_its_base_plus_its_denomination(client, funded, rt) -> None
         200,
         {"balance": 67, "spent": 33, "charged": 33, "entry_id": 2, "action": "gift", "quantity": 1, "denomination": 25},
     )
-    assert spends(rt) == [(-33, {"action": "gift", "quantity": 1, "base": 8, "denomination": 25})]
+    assert spend_rows(rt) == [(-33, {"action": "gift", "quantity": 1, "base": 8, "denomination": 25})]
     assert state(rt, "acct_1")[1] == [("admin", 100, 67, 33, 0, 0)]
 
 
 def test_a_formula_price_is_multiplied_by_the_quantity(client, funded, rt) -> None:
     response = spend(client, {"action": "gift", "denomination": 2, "quantity": 3})
     assert (response.status_code, response.json()["charged"], response.json()["balance"]) == (200, 30, 70)
-    assert spends(rt) == [(-30, {"action": "gift", "quantity": 3, "base": 8, "denomination": 2})]
+    assert spend_rows(rt) == [(-30, {"action": "gift", "quantity": 3, "base": 8, "denomination": 2})]
 
 
 def test_a_formula_spend_shows_in_usage_under_its_action(client, funded) -> None:
@@ -102,7 +84,7 @@ def test_a_field_is_checked_with_the_body_before_the_account_is_looked_up(client
 def test_a_flat_price_keeps_working(client, funded, rt) -> None:
     response = spend(client, {"action": "postcard_intl", "quantity": 2})
     assert (response.status_code, response.json()["charged"], response.json()["balance"]) == (200, 4, 96)
-    assert spends(rt) == [(-4, {"action": "postcard_intl", "quantity": 2})]
+    assert spend_rows(rt) == [(-4, {"action": "postcard_intl", "quantity": 2})]
 
 
 @pytest.mark.parametrize(
@@ -146,14 +128,14 @@ def test_the_same_key_replays_the_same_answer(client, funded, rt) -> None:
     again = spend(client, {"denomination": 25, "action": "gift"}, key="k1")
     assert (again.status_code, again.json()) == (200, first.json())
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert [amount for amount, _ in spends(rt)] == [-33]
+    assert [amount for amount, _ in spend_rows(rt)] == [-33]
 
 
 def test_the_same_key_with_another_denomination_is_a_conflict(client, funded, rt) -> None:
     spend(client, {"action": "gift", "denomination": 25}, key="k1")
     other = spend(client, {"action": "gift", "denomination": 50}, key="k1")
     assert (other.status_code, other.json()["error"]) == (409, "idempotency_key_reused")
-    assert [amount for amount, _ in spends(rt)] == [-33]
+    assert [amount for amount, _ in spend_rows(rt)] == [-33]
     assert client.get("/v1/accounts/acct_1/balance").json()["balance"] == 67
 
 
@@ -166,7 +148,7 @@ def test_a_gift_for_a_resource_is_charged_once(client, funded) -> None:
 def test_a_gift_the_balance_cannot_cover_is_402_and_spends_nothing(client, funded, rt) -> None:
     response = spend(client, {"action": "gift", "denomination": 93})
     assert (response.status_code, response.json()["requested"], response.json()["balance"]) == (402, 101, 100)
-    assert spends(rt) == []
+    assert spend_rows(rt) == []
 
 
 def test_the_price_is_computed_by_the_domain_too(rt) -> None:

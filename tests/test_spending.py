@@ -10,12 +10,11 @@ from datetime import timedelta
 from itertools import count
 
 import pytest
-from sqlalchemy import select
 
 from service.domain import accounts, ledger, spending
-from service.infra.models import ApiRequest, LedgerEntry, utcnow
+from service.infra.models import ApiRequest, utcnow
 from tests import stripe_events as se
-from tests.helpers import balance_of, committed, state
+from tests.helpers import balance_of, committed, spend_rows, state
 
 _keys = count()
 
@@ -30,26 +29,6 @@ def member(client, admin_headers, body: dict, account: str = "acct_1"):
     )
 
 
-@pytest.fixture
-def funded(client, admin_headers):
-    """acct_1 with 100 credits."""
-    client.post(
-        "/v1/accounts/acct_1/grants",
-        json={"amount": 100, "reason": "seed"},
-        headers={**admin_headers, "Idempotency-Key": "seed"},
-    )
-
-
-def spend_meta(rt) -> list[tuple[int, dict]]:
-    with rt.uow() as uow:
-        return [
-            (e.amount, e.meta)
-            for e in uow.session.scalars(
-                select(LedgerEntry).where(LedgerEntry.kind == "spend").order_by(LedgerEntry.id)
-            )
-        ]
-
-
 def test_an_action_is_priced_by_the_catalogue_and_recorded(client, funded, rt) -> None:
     response = spend(client, {"action": "handwritten_note", "quantity": 3})
     assert response.json() == {
@@ -60,7 +39,7 @@ def test_an_action_is_priced_by_the_catalogue_and_recorded(client, funded, rt) -
         "action": "handwritten_note",
         "quantity": 3,
     }
-    assert spend_meta(rt) == [(-15, {"action": "handwritten_note", "quantity": 3})]
+    assert spend_rows(rt) == [(-15, {"action": "handwritten_note", "quantity": 3})]
 
 
 def test_an_unknown_action_is_422_naming_the_known_ones(client, funded) -> None:
@@ -99,7 +78,7 @@ def test_a_resource_is_charged_once_per_account_even_for_a_colleague(client, adm
         "member_id": "bob",
     }
     assert spend(client, {"action": "unlock_prospect", "resource": "prospect:124"}).json()["charged"] == 1
-    assert [amount for amount, _ in spend_meta(rt)] == [-1, -1]
+    assert [amount for amount, _ in spend_rows(rt)] == [-1, -1]
 
 
 def test_a_resource_is_charged_once_under_concurrency(rt) -> None:

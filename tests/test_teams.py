@@ -17,15 +17,6 @@ Body = dict[str, Any]
 _keys = count()
 
 
-def seed(client, admin_headers, amount: int = 100, account: str = "acct_1") -> None:
-    response = client.post(
-        f"/v1/accounts/{account}/grants",
-        json={"amount": amount, "reason": "seed"},
-        headers={**admin_headers, "Idempotency-Key": f"seed-{amount}"},
-    )
-    assert response.status_code == 201
-
-
 def team(client, admin_headers, body: Body, key: str | None = None):
     headers = {**admin_headers, "Idempotency-Key": key or f"team-{next(_keys)}"}
     return client.post("/v1/accounts/acct_1/teams", json=body, headers=headers)
@@ -85,12 +76,6 @@ def a_member(member_id: str, team_id=None, allocation=None, limit=None, spent=0)
         "limit_per_period": limit,
         "spent_this_period": spent,
     }
-
-
-@pytest.fixture
-def funded(client, admin_headers) -> None:
-    """acct_1 with 100 credits."""
-    seed(client, admin_headers)
 
 
 # --- the routes -------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select
 
 from service.domain import ledger, periods
+from service.infra import echo
 from service.infra.catalogue import ActionPrice, Catalogue
 from service.infra.models import Account, LedgerEntry, Member, ResourceCharge, Team, utcnow
 from service.infra.uow import UnitOfWork
@@ -28,7 +29,7 @@ class UnknownAction(ValueError):
     """The action is not in the catalogue's price list."""
 
     def __init__(self, action: str, known: list[str]) -> None:
-        super().__init__(f"unknown action {_quoted(action)}; known actions: {', '.join(known) or 'none'}")
+        super().__init__(f"unknown action {echo.quoted(action)}; known actions: {', '.join(known) or 'none'}")
         self.known = known
 
 
@@ -120,7 +121,7 @@ def check_fields(catalogue: Catalogue, action: str | None, fields: Mapping[str, 
     for name in fields:
         if name != taken:
             what = f"action {action!r}" if action is not None else "a spend by amount"
-            raise FieldRefused(name, "Extra inputs are not permitted", f"{what} takes no field {_quoted(name)}")
+            raise FieldRefused(name, "Extra inputs are not permitted", f"{what} takes no field {echo.quoted(name)}")
     if taken is None:
         return
     given = fields.get(taken)
@@ -128,11 +129,6 @@ def check_fields(catalogue: Catalogue, action: str | None, fields: Mapping[str, 
         raise FieldRefused(taken, "Field required", f"action {action!r} needs {taken!r}, a positive integer")
     if type(given) is not int or given <= 0:
         raise FieldRefused(taken, "Input should be a positive integer", f"{taken!r} must be a positive integer")
-
-
-def _quoted(name: str) -> str:
-    """A field name the client sent, as a refusal repeats it: quoted, its first 40 characters at most."""
-    return repr(name if len(name) <= 40 else name[:40] + "…")
 
 
 def spend(

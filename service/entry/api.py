@@ -49,7 +49,7 @@ from service.entry.schemas import (
     members_view,
     teams_view,
 )
-from service.infra import db, logs, metrics
+from service.infra import db, echo, logs, metrics
 from service.infra.models import Account, utcnow
 from service.infra.runtime import Runtime
 from service.infra.uow import UnitOfWork
@@ -302,11 +302,11 @@ def post_spend(
         except spending.UnknownMember:
             return 404, {
                 "error": "member_not_found",
-                "message": f"no member {_echo(body.member_id)} in {_echo(acct.public_id)}",
+                "message": f"no member {echo.quoted(body.member_id)} in {echo.quoted(acct.public_id)}",
             }
         except spending.UnknownAction as unknown:
             return 422, {"error": "unknown_action", "message": str(unknown), "known_actions": unknown.known}
-        echo = {
+        given = {
             name: value
             for name, value in (
                 ("action", body.action),
@@ -322,7 +322,7 @@ def post_spend(
             "spent": spent.charged,
             "charged": spent.charged,
             "entry_id": spent.entry_id,
-            **echo,
+            **given,
         }
 
     return _once(rt, request, key, body, work)
@@ -359,7 +359,7 @@ def post_member(
         except spending.UnknownTeam:
             return 404, {
                 "error": "team_not_found",
-                "message": f"no team {_echo(body.team_id)} in {_echo(acct.public_id)}",
+                "message": f"no team {echo.quoted(body.team_id)} in {echo.quoted(acct.public_id)}",
             }
         return 200, members_view(uow, rt.catalogue, acct)
 
@@ -381,7 +381,9 @@ def delete_member(account: str, member_id: str, rt: RuntimeDep) -> dict[str, Any
         try:
             spending.remove_member(uow, acct, member_id)
         except spending.UnknownMember as exc:
-            raise ApiError(404, "member_not_found", f"no member {_echo(member_id)} in {_echo(acct.public_id)}") from exc
+            raise ApiError(
+                404, "member_not_found", f"no member {echo.quoted(member_id)} in {echo.quoted(acct.public_id)}"
+            ) from exc
         view = members_view(uow, rt.catalogue, acct)
         uow.commit()
         return view
@@ -467,7 +469,10 @@ def post_referral(body: ReferralRequest, request: Request, rt: RuntimeDep, key: 
         try:
             made = referrals.attribute(uow, rt.catalogue, referee, body.code, source="api", email=body.email)
         except referrals.UnknownCode:
-            return 404, {"error": "unknown_code", "message": f"no account has the referral code {_echo(body.code)}"}
+            return 404, {
+                "error": "unknown_code",
+                "message": f"no account has the referral code {echo.quoted(body.code)}",
+            }
         except referrals.AlreadyAttributed:
             return 409, {"error": "already_attributed", "message": "the referee keeps its first attribution"}
         referral = made.referral
@@ -518,30 +523,20 @@ def _account(uow: UnitOfWork, ref: str, *, lock: bool = False) -> Account:
     return account
 
 
-ECHO = 40  # characters of a client's value an error repeats back
 MESSAGE = 300  # characters of an error's message at most
-
-
-def _echo(value: object) -> str:
-    """A client's value as an error repeats it: quoted, and only its first ECHO characters."""
-    text = str(value)
-    return repr(text if len(text) <= ECHO else text[:ECHO] + "…")
 
 
 def _clipped(body: dict[str, Any]) -> dict[str, Any]:
     """An error body that repeats no more than a short prefix of what was sent: its message at most MESSAGE
-    characters, each name in a `details` location at most ECHO."""
+    characters, each name in a `details` location at most echo.MOST."""
     if "error" not in body:
         return body
-    clipped = dict(body)
-    message = str(clipped.get("message", ""))
-    clipped["message"] = message if len(message) <= MESSAGE else message[:MESSAGE] + "…"
-    if isinstance(clipped.get("details"), list):
-        clipped["details"] = [
-            {**d, "loc": [p if not isinstance(p, str) or len(p) <= ECHO else p[:ECHO] + "…" for p in d["loc"]]}
-            for d in clipped["details"]
+    short = {**body, "message": echo.clipped(str(body.get("message", "")), MESSAGE)}
+    if isinstance(body.get("details"), list):
+        short["details"] = [
+            {**d, "loc": [echo.clipped(p) if isinstance(p, str) else p for p in d["loc"]]} for d in body["details"]
         ]
-    return clipped
+    return short
 
 
 def _methods_of(scope: Scope) -> list[str]:
@@ -567,7 +562,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AccountNotFound)
     async def _not_found(_: Request, exc: AccountNotFound) -> JSONResponse:
-        return _error(404, "account_not_found", f"no account or Stripe customer {_echo(exc.args[0])}")
+        return _error(404, "account_not_found", f"no account or Stripe customer {echo.quoted(exc.args[0])}")
 
     @app.exception_handler(idempotency.KeyReused)
     async def _reused(_: Request, exc: idempotency.KeyReused) -> JSONResponse:
